@@ -1,0 +1,255 @@
+// CPU FFI handler: one call updates every leaf of a dtype group in place.
+//
+// Operands: the hyperparameter vector, then the gradients, then the
+// parameters of the group's leaves. Results: the updates (or, with
+// `apply_updates`, the new parameters). The moments live in the registry
+// entry named by the `state_id` attribute. Work is split into chunks of
+// blocks spread over XLA's intra-op thread pool; the calling thread works
+// too, so the call finishes even when the pool is busy.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "cpu_update.h"
+#include "element_types.h"
+#include "optimizer_math.h"
+#include "quantization.h"
+#include "state_registry.h"
+#include "update_validation.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace optax_paged {
+
+namespace {
+
+constexpr int64_t kChunkBlocks = 64;            // 16384 elements per task
+constexpr int64_t kSingleThreadElements = 1 << 18;
+
+struct Chunk {
+  int leaf;           // position within the group
+  int64_t first_block;
+  int64_t last_block;  // exclusive
+};
+
+template <typename Optimizer, typename T>
+struct GroupStep {
+  typename Optimizer::Scalars scalars;
+  std::vector<const LeafState*> leaves;
+  std::vector<const T*> grads;
+  std::vector<const T*> params;
+  std::vector<T*> outputs;
+  bool apply_updates;
+
+  void RunChunk(const Chunk& chunk) const {
+    const LeafState& leaf = *leaves[chunk.leaf];
+    for (int64_t block = chunk.first_block; block < chunk.last_block; ++block) {
+      if (leaf.quantized) {
+        QuantizedBlock(leaf, chunk.leaf, block);
+      } else {
+        FullPrecisionBlock(leaf, chunk.leaf, block);
+      }
+    }
+  }
+
+  void Finish(int leaf_index, int64_t i, float p, float update) const {
+    outputs[leaf_index][i] =
+        apply_updates ? FromFloat<T>(p + ToFloat(FromFloat<T>(update)))
+                      : FromFloat<T>(update);
+  }
+
+  void QuantizedBlock(const LeafState& leaf, int leaf_index,
+                      int64_t block) const {
+    constexpr int kMoments = Optimizer::kNumMoments;
+    const int64_t begin = block * kBlockSize;
+    const int64_t end = std::min<int64_t>(begin + kBlockSize, leaf.size);
+    const QuantTables* tables[kMoments];
+    float old_absmax[kMoments];
+    float new_absmax[kMoments];
+    for (int m = 0; m < kMoments; ++m) {
+      tables[m] = Optimizer::kSigned[m] ? &SignedTables() : &UnsignedTables();
+      old_absmax[m] = leaf.moments[m].absmax[block];
+      new_absmax[m] = 0.0f;
+    }
+    float values[kMoments][kBlockSize];
+    for (int64_t i = begin; i < end; ++i) {
+      float moments[kMoments];
+      for (int m = 0; m < kMoments; ++m) {
+        moments[m] = Decode(tables[m]->values, leaf.moments[m].codes[i],
+                            old_absmax[m]);
+      }
+      const float p = ToFloat(params[leaf_index][i]);
+      const float update = Optimizer::Update(
+          scalars, ToFloat(grads[leaf_index][i]), p, leaf.decay, moments);
+      Finish(leaf_index, i, p, update);
+      for (int m = 0; m < kMoments; ++m) {
+        values[m][i - begin] = moments[m];
+        new_absmax[m] = AbsMaxStep(new_absmax[m], moments[m]);
+      }
+    }
+    for (int m = 0; m < kMoments; ++m) {
+      const float inverse = InverseScale(new_absmax[m]);
+      uint8_t* codes = leaf.moments[m].codes;
+      for (int64_t i = begin; i < end; ++i) {
+        codes[i] = Encode(*tables[m], values[m][i - begin] * inverse);
+      }
+      leaf.moments[m].absmax[block] = new_absmax[m];
+    }
+  }
+
+  void FullPrecisionBlock(const LeafState& leaf, int leaf_index,
+                          int64_t block) const {
+    constexpr int kMoments = Optimizer::kNumMoments;
+    const int64_t begin = block * kBlockSize;
+    const int64_t end = std::min<int64_t>(begin + kBlockSize, leaf.size);
+    for (int64_t i = begin; i < end; ++i) {
+      float moments[kMoments];
+      for (int m = 0; m < kMoments; ++m) {
+        moments[m] = leaf.moments[m].values[i];
+      }
+      const float p = ToFloat(params[leaf_index][i]);
+      const float update = Optimizer::Update(
+          scalars, ToFloat(grads[leaf_index][i]), p, leaf.decay, moments);
+      Finish(leaf_index, i, p, update);
+      for (int m = 0; m < kMoments; ++m) {
+        leaf.moments[m].values[i] = moments[m];
+      }
+    }
+  }
+};
+
+// Shared by the calling thread and pool tasks; tasks that start after all
+// chunks are taken touch nothing but this object.
+struct ChunkQueue {
+  std::vector<Chunk> chunks;
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> done{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+
+  template <typename Step>
+  void Drain(const Step& step) {
+    for (size_t i = next.fetch_add(1); i < chunks.size();
+         i = next.fetch_add(1)) {
+      step.RunChunk(chunks[i]);
+      if (done.fetch_add(1) + 1 == chunks.size()) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
+  }
+
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    finished.wait(lock, [this] { return done.load() == chunks.size(); });
+  }
+};
+
+template <typename Optimizer, typename T>
+ffi::Error RunGroup(ffi::ThreadPool& pool, const float* hyperparams,
+                    ffi::RemainingArgs& args, ffi::RemainingRets& rets,
+                    const StateEntry& entry,
+                    ffi::Span<const int64_t> leaf_indices, bool apply_updates) {
+  const size_t count = leaf_indices.size();
+  auto step = std::make_shared<GroupStep<Optimizer, T>>();
+  step->scalars = Optimizer::Load(hyperparams);
+  step->apply_updates = apply_updates;
+  auto queue = std::make_shared<ChunkQueue>();
+  int64_t total_elements = 0;
+  for (size_t k = 0; k < count; ++k) {
+    const LeafState& leaf = entry.leaves()[leaf_indices[k]];
+    step->leaves.push_back(&leaf);
+    step->grads.push_back(static_cast<const T*>(
+        args.get<ffi::AnyBuffer>(k).value().untyped_data()));
+    step->params.push_back(static_cast<const T*>(
+        args.get<ffi::AnyBuffer>(count + k).value().untyped_data()));
+    step->outputs.push_back(static_cast<T*>(
+        rets.get<ffi::AnyBuffer>(k).value()->untyped_data()));
+    for (int64_t b = 0; b < leaf.num_blocks; b += kChunkBlocks) {
+      queue->chunks.push_back(Chunk{static_cast<int>(k), b,
+                                    std::min(b + kChunkBlocks, leaf.num_blocks)});
+    }
+    total_elements += leaf.size;
+  }
+  if (queue->chunks.empty()) return ffi::Error::Success();
+  const int64_t helpers =
+      total_elements < kSingleThreadElements
+          ? 0
+          : std::min<int64_t>(pool.num_threads(),
+                              static_cast<int64_t>(queue->chunks.size()) - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([queue, step] { queue->Drain(*step); });
+  }
+  queue->Drain(*step);
+  queue->Wait();
+  return ffi::Error::Success();
+}
+
+template <typename Optimizer>
+ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
+                      ffi::RemainingArgs args, ffi::RemainingRets rets,
+                      int64_t state_id, ffi::Span<const int64_t> leaf_indices,
+                      bool apply_updates, std::string_view name) {
+  std::shared_ptr<StateEntry> entry = FindStateEntry(state_id);
+  if (entry == nullptr) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": optimizer state " + std::to_string(state_id) +
+        " was released; create a new one with tx.init(params)");
+  }
+  std::shared_lock<std::shared_mutex> lock(entry->mutex());
+  if (ffi::Error error = ValidateUpdateCall(
+          name, *entry, Platform::kCpu, Optimizer::kNumMoments,
+          hyperparams.element_count(), args, rets, leaf_indices);
+      error.failure()) {
+    return error;
+  }
+  const float* h = hyperparams.typed_data();
+  switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
+    case ffi::F32:
+      return RunGroup<Optimizer, float>(pool, h, args, rets, *entry,
+                                        leaf_indices, apply_updates);
+    case ffi::BF16:
+      return RunGroup<Optimizer, BFloat16>(pool, h, args, rets, *entry,
+                                           leaf_indices, apply_updates);
+    case ffi::F16:
+      return RunGroup<Optimizer, Half>(pool, h, args, rets, *entry,
+                                       leaf_indices, apply_updates);
+    default:
+      return ffi::Error::InvalidArgument(
+          std::string(name) +
+          ": gradients must be float32, bfloat16 or float16");
+  }
+}
+
+ffi::Error AdamWUpdateCpu(ffi::ThreadPool pool,
+                          ffi::Buffer<ffi::F32> hyperparams,
+                          ffi::RemainingArgs args, ffi::RemainingRets rets,
+                          int64_t state_id,
+                          ffi::Span<const int64_t> leaf_indices,
+                          bool apply_updates) {
+  return UpdateImpl<AdamW>(pool, hyperparams, args, rets, state_id,
+                           leaf_indices, apply_updates, "optax_paged_adamw");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kAdamWUpdateCpu, AdamWUpdateCpu,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()                         // intra-op pool
+        .Arg<ffi::Buffer<ffi::F32>>()                   // hyperparams
+        .RemainingArgs()                                // grads, params
+        .RemainingRets()                                // updates or params
+        .Attr<int64_t>("state_id")                      // registry entry
+        .Attr<ffi::Span<const int64_t>>("leaf_indices")  // group's leaves
+        .Attr<bool>("apply_updates"));                  // fused step
+
+}  // namespace optax_paged

@@ -1,0 +1,107 @@
+// Parameter and gradient element types and their fp32 conversions, for host
+// and device code. Conversions round to nearest even, as XLA's do.
+#ifndef OPTAX_PAGED_FFI_ELEMENT_TYPES_H_
+#define OPTAX_PAGED_FFI_ELEMENT_TYPES_H_
+
+#include <cstdint>
+
+#include "quantization.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace optax_paged {
+
+struct BFloat16 {
+  uint16_t bits;
+};
+
+struct Half {
+  uint16_t bits;
+};
+
+OPTAX_PAGED_HD float BitsAsFloat(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
+OPTAX_PAGED_HD float ToFloat(float x) { return x; }
+
+OPTAX_PAGED_HD float ToFloat(BFloat16 x) {
+  return BitsAsFloat(static_cast<uint32_t>(x.bits) << 16);
+}
+
+OPTAX_PAGED_HD float ToFloat(Half x) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(x.bits));
+#else
+  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+  const uint32_t exponent = (x.bits >> 10) & 0x1fu;
+  const uint32_t mantissa = x.bits & 0x3ffu;
+  if (exponent == 0) {
+    // Zero or subnormal: mantissa * 2^-24 is exact in float.
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    return sign ? -magnitude : magnitude;
+  }
+  if (exponent == 31) {
+    return BitsAsFloat(sign | 0x7f800000u | (mantissa << 13));
+  }
+  return BitsAsFloat(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+#endif
+}
+
+template <typename T>
+OPTAX_PAGED_HD T FromFloat(float x);
+
+template <>
+OPTAX_PAGED_HD float FromFloat<float>(float x) {
+  return x;
+}
+
+template <>
+OPTAX_PAGED_HD BFloat16 FromFloat<BFloat16>(float x) {
+  uint32_t bits = FloatBits(x);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    return BFloat16{static_cast<uint16_t>((bits >> 16) | 0x40u)};  // quiet NaN
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return BFloat16{static_cast<uint16_t>(bits >> 16)};
+}
+
+template <>
+OPTAX_PAGED_HD Half FromFloat<Half>(float x) {
+#if defined(__CUDA_ARCH__)
+  return Half{__half_as_ushort(__float2half_rn(x))};
+#else
+  uint32_t bits = FloatBits(x);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  bits &= 0x7fffffffu;
+  uint32_t result;
+  if (bits >= 0x47800000u) {
+    // 65536 and up, infinities and NaNs; values in [65520, 65536) round to
+    // infinity below through the carry into the exponent.
+    result = bits > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (bits < 0x38800000u) {
+    // Below 2^-14 the result is subnormal: adding 0.5 lines the float's
+    // mantissa up with half's 2^-24 steps and rounds to nearest even.
+    const float shifted = BitsAsFloat(bits) + 0.5f;
+    result = FloatBits(shifted) - FloatBits(0.5f);
+  } else {
+    const uint32_t odd = (bits >> 13) & 1u;
+    bits += 0xc8000fffu + odd;  // rebias the exponent, round to nearest even
+    result = bits >> 13;
+  }
+  return Half{static_cast<uint16_t>(result | sign)};
+#endif
+}
+
+}  // namespace optax_paged
+
+#endif  // OPTAX_PAGED_FFI_ELEMENT_TYPES_H_

@@ -1,0 +1,246 @@
+// The nanobind module: FFI capsules, the registry's buffer objects, and the
+// blockwise quantizer for Python. Thin on purpose: Python validates inputs
+// and decides what to allocate; this file only converts and forwards.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_update.h"
+#include "quantization.h"
+#include "state_memory.h"
+#include "state_registry.h"
+
+#if defined(OPTAX_PAGED_WITH_CUDA)
+#include "cuda_update.h"
+#endif
+
+namespace nb = nanobind;
+
+namespace optax_paged {
+namespace {
+
+template <typename T>
+using HostArray = nb::ndarray<nb::numpy, T, nb::ndim<1>>;
+
+template <typename T>
+using InputArray = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// A fresh NumPy array holding a copy of `count` elements at `source`.
+template <typename T>
+HostArray<T> CopyToNumpy(const T* source, size_t count) {
+  T* data = new T[std::max<size_t>(count, 1)];
+  if (count > 0) std::memcpy(data, source, count * sizeof(T));
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  return HostArray<T>(data, {count}, owner);
+}
+
+const QuantTables& TablesFor(bool is_signed) {
+  return is_signed ? SignedTables() : UnsignedTables();
+}
+
+template <typename Fn>
+nb::capsule Capsule(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::dict CpuRegistrations() {
+  nb::dict targets;
+  targets["optax_paged_adamw"] = Capsule(kAdamWUpdateCpu);
+  return targets;
+}
+
+nb::tuple QuantizeBlockwise(InputArray<float> x, bool is_signed) {
+  const QuantTables& tables = TablesFor(is_signed);
+  const size_t n = x.shape(0);
+  const size_t blocks = (n + kBlockSize - 1) / kBlockSize;
+  std::vector<uint8_t> codes(n);
+  std::vector<float> absmax(blocks);
+  const float* data = x.data();
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t begin = b * kBlockSize;
+    const size_t end = std::min(n, begin + kBlockSize);
+    float block_max = 0.0f;
+    for (size_t i = begin; i < end; ++i) block_max = AbsMaxStep(block_max, data[i]);
+    const float inverse = InverseScale(block_max);
+    for (size_t i = begin; i < end; ++i) codes[i] = Encode(tables, data[i] * inverse);
+    absmax[b] = block_max;
+  }
+  return nb::make_tuple(CopyToNumpy(codes.data(), n),
+                        CopyToNumpy(absmax.data(), blocks));
+}
+
+HostArray<float> DequantizeBlockwise(InputArray<uint8_t> codes,
+                                     InputArray<float> absmax, bool is_signed) {
+  const size_t n = codes.shape(0);
+  const size_t blocks = (n + kBlockSize - 1) / kBlockSize;
+  if (absmax.shape(0) != blocks) {
+    throw std::invalid_argument(
+        "dequantize_blockwise: " + std::to_string(n) + " codes need " +
+        std::to_string(blocks) + " absmax values, got " +
+        std::to_string(absmax.shape(0)));
+  }
+  const QuantTables& tables = TablesFor(is_signed);
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    out[i] = Decode(tables.values, codes.data()[i], absmax.data()[i / kBlockSize]);
+  }
+  return CopyToNumpy(out.data(), n);
+}
+
+std::shared_ptr<StateEntry> CreateState(int platform, int num_moments,
+                                        const std::vector<int64_t>& sizes,
+                                        const std::vector<bool>& quantized,
+                                        const std::vector<bool>& decay,
+                                        const std::vector<int>& tiers) {
+  if (quantized.size() != sizes.size() || decay.size() != sizes.size() ||
+      tiers.size() != sizes.size()) {
+    throw std::invalid_argument("create_state: per-leaf lists differ in length");
+  }
+  std::vector<LeafSpec> specs(sizes.size());
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] < 0) throw std::invalid_argument("create_state: negative size");
+    if (tiers[i] < 0 || tiers[i] > 2) {
+      throw std::invalid_argument("create_state: unknown tier");
+    }
+    specs[i] = LeafSpec{sizes[i], static_cast<bool>(quantized[i]),
+                        static_cast<bool>(decay[i]), static_cast<Tier>(tiers[i])};
+  }
+  std::string error;
+  std::shared_ptr<StateEntry> entry = CreateStateEntry(
+      static_cast<Platform>(platform), num_moments, specs, &error);
+  if (entry == nullptr) throw std::runtime_error("create_state: " + error);
+  return entry;
+}
+
+const LeafState& CheckedLeaf(const StateEntry& entry, int64_t leaf,
+                             int64_t moment) {
+  if (entry.released()) {
+    throw std::runtime_error("optimizer state was released");
+  }
+  if (leaf < 0 || leaf >= static_cast<int64_t>(entry.leaves().size())) {
+    throw std::out_of_range("leaf index " + std::to_string(leaf) +
+                            " out of range");
+  }
+  if (moment < 0 || moment >= entry.num_moments()) {
+    throw std::out_of_range("moment index " + std::to_string(moment) +
+                            " out of range");
+  }
+  return entry.leaves()[leaf];
+}
+
+// Host reads and writes of managed memory are safe only when no kernel is
+// using it; waiting on the device is cheap next to the copy itself.
+void WaitForDevice(const StateEntry& entry) {
+#if defined(OPTAX_PAGED_WITH_CUDA)
+  if (entry.platform() == Platform::kCuda) SynchronizeDevice();
+#else
+  (void)entry;
+#endif
+}
+
+nb::tuple ReadMoment(StateEntry& entry, int64_t leaf, int64_t moment) {
+  std::unique_lock<std::shared_mutex> lock(entry.mutex());
+  const LeafState& state = CheckedLeaf(entry, leaf, moment);
+  WaitForDevice(entry);
+  const MomentBuffers& buffers = state.moments[moment];
+  if (state.quantized) {
+    return nb::make_tuple(
+        CopyToNumpy(buffers.codes, static_cast<size_t>(state.size)),
+        CopyToNumpy(buffers.absmax, static_cast<size_t>(state.num_blocks)));
+  }
+  return nb::make_tuple(
+      CopyToNumpy(buffers.values, static_cast<size_t>(state.size)), nb::none());
+}
+
+void WriteMoment(StateEntry& entry, int64_t leaf, int64_t moment,
+                 nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu> data,
+                 nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu> absmax) {
+  std::unique_lock<std::shared_mutex> lock(entry.mutex());
+  const LeafState& state = CheckedLeaf(entry, leaf, moment);
+  WaitForDevice(entry);
+  const MomentBuffers& buffers = state.moments[moment];
+  const size_t data_bytes =
+      static_cast<size_t>(state.size) * (state.quantized ? 1 : sizeof(float));
+  const size_t absmax_bytes =
+      state.quantized ? static_cast<size_t>(state.num_blocks) * sizeof(float) : 0;
+  if (data.nbytes() != data_bytes || absmax.nbytes() != absmax_bytes) {
+    throw std::invalid_argument(
+        "write_moment: leaf " + std::to_string(leaf) + " moment " +
+        std::to_string(moment) + " holds " + std::to_string(data_bytes) +
+        " + " + std::to_string(absmax_bytes) + " bytes, got " +
+        std::to_string(data.nbytes()) + " + " + std::to_string(absmax.nbytes()));
+  }
+  void* target = state.quantized ? static_cast<void*>(buffers.codes)
+                                 : static_cast<void*>(buffers.values);
+  if (data_bytes > 0) std::memcpy(target, data.data(), data_bytes);
+  if (absmax_bytes > 0) std::memcpy(buffers.absmax, absmax.data(), absmax_bytes);
+}
+
+nb::dict LeafInfo(const StateEntry& entry, int64_t leaf) {
+  if (leaf < 0 || leaf >= static_cast<int64_t>(entry.leaves().size())) {
+    throw std::out_of_range("leaf index out of range");
+  }
+  const LeafState& state = entry.leaves()[leaf];
+  nb::dict info;
+  info["size"] = state.size;
+  info["num_blocks"] = state.num_blocks;
+  info["quantized"] = state.quantized;
+  info["decay"] = state.decay;
+  info["tier"] = TierName(state.tier);
+  info["bytes"] = entry.released() ? size_t{0} : state.bytes;
+  return info;
+}
+
+}  // namespace
+
+NB_MODULE(_optax_paged_ext, m) {
+  m.doc() = "optax_paged's compiled core: FFI handlers and state buffers.";
+  m.attr("BLOCK_SIZE") = kBlockSize;
+  m.attr("NUM_HYPERPARAMS") = kNumHyperparams;
+#if defined(OPTAX_PAGED_WITH_CUDA)
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def("cpu_registrations", &CpuRegistrations);
+  m.def("dynamic_map", [](bool is_signed) {
+    return CopyToNumpy(TablesFor(is_signed).values, 256);
+  }, nb::arg("signed"));
+  m.def("quantize_blockwise", &QuantizeBlockwise, nb::arg("x"),
+        nb::arg("signed"));
+  m.def("dequantize_blockwise", &DequantizeBlockwise, nb::arg("codes"),
+        nb::arg("absmax"), nb::arg("signed"));
+  m.def("live_state_count", &LiveStateCount);
+  m.def("live_state_bytes", &LiveStateBytes);
+
+  nb::class_<StateEntry>(m, "StateEntry")
+      .def_prop_ro("id", &StateEntry::id)
+      .def_prop_ro("num_leaves",
+                   [](const StateEntry& e) { return e.leaves().size(); })
+      .def_prop_ro("num_moments", &StateEntry::num_moments)
+      .def_prop_ro("total_bytes", &StateEntry::total_bytes)
+      .def_prop_ro("released", &StateEntry::released)
+      .def("leaf_info", &LeafInfo, nb::arg("leaf"))
+      .def("read_moment", &ReadMoment, nb::arg("leaf"), nb::arg("moment"))
+      .def("write_moment", &WriteMoment, nb::arg("leaf"), nb::arg("moment"),
+           nb::arg("data"), nb::arg("absmax"))
+      .def("release", &StateEntry::Release,
+           nb::call_guard<nb::gil_scoped_release>());
+  m.def("create_state", &CreateState, nb::arg("platform"),
+        nb::arg("num_moments"), nb::arg("sizes"), nb::arg("quantized"),
+        nb::arg("decay"), nb::arg("tiers"));
+}
+
+}  // namespace optax_paged

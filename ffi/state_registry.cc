@@ -1,0 +1,152 @@
+#include "state_registry.h"
+
+#include <atomic>
+#include <mutex>
+#include <unordered_map>
+
+namespace optax_paged {
+
+namespace {
+
+constexpr size_t kAlignment = 256;
+
+size_t AlignUp(size_t bytes) {
+  return (bytes + kAlignment - 1) / kAlignment * kAlignment;
+}
+
+struct GlobalRegistry {
+  std::mutex mutex;
+  std::unordered_map<int64_t, std::weak_ptr<StateEntry>> entries;
+  std::atomic<int64_t> next_id{1};
+};
+
+GlobalRegistry& Global() {
+  // Never destroyed: entries may outlive static destruction at exit.
+  static GlobalRegistry* registry = new GlobalRegistry;
+  return *registry;
+}
+
+// Byte layout of one leaf: per moment, codes then absmax (quantized) or fp32
+// values, each aligned for 16-byte vector access.
+size_t LayoutLeaf(LeafState* leaf, int num_moments, uint8_t* base) {
+  size_t offset = 0;
+  for (int m = 0; m < num_moments; ++m) {
+    MomentBuffers& buffers = leaf->moments[m];
+    if (leaf->quantized) {
+      buffers.codes = base ? base + offset : nullptr;
+      offset += AlignUp(static_cast<size_t>(leaf->size));
+      buffers.absmax =
+          base ? reinterpret_cast<float*>(base + offset) : nullptr;
+      offset += AlignUp(static_cast<size_t>(leaf->num_blocks) * sizeof(float));
+    } else {
+      buffers.values =
+          base ? reinterpret_cast<float*>(base + offset) : nullptr;
+      offset += AlignUp(static_cast<size_t>(leaf->size) * sizeof(float));
+    }
+  }
+  return offset;
+}
+
+}  // namespace
+
+StateEntry::StateEntry(int64_t id, Platform platform, int num_moments)
+    : id_(id), platform_(platform), num_moments_(num_moments) {}
+
+StateEntry::~StateEntry() { FreeAll(); }
+
+bool StateEntry::Allocate(const std::vector<LeafSpec>& specs,
+                          std::string* error) {
+  leaves_.resize(specs.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    LeafState& leaf = leaves_[i];
+    leaf.size = specs[i].size;
+    leaf.num_blocks = (specs[i].size + kBlockSize - 1) / kBlockSize;
+    leaf.quantized = specs[i].quantized;
+    leaf.decay = specs[i].decay;
+    leaf.tier = specs[i].tier;
+    leaf.bytes = LayoutLeaf(&leaf, num_moments_, nullptr);
+    void* base = AllocateState(leaf.bytes, leaf.tier, error);
+    if (base == nullptr) {
+      *error = "leaf " + std::to_string(i) + ": " + *error;
+      FreeAll();
+      return false;
+    }
+    leaf.base = base;
+    LayoutLeaf(&leaf, num_moments_, static_cast<uint8_t*>(base));
+  }
+  return true;
+}
+
+void StateEntry::FreeAll() {
+  for (LeafState& leaf : leaves_) {
+    FreeState(leaf.base, leaf.tier);
+    leaf.base = nullptr;
+    for (MomentBuffers& buffers : leaf.moments) buffers = MomentBuffers{};
+  }
+}
+
+void StateEntry::Release() {
+  {
+    GlobalRegistry& global = Global();
+    std::lock_guard<std::mutex> lock(global.mutex);
+    global.entries.erase(id_);
+  }
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  if (released_) return;
+  released_ = true;
+  FreeAll();
+}
+
+size_t StateEntry::total_bytes() const {
+  size_t total = 0;
+  for (const LeafState& leaf : leaves_) total += leaf.base ? leaf.bytes : 0;
+  return total;
+}
+
+std::shared_ptr<StateEntry> CreateStateEntry(Platform platform,
+                                             int num_moments,
+                                             const std::vector<LeafSpec>& specs,
+                                             std::string* error) {
+  if (num_moments < 1 || num_moments > kMaxMoments) {
+    *error = "num_moments must be in [1, " + std::to_string(kMaxMoments) +
+             "], got " + std::to_string(num_moments);
+    return nullptr;
+  }
+  GlobalRegistry& global = Global();
+  const int64_t id = global.next_id.fetch_add(1);
+  auto entry = std::make_shared<StateEntry>(id, platform, num_moments);
+  if (!entry->Allocate(specs, error)) return nullptr;
+  std::lock_guard<std::mutex> lock(global.mutex);
+  global.entries[id] = entry;
+  return entry;
+}
+
+std::shared_ptr<StateEntry> FindStateEntry(int64_t id) {
+  GlobalRegistry& global = Global();
+  std::lock_guard<std::mutex> lock(global.mutex);
+  auto it = global.entries.find(id);
+  if (it == global.entries.end()) return nullptr;
+  std::shared_ptr<StateEntry> entry = it->second.lock();
+  if (entry == nullptr) global.entries.erase(it);
+  return entry;
+}
+
+int64_t LiveStateCount() {
+  GlobalRegistry& global = Global();
+  std::lock_guard<std::mutex> lock(global.mutex);
+  int64_t count = 0;
+  for (auto& [id, weak] : global.entries) count += weak.expired() ? 0 : 1;
+  return count;
+}
+
+int64_t LiveStateBytes() {
+  GlobalRegistry& global = Global();
+  std::lock_guard<std::mutex> lock(global.mutex);
+  int64_t bytes = 0;
+  for (auto& [id, weak] : global.entries) {
+    if (auto entry = weak.lock()) bytes += entry->total_bytes();
+  }
+  return bytes;
+}
+
+}  // namespace optax_paged

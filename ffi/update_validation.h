@@ -1,0 +1,96 @@
+// Checks an update call's operands against its registry entry before any
+// memory is touched, so a mismatched call fails without corrupting state.
+// Shared by the CPU and CUDA handlers (host code only).
+#ifndef OPTAX_PAGED_FFI_UPDATE_VALIDATION_H_
+#define OPTAX_PAGED_FFI_UPDATE_VALIDATION_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "optimizer_math.h"
+#include "state_registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace optax_paged {
+
+inline xla::ffi::Error ValidateUpdateCall(
+    std::string_view name, const StateEntry& entry, Platform platform,
+    int num_moments, size_t num_hyperparams,
+    const xla::ffi::RemainingArgs& args, const xla::ffi::RemainingRets& rets,
+    xla::ffi::Span<const int64_t> leaf_indices) {
+  namespace ffi = xla::ffi;
+  const std::string prefix = std::string(name) + ": ";
+  if (entry.released()) {
+    return ffi::Error::InvalidArgument(
+        prefix + "optimizer state was released; create a new one with "
+                 "tx.init(params)");
+  }
+  if (entry.platform() != platform) {
+    return ffi::Error::InvalidArgument(
+        prefix + "optimizer state was created for another platform; "
+                 "initialise it on the device that runs the update");
+  }
+  if (entry.num_moments() != num_moments) {
+    return ffi::Error::InvalidArgument(
+        prefix + "optimizer state belongs to another optimizer");
+  }
+  if (num_hyperparams != static_cast<size_t>(kNumHyperparams)) {
+    return ffi::Error::InvalidArgument(
+        prefix + "expected " + std::to_string(kNumHyperparams) +
+        " hyperparameters, got " + std::to_string(num_hyperparams));
+  }
+  const size_t count = leaf_indices.size();
+  if (args.size() != 2 * count || rets.size() != count) {
+    return ffi::Error::InvalidArgument(
+        prefix + "expected " + std::to_string(count) +
+        " gradients, parameters and results for " + std::to_string(count) +
+        " leaves, got " + std::to_string(args.size()) + " operands and " +
+        std::to_string(rets.size()) + " results");
+  }
+  if (count == 0) return ffi::Error::Success();
+  const ffi::DataType dtype = args.get<ffi::AnyBuffer>(0).value().element_type();
+  for (size_t k = 0; k < count; ++k) {
+    const int64_t index = leaf_indices[k];
+    if (index < 0 || index >= static_cast<int64_t>(entry.leaves().size())) {
+      return ffi::Error::InvalidArgument(
+          prefix + "leaf index " + std::to_string(index) +
+          " is out of range for a state of " +
+          std::to_string(entry.leaves().size()) + " leaves");
+    }
+    const int64_t size = entry.leaves()[index].size;
+    const ffi::AnyBuffer grad = args.get<ffi::AnyBuffer>(k).value();
+    const ffi::AnyBuffer param = args.get<ffi::AnyBuffer>(count + k).value();
+    auto out = rets.get<ffi::AnyBuffer>(k).value();
+    const char* mismatch = nullptr;
+    int64_t got = 0;
+    if (static_cast<int64_t>(grad.element_count()) != size) {
+      mismatch = "gradient";
+      got = static_cast<int64_t>(grad.element_count());
+    } else if (static_cast<int64_t>(param.element_count()) != size) {
+      mismatch = "parameter";
+      got = static_cast<int64_t>(param.element_count());
+    } else if (static_cast<int64_t>(out->element_count()) != size) {
+      mismatch = "result";
+      got = static_cast<int64_t>(out->element_count());
+    }
+    if (mismatch != nullptr) {
+      return ffi::Error::InvalidArgument(
+          prefix + mismatch + " " + std::to_string(index) + " has " +
+          std::to_string(got) + " elements, state has " +
+          std::to_string(size));
+    }
+    if (grad.element_type() != dtype || param.element_type() != dtype ||
+        out->element_type() != dtype) {
+      return ffi::Error::InvalidArgument(
+          prefix + "leaf " + std::to_string(index) +
+          ": gradients, parameters and results of one call must share a "
+          "dtype");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace optax_paged
+
+#endif  // OPTAX_PAGED_FFI_UPDATE_VALIDATION_H_

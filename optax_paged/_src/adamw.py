@@ -1,0 +1,147 @@
+"""AdamW with blockwise 8-bit state, paged or not."""
+
+from typing import Any
+
+import optax
+
+from optax_paged._src import base
+from optax_paged._src import hyperparams
+from optax_paged._src import transform
+
+
+def _adamw_spec(learning_rate, b1, b2, eps, weight_decay):
+  def vector(count, count_inc):
+    return hyperparams.adamw(
+        transform.learning_rate_at(learning_rate, count),
+        b1,
+        b2,
+        eps,
+        weight_decay,
+        count_inc,
+    )
+
+  return transform.OptimizerSpec(
+      name='adamw', target='optax_paged_adamw', num_moments=2,
+      hyperparams=vector,
+  )
+
+
+def _check_hyperparams(b1, b2, eps) -> None:
+  for name, value in (('b1', b1), ('b2', b2)):
+    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+      raise ValueError(f'{name} must be in [0, 1), got {value}.')
+  if isinstance(eps, (int, float)) and eps < 0:
+    raise ValueError(f'eps must be >= 0, got {eps}.')
+
+
+def adamw8bit(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    mask: Any = None,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW whose moments are stored blockwise in 8 bits.
+
+  The update is optax's AdamW,
+  :math:`u = -\eta\,(\hat m / (\sqrt{\hat v} + \epsilon) + \lambda p)`,
+  computed in fp32 from moments that are stored between steps as one uint8
+  code per element (bitsandbytes' dynamic tree map, signed for :math:`m`,
+  unsigned for :math:`v`) and one fp32 absmax per block of 256 elements: 2
+  bytes of state per parameter instead of 8. Leaves with fewer than
+  ``min_8bit_size`` elements keep fp32 moments. The moments are updated in
+  place by one fused kernel per dtype group; they are owned by the state
+  registry and are not leaves of the returned state.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: exponential decay rate of the first moment.
+    b2: exponential decay rate of the second moment.
+    eps: added to the denominator for numerical stability.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay: a tree of booleans with the
+      structure of the parameters (or a prefix of it), or a callable that
+      returns one given the parameters; as ``optax.adamw``'s ``mask``.
+    min_8bit_size: leaves with fewer elements keep fp32 state (4096, as
+      bitsandbytes).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  optax_paged.adamw8bit(learning_rate=1e-3))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones((64, 64))}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+    Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+    <https://arxiv.org/abs/2110.02861>`_, 2022.
+  """
+  _check_hyperparams(b1, b2, eps)
+  return transform.make_transformation(
+      _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
+      quantize=True,
+      min_8bit_size=min_8bit_size,
+      weight_decay_mask=mask,
+      paged=False,
+  )
+
+
+def paged_adamw8bit(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    mask: Any = None,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW with blockwise 8-bit state in paged (managed) memory.
+
+  The same algorithm and the same results as :func:`adamw8bit`. On a GPU the
+  state lives in CUDA managed memory so it can be placed in host RAM and
+  streamed by the kernel when device memory is short; on the CPU both are
+  plain host memory.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: exponential decay rate of the first moment.
+    b2: exponential decay rate of the second moment.
+    eps: added to the denominator for numerical stability.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.paged_adamw8bit(learning_rate=2e-4,
+    ...                                  weight_decay=0.01)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones((64, 64))}, state, params)
+
+  References:
+    Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+    <https://arxiv.org/abs/2110.02861>`_, 2022.
+  """
+  _check_hyperparams(b1, b2, eps)
+  return transform.make_transformation(
+      _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
+      quantize=True,
+      min_8bit_size=min_8bit_size,
+      weight_decay_mask=mask,
+      paged=True,
+  )

@@ -1,0 +1,42 @@
+"""Constants, type aliases and shared messages of optax_paged."""
+
+from typing import Any
+
+import jax
+import optax
+
+Params = optax.Params
+Updates = optax.Updates
+OptState = optax.OptState
+ScalarOrSchedule = optax.ScalarOrSchedule
+PyTree = Any
+
+# bitsandbytes >= 0.44 blockwise optimizers: blocks of 256, fp32 absmax.
+BLOCK_SIZE = 256
+# bitsandbytes keeps fp32 state for tensors under 4096 elements.
+MIN_8BIT_SIZE = 4096
+# Version of the state_dict layout; bump when the stored arrays change.
+FORMAT_VERSION = 1
+
+NO_PARAMS_MSG = (
+    'optax_paged optimizers need the parameters: call '
+    'tx.update(updates, state, params).'
+)
+
+ABSTRACT_STATE_MSG = (
+    'this optimizer state was made by tx.init under a JAX transformation '
+    '(jax.jit, jax.eval_shape, ...) and owns no buffers. tx.init allocates '
+    'the optimizer state in the registry, so call it outside jax.jit; use '
+    'jax.eval_shape(tx.init, params) only to get the structure (for example '
+    'as a restore target for load_state_dict).'
+)
+
+RELEASED_STATE_MSG = (
+    'this optimizer state was released (optax_paged.release or garbage '
+    'collection of every state that referred to it); create a new one with '
+    'tx.init(params).'
+)
+
+
+def is_tracer(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)

@@ -1,0 +1,229 @@
+"""Export and import of optimizer states as pytrees of NumPy arrays.
+
+The registry's buffers are not leaves of the optimizer state, so generic
+checkpointers cannot see them. ``state_dict`` turns every optax_paged state
+inside a (possibly chained) optimizer state into a dictionary of arrays,
+recording the format version, block size and quantization maps with a CRC32
+of the contents; ``load_state_dict`` checks all of it and writes the arrays
+back into a freshly initialised state.
+"""
+
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_paged._src import base
+from optax_paged._src import quantization
+from optax_paged._src import transform
+
+
+def _is_paged_state(x: Any) -> bool:
+  return isinstance(x, transform.PagedOptimizerState)
+
+
+def _checksum(leaves: list[dict[str, Any]]) -> np.uint32:
+  crc = 0
+  for leaf in leaves:
+    for moment in leaf['moments']:
+      for name in sorted(moment):
+        crc = zlib.crc32(np.ascontiguousarray(moment[name]).tobytes(), crc)
+  return np.uint32(crc)
+
+
+def _export_paged(state: transform.PagedOptimizerState) -> dict[str, Any]:
+  record = state.buffers.record()
+  entry = record.entry
+  leaves = []
+  for index, layout in enumerate(record.leaves):
+    moments = []
+    for m in range(entry.num_moments):
+      data, absmax = entry.read_moment(index, m)
+      if layout.quantized:
+        moments.append({'codes': data, 'absmax': absmax})
+      else:
+        moments.append({'values': data})
+    leaves.append({
+        'shape': np.asarray(layout.shape, dtype=np.int64),
+        'quantized': np.bool_(layout.quantized),
+        'moments': moments,
+    })
+  return {
+      'format_version': np.int32(base.FORMAT_VERSION),
+      'block_size': np.int32(base.BLOCK_SIZE),
+      'signed_map': quantization.tables(True).values.copy(),
+      'unsigned_map': quantization.tables(False).values.copy(),
+      'optimizer': np.asarray(record.optimizer),
+      'count': np.asarray(state.count, dtype=np.int32),
+      'checksum': _checksum(leaves),
+      'leaves': leaves,
+  }
+
+
+def state_dict(state: base.OptState) -> Any:
+  """Exports an optimizer state as a pytree of NumPy arrays.
+
+  Waits for pending updates first. Every optax_paged state inside ``state``
+  (for example inside ``optax.chain``) becomes a dictionary holding the
+  quantized moments, the step count, the format version, the block size, the
+  quantization maps and a CRC32 checksum; every other leaf becomes a NumPy
+  array.
+
+  Args:
+    state: the state returned by ``tx.init`` / ``tx.update``.
+
+  Returns:
+    A pytree of NumPy arrays, suitable for any checkpointing library.
+  """
+  jax.block_until_ready(state)
+  return jax.tree.map(
+      lambda x: _export_paged(x) if _is_paged_state(x) else np.asarray(x),
+      state,
+      is_leaf=_is_paged_state,
+  )
+
+
+def _refuse(message: str) -> ValueError:
+  return ValueError(f'load_state_dict: {message}')
+
+
+def _check_header(saved: dict[str, Any], record: Any) -> None:
+  version = int(saved['format_version'])
+  if version != base.FORMAT_VERSION:
+    raise _refuse(
+        f'checkpoint format version {version}, this optax_paged reads '
+        f'version {base.FORMAT_VERSION}.'
+    )
+  if int(saved['block_size']) != base.BLOCK_SIZE:
+    raise _refuse(
+        f'checkpoint block size {int(saved["block_size"])}, expected '
+        f'{base.BLOCK_SIZE}.'
+    )
+  for name, signed in (('signed_map', True), ('unsigned_map', False)):
+    stored = np.asarray(saved[name], dtype=np.float32)
+    if not np.array_equal(stored, quantization.tables(signed).values):
+      raise _refuse(f'checkpoint {name} differs from this build\'s map.')
+  optimizer = str(np.asarray(saved['optimizer']))
+  if optimizer != record.optimizer:
+    raise _refuse(
+        f'checkpoint is for {optimizer}, the state is for {record.optimizer}.'
+    )
+  if len(saved['leaves']) != len(record.leaves):
+    raise _refuse(
+        f'checkpoint has {len(saved["leaves"])} leaves, the state has '
+        f'{len(record.leaves)}.'
+    )
+  if np.uint32(saved['checksum']) != _checksum(saved['leaves']):
+    raise _refuse('checksum mismatch: the checkpoint is corrupted.')
+
+
+def _expected_arrays(layout: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+  if layout.quantized:
+    blocks = -(-layout.size // base.BLOCK_SIZE)
+    return {
+        'codes': ((layout.size,), np.uint8),
+        'absmax': ((blocks,), np.float32),
+    }
+  return {'values': ((layout.size,), np.float32)}
+
+
+def _import_paged(
+    state: transform.PagedOptimizerState, saved: Any
+) -> transform.PagedOptimizerState:
+  if not isinstance(saved, dict) or 'format_version' not in saved:
+    raise _refuse(
+        'expected an optax_paged state dictionary where the state has an '
+        'optax_paged optimizer.'
+    )
+  record = state.buffers.record()
+  _check_header(saved, record)
+  checked = []
+  for index, (layout, leaf) in enumerate(zip(record.leaves, saved['leaves'])):
+    if tuple(np.asarray(leaf['shape']).tolist()) != layout.shape or bool(
+        leaf['quantized']
+    ) != layout.quantized:
+      raise _refuse(
+          f'leaf {layout.path}: checkpoint has shape '
+          f'{tuple(np.asarray(leaf["shape"]).tolist())} '
+          f'(quantized={bool(leaf["quantized"])}), the state has '
+          f'{layout.shape} (quantized={layout.quantized}).'
+      )
+    if len(leaf['moments']) != record.entry.num_moments:
+      raise _refuse(f'leaf {layout.path}: wrong number of moments.')
+    for m, moment in enumerate(leaf['moments']):
+      expected = _expected_arrays(layout)
+      if set(moment) != set(expected):
+        raise _refuse(f'leaf {layout.path} moment {m}: wrong arrays.')
+      for name, (shape, dtype) in expected.items():
+        array = np.asarray(moment[name])
+        if array.shape != shape or array.dtype != dtype:
+          raise _refuse(
+              f'leaf {layout.path} moment {m} {name}: expected {dtype.__name__}'
+              f'{list(shape)}, got {array.dtype}{list(array.shape)}.'
+          )
+      checked.append((index, m, moment))
+  # Everything is checked before the first write: a refused checkpoint
+  # leaves the state as it was.
+  empty = np.zeros([0], np.uint8)
+  for index, m, moment in checked:
+    if 'codes' in moment:
+      record.entry.write_moment(
+          index, m, np.ascontiguousarray(moment['codes']),
+          np.ascontiguousarray(moment['absmax']).view(np.uint8),
+      )
+    else:
+      record.entry.write_moment(
+          index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
+          empty,
+      )
+  return transform.PagedOptimizerState(
+      count=jnp.asarray(saved['count'], dtype=jnp.int32),
+      buffers=state.buffers,
+  )
+
+
+def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
+  """Restores a ``state_dict`` into a state from ``tx.init``.
+
+  Args:
+    state: a state from ``tx.init(params)`` for the same optimizer and
+      parameter tree as the one exported.
+    saved: the output of ``state_dict``, possibly after a round trip through
+      a checkpointing library.
+
+  Returns:
+    The restored state (its registry buffers now hold the saved moments).
+
+  Raises:
+    ValueError: if the checkpoint has another format version, block size,
+      map, optimizer, tree, shape or dtype, or its checksum does not match.
+      Nothing is written in that case.
+  """
+  jax.block_until_ready(state)
+  try:
+    return jax.tree.map(
+        lambda fresh, stored: (
+            _import_paged(fresh, stored)
+            if _is_paged_state(fresh)
+            else _restore_leaf(fresh, stored)
+        ),
+        state,
+        saved,
+        is_leaf=_is_paged_state,
+    )
+  except (KeyError, TypeError, ValueError) as error:
+    if str(error).startswith('load_state_dict:'):
+      raise
+    raise _refuse(f'checkpoint does not match the state: {error}') from None
+
+
+def _restore_leaf(fresh: Any, stored: Any) -> Any:
+  stored = np.asarray(stored)
+  if stored.shape != np.shape(fresh) or stored.dtype != np.asarray(fresh).dtype:
+    raise _refuse(
+        f'a leaf has shape {stored.shape} and dtype {stored.dtype}, the state '
+        f'expects {np.shape(fresh)} and {np.asarray(fresh).dtype}.'
+    )
+  return jnp.asarray(stored)

@@ -1,0 +1,113 @@
+"""Loading the compiled extension and calling its FFI update targets.
+
+The update call is wrapped so that the transformations JAX cannot apply to an
+in-place update fail loudly: ``jax.vmap`` (every batch member would update the
+same state) and differentiation (the state update has no derivative).
+"""
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_batching import custom_vmap
+
+from optax_paged import _optax_paged_ext
+
+VMAP_MSG = (
+    'optax_paged updates change optimizer state in place and cannot be '
+    'vmapped: every batch member would update the same state. Apply the '
+    'optimizer outside jax.vmap (average per-example gradients first).'
+)
+DIFFERENTIATION_MSG = (
+    'optax_paged updates cannot be differentiated: they write optimizer '
+    'state in place. Compute gradients first, then call tx.update outside '
+    'jax.grad / jax.jvp.'
+)
+
+
+def extension():
+  return _optax_paged_ext
+
+
+@functools.cache
+def register_targets() -> None:
+  """Registers the FFI targets with JAX, once per process."""
+  for name, capsule in _optax_paged_ext.cpu_registrations().items():
+    jax.ffi.register_ffi_target(name, capsule, platform='cpu')
+
+
+def _guarded(call):
+  """Wraps ``call`` so vmap and differentiation raise clear errors."""
+
+  @jax.custom_jvp
+  def guarded(*operands):
+    return unbatchable(*operands)
+
+  @custom_vmap
+  def unbatchable(*operands):
+    return call(*operands)
+
+  @unbatchable.def_vmap
+  def _refuse_vmap(axis_size, in_batched, *operands):
+    del axis_size, in_batched, operands
+    raise ValueError(VMAP_MSG)
+
+  @guarded.defjvp
+  def _refuse_jvp(primals, tangents):
+    del primals, tangents
+    raise ValueError(DIFFERENTIATION_MSG)
+
+  return guarded
+
+
+def update_call(
+    target: str,
+    hyperparams: jax.Array,
+    grads: Sequence[jax.Array],
+    params: Sequence[jax.Array],
+    *,
+    state_id: int,
+    leaf_indices: Sequence[int],
+    apply_updates: bool = False,
+) -> list[jax.Array]:
+  """Runs one in-place update over the leaves of one dtype group.
+
+  Args:
+    target: FFI target name, e.g. ``'optax_paged_adamw'``.
+    hyperparams: float32 vector built by ``hyperparams``.
+    grads: the group's gradients, in the parameters' dtype.
+    params: the group's parameters.
+    state_id: the registry entry holding the moments.
+    leaf_indices: positions of these leaves in the registry entry.
+    apply_updates: return new parameters instead of updates.
+
+  Returns:
+    One array per leaf: the update, or the new parameter.
+  """
+  register_targets()
+  result_types = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
+  count = len(grads)
+  call = jax.ffi.ffi_call(
+      target,
+      result_types,
+      has_side_effect=True,
+      vmap_method='sequential',  # never reached: the guard refuses vmap
+  )
+
+  def run(hyper, *operands):
+    return call(
+        hyper,
+        *operands,
+        state_id=np.int64(state_id),
+        leaf_indices=np.asarray(leaf_indices, dtype=np.int64),
+        apply_updates=bool(apply_updates),
+    )
+
+  outputs = _guarded(run)(
+      jnp.asarray(hyperparams, jnp.float32), *grads, *params
+  )
+  if len(outputs) != count:
+    raise AssertionError('FFI call returned the wrong number of results')
+  return list(outputs)

@@ -1,0 +1,198 @@
+"""The optax_paged algorithms in plain ``jax.numpy``: the test oracle.
+
+Each function here computes what the FFI kernels compute, operation for
+operation in float32, with the quantized moments held as ordinary arrays in
+a functional optax state. The transformations below are also a portable
+fallback: they run wherever JAX runs (any backend, sharded, vmapped), at the
+cost of XLA's unfused memory traffic.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_paged._src import base
+from optax_paged._src import hyperparams
+from optax_paged._src import quantization
+from optax_paged._src import transform
+
+
+class QuantizedMoment(NamedTuple):
+  """One blockwise-quantized moment of one leaf."""
+
+  codes: jax.Array  # shape=(n,), dtype=uint8
+  absmax: jax.Array  # shape=(ceil(n / 256),), dtype=float32
+
+
+class ReferenceState(NamedTuple):
+  """Functional state: per leaf, a tuple of moments (quantized or fp32)."""
+
+  count: jax.Array  # shape=(), dtype=jnp.int32
+  moments: Any  # tree like params; each leaf a tuple of moments
+
+
+def init_moments(leaf: jax.Array, num_moments: int, quantized: bool):
+  """Zero moments for one leaf, in the registry's format."""
+  n = int(jnp.size(leaf))
+  if quantized:
+    blocks = -(-n // base.BLOCK_SIZE)
+    return tuple(
+        QuantizedMoment(
+            jnp.zeros([n], jnp.uint8), jnp.zeros([blocks], jnp.float32)
+        )
+        for _ in range(num_moments)
+    )
+  return tuple(jnp.zeros([n], jnp.float32) for _ in range(num_moments))
+
+
+def decode_moments(moments, signed: tuple[bool, ...]) -> list[jax.Array]:
+  out = []
+  for moment, is_signed in zip(moments, signed):
+    if isinstance(moment, QuantizedMoment):
+      out.append(
+          quantization.dequantize_blockwise(
+              moment.codes, moment.absmax, is_signed
+          )
+      )
+    else:
+      out.append(moment)
+  return out
+
+
+def encode_moments(values, like, signed: tuple[bool, ...]):
+  out = []
+  for value, moment, is_signed in zip(values, like, signed):
+    if isinstance(moment, QuantizedMoment):
+      out.append(
+          QuantizedMoment(*quantization.quantize_blockwise(value, is_signed))
+      )
+    else:
+      out.append(value)
+  return tuple(out)
+
+
+def adamw_element_update(h: jax.Array, g, p, decay: bool, moments):
+  """``AdamW::Update`` of ``ffi/optimizer_math.h`` on whole arrays."""
+  lr, b1, omb1, b2, omb2, eps, wd, bc1, bc2 = (h[i] for i in range(9))
+  m = omb1 * g + b1 * moments[0]
+  v = omb2 * (g * g) + b2 * moments[1]
+  direction = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+  if decay:
+    direction = direction + wd * p
+  return -lr * direction, [m, v]
+
+
+# Element update: (hyper, g, p, decay, moments) -> (update, new moments).
+ElementUpdate = Callable[..., tuple[jax.Array, list[jax.Array]]]
+
+
+def leaf_step(
+    element_update: ElementUpdate,
+    signed: tuple[bool, ...],
+    hyper: jax.Array,
+    grad: jax.Array,
+    param: jax.Array,
+    moments,
+    decay: bool,
+):
+  """One step of one leaf: decode, update in fp32, re-encode."""
+  g = jnp.ravel(grad).astype(param.dtype).astype(jnp.float32)
+  p = jnp.ravel(param).astype(jnp.float32)
+  update, values = element_update(
+      hyper, g, p, decay, decode_moments(moments, signed)
+  )
+  update = update.astype(param.dtype).reshape(param.shape)
+  return update, encode_moments(values, moments, signed)
+
+
+def reference_transformation(
+    spec: transform.OptimizerSpec,
+    element_update: ElementUpdate,
+    signed: tuple[bool, ...],
+    *,
+    quantize: bool,
+    min_8bit_size: int,
+    weight_decay_mask: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """A functional optax transformation computing what the kernels compute."""
+
+  def init_fn(params):
+    return ReferenceState(
+        count=jnp.zeros([], jnp.int32),
+        moments=jax.tree.map(
+            lambda p: init_moments(
+                p,
+                spec.num_moments,
+                quantize and jnp.size(p) >= min_8bit_size,
+            ),
+            params,
+        ),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(base.NO_PARAMS_MSG)
+    count_inc = optax.safe_increment(state.count)
+    hyper = spec.hyperparams(state.count, count_inc)
+    decay = transform.resolve_mask(weight_decay_mask, params)
+    grads, treedef = jax.tree.flatten(updates)
+    param_leaves = treedef.flatten_up_to(params)
+    moment_leaves = treedef.flatten_up_to(state.moments)
+    results = [
+        leaf_step(element_update, signed, hyper, g, p, m, d)
+        for g, p, m, d in zip(grads, param_leaves, moment_leaves, decay)
+    ]
+    new_updates = treedef.unflatten([r[0] for r in results])
+    new_moments = treedef.unflatten([r[1] for r in results])
+    return new_updates, ReferenceState(count=count_inc, moments=new_moments)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adamw8bit(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    mask: Any = None,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+    quantize: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """Pure-JAX :func:`optax_paged.adamw8bit` with a functional state.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: exponential decay rate of the first moment.
+    b2: exponential decay rate of the second moment.
+    eps: added to the denominator for numerical stability.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+    quantize: ``False`` keeps every moment in fp32.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state holds the codes
+    and absmax arrays as leaves.
+  """
+
+  def vector(count, count_inc):
+    return hyperparams.adamw(
+        transform.learning_rate_at(learning_rate, count),
+        b1, b2, eps, weight_decay, count_inc,
+    )
+
+  spec = transform.OptimizerSpec('adamw', 'reference', 2, vector)
+  return reference_transformation(
+      spec,
+      adamw_element_update,
+      (True, False),
+      quantize=quantize,
+      min_8bit_size=min_8bit_size,
+      weight_decay_mask=mask,
+  )

@@ -1,0 +1,151 @@
+"""The machinery every optax_paged optimizer shares.
+
+An optimizer here is: a name, an FFI target, a number of moments, and a
+function from (hyperparameters, step) to the hyperparameter vector. This
+module turns that into an ``optax.GradientTransformationExtraArgs`` whose
+state is ``(count, buffers)``, and runs one FFI call per dtype group.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_paged._src import base
+from optax_paged._src import ffi
+from optax_paged._src import registry
+
+
+class PagedOptimizerState(NamedTuple):
+  """State of an optax_paged optimizer.
+
+  Attributes:
+    count: number of updates applied so far, shape ``()``, int32.
+    buffers: the registry-owned moments (quantized or fp32).
+  """
+
+  count: jax.Array  # shape=(), dtype=jnp.int32
+  buffers: registry.StateBuffers
+
+
+# (hyperparameter vector builder): count_after_step -> float32[12]
+HyperparamFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class OptimizerSpec(NamedTuple):
+  """What distinguishes one optimizer of the family from another."""
+
+  name: str
+  target: str
+  num_moments: int
+  # (count before the step, count after it) -> hyperparameter vector.
+  hyperparams: HyperparamFn
+
+
+def resolve_mask(mask: Any, params: Any) -> list[bool]:
+  """Per-leaf booleans from an optax-style mask (tree, prefix or callable)."""
+  leaves = jax.tree.leaves(params)
+  if mask is None:
+    return [True] * len(leaves)
+  tree = mask(params) if callable(mask) else mask
+  full = jax.tree.map(
+      lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, params
+  )
+  flags = jax.tree.leaves(full)
+  if len(flags) != len(leaves):
+    raise ValueError(
+        'mask must have the structure of the parameters (or a prefix of it).'
+    )
+  return flags
+
+
+def make_transformation(
+    spec: OptimizerSpec,
+    *,
+    quantize: bool,
+    min_8bit_size: int,
+    weight_decay_mask: Any,
+    paged: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds the optax transformation for ``spec``."""
+  del paged  # Placement tiers arrive with the CUDA registry.
+  if min_8bit_size < 0:
+    raise ValueError(f'min_8bit_size must be >= 0, got {min_8bit_size}.')
+
+  def init_fn(params: base.Params) -> PagedOptimizerState:
+    leaves = jax.tree.leaves(params)
+    quantized = [quantize and np.size(leaf) >= min_8bit_size for leaf in leaves]
+    if not quantize:
+      quantized = [False] * len(leaves)
+    decay = resolve_mask(weight_decay_mask, params)
+    buffers = registry.REGISTRY.allocate(
+        spec.name, spec.num_moments, params, quantized, decay
+    )
+    return PagedOptimizerState(
+        count=jnp.zeros([], jnp.int32), buffers=buffers
+    )
+
+  def update_fn(
+      updates: base.Updates,
+      state: PagedOptimizerState,
+      params: base.Params | None = None,
+      **extra_args: Any,
+  ) -> tuple[base.Updates, PagedOptimizerState]:
+    del extra_args
+    outputs, count = run_step(spec, updates, state, params, apply=False)
+    return outputs, PagedOptimizerState(count=count, buffers=state.buffers)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def run_step(
+    spec: OptimizerSpec,
+    grads: base.Updates,
+    state: PagedOptimizerState,
+    params: base.Params | None,
+    *,
+    apply: bool,
+) -> tuple[Any, jax.Array]:
+  """One FFI call per dtype group; returns (updates or new params, count)."""
+  if params is None:
+    raise ValueError(base.NO_PARAMS_MSG)
+  if not isinstance(state, PagedOptimizerState):
+    raise TypeError(
+        f'{spec.name}: expected the state made by this optimizer\'s init, '
+        f'got {type(state).__name__}.'
+    )
+  record = state.buffers.record()
+  if record.optimizer != spec.name:
+    raise ValueError(
+        f'{spec.name}: this state was made by {record.optimizer}.'
+    )
+  grad_leaves = record.check_tree(spec.name, 'updates', grads)
+  param_leaves = record.check_tree(spec.name, 'params', params)
+  count_inc = optax.safe_increment(state.count)
+  hyper = spec.hyperparams(state.count, count_inc)
+  outputs: list[Any] = [None] * len(grad_leaves)
+  for group in record.groups:
+    group_params = [jnp.asarray(param_leaves[i]) for i in group.indices]
+    group_grads = [
+        jnp.asarray(grad_leaves[i]).astype(group.dtype) for i in group.indices
+    ]
+    results = ffi.update_call(
+        spec.target,
+        hyper,
+        group_grads,
+        group_params,
+        state_id=record.key,
+        leaf_indices=group.indices,
+        apply_updates=apply,
+    )
+    for i, result in zip(group.indices, results):
+      outputs[i] = result
+  return jax.tree.unflatten(record.treedef, outputs), count_inc
+
+
+def learning_rate_at(learning_rate: base.ScalarOrSchedule, count: jax.Array):
+  """The learning rate for the step that starts at ``count``, as optax does."""
+  return learning_rate(count) if callable(learning_rate) else learning_rate
