@@ -11,12 +11,14 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
 #include <vector>
 
+#include "cpu_codec.h"
 #include "cpu_update.h"
 #include "element_types.h"
 #include "optimizer_math.h"
@@ -60,48 +62,53 @@ struct GroupStep {
     }
   }
 
-  void Finish(int leaf_index, int64_t i, float p, float update) const {
-    outputs[leaf_index][i] =
-        apply_updates ? FromFloat<T>(p + ToFloat(FromFloat<T>(update)))
-                      : FromFloat<T>(update);
+  // Runs the element maths over one block whose moments are in `moments`,
+  // writing the updates (or new parameters) and the new moments back there.
+  void UpdateBlock(int leaf_index, bool decay, int64_t begin, int64_t length,
+                   float (*moments)[kBlockSize]) const {
+    constexpr int kMoments = Optimizer::kNumMoments;
+    const T* __restrict g = grads[leaf_index] + begin;
+    const T* __restrict p = params[leaf_index] + begin;
+    T* __restrict out = outputs[leaf_index] + begin;
+    for (int64_t i = 0; i < length; ++i) {
+      float element[kMoments];
+      for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
+      const float param = ToFloat(p[i]);
+      const float update =
+          Optimizer::Update(scalars, ToFloat(g[i]), param, decay, element);
+      out[i] = apply_updates
+                   ? FromFloat<T>(param + ToFloat(FromFloat<T>(update)))
+                   : FromFloat<T>(update);
+      for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+    }
   }
 
+  // Decode, update, then re-encode against the block's new absmax. Separate
+  // passes over the block keep each loop simple enough to vectorize.
   void QuantizedBlock(const LeafState& leaf, int leaf_index,
                       int64_t block) const {
     constexpr int kMoments = Optimizer::kNumMoments;
     const int64_t begin = block * kBlockSize;
-    const int64_t end = std::min<int64_t>(begin + kBlockSize, leaf.size);
-    const QuantTables* tables[kMoments];
-    float old_absmax[kMoments];
-    float new_absmax[kMoments];
+    const int64_t length = std::min<int64_t>(kBlockSize, leaf.size - begin);
+    float moments[kMoments][kBlockSize];
     for (int m = 0; m < kMoments; ++m) {
-      tables[m] = Optimizer::kSigned[m] ? &SignedTables() : &UnsignedTables();
-      old_absmax[m] = leaf.moments[m].absmax[block];
-      new_absmax[m] = 0.0f;
+      DecodeBlock(TablesOf(m), leaf.moments[m].codes + begin,
+                  leaf.moments[m].absmax[block], length, moments[m]);
     }
-    float values[kMoments][kBlockSize];
-    for (int64_t i = begin; i < end; ++i) {
-      float moments[kMoments];
-      for (int m = 0; m < kMoments; ++m) {
-        moments[m] = Decode(tables[m]->values, leaf.moments[m].codes[i],
-                            old_absmax[m]);
-      }
-      const float p = ToFloat(params[leaf_index][i]);
-      const float update = Optimizer::Update(
-          scalars, ToFloat(grads[leaf_index][i]), p, leaf.decay, moments);
-      Finish(leaf_index, i, p, update);
-      for (int m = 0; m < kMoments; ++m) {
-        values[m][i - begin] = moments[m];
-        new_absmax[m] = AbsMaxStep(new_absmax[m], moments[m]);
-      }
-    }
+    UpdateBlock(leaf_index, leaf.decay, begin, length, moments);
     for (int m = 0; m < kMoments; ++m) {
-      const float inverse = InverseScale(new_absmax[m]);
-      uint8_t* codes = leaf.moments[m].codes;
-      for (int64_t i = begin; i < end; ++i) {
-        codes[i] = Encode(*tables[m], values[m][i - begin] * inverse);
+      // For non-negative floats the bit patterns order as the values do,
+      // and every NaN pattern is above infinity: an integer max is the
+      // absmax, NaN if the block has one, and it vectorizes.
+      uint32_t largest = 0;
+      for (int64_t i = 0; i < length; ++i) {
+        const uint32_t magnitude = FloatBits(moments[m][i]) & 0x7fffffffu;
+        largest = magnitude > largest ? magnitude : largest;
       }
-      leaf.moments[m].absmax[block] = new_absmax[m];
+      const float absmax = BitsToFloat(largest);
+      EncodeBlock(TablesOf(m), moments[m], InverseScale(absmax), length,
+                  leaf.moments[m].codes + begin);
+      leaf.moments[m].absmax[block] = absmax;
     }
   }
 
@@ -109,20 +116,19 @@ struct GroupStep {
                           int64_t block) const {
     constexpr int kMoments = Optimizer::kNumMoments;
     const int64_t begin = block * kBlockSize;
-    const int64_t end = std::min<int64_t>(begin + kBlockSize, leaf.size);
-    for (int64_t i = begin; i < end; ++i) {
-      float moments[kMoments];
-      for (int m = 0; m < kMoments; ++m) {
-        moments[m] = leaf.moments[m].values[i];
-      }
-      const float p = ToFloat(params[leaf_index][i]);
-      const float update = Optimizer::Update(
-          scalars, ToFloat(grads[leaf_index][i]), p, leaf.decay, moments);
-      Finish(leaf_index, i, p, update);
-      for (int m = 0; m < kMoments; ++m) {
-        leaf.moments[m].values[i] = moments[m];
-      }
+    const int64_t length = std::min<int64_t>(kBlockSize, leaf.size - begin);
+    float moments[kMoments][kBlockSize];
+    for (int m = 0; m < kMoments; ++m) {
+      std::copy_n(leaf.moments[m].values + begin, length, moments[m]);
     }
+    UpdateBlock(leaf_index, leaf.decay, begin, length, moments);
+    for (int m = 0; m < kMoments; ++m) {
+      std::copy_n(moments[m], length, leaf.moments[m].values + begin);
+    }
+  }
+
+  static const QuantTables& TablesOf(int moment) {
+    return Optimizer::kSigned[moment] ? SignedTables() : UnsignedTables();
   }
 };
 

@@ -22,20 +22,10 @@ struct Half {
   uint16_t bits;
 };
 
-OPTAX_PAGED_HD float BitsAsFloat(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-#endif
-}
-
 OPTAX_PAGED_HD float ToFloat(float x) { return x; }
 
 OPTAX_PAGED_HD float ToFloat(BFloat16 x) {
-  return BitsAsFloat(static_cast<uint32_t>(x.bits) << 16);
+  return BitsToFloat(static_cast<uint32_t>(x.bits) << 16);
 }
 
 OPTAX_PAGED_HD float ToFloat(Half x) {
@@ -51,9 +41,9 @@ OPTAX_PAGED_HD float ToFloat(Half x) {
     return sign ? -magnitude : magnitude;
   }
   if (exponent == 31) {
-    return BitsAsFloat(sign | 0x7f800000u | (mantissa << 13));
+    return BitsToFloat(sign | 0x7f800000u | (mantissa << 13));
   }
-  return BitsAsFloat(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  return BitsToFloat(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 #endif
 }
 
@@ -91,7 +81,7 @@ OPTAX_PAGED_HD Half FromFloat<Half>(float x) {
   } else if (bits < 0x38800000u) {
     // Below 2^-14 the result is subnormal: adding 0.5 lines the float's
     // mantissa up with half's 2^-24 steps and rounds to nearest even.
-    const float shifted = BitsAsFloat(bits) + 0.5f;
+    const float shifted = BitsToFloat(bits) + 0.5f;
     result = FloatBits(shifted) - FloatBits(0.5f);
   } else {
     const uint32_t odd = (bits >> 13) & 1u;

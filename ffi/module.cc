@@ -218,6 +218,9 @@ NB_MODULE(_optax_paged_ext, m) {
   m.def("dynamic_map", [](bool is_signed) {
     return CopyToNumpy(TablesFor(is_signed).values, 256);
   }, nb::arg("signed"));
+  m.def("max_midpoints_per_bucket", [](bool is_signed) {
+    return TablesFor(is_signed).max_midpoints_per_bucket;
+  }, nb::arg("signed"));
   m.def("quantize_blockwise", &QuantizeBlockwise, nb::arg("x"),
         nb::arg("signed"));
   m.def("dequantize_blockwise", &DequantizeBlockwise, nb::arg("codes"),

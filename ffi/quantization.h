@@ -35,22 +35,6 @@ inline constexpr int kLutMantissaBits = 7;
 inline constexpr int kLutMinExponent = 87;
 inline constexpr int kLutSize = (128 - kLutMinExponent + 2) << kLutMantissaBits;
 
-// One side (positive or negative) of a map: the ascending magnitudes of the
-// midpoints between neighbouring entries, and for each bucket the number of
-// midpoints below the bucket's lowest value.
-struct QuantSide {
-  float midpoints[255];
-  uint8_t bucket_start[kLutSize];
-  int count;
-};
-
-struct QuantTables {
-  float values[256];
-  QuantSide positive;
-  QuantSide negative;
-  int zero_code;
-};
-
 OPTAX_PAGED_HD uint32_t FloatBits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
@@ -61,34 +45,45 @@ OPTAX_PAGED_HD uint32_t FloatBits(float x) {
 #endif
 }
 
-inline float BitsToFloat(uint32_t bits) {
+OPTAX_PAGED_HD float BitsToFloat(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
   float x;
   std::memcpy(&x, &bits, sizeof(x));
   return x;
+#endif
 }
 
-// Number of midpoints of `side` strictly below `magnitude` (>= 0, not NaN).
-OPTAX_PAGED_HD int CountMidpointsBelow(const QuantSide& side, float magnitude) {
-  const uint32_t bits = FloatBits(magnitude);
-  if (static_cast<int>(bits >> 23) < kLutMinExponent) return 0;
-  uint32_t key = (bits >> (23 - kLutMantissaBits)) -
-                 (static_cast<uint32_t>(kLutMinExponent) << kLutMantissaBits);
-  if (key >= static_cast<uint32_t>(kLutSize)) key = kLutSize - 1;
-  int count = side.bucket_start[key];
-  while (count < side.count && side.midpoints[count] < magnitude) ++count;
-  return count;
-}
+// The positive and negative sides of a map, each as the ascending
+// magnitudes of the midpoints between neighbouring entries (padded with
+// infinity), and per bucket the number of midpoints below the bucket's lowest
+// value. No bucket of the dynamic maps holds more than one midpoint, so one
+// comparison after the table lookup finds the nearest entry without a branch.
+struct QuantTables {
+  float values[256];
+  float midpoints[2][256];  // [0]: positive side, [1]: negative side
+  uint8_t bucket_start[2][kLutSize];
+  int zero_code;
+  int max_midpoints_per_bucket;
+};
 
 // The code of the map entry nearest to `scaled` (a value already divided by
-// its block's absmax). NaN encodes as zero; its block's absmax is NaN anyway.
+// its block's absmax). NaN encodes as the zero code; its block's absmax is
+// NaN, so the block decodes to NaN whatever the codes.
 OPTAX_PAGED_HD uint8_t Encode(const QuantTables& tables, float scaled) {
-  if (scaled < 0.0f) {
-    return static_cast<uint8_t>(
-        tables.zero_code - CountMidpointsBelow(tables.negative, -scaled));
-  }
-  if (!(scaled >= 0.0f)) return static_cast<uint8_t>(tables.zero_code);
-  return static_cast<uint8_t>(
-      tables.zero_code + CountMidpointsBelow(tables.positive, scaled));
+  const uint32_t bits = FloatBits(scaled);
+  const uint32_t side = bits >> 31;
+  const float magnitude = BitsToFloat(bits & 0x7fffffffu);
+  int key = static_cast<int>((bits & 0x7fffffffu) >> (23 - kLutMantissaBits)) -
+            (kLutMinExponent << kLutMantissaBits);
+  key = key < 0 ? 0 : (key >= kLutSize ? kLutSize - 1 : key);
+  int count = tables.bucket_start[side][key];
+  count += tables.midpoints[side][count] < magnitude ? 1 : 0;
+  // Arithmetic, not a branch: the sign of a moment is a coin flip.
+  const int negate = -static_cast<int>(side);
+  const int code = tables.zero_code + ((count ^ negate) - negate);
+  return static_cast<uint8_t>(scaled != scaled ? tables.zero_code : code);
 }
 
 OPTAX_PAGED_HD float Decode(const float* values, uint8_t code, float absmax) {
@@ -112,22 +107,29 @@ OPTAX_PAGED_HD float InverseScale(float absmax) {
 // Fills one side from the map entries on that side of zero. `step` is +1 for
 // the positive side (entries above zero_code), -1 for the negative side.
 inline void BuildQuantSide(const float* values, int zero_code, int step,
-                           QuantSide* side) {
-  side->count = 0;
+                           float* midpoints, uint8_t* bucket_start,
+                           int* max_per_bucket) {
+  int count = 0;
   for (int code = zero_code; code + step >= 0 && code + step < 256;
        code += step) {
     const float midpoint = 0.5f * (values[code] + values[code + step]);
-    side->midpoints[side->count++] = midpoint < 0.0f ? -midpoint : midpoint;
+    midpoints[count++] = midpoint < 0.0f ? -midpoint : midpoint;
   }
+  for (int i = count; i < 256; ++i) midpoints[i] = BitsToFloat(0x7f800000u);
   for (int key = 0; key < kLutSize; ++key) {
     const uint32_t low_bits =
         (static_cast<uint32_t>(key) +
          (static_cast<uint32_t>(kLutMinExponent) << kLutMantissaBits))
         << (23 - kLutMantissaBits);
-    const float low = BitsToFloat(low_bits);
+    const uint32_t high_bits = low_bits + (1u << (23 - kLutMantissaBits));
     int below = 0;
-    while (below < side->count && side->midpoints[below] < low) ++below;
-    side->bucket_start[key] = static_cast<uint8_t>(below);
+    while (below < count && midpoints[below] < BitsToFloat(low_bits)) ++below;
+    int inside = 0;
+    while (below + inside < count && midpoints[below + inside] < BitsToFloat(high_bits)) {
+      ++inside;
+    }
+    bucket_start[key] = static_cast<uint8_t>(below);
+    if (inside > *max_per_bucket) *max_per_bucket = inside;
   }
 }
 
@@ -137,8 +139,11 @@ inline void BuildQuantTables(const float* map, QuantTables* tables) {
     tables->values[code] = map[code];
     if (map[code] == 0.0f) tables->zero_code = code;
   }
-  BuildQuantSide(map, tables->zero_code, +1, &tables->positive);
-  BuildQuantSide(map, tables->zero_code, -1, &tables->negative);
+  tables->max_midpoints_per_bucket = 0;
+  BuildQuantSide(map, tables->zero_code, +1, tables->midpoints[0],
+                 tables->bucket_start[0], &tables->max_midpoints_per_bucket);
+  BuildQuantSide(map, tables->zero_code, -1, tables->midpoints[1],
+                 tables->bucket_start[1], &tables->max_midpoints_per_bucket);
 }
 
 // Tables for the two maps, built once on first use.

@@ -1,0 +1,36 @@
+#include "cpu_codec.h"
+
+namespace optax_paged {
+
+void EncodeBlock(const QuantTables& tables, const float* values, float inverse,
+                 int64_t length, uint8_t* codes) {
+  if (HasAvx2()) {
+    EncodeBlockAvx2(tables, values, inverse, length, codes);
+    return;
+  }
+  for (int64_t i = 0; i < length; ++i) {
+    codes[i] = Encode(tables, values[i] * inverse);
+  }
+}
+
+void DecodeBlock(const QuantTables& tables, const uint8_t* codes, float absmax,
+                 int64_t length, float* values) {
+  if (HasAvx2()) {
+    DecodeBlockAvx2(tables, codes, absmax, length, values);
+    return;
+  }
+  for (int64_t i = 0; i < length; ++i) {
+    values[i] = Decode(tables.values, codes[i], absmax);
+  }
+}
+
+bool HasAvx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  return has_avx2;
+#else
+  return false;
+#endif
+}
+
+}  // namespace optax_paged

@@ -1,0 +1,31 @@
+// Block encode/decode for the CPU path, with an AVX2 version chosen at run
+// time when the processor has it (the scalar loops cannot use vector
+// gathers). Both give exactly the codes and values of Encode and Decode.
+#ifndef OPTAX_PAGED_FFI_CPU_CODEC_H_
+#define OPTAX_PAGED_FFI_CPU_CODEC_H_
+
+#include <cstdint>
+
+#include "quantization.h"
+
+namespace optax_paged {
+
+// Codes of `values[i] * inverse` for i < length.
+void EncodeBlock(const QuantTables& tables, const float* values, float inverse,
+                 int64_t length, uint8_t* codes);
+
+// `tables.values[codes[i]] * absmax` for i < length.
+void DecodeBlock(const QuantTables& tables, const uint8_t* codes, float absmax,
+                 int64_t length, float* values);
+
+// The same with vector gathers; only call when HasAvx2() is true.
+void EncodeBlockAvx2(const QuantTables& tables, const float* values,
+                     float inverse, int64_t length, uint8_t* codes);
+void DecodeBlockAvx2(const QuantTables& tables, const uint8_t* codes,
+                     float absmax, int64_t length, float* values);
+
+bool HasAvx2();
+
+}  // namespace optax_paged
+
+#endif  // OPTAX_PAGED_FFI_CPU_CODEC_H_
