@@ -97,11 +97,14 @@ OPTAX_PAGED_HD float AbsMaxStep(float running, float x) {
   return (magnitude > running || magnitude != magnitude) ? magnitude : running;
 }
 
-// The multiplier that maps a block onto [-1, 1]; zero for an all-zero block
-// (and for a non-finite absmax, whose block decodes to NaN regardless).
+// The multiplier that maps a block onto [-1, 1]. Zero for an all-zero block,
+// for a non-finite absmax (the block decodes to NaN regardless) and for a
+// subnormal absmax, whose reciprocal would overflow: such a block (every
+// |x| < 1.2e-38) decodes to zero, as XLA's flush-to-zero CPU code sees it.
 OPTAX_PAGED_HD float InverseScale(float absmax) {
-  return (absmax > 0.0f && absmax <= 3.4028234663852886e38f) ? 1.0f / absmax
-                                                              : 0.0f;
+  return (absmax >= 1.17549435e-38f && absmax <= 3.4028234663852886e38f)
+             ? 1.0f / absmax
+             : 0.0f;
 }
 
 // Fills one side from the map entries on that side of zero. `step` is +1 for

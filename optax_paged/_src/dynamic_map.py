@@ -52,6 +52,14 @@ def create_dynamic_map(
     >>> create_dynamic_map(signed=False)[-1]
     np.float32(1.0)
   """
+  if not 1 <= total_bits <= 8:
+    raise ValueError(f'create_dynamic_map: total_bits must be in [1, 8], got '
+                     f'{total_bits}.')
+  if not 1 <= max_exponent_bits <= total_bits - 1:
+    raise ValueError(
+        'create_dynamic_map: max_exponent_bits must be in [1, total_bits - 1]'
+        f', got {max_exponent_bits} for {total_bits} bits.'
+    )
   non_sign_bits = total_bits - 1
   additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
   data: list[float] = []
@@ -70,10 +78,5 @@ def create_dynamic_map(
   if additional_items > 0:
     add_decade(max_exponent_bits - 1, additional_items + 1)
   data.extend([0.0, 1.0])
-  if len(data) != 2**total_bits:
-    raise ValueError(
-        f'create_dynamic_map: {len(data)} values for {total_bits} bits; '
-        'choose max_exponent_bits <= total_bits - 1.'
-    )
   data.extend([0.0] * (256 - len(data)))
   return np.sort(np.asarray(data, dtype=_F32))

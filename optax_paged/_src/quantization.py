@@ -50,7 +50,8 @@ def block_absmax(x: jax.Array) -> jax.Array:
 
 
 def inverse_scale(absmax: jax.Array) -> jax.Array:
-  finite_positive = (absmax > 0) & (absmax <= np.finfo(np.float32).max)
+  f32 = np.finfo(np.float32)
+  finite_positive = (absmax >= f32.tiny) & (absmax <= f32.max)
   safe = jnp.where(finite_positive, absmax, 1.0)
   return jnp.where(finite_positive, 1.0 / safe, 0.0).astype(jnp.float32)
 

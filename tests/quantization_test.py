@@ -1,0 +1,199 @@
+"""Blockwise quantization: compiled kernels, the jnp reference, bitsandbytes."""
+
+import pathlib
+
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+from optax_paged import quantization
+
+DATA = pathlib.Path(__file__).parent / 'data'
+BLOCK = quantization.BLOCK_SIZE
+
+
+def nearest_distance(values: np.ndarray, scaled: np.ndarray) -> np.ndarray:
+  """Distance from each scaled value to its nearest map entry (brute force)."""
+  return np.min(np.abs(scaled[:, None] - values[None, :]), axis=1)
+
+
+def scaled_inputs(x: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+  inverse = np.where(absmax > 0, 1 / np.where(absmax > 0, absmax, 1), 0)
+  return x * np.repeat(inverse.astype(np.float32), BLOCK)[: x.size]
+
+
+def random_values(seed: int, n: int, signed: bool) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(n) * np.exp(rng.uniform(-14, 3, n))
+  x = x.astype(np.float32)
+  return x if signed else np.abs(x)
+
+
+@pytest.mark.parametrize('signed', [True, False])
+class TestQuantizeBlockwise:
+
+  @pytest.mark.parametrize('n', [1, 255, 256, 257, 4095, 4096, 10_000])
+  def test_codes_are_nearest_map_entries(self, signed, n):
+    x = random_values(n, n, signed)
+    codes, absmax = quantization.quantize_blockwise(x, signed=signed)
+    assert codes.shape == (n,) and codes.dtype == np.uint8
+    assert absmax.shape == (-(-n // BLOCK),) and absmax.dtype == np.float32
+    blocks = np.pad(np.abs(x), (0, absmax.size * BLOCK - n)).reshape(-1, BLOCK)
+    np.testing.assert_array_equal(absmax, blocks.max(axis=1))
+    values = quantization.dynamic_map(signed)
+    scaled = scaled_inputs(x, absmax)
+    chosen = np.abs(values[codes] - scaled)
+    best = nearest_distance(values, scaled)
+    # Nearest is decided by float32 midpoints: at most half an ulp of slack.
+    slack = np.spacing(np.abs(scaled).astype(np.float32))
+    assert np.all(chosen <= best + slack)
+
+  @pytest.mark.parametrize('n', [1, 257, 4096, 70_001])
+  def test_compiled_equals_reference(self, signed, n):
+    x = random_values(7 * n, n, signed)
+    codes, absmax = quantization.quantize_blockwise(x, signed=signed)
+    ref_codes, ref_absmax = quantization.reference_quantize_blockwise(
+        jnp.asarray(x), signed=signed
+    )
+    np.testing.assert_array_equal(codes, np.asarray(ref_codes))
+    np.testing.assert_array_equal(absmax, np.asarray(ref_absmax))
+    np.testing.assert_array_equal(
+        quantization.dequantize_blockwise(codes, absmax, signed=signed),
+        np.asarray(
+            quantization.reference_dequantize_blockwise(
+                ref_codes, ref_absmax, signed=signed
+            )
+        ),
+    )
+
+  def test_round_trip_error_within_map_resolution(self, signed):
+    x = random_values(3, 64 * BLOCK, signed)
+    codes, absmax = quantization.quantize_blockwise(x, signed=signed)
+    y = quantization.dequantize_blockwise(codes, absmax, signed=signed)
+    values = quantization.dynamic_map(signed)
+    # Error of each element is at most half the gap around its code, scaled.
+    gaps = np.diff(values)
+    upper = np.append(gaps, 0)[codes]
+    lower = np.insert(gaps, 0, 0)[codes]
+    scale = np.repeat(absmax, BLOCK)
+    half_gap = 0.5 * np.maximum(upper, lower) * scale
+    # The signed map ends at -0.993, not -1: values below it clamp to it.
+    below_map = x < values[0] * scale
+    np.testing.assert_array_equal(y[below_map], (values[0] * scale)[below_map])
+    inside = ~below_map
+    assert np.all(
+        np.abs(x - y)[inside] <= half_gap[inside] * (1 + 1e-6) + 1e-30
+    )
+    # And the block's largest magnitude survives exactly (up to sign).
+    for b in range(absmax.size):
+      block = x[b * BLOCK:(b + 1) * BLOCK]
+      i = np.argmax(np.abs(block))
+      if signed and block[i] < 0:
+        continue  # -1.0 is not in the signed map; its nearest is -0.993
+      assert y[b * BLOCK + i] == block[i]
+
+  def test_zeros(self, signed):
+    codes, absmax = quantization.quantize_blockwise(
+        np.zeros(300, np.float32), signed=signed
+    )
+    np.testing.assert_array_equal(absmax, [0, 0])
+    zero_code = int(np.flatnonzero(quantization.dynamic_map(signed) == 0)[0])
+    np.testing.assert_array_equal(codes, zero_code)
+    np.testing.assert_array_equal(
+        quantization.dequantize_blockwise(codes, absmax, signed), 0
+    )
+
+  def test_tiny_and_huge_magnitudes(self, signed):
+    x = np.array([1e-38, 1e-30, 3e38, 1e-45, 2e-7, 1.0], np.float32)
+    if signed:
+      x[1::2] *= -1
+    codes, absmax = quantization.quantize_blockwise(x, signed=signed)
+    y = quantization.dequantize_blockwise(codes, absmax, signed)
+    assert absmax[0] == np.float32(3e38)
+    # 3e38 survives exactly; everything far below absmax * 5.5e-7 becomes 0.
+    assert abs(y[2]) == np.float32(3e38)
+    np.testing.assert_array_equal(y[[0, 1, 3, 4, 5]], 0)
+    assert np.all(np.isfinite(y))
+
+
+def test_negative_values_in_unsigned_map_encode_as_zero():
+  codes, absmax = quantization.quantize_blockwise(
+      np.array([-1.0, 0.5, 1.0], np.float32), signed=False
+  )
+  y = quantization.dequantize_blockwise(codes, absmax, signed=False)
+  assert y[0] == 0 and y[2] == 1.0
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_non_finite_input_poisons_only_its_block(bad):
+  x = random_values(0, 3 * BLOCK, True)
+  x[BLOCK + 5] = bad
+  codes, absmax = quantization.quantize_blockwise(x, signed=True)
+  y = quantization.dequantize_blockwise(codes, absmax, signed=True)
+  assert np.all(np.isfinite(y[:BLOCK])) and np.all(np.isfinite(y[2 * BLOCK:]))
+  assert not np.isfinite(absmax[1])
+  assert np.all(~np.isfinite(y[BLOCK:2 * BLOCK]))
+  ref_codes, ref_absmax = quantization.reference_quantize_blockwise(
+      jnp.asarray(x), signed=True
+  )
+  np.testing.assert_array_equal(codes, np.asarray(ref_codes))
+  np.testing.assert_array_equal(absmax, np.asarray(ref_absmax))
+
+
+def test_never_worse_than_bitsandbytes_cpu_quantizer():
+  # bitsandbytes 0.50.2's native CPU quantizer does not always pick the
+  # nearest entry for tiny values; ours must be at least as close everywhere.
+  data = np.load(DATA / 'bitsandbytes_0_50_2_blockwise.npz')
+  for signed, prefix in ((True, 'signed'), (False, 'unsigned')):
+    x = data[f'{prefix}_x']
+    codes, absmax = quantization.quantize_blockwise(x, signed=signed)
+    np.testing.assert_array_equal(absmax, data[f'{prefix}_absmax'])
+    ours = quantization.dequantize_blockwise(codes, absmax, signed)
+    theirs = quantization.dequantize_blockwise(
+        data[f'{prefix}_codes'], data[f'{prefix}_absmax'], signed
+    )
+    slack = np.spacing(np.repeat(absmax, BLOCK)[: x.size])
+    assert np.all(np.abs(ours - x) <= np.abs(theirs - x) + slack)
+
+
+def test_dequantize_rejects_wrong_absmax_length():
+  with pytest.raises(ValueError, match='absmax'):
+    quantization.dequantize_blockwise(
+        np.zeros(300, np.uint8), np.zeros(1, np.float32)
+    )
+
+
+def test_dequantize_rejects_non_uint8_codes():
+  with pytest.raises(TypeError, match='uint8'):
+    quantization.dequantize_blockwise(
+        np.zeros(10, np.int32), np.zeros(1, np.float32)
+    )
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    x=hnp.arrays(
+        np.float32,
+        st.integers(1, 700),
+        # XLA's CPU code flushes subnormals to zero, so the reference cannot
+        # say what a subnormal encodes as, nor a block whose absmax is above
+        # 8.5e37 (its reciprocal is subnormal).
+        elements=st.floats(
+            -float(np.float32(1e37)), float(np.float32(1e37)),
+            allow_subnormal=False, width=32,
+        ),
+    ),
+    signed=st.booleans(),
+)
+def test_compiled_and_reference_agree_on_any_finite_input(x, signed):
+  if not signed:
+    x = np.abs(x)
+  codes, absmax = quantization.quantize_blockwise(x, signed=signed)
+  ref_codes, ref_absmax = quantization.reference_quantize_blockwise(
+      jnp.asarray(x), signed=signed
+  )
+  np.testing.assert_array_equal(codes, np.asarray(ref_codes))
+  np.testing.assert_array_equal(absmax, np.asarray(ref_absmax))
