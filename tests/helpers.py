@@ -1,0 +1,54 @@
+"""Builders shared by the optimizer tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optax_paged
+from optax_paged._src import reference
+
+
+def random_tree(shapes, dtype=jnp.float32, seed=0, scale=1.0):
+  """A dict of random normal leaves, one per shape."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+  return {
+      f'leaf{i}': (jax.random.normal(k, s, jnp.float32) * scale).astype(dtype)
+      for i, (k, s) in enumerate(zip(keys, shapes))
+  }
+
+
+def reference_state_from(state, params):
+  """The reference optimizer's state holding the same moments as ``state``."""
+  saved = optax_paged.state_dict(state)
+  leaves, treedef = jax.tree.flatten(params)
+  moments = []
+  for leaf in saved['leaves']:
+    if bool(leaf['quantized']):
+      moments.append(tuple(
+          reference.QuantizedMoment(
+              jnp.asarray(m['codes']), jnp.asarray(m['absmax'])
+          )
+          for m in leaf['moments']
+      ))
+    else:
+      moments.append(tuple(jnp.asarray(m['values']) for m in leaf['moments']))
+  assert len(moments) == len(leaves)
+  return reference.ReferenceState(
+      count=jnp.asarray(saved['count']),
+      moments=jax.tree.unflatten(treedef, moments),
+  )
+
+
+def moments_of(state):
+  """(quantized?, [arrays per moment]) for every leaf, as NumPy."""
+  out = []
+  for leaf in optax_paged.state_dict(state)['leaves']:
+    out.append((
+        bool(leaf['quantized']),
+        [dict(m) for m in leaf['moments']],
+    ))
+  return out
+
+
+def as_f32(x):
+  return np.asarray(jnp.asarray(x, jnp.float32))
