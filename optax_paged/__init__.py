@@ -7,14 +7,10 @@ per step.
 
 from optax_paged import quantization
 from optax_paged._src import reference
-from optax_paged._src.adamw import adamw8bit
-from optax_paged._src.adamw import paged_adamw8bit
-from optax_paged._src.checkpoint import load_state_dict
-from optax_paged._src.checkpoint import state_dict
+from optax_paged._src.adamw import adamw8bit, paged_adamw8bit
+from optax_paged._src.checkpoint import load_state_dict, state_dict
 from optax_paged._src.registry import REGISTRY as state_registry
-from optax_paged._src.registry import StateBuffers
-from optax_paged._src.registry import StateRegistry
-from optax_paged._src.registry import release
+from optax_paged._src.registry import StateBuffers, StateRegistry, release
 from optax_paged._src.transform import PagedOptimizerState
 
 __version__ = '0.1.0'

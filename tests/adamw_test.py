@@ -9,9 +9,7 @@ import pytest
 import optax_paged
 from optax_paged import quantization
 from optax_paged._src import reference
-from tests.helpers import as_f32
-from tests.helpers import random_tree
-from tests.helpers import reference_state_from
+from tests.helpers import as_f32, random_tree, reference_state_from
 
 ODD_SHAPES = [(1,), (255,), (257,), (4095,), (4096,), (1024, 4097)]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -56,7 +54,7 @@ def _compare_one_step(state, ref_state, params, grads, ffi_tx, ref_tx):
   after = reference_state_from(state, params)
   for name in params:
     ours, theirs = after.moments[name], ref_state.moments[name]
-    for m, (a, b) in enumerate(zip(ours, theirs)):
+    for m, (a, b) in enumerate(zip(ours, theirs, strict=True)):
       if isinstance(a, reference.QuantizedMoment):
         np.testing.assert_allclose(a.absmax, b.absmax, rtol=1e-6)
         diff = np.abs(np.asarray(a.codes, np.int32) - np.asarray(b.codes))
@@ -122,7 +120,7 @@ def _with_moments_of(paged_state, optax_state, shape):
       quantization.dequantize_blockwise(
           moment['codes'], moment['absmax'], signed=signed
       ).reshape(shape)
-      for moment, signed in zip(leaf['moments'], (True, False))
+      for moment, signed in zip(leaf['moments'], (True, False), strict=True)
   )
   adam = optax_state[0]._replace(mu=jnp.asarray(m), nu=jnp.asarray(v))
   return (adam,) + tuple(optax_state[1:])
@@ -143,7 +141,8 @@ def test_stays_close_to_optax_adam_over_50_steps(sync_every):
   """
   shape = (1024, 4097)
   p0 = jax.random.normal(jax.random.PRNGKey(0), shape) * 0.1
-  ours, theirs = optax_paged.paged_adamw8bit(1e-3, weight_decay=0.0), optax.adam(1e-3)
+  ours = optax_paged.paged_adamw8bit(1e-3, weight_decay=0.0)
+  theirs = optax.adam(1e-3)
   step_ours, step_theirs = _adam_steps(ours), _adam_steps(theirs)
   p1, s1 = p0, ours.init(p0)
   p2, s2 = p0, theirs.init(p0)

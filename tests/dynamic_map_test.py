@@ -24,7 +24,9 @@ class TestDynamicMap:
   ):
     recorded = bitsandbytes_data['signed_map' if signed else 'unsigned_map']
     built = quantization.create_dynamic_map(signed=signed)
-    np.testing.assert_array_equal(built.view(np.uint32), recorded.view(np.uint32))
+    np.testing.assert_array_equal(
+        built.view(np.uint32), recorded.view(np.uint32)
+    )
 
   def test_compiled_map_equals_bitsandbytes(self, signed, bitsandbytes_data):
     recorded = bitsandbytes_data['signed_map' if signed else 'unsigned_map']

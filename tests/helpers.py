@@ -13,7 +13,7 @@ def random_tree(shapes, dtype=jnp.float32, seed=0, scale=1.0):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
   return {
       f'leaf{i}': (jax.random.normal(k, s, jnp.float32) * scale).astype(dtype)
-      for i, (k, s) in enumerate(zip(keys, shapes))
+      for i, (k, s) in enumerate(zip(keys, shapes, strict=True))
   }
 
 

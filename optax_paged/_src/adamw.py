@@ -4,9 +4,7 @@ from typing import Any
 
 import optax
 
-from optax_paged._src import base
-from optax_paged._src import hyperparams
-from optax_paged._src import transform
+from optax_paged._src import base, hyperparams, transform
 
 
 def _adamw_spec(learning_rate, b1, b2, eps, weight_decay):

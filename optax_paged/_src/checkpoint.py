@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_paged._src import base
-from optax_paged._src import quantization
-from optax_paged._src import transform
+from optax_paged._src import base, quantization, transform
 
 
 def _is_paged_state(x: Any) -> bool:
@@ -115,8 +113,6 @@ def _check_header(saved: dict[str, Any], record: Any) -> None:
         f'checkpoint has {len(saved["leaves"])} leaves, the state has '
         f'{len(record.leaves)}.'
     )
-  if np.uint32(saved['checksum']) != _checksum(saved['leaves']):
-    raise _refuse('checksum mismatch: the checkpoint is corrupted.')
 
 
 def _expected_arrays(layout: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -140,7 +136,8 @@ def _import_paged(
   record = state.buffers.record()
   _check_header(saved, record)
   checked = []
-  for index, (layout, leaf) in enumerate(zip(record.leaves, saved['leaves'])):
+  pairs = zip(record.leaves, saved['leaves'], strict=True)
+  for index, (layout, leaf) in enumerate(pairs):
     if tuple(np.asarray(leaf['shape']).tolist()) != layout.shape or bool(
         leaf['quantized']
     ) != layout.quantized:
@@ -164,6 +161,8 @@ def _import_paged(
               f'{list(shape)}, got {array.dtype}{list(array.shape)}.'
           )
       checked.append((index, m, moment))
+  if np.uint32(saved['checksum']) != _checksum(saved['leaves']):
+    raise _refuse('checksum mismatch: the checkpoint is corrupted.')
   # Everything is checked before the first write: a refused checkpoint
   # leaves the state as it was.
   empty = np.zeros([0], np.uint8)

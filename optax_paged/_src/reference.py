@@ -14,10 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_paged._src import base
-from optax_paged._src import hyperparams
-from optax_paged._src import quantization
-from optax_paged._src import transform
+from optax_paged._src import base, hyperparams, quantization, transform
 
 
 class QuantizedMoment(NamedTuple):
@@ -50,7 +47,7 @@ def init_moments(leaf: jax.Array, num_moments: int, quantized: bool):
 
 def decode_moments(moments, signed: tuple[bool, ...]) -> list[jax.Array]:
   out = []
-  for moment, is_signed in zip(moments, signed):
+  for moment, is_signed in zip(moments, signed, strict=True):
     if isinstance(moment, QuantizedMoment):
       out.append(
           quantization.dequantize_blockwise(
@@ -64,7 +61,7 @@ def decode_moments(moments, signed: tuple[bool, ...]) -> list[jax.Array]:
 
 def encode_moments(values, like, signed: tuple[bool, ...]):
   out = []
-  for value, moment, is_signed in zip(values, like, signed):
+  for value, moment, is_signed in zip(values, like, signed, strict=True):
     if isinstance(moment, QuantizedMoment):
       out.append(
           QuantizedMoment(*quantization.quantize_blockwise(value, is_signed))
@@ -144,7 +141,9 @@ def reference_transformation(
     moment_leaves = treedef.flatten_up_to(state.moments)
     results = [
         leaf_step(element_update, signed, hyper, g, p, m, d)
-        for g, p, m, d in zip(grads, param_leaves, moment_leaves, decay)
+        for g, p, m, d in zip(
+            grads, param_leaves, moment_leaves, decay, strict=True
+        )
     ]
     new_updates = treedef.unflatten([r[0] for r in results])
     new_moments = treedef.unflatten([r[1] for r in results])

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_paged._src import base
-from optax_paged._src import ffi
+from optax_paged._src import base, ffi
 
 _PLATFORM_CODES = {'cpu': 0, 'cuda': 1}
 _TIER_CODES = {'host': 0, 'device': 1, 'paged_host': 2}
@@ -90,7 +89,7 @@ class StateRecord:
           f'{name}: {kind} tree {treedef} does not match the parameter tree '
           f'the state was initialised with, {self.treedef}.'
       )
-    for leaf, layout in zip(leaves, self.leaves):
+    for leaf, layout in zip(leaves, self.leaves, strict=True):
       shape = tuple(np.shape(leaf))
       if shape != layout.shape:
         raise ValueError(
@@ -196,7 +195,7 @@ class StateRegistry:
         for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
     ]
     layouts = []
-    for path, leaf, q, d in zip(paths, leaves, quantized, decay):
+    for path, leaf, q, d in zip(paths, leaves, quantized, decay, strict=True):
       dtype = _dtype_of(leaf)
       if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(

@@ -14,9 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_paged._src import base
-from optax_paged._src import ffi
-from optax_paged._src import registry
+from optax_paged._src import base, ffi, registry
 
 
 class PagedOptimizerState(NamedTuple):
@@ -72,7 +70,9 @@ def make_transformation(
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the optax transformation for ``spec``."""
   del paged  # Placement tiers arrive with the CUDA registry.
-  if min_8bit_size < 0:
+  # optax.inject_hyperparams passes numbers as arrays; only plain ints are
+  # checked here (init reads the value concretely either way).
+  if isinstance(min_8bit_size, int) and min_8bit_size < 0:
     raise ValueError(f'min_8bit_size must be >= 0, got {min_8bit_size}.')
 
   def init_fn(params: base.Params) -> PagedOptimizerState:
@@ -141,7 +141,7 @@ def run_step(
         leaf_indices=group.indices,
         apply_updates=apply,
     )
-    for i, result in zip(group.indices, results):
+    for i, result in zip(group.indices, results, strict=True):
       outputs[i] = result
   return jax.tree.unflatten(record.treedef, outputs), count_inc
 

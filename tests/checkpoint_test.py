@@ -1,0 +1,142 @@
+"""state_dict / load_state_dict: bit-identical resume, refused mismatches."""
+
+import copy
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import optax_paged
+from tests.helpers import random_tree
+
+SHAPES = [(64, 80), (300,), (2, 3)]
+
+
+def _grads(params, seed):
+  return jax.tree.map(
+      lambda p: jax.random.normal(jax.random.PRNGKey(seed), p.shape) * 0.1,
+      params,
+  )
+
+
+def _make_tx():
+  return optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax_paged.paged_adamw8bit(1e-2, weight_decay=0.1, min_8bit_size=256),
+  )
+
+
+def _steps(tx, params, state, first, count):
+  @jax.jit
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  for i in range(first, first + count):
+    params, state = step(params, state, _grads(params, i))
+  return params, state
+
+
+def _assert_equal(a, b):
+  jax.tree.map(
+      lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+      a, b,
+  )
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run():
+  params = random_tree(SHAPES, seed=0)
+  tx = _make_tx()
+  p_full, s_full = _steps(tx, params, tx.init(params), 0, 8)
+
+  p_half, s_half = _steps(tx, params, tx.init(params), 0, 3)
+  saved = optax_paged.state_dict(s_half)
+  optax_paged.release(s_half)
+  restored = optax_paged.load_state_dict(tx.init(p_half), saved)
+  p_resumed, s_resumed = _steps(tx, p_half, restored, 3, 5)
+
+  _assert_equal(p_resumed, p_full)
+  _assert_equal(optax_paged.state_dict(s_resumed),
+                optax_paged.state_dict(s_full))
+
+
+def test_state_dict_is_numpy_with_the_format_recorded():
+  params = random_tree(SHAPES, seed=1)
+  tx = _make_tx()
+  _, state = _steps(tx, params, tx.init(params), 0, 2)
+  saved = optax_paged.state_dict(state)[1]
+  assert all(isinstance(x, np.ndarray) or np.isscalar(x)
+             for x in jax.tree.leaves(saved))
+  assert int(saved['format_version']) == 1
+  assert int(saved['block_size']) == 256
+  np.testing.assert_array_equal(
+      saved['signed_map'], optax_paged.quantization.dynamic_map(True)
+  )
+  assert int(saved['count']) == 2
+  leaf = saved['leaves'][0]
+  assert leaf['moments'][0]['codes'].shape == (64 * 80,)
+  assert leaf['moments'][0]['absmax'].shape == (20,)
+
+
+@pytest.fixture
+def saved_and_fresh():
+  params = random_tree(SHAPES, seed=2)
+  tx = _make_tx()
+  _, state = _steps(tx, params, tx.init(params), 0, 2)
+  return optax_paged.state_dict(state), tx.init(params)
+
+
+def _corrupt(saved, edit):
+  bad = copy.deepcopy(saved)
+  edit(bad[1])
+  return bad
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda s: s.__setitem__('format_version', np.int32(2)), 'format version'),
+    (lambda s: s.__setitem__('block_size', np.int32(128)), 'block size'),
+    (lambda s: s['signed_map'].__setitem__(3, 0.5), 'signed_map'),
+    (lambda s: s.__setitem__('optimizer', np.asarray('lion')), 'lion'),
+    (lambda s: s['leaves'].pop(), 'leaves'),
+    (lambda s: s['leaves'][0]['moments'][1]['codes'].__setitem__(7, 3),
+     'checksum'),
+    (lambda s: s['leaves'][1].__setitem__('shape', np.asarray([301])),
+     'shape'),
+])
+def test_mismatched_or_corrupted_checkpoint_is_refused(
+    saved_and_fresh, edit, message
+):
+  saved, fresh = saved_and_fresh
+  before = optax_paged.state_dict(fresh)
+  with pytest.raises(ValueError, match=message):
+    optax_paged.load_state_dict(fresh, _corrupt(saved, edit))
+  # A refused checkpoint writes nothing.
+  _assert_equal(optax_paged.state_dict(fresh), before)
+
+
+def test_checkpoint_for_another_tree_is_refused(saved_and_fresh):
+  saved, _ = saved_and_fresh
+  other = random_tree([(64, 80), (300,)], seed=3)
+  with pytest.raises(ValueError, match='load_state_dict'):
+    optax_paged.load_state_dict(_make_tx().init(other), saved)
+
+
+def test_wrong_dtype_in_checkpoint_is_refused(saved_and_fresh):
+  saved, fresh = saved_and_fresh
+  bad = copy.deepcopy(saved)
+  moment = bad[1]['leaves'][0]['moments'][0]
+  moment['absmax'] = moment['absmax'].astype(np.float64)
+  with pytest.raises(ValueError, match='float32'):
+    optax_paged.load_state_dict(fresh, bad)
+
+
+def test_checkpoint_survives_a_generic_serialiser(tmp_path, saved_and_fresh):
+  saved, fresh = saved_and_fresh
+  leaves, treedef = jax.tree.flatten(saved)
+  np.savez(tmp_path / 'ckpt.npz', *leaves)
+  with np.load(tmp_path / 'ckpt.npz') as data:
+    arrays = [data[f'arr_{i}'] for i in range(len(leaves))]
+  loaded = jax.tree.unflatten(treedef, arrays)
+  restored = optax_paged.load_state_dict(fresh, loaded)
+  _assert_equal(optax_paged.state_dict(restored), saved)

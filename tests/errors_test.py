@@ -1,0 +1,158 @@
+"""Calls the user may not make raise clear Python errors; nothing crashes."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import optax_paged
+from tests.helpers import random_tree
+
+SHAPES = [(64, 80), (300,)]
+
+
+@pytest.fixture
+def setup():
+  params = random_tree(SHAPES, seed=0)
+  tx = optax_paged.paged_adamw8bit(1e-3, min_8bit_size=256)
+  grads = jax.tree.map(jnp.ones_like, params)
+  return tx, tx.init(params), params, grads
+
+
+def test_update_without_params(setup):
+  tx, state, _, grads = setup
+  with pytest.raises(ValueError, match='need the parameters'):
+    tx.update(grads, state)
+
+
+def test_wrong_tree(setup):
+  tx, state, params, grads = setup
+  del grads['leaf1']
+  with pytest.raises(ValueError, match='does not match the parameter tree'):
+    tx.update(grads, state, params)
+
+
+def test_wrong_shape(setup):
+  tx, state, params, grads = setup
+  grads['leaf0'] = jnp.ones((80, 64))
+  with pytest.raises(ValueError, match=r'shape \(80, 64\)'):
+    jax.jit(tx.update)(grads, state, params)
+
+
+def test_wrong_param_dtype(setup):
+  tx, state, params, grads = setup
+  params['leaf1'] = params['leaf1'].astype(jnp.bfloat16)
+  with pytest.raises(TypeError, match='initialised for float32'):
+    tx.update(grads, state, params)
+
+
+def test_integer_parameters_are_refused_at_init():
+  tx = optax_paged.paged_adamw8bit(1e-3)
+  with pytest.raises(TypeError, match='floating-point'):
+    tx.init({'steps': jnp.zeros((5000,), jnp.int32)})
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(b1=1.0), 'b1'),
+    (dict(b2=-0.1), 'b2'),
+    (dict(eps=-1.0), 'eps'),
+    (dict(min_8bit_size=-1), 'min_8bit_size'),
+])
+def test_bad_hyperparameters(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    optax_paged.paged_adamw8bit(1e-3, **kwargs)
+
+
+def test_released_state(setup):
+  tx, state, params, grads = setup
+  optax_paged.release(state)
+  with pytest.raises(ValueError, match='released'):
+    tx.update(grads, state, params)
+  with pytest.raises(ValueError, match='released'):
+    optax_paged.state_dict(state)
+
+
+def test_vmap_of_update_is_refused(setup):
+  tx, state, params, grads = setup
+  batched = jax.tree.map(lambda g: jnp.stack([g, g]), grads)
+  before = optax_paged.state_dict(state)
+  with pytest.raises(ValueError, match='cannot be vmapped'):
+    jax.vmap(lambda g: tx.update(g, state, params)[0])(batched)
+  after = optax_paged.state_dict(state)
+  jax.tree.map(lambda a, b: (a == b).all() or pytest.fail('state changed'),
+               before, after)
+
+
+def test_differentiating_through_update_is_refused(setup):
+  tx, state, params, grads = setup
+
+  def loss(g):
+    updates, _ = tx.update(g, state, params)
+    return sum(jnp.sum(u) for u in jax.tree.leaves(updates))
+
+  with pytest.raises(ValueError, match='cannot be differentiated'):
+    jax.grad(loss)(grads)
+  with pytest.raises(ValueError, match='cannot be differentiated'):
+    jax.jvp(loss, (grads,), (grads,))
+
+
+def test_state_of_another_kind_is_refused(setup):
+  tx, _, params, grads = setup
+  with pytest.raises(TypeError, match='expected the state'):
+    tx.update(grads, (), params)
+
+
+def test_compiled_step_after_release_fails_cleanly(python_subprocess):
+  result = python_subprocess('''
+      import jax, jax.numpy as jnp, optax_paged
+      params = {'w': jnp.ones((64, 80))}
+      tx = optax_paged.paged_adamw8bit(1e-3)
+      state = tx.init(params)
+      step = jax.jit(tx.update)
+      step(params, state, params)
+      optax_paged.release(state)
+      try:
+        updates, _ = step(params, state, params)  # compiled: no retrace
+        jax.block_until_ready(updates)
+      except Exception as error:
+        assert 'released' in str(error), error
+        print('refused')
+      else:
+        raise SystemExit('a released state was updated')
+  ''')
+  assert result.returncode == 0, result.stderr
+  assert 'refused' in result.stdout
+
+
+def test_kernel_validates_operands_it_is_given(python_subprocess):
+  # Bypasses the Python checks: the handler itself must refuse a call whose
+  # operands do not match the registry entry, without touching memory.
+  result = python_subprocess('''
+      import jax.numpy as jnp, optax_paged
+      from optax_paged._src import ffi
+      params = {'w': jnp.ones((64, 80))}
+      state = optax_paged.paged_adamw8bit(1e-3).init(params)
+      key = state.buffers.key
+      for leaves, indices, expected in [
+          ([jnp.ones((10,))], [0], 'has 10 elements, state has 5120'),
+          ([jnp.ones((5120,))], [3], 'out of range'),
+      ]:
+        try:
+          out = ffi.update_call('optax_paged_adamw', jnp.zeros(12), leaves,
+                                leaves, state_id=key, leaf_indices=indices)
+          out[0].block_until_ready()
+        except Exception as error:
+          assert expected in str(error), error
+        else:
+          raise SystemExit('bad operands were accepted')
+      try:
+        ffi.update_call('optax_paged_adamw', jnp.zeros(12), [jnp.ones(5120)],
+                        [jnp.ones(5120)], state_id=10**9,
+                        leaf_indices=[0])[0].block_until_ready()
+      except Exception as error:
+        assert 'released' in str(error), error
+      else:
+        raise SystemExit('an unknown state id was accepted')
+      print('ok')
+  ''')
+  assert result.returncode == 0, result.stderr
+  assert 'ok' in result.stdout

@@ -1,0 +1,251 @@
+"""paged_adamw8bit / adamw8bit inside the JAX and optax machinery."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_paged
+from optax_paged._src import ffi, reference
+from tests.helpers import random_tree, reference_state_from
+
+SHAPES = [(64, 80), (300,), (3, 5)]
+FACTORIES = [optax_paged.paged_adamw8bit, optax_paged.adamw8bit]
+
+
+def _grads(params, seed):
+  return jax.tree.map(
+      lambda p: jax.random.normal(jax.random.PRNGKey(seed), p.shape) * 0.1,
+      params,
+  )
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(
+      lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+      a, b,
+  )
+
+
+def _run(tx, params, steps, step_fn=None):
+  state = tx.init(params)
+  step_fn = step_fn or jax.jit(_apply(tx))
+  for i in range(steps):
+    params, state = step_fn(params, state, _grads(params, i))
+  return params, state
+
+
+def _apply(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+@pytest.mark.parametrize('factory', FACTORIES)
+def test_jit_with_donation(factory):
+  params = random_tree(SHAPES, seed=0)
+  tx = factory(1e-2, weight_decay=0.1, min_8bit_size=256)
+  donated = jax.jit(_apply(tx), donate_argnums=(0, 1))
+  p_donated, s_donated = _run(tx, jax.tree.map(jnp.copy, params), 4, donated)
+  p_jit, s_jit = _run(tx, params, 4, jax.jit(_apply(tx)))
+  _assert_trees_equal(p_donated, p_jit)
+  _assert_trees_equal(optax_paged.state_dict(s_donated),
+                      optax_paged.state_dict(s_jit))
+  # Op-by-op dispatch computes the bias corrections outside a fusion, so
+  # agreement is to float rounding rather than bitwise.
+  p_eager, _ = _run(tx, params, 4, _apply(tx))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      p_eager, p_jit,
+  )
+
+
+def test_lax_scan_over_steps_matches_python_loop():
+  params = random_tree(SHAPES, seed=1)
+  tx = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
+  grads = [_grads(params, i) for i in range(5)]
+  stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+
+  @jax.jit
+  def scanned(params, state, stacked):
+    def body(carry, g):
+      p, s = carry
+      return _apply(tx)(p, s, g), None
+    return jax.lax.scan(body, (params, state), stacked)[0]
+
+  p_scan, s_scan = scanned(params, tx.init(params), stacked)
+  state = tx.init(params)
+  p_loop = params
+  for g in grads:
+    p_loop, state = jax.jit(_apply(tx))(p_loop, state, g)
+  _assert_trees_equal(p_scan, p_loop)
+  assert int(s_scan.count) == 5
+  _assert_trees_equal(optax_paged.state_dict(s_scan),
+                      optax_paged.state_dict(state))
+
+
+def test_chain_with_clipping_matches_reference():
+  params = random_tree(SHAPES, seed=2)
+  kwargs = dict(learning_rate=1e-2, weight_decay=0.05, min_8bit_size=256)
+  tx = optax.chain(optax.clip_by_global_norm(0.5),
+                   optax_paged.paged_adamw8bit(**kwargs))
+  ref = optax.chain(optax.clip_by_global_norm(0.5),
+                    reference.adamw8bit(**kwargs))
+  state, ref_state = tx.init(params), ref.init(params)
+  for i in range(3):
+    g = _grads(params, i)
+    u, state = jax.jit(tx.update)(g, state, params)
+    ru, ref_state = jax.jit(ref.update)(g, ref_state, params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9),
+        u, ru,
+    )
+    # Continue the reference from our moments so rounding cannot compound.
+    ref_state = (ref_state[0], reference_state_from(state[1], params))
+
+
+def _trace_counter():
+  traces = []
+
+  def count(fn):
+    @functools.wraps(fn)
+    def wrapped(*args):
+      traces.append(1)
+      return fn(*args)
+    return wrapped
+
+  return traces, count
+
+
+def test_schedule_needs_no_recompilation_and_follows_optax():
+  params = random_tree(SHAPES, seed=3)
+  schedule = optax.linear_schedule(1e-2, 1e-4, transition_steps=5)
+  tx = optax_paged.paged_adamw8bit(schedule, min_8bit_size=10**9)
+  ref = optax.adamw(schedule, weight_decay=1e-4)
+  traces, count = _trace_counter()
+  step = jax.jit(count(_apply(tx)))
+  p, s = params, tx.init(params)
+  rp, rs = params, ref.init(params)
+  for i in range(6):
+    g = _grads(params, i)
+    p, s = step(p, s, g)
+    rp, rs = jax.jit(_apply(ref))(rp, rs, g)
+  assert len(traces) == 1
+  # With every leaf in fp32 state the update is optax.adamw's.
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      p, rp,
+  )
+
+
+def test_inject_hyperparams_changes_values_without_recompiling():
+  params = random_tree(SHAPES, seed=4)
+  tx = optax.inject_hyperparams(optax_paged.paged_adamw8bit)(
+      learning_rate=1e-2, weight_decay=0.0, min_8bit_size=10**9
+  )
+  ref = optax.inject_hyperparams(optax.adamw)(
+      learning_rate=1e-2, weight_decay=0.0
+  )
+  traces, count = _trace_counter()
+  step = jax.jit(count(_apply(tx)))
+  p, s = params, tx.init(params)
+  rp, rs = params, ref.init(params)
+  for i, lr in enumerate([1e-2, 5e-3, 0.0, 2e-2]):
+    s.hyperparams['learning_rate'] = jnp.asarray(lr)
+    rs.hyperparams['learning_rate'] = jnp.asarray(lr)
+    g = _grads(params, i)
+    before = p
+    p, s = step(p, s, g)
+    rp, rs = jax.jit(_apply(ref))(rp, rs, g)
+    if lr == 0.0:
+      _assert_trees_equal(p, before)
+  assert len(traces) == 1
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      p, rp,
+  )
+
+
+def test_eval_shape_allocates_nothing():
+  params = random_tree(SHAPES, seed=5)
+  tx = optax_paged.paged_adamw8bit(1e-3)
+  before = ffi.extension().live_state_count()
+  shapes = jax.eval_shape(tx.init, params)
+  assert ffi.extension().live_state_count() == before
+  assert shapes.count.shape == () and shapes.count.dtype == jnp.int32
+  assert shapes.buffers.is_abstract
+  real = tx.init(params)
+  assert jax.tree.structure(real.count) == jax.tree.structure(shapes.count)
+
+
+def test_init_under_jit_gives_a_clear_error_on_update():
+  params = random_tree(SHAPES, seed=6)
+  tx = optax_paged.paged_adamw8bit(1e-3)
+  state = jax.jit(tx.init)(params)
+  with pytest.raises(ValueError, match='outside jax.jit'):
+    tx.update(_grads(params, 0), state, params)
+
+
+def test_two_optimizers_never_touch_each_others_state():
+  params = random_tree(SHAPES, seed=7)
+  tx_a = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
+  tx_b = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
+  alone, _ = _run(tx_a, params, 3)
+  state_a, state_b = tx_a.init(params), tx_b.init(params)
+  assert state_a.buffers.key != state_b.buffers.key
+  untouched = optax_paged.state_dict(state_b)
+  p_a = params
+  for i in range(3):
+    p_a, state_a = jax.jit(_apply(tx_a))(p_a, state_a, _grads(p_a, i))
+  _assert_trees_equal(optax_paged.state_dict(state_b), untouched)
+  _assert_trees_equal(p_a, alone)
+
+
+def test_small_leaves_keep_fp32_state():
+  params = {'big': jnp.ones((64, 64)), 'small': jnp.ones((4095,))}
+  state = optax_paged.paged_adamw8bit(1e-3).init(params)
+  layouts = state.buffers.record().leaves
+  assert [layout.quantized for layout in layouts] == [True, False]
+  saved = optax_paged.state_dict(state)['leaves']
+  assert saved[0]['moments'][0]['codes'].dtype == np.uint8
+  assert saved[1]['moments'][0]['values'].dtype == np.float32
+
+
+@pytest.mark.parametrize('mask', [
+    {'w': True, 'b': False},
+    lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+])
+def test_weight_decay_mask(mask):
+  params = {'w': jnp.ones((64, 64)), 'b': jnp.ones((64,))}
+  tx = optax_paged.paged_adamw8bit(0.1, weight_decay=0.5, mask=mask)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(updates['b'], 0.0)
+
+
+def test_non_finite_gradient_poisons_only_its_block():
+  # Documented behaviour: a NaN gradient element makes its own update NaN at
+  # once; its block's absmax becomes NaN, so from the next step every
+  # element of that block of 256 has a NaN update. Other blocks and leaves
+  # are unaffected. (fp32-state leaves behave as optax: only the element.)
+  params = {'w': jnp.ones((4, 1024)), 'small': jnp.ones((10,))}
+  tx = optax_paged.paged_adamw8bit(1e-3, min_8bit_size=256)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.1), params)
+  bad = {'w': grads['w'].at[1, 3].set(jnp.nan),
+         'small': grads['small'].at[2].set(jnp.inf)}
+  step = jax.jit(tx.update)
+  first, state = step(bad, state, params)
+  w = np.asarray(first['w'])
+  assert np.isnan(w[1, 3]) and np.isfinite(np.delete(w.ravel(), 1024 + 3)).all()
+  second, state = step(grads, state, params)
+  w = np.asarray(second['w']).ravel()
+  assert np.all(np.isnan(w[1024:1280]))
+  assert np.all(np.isfinite(np.delete(w, np.s_[1024:1280])))
+  small = np.asarray(second['small'])
+  assert not np.isfinite(small[2]) and np.isfinite(np.delete(small, 2)).all()
