@@ -87,10 +87,13 @@ def random_tree(key: jax.Array, layers: int, scale: float) -> Params:
   return tree
 
 
-def make_step(tx: optax.GradientTransformation) -> Step:
-  """One jitted update + apply, donating the parameters and the state."""
+def make_step(tx: optax.GradientTransformation, fused: bool) -> Step:
+  """One jitted step, donating the parameters and the state: update + apply
+  (the strict optax path), or optax_paged.apply_gradients (fused)."""
 
   def step(params, state, grads):
+    if fused:
+      return optax_paged.apply_gradients(tx, grads, state, params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
@@ -114,12 +117,12 @@ class Runner:
   """One optimizer's parameters, state and compiled step."""
 
   def __init__(self, name: str, tx: optax.GradientTransformation,
-               params: Params, grads: Sequence[Params]):
+               params: Params, grads: Sequence[Params], fused: bool = False):
     self.name = name
     self.grads = grads
     self.params = jax.tree.map(jnp.copy, params)
     self.state = tx.init(self.params)
-    self.step_fn = make_step(tx)
+    self.step_fn = make_step(tx, fused)
     self.calls = 0
     self.times_s: list[float] = []
 
@@ -157,6 +160,8 @@ def benchmark(layers: int, rounds: int, steps_per_round: int,
       Runner('optax.adamw', optax.adamw(**hyper), params, grads),
       Runner('optax_paged.paged_adamw8bit',
              optax_paged.paged_adamw8bit(**hyper), params, grads),
+      Runner('optax_paged.paged_adamw8bit, fused step',
+             optax_paged.paged_adamw8bit(**hyper), params, grads, fused=True),
   ]
   for runner in runners:
     runner.warm_up()

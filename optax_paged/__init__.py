@@ -12,6 +12,7 @@ from optax_paged._src.checkpoint import load_state_dict, state_dict
 from optax_paged._src.registry import REGISTRY as state_registry
 from optax_paged._src.registry import StateBuffers, StateRegistry, release
 from optax_paged._src.transform import PagedOptimizerState
+from optax_paged._src.transform import apply_gradients
 
 __version__ = '0.1.0'
 
@@ -20,6 +21,7 @@ __all__ = [
     'StateBuffers',
     'StateRegistry',
     'adamw8bit',
+    'apply_gradients',
     'load_state_dict',
     'paged_adamw8bit',
     'quantization',

@@ -249,3 +249,31 @@ def test_non_finite_gradient_poisons_only_its_block():
   assert np.all(np.isfinite(np.delete(w, np.s_[1024:1280])))
   small = np.asarray(second['small'])
   assert not np.isfinite(small[2]) and np.isfinite(np.delete(small, 2)).all()
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize('donate', [False, True])
+def test_fused_step_is_bit_identical_to_update_and_apply(dtype, donate):
+  params = random_tree(SHAPES, dtype=dtype, seed=8)
+  tx = optax_paged.paged_adamw8bit(1e-2, weight_decay=0.1, min_8bit_size=256)
+
+  def fused(p, s, g):
+    return optax_paged.apply_gradients(tx, g, s, p)
+
+  fused = jax.jit(fused, donate_argnums=(0, 1) if donate else ())
+  strict = jax.jit(_apply(tx))
+  p_f, s_f = jax.tree.map(jnp.copy, params), tx.init(params)
+  p_s, s_s = params, tx.init(params)
+  for i in range(3):
+    g = jax.tree.map(lambda x: x.astype(dtype), _grads(params, i))
+    p_f, s_f = fused(p_f, s_f, g)
+    p_s, s_s = strict(p_s, s_s, g)
+  _assert_trees_equal(p_f, p_s)
+  _assert_trees_equal(optax_paged.state_dict(s_f), optax_paged.state_dict(s_s))
+
+
+def test_fused_step_refuses_a_chain():
+  tx = optax.chain(optax.clip(1.0), optax_paged.paged_adamw8bit(1e-3))
+  params = {'w': jnp.ones((8,))}
+  with pytest.raises(TypeError, match='apply the earlier transformations'):
+    optax_paged.apply_gradients(tx, params, tx.init(params), params)

@@ -89,11 +89,18 @@ def update_call(
   register_targets()
   result_types = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
   count = len(grads)
+  # The fused step writes the new parameters over the old ones: operand
+  # 1 + count + i (parameter i) aliases result i, so donated parameters are
+  # updated in place (XLA copies them first when they are not donated).
+  aliases = (
+      {1 + count + i: i for i in range(count)} if apply_updates else None
+  )
   call = jax.ffi.ffi_call(
       target,
       result_types,
       has_side_effect=True,
       vmap_method='sequential',  # never reached: the guard refuses vmap
+      input_output_aliases=aliases,
   )
 
   def run(hyper, *operands):

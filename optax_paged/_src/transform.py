@@ -6,6 +6,7 @@ module turns that into an ``optax.GradientTransformationExtraArgs`` whose
 state is ``(count, buffers)``, and runs one FFI call per dtype group.
 """
 
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,6 +42,11 @@ class OptimizerSpec(NamedTuple):
   num_moments: int
   # (count before the step, count after it) -> hyperparameter vector.
   hyperparams: HyperparamFn
+
+
+# update_fn of every optax_paged transformation -> its spec, so that
+# apply_gradients can run the fused step of a transformation it is handed.
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_mask(mask: Any, params: Any) -> list[bool]:
@@ -98,7 +104,52 @@ def make_transformation(
     outputs, count = run_step(spec, updates, state, params, apply=False)
     return outputs, PagedOptimizerState(count=count, buffers=state.buffers)
 
+  _SPECS[update_fn] = spec
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def apply_gradients(
+    tx: optax.GradientTransformation,
+    grads: base.Updates,
+    state: PagedOptimizerState,
+    params: base.Params,
+) -> tuple[base.Params, PagedOptimizerState]:
+  """The fused step: new parameters in one pass, bit-identical to
+  ``optax.apply_updates(params, tx.update(grads, state, params)[0])``.
+
+  The kernel writes the new parameters instead of returning updates, so XLA
+  skips the separate ``apply_updates`` pass and the updates buffer; when the
+  parameters are donated (``jax.jit(..., donate_argnums=...)``) it updates
+  them in place.
+
+  Args:
+    tx: an optax_paged optimizer, as returned by its factory (not a chain or
+      a wrapper: apply those transformations to the gradients first).
+    grads: the gradients (or updates from earlier transformations).
+    state: ``tx``'s state.
+    params: the parameters.
+
+  Returns:
+    ``(new_params, new_state)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_paged
+    >>> tx = optax_paged.paged_adamw8bit(1e-3)
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> state = tx.init(params)
+    >>> step = jax.jit(lambda g, s, p: optax_paged.apply_gradients(tx, g, s, p),
+    ...                donate_argnums=(1, 2))
+    >>> params, state = step({'w': jnp.ones((64, 64))}, state, params)
+  """
+  spec = _SPECS.get(getattr(tx, 'update', None))
+  if spec is None:
+    raise TypeError(
+        'apply_gradients needs an optax_paged optimizer as returned by its '
+        'factory (e.g. optax_paged.paged_adamw8bit(...)); for a chain, apply '
+        'the earlier transformations to the gradients first.'
+    )
+  new_params, count = run_step(spec, grads, state, params, apply=True)
+  return new_params, PagedOptimizerState(count=count, buffers=state.buffers)
 
 
 def run_step(
