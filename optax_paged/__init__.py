@@ -11,8 +11,7 @@ from optax_paged._src.adamw import adamw8bit, paged_adamw8bit
 from optax_paged._src.checkpoint import load_state_dict, state_dict
 from optax_paged._src.registry import REGISTRY as state_registry
 from optax_paged._src.registry import StateBuffers, StateRegistry, release
-from optax_paged._src.transform import PagedOptimizerState
-from optax_paged._src.transform import apply_gradients
+from optax_paged._src.transform import PagedOptimizerState, apply_gradients
 
 __version__ = '0.1.0'
 
