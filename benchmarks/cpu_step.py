@@ -27,7 +27,8 @@ import os
 import pathlib
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -228,13 +229,15 @@ def report(results: Sequence[Result], num_params: int, num_leaves: int,
   return '\n'.join(lines)
 
 
-def write_results(section: str, path: pathlib.Path = RESULTS_PATH) -> None:
-  """Replaces (or appends) this script's section of ``path``."""
+def write_results(section: str, path: pathlib.Path = RESULTS_PATH,
+                  marks: tuple[str, str] = (BEGIN_MARK, END_MARK)) -> None:
+  """Replaces (or appends) the section between ``marks`` of ``path``."""
+  begin_mark, end_mark = marks
   text = path.read_text() if path.exists() else '# Benchmark results\n'
-  block = f'{BEGIN_MARK}\n{section}\n{END_MARK}'
-  begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
+  block = f'{begin_mark}\n{section}\n{end_mark}'
+  begin, end = text.find(begin_mark), text.find(end_mark)
   if begin != -1 and end > begin:
-    text = text[:begin] + block + text[end + len(END_MARK):]
+    text = text[:begin] + block + text[end + len(end_mark):]
   else:
     text = text.rstrip('\n') + '\n\n' + block + '\n'
   path.write_text(text)

@@ -128,7 +128,7 @@ struct GroupStep {
   }
 
   static const QuantTables& TablesOf(int moment) {
-    return Optimizer::kSigned[moment] ? SignedTables() : UnsignedTables();
+    return Optimizer::IsSigned(moment) ? SignedTables() : UnsignedTables();
   }
 };
 

@@ -61,6 +61,21 @@ nb::dict CpuRegistrations() {
   return targets;
 }
 
+nb::dict CudaRegistrations() {
+  nb::dict targets;
+#if defined(OPTAX_PAGED_WITH_CUDA)
+  targets["optax_paged_adamw"] = Capsule(kAdamWUpdateCuda);
+#endif
+  return targets;
+}
+
+nb::tuple GpuMemoryInfo() {
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+  DeviceMemoryInfo(&free_bytes, &total_bytes);
+  return nb::make_tuple(free_bytes, total_bytes);
+}
+
 nb::tuple QuantizeBlockwise(InputArray<float> x, bool is_signed) {
   const QuantTables& tables = TablesFor(is_signed);
   const size_t n = x.shape(0);
@@ -111,7 +126,7 @@ std::shared_ptr<StateEntry> CreateState(int platform, int num_moments,
   std::vector<LeafSpec> specs(sizes.size());
   for (size_t i = 0; i < sizes.size(); ++i) {
     if (sizes[i] < 0) throw std::invalid_argument("create_state: negative size");
-    if (tiers[i] < 0 || tiers[i] > 2) {
+    if (tiers[i] < 0 || tiers[i] > 3) {
       throw std::invalid_argument("create_state: unknown tier");
     }
     specs[i] = LeafSpec{sizes[i], static_cast<bool>(quantized[i]),
@@ -140,28 +155,28 @@ const LeafState& CheckedLeaf(const StateEntry& entry, int64_t leaf,
   return entry.leaves()[leaf];
 }
 
-// Host reads and writes of managed memory are safe only when no kernel is
-// using it; waiting on the device is cheap next to the copy itself.
-void WaitForDevice(const StateEntry& entry) {
-#if defined(OPTAX_PAGED_WITH_CUDA)
-  if (entry.platform() == Platform::kCuda) SynchronizeDevice();
-#else
-  (void)entry;
-#endif
+template <typename T>
+HostArray<T> CopyStateOut(const LeafState& state, const T* source, size_t count) {
+  std::vector<T> host(count);
+  std::string error;
+  if (count > 0 &&
+      !CopyStateToHost(host.data(), source, count * sizeof(T), state.tier, &error)) {
+    throw std::runtime_error("reading optimizer state: " + error);
+  }
+  return CopyToNumpy(host.data(), count);
 }
 
 nb::tuple ReadMoment(StateEntry& entry, int64_t leaf, int64_t moment) {
   std::unique_lock<std::shared_mutex> lock(entry.mutex());
   const LeafState& state = CheckedLeaf(entry, leaf, moment);
-  WaitForDevice(entry);
   const MomentBuffers& buffers = state.moments[moment];
+  const size_t size = static_cast<size_t>(state.size);
   if (state.quantized) {
     return nb::make_tuple(
-        CopyToNumpy(buffers.codes, static_cast<size_t>(state.size)),
-        CopyToNumpy(buffers.absmax, static_cast<size_t>(state.num_blocks)));
+        CopyStateOut(state, buffers.codes, size),
+        CopyStateOut(state, buffers.absmax, static_cast<size_t>(state.num_blocks)));
   }
-  return nb::make_tuple(
-      CopyToNumpy(buffers.values, static_cast<size_t>(state.size)), nb::none());
+  return nb::make_tuple(CopyStateOut(state, buffers.values, size), nb::none());
 }
 
 void WriteMoment(StateEntry& entry, int64_t leaf, int64_t moment,
@@ -169,7 +184,6 @@ void WriteMoment(StateEntry& entry, int64_t leaf, int64_t moment,
                  nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu> absmax) {
   std::unique_lock<std::shared_mutex> lock(entry.mutex());
   const LeafState& state = CheckedLeaf(entry, leaf, moment);
-  WaitForDevice(entry);
   const MomentBuffers& buffers = state.moments[moment];
   const size_t data_bytes =
       static_cast<size_t>(state.size) * (state.quantized ? 1 : sizeof(float));
@@ -184,8 +198,34 @@ void WriteMoment(StateEntry& entry, int64_t leaf, int64_t moment,
   }
   void* target = state.quantized ? static_cast<void*>(buffers.codes)
                                  : static_cast<void*>(buffers.values);
-  if (data_bytes > 0) std::memcpy(target, data.data(), data_bytes);
-  if (absmax_bytes > 0) std::memcpy(buffers.absmax, absmax.data(), absmax_bytes);
+  std::string error;
+  if ((data_bytes > 0 &&
+       !CopyHostToState(target, data.data(), data_bytes, state.tier, &error)) ||
+      (absmax_bytes > 0 && !CopyHostToState(buffers.absmax, absmax.data(),
+                                            absmax_bytes, state.tier, &error))) {
+    throw std::runtime_error("writing optimizer state: " + error);
+  }
+}
+
+void SetLeafTier(StateEntry& entry, int64_t leaf, int tier) {
+  std::unique_lock<std::shared_mutex> lock(entry.mutex());
+  if (entry.released()) throw std::runtime_error("optimizer state was released");
+  if (leaf < 0 || leaf >= static_cast<int64_t>(entry.leaves().size())) {
+    throw std::out_of_range("leaf index out of range");
+  }
+  LeafState& state = entry.mutable_leaves()[leaf];
+  const Tier target = static_cast<Tier>(tier);
+  if (state.tier == target) return;
+  if (!IsManaged(state.tier) || !IsManaged(target)) {
+    throw std::invalid_argument(
+        std::string("cannot move a buffer from tier '") + TierName(state.tier) +
+        "' to '" + TierName(target) + "': only paged buffers change tiers");
+  }
+  std::string error;
+  if (!RetierState(state.base, state.bytes, target, &error)) {
+    throw std::runtime_error("set_leaf_tier: " + error);
+  }
+  state.tier = target;
 }
 
 nb::dict LeafInfo(const StateEntry& entry, int64_t leaf) {
@@ -215,6 +255,9 @@ NB_MODULE(_optax_paged_ext, m) {
   m.attr("WITH_CUDA") = false;
 #endif
   m.def("cpu_registrations", &CpuRegistrations);
+  m.def("cuda_registrations", &CudaRegistrations);
+  m.def("gpu_memory_info", &GpuMemoryInfo,
+        "(free, total) bytes of the current GPU; (0, 0) without one.");
   m.def("dynamic_map", [](bool is_signed) {
     return CopyToNumpy(TablesFor(is_signed).values, 256);
   }, nb::arg("signed"));
@@ -239,6 +282,8 @@ NB_MODULE(_optax_paged_ext, m) {
       .def("read_moment", &ReadMoment, nb::arg("leaf"), nb::arg("moment"))
       .def("write_moment", &WriteMoment, nb::arg("leaf"), nb::arg("moment"),
            nb::arg("data"), nb::arg("absmax"))
+      .def("set_leaf_tier", &SetLeafTier, nb::arg("leaf"), nb::arg("tier"),
+           nb::call_guard<nb::gil_scoped_release>())
       .def("release", &StateEntry::Release,
            nb::call_guard<nb::gil_scoped_release>());
   m.def("create_state", &CreateState, nb::arg("platform"),

@@ -27,7 +27,10 @@ inline constexpr int kNumHyperparams = 12;
 // AdamW with wd = 0.
 struct AdamW {
   static constexpr int kNumMoments = 2;
-  static constexpr bool kSigned[kMaxMoments] = {true, false};
+  // The first moment is signed, the second (of squares) is not.
+  OPTAX_PAGED_HD static constexpr bool IsSigned(int moment) {
+    return moment == 0;
+  }
 
   struct Scalars {
     float lr, b1, one_minus_b1, b2, one_minus_b2, eps, weight_decay, bc1, bc2;

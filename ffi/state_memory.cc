@@ -8,8 +8,13 @@
 namespace optax_paged {
 
 #if defined(OPTAX_PAGED_WITH_CUDA)
-void* AllocateManagedState(size_t bytes, Tier tier, std::string* error);
-void FreeManagedState(void* ptr);
+// In state_memory_cuda.cc.
+void* AllocateCudaState(size_t bytes, Tier tier, std::string* error);
+void FreeCudaState(void* ptr, Tier tier);
+bool RetierCudaState(void* ptr, size_t bytes, Tier tier, std::string* error);
+bool CopyCudaState(void* dst, const void* src, size_t bytes, Tier tier,
+                   bool to_host, std::string* error);
+bool CudaMemoryInfo(size_t* free_bytes, size_t* total_bytes);
 #endif
 
 namespace {
@@ -25,14 +30,25 @@ size_t RoundUpToPage(size_t bytes) {
 const char* TierName(Tier tier) {
   switch (tier) {
     case Tier::kHost:
+      return "cpu";
+    case Tier::kManagedDevice:
+      return "device";
+    case Tier::kManagedHost:
       return "host";
     case Tier::kDevice:
-      return "device";
-    case Tier::kPagedHost:
-      return "paged_host";
+      return "device (unpaged)";
   }
   return "unknown";
 }
+
+namespace {
+
+[[maybe_unused]] std::string NoCuda(Tier tier) {
+  return std::string("tier '") + TierName(tier) +
+         "' needs CUDA, but optax_paged was built without it";
+}
+
+}  // namespace
 
 void* AllocateState(size_t bytes, Tier tier, std::string* error) {
   const size_t rounded = RoundUpToPage(bytes == 0 ? 1 : bytes);
@@ -47,10 +63,9 @@ void* AllocateState(size_t bytes, Tier tier, std::string* error) {
     return ptr;
   }
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  return AllocateManagedState(rounded, tier, error);
+  return AllocateCudaState(rounded, tier, error);
 #else
-  *error = std::string("tier '") + TierName(tier) +
-           "' needs CUDA, but optax_paged was built without it";
+  *error = NoCuda(tier);
   return nullptr;
 #endif
 }
@@ -62,7 +77,54 @@ void FreeState(void* ptr, Tier tier) {
     return;
   }
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  FreeManagedState(ptr);
+  FreeCudaState(ptr, tier);
+#endif
+}
+
+bool RetierState(void* ptr, size_t bytes, Tier tier, std::string* error) {
+#if defined(OPTAX_PAGED_WITH_CUDA)
+  return RetierCudaState(ptr, RoundUpToPage(bytes), tier, error);
+#else
+  (void)ptr, (void)bytes;
+  *error = NoCuda(tier);
+  return false;
+#endif
+}
+
+bool CopyStateToHost(void* host, const void* state, size_t bytes, Tier tier,
+                     std::string* error) {
+  if (tier == Tier::kHost) {
+    std::memcpy(host, state, bytes);
+    return true;
+  }
+#if defined(OPTAX_PAGED_WITH_CUDA)
+  return CopyCudaState(host, state, bytes, tier, /*to_host=*/true, error);
+#else
+  *error = NoCuda(tier);
+  return false;
+#endif
+}
+
+bool CopyHostToState(void* state, const void* host, size_t bytes, Tier tier,
+                     std::string* error) {
+  if (tier == Tier::kHost) {
+    std::memcpy(state, host, bytes);
+    return true;
+  }
+#if defined(OPTAX_PAGED_WITH_CUDA)
+  return CopyCudaState(state, host, bytes, tier, /*to_host=*/false, error);
+#else
+  *error = NoCuda(tier);
+  return false;
+#endif
+}
+
+bool DeviceMemoryInfo(size_t* free_bytes, size_t* total_bytes) {
+#if defined(OPTAX_PAGED_WITH_CUDA)
+  return CudaMemoryInfo(free_bytes, total_bytes);
+#else
+  *free_bytes = *total_bytes = 0;
+  return false;
 #endif
 }
 

@@ -7,25 +7,36 @@ per step.
 
 from optax_paged import quantization
 from optax_paged._src import reference
-from optax_paged._src.adamw import adamw8bit, paged_adamw8bit
-from optax_paged._src.checkpoint import load_state_dict, state_dict
+from optax_paged._src.adamw import adamw8bit
+from optax_paged._src.adamw import paged_adamw8bit
+from optax_paged._src.checkpoint import load_state_dict
+from optax_paged._src.checkpoint import state_dict
+from optax_paged._src.paging import MemoryReport
+from optax_paged._src.paging import memory_report
+from optax_paged._src.paging import set_device_budget
 from optax_paged._src.registry import REGISTRY as state_registry
-from optax_paged._src.registry import StateBuffers, StateRegistry, release
-from optax_paged._src.transform import PagedOptimizerState, apply_gradients
+from optax_paged._src.registry import StateBuffers
+from optax_paged._src.registry import StateRegistry
+from optax_paged._src.registry import release
+from optax_paged._src.transform import PagedOptimizerState
+from optax_paged._src.transform import apply_gradients
 
 __version__ = '0.1.0'
 
 __all__ = [
+    'MemoryReport',
     'PagedOptimizerState',
     'StateBuffers',
     'StateRegistry',
     'adamw8bit',
     'apply_gradients',
     'load_state_dict',
+    'memory_report',
     'paged_adamw8bit',
     'quantization',
     'reference',
     'release',
+    'set_device_budget',
     'state_dict',
     'state_registry',
 ]

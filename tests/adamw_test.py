@@ -9,7 +9,9 @@ import pytest
 import optax_paged
 from optax_paged import quantization
 from optax_paged._src import reference
-from tests.helpers import as_f32, random_tree, reference_state_from
+from tests.helpers import as_f32
+from tests.helpers import random_tree
+from tests.helpers import reference_state_from
 
 ODD_SHAPES = [(1,), (255,), (257,), (4095,), (4096,), (1024, 4097)]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]

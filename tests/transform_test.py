@@ -9,8 +9,10 @@ import optax
 import pytest
 
 import optax_paged
-from optax_paged._src import ffi, reference
-from tests.helpers import random_tree, reference_state_from
+from optax_paged._src import ffi
+from optax_paged._src import reference
+from tests.helpers import random_tree
+from tests.helpers import reference_state_from
 
 SHAPES = [(64, 80), (300,), (3, 5)]
 FACTORIES = [optax_paged.paged_adamw8bit, optax_paged.adamw8bit]

@@ -4,7 +4,9 @@ from typing import Any
 
 import optax
 
-from optax_paged._src import base, hyperparams, transform
+from optax_paged._src import base
+from optax_paged._src import hyperparams
+from optax_paged._src import transform
 
 
 def _adamw_spec(learning_rate, b1, b2, eps, weight_decay):
@@ -103,13 +105,17 @@ def paged_adamw8bit(
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    device_budget: int | float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with blockwise 8-bit state in paged (managed) memory.
 
   The same algorithm and the same results as :func:`adamw8bit`. On a GPU the
-  state lives in CUDA managed memory so it can be placed in host RAM and
-  streamed by the kernel when device memory is short; on the CPU both are
-  plain host memory.
+  state lives in CUDA managed memory, each leaf in one of two tiers: on the
+  device (HBM speed) while ``device_budget`` lasts, in host RAM beyond it,
+  where the kernel streams it over the link in place. The budget is never
+  allowed past the GPU's free memory; ``optax_paged.set_device_budget``
+  changes it between steps and ``optax_paged.memory_report`` shows where
+  every buffer is. On the CPU every tier is plain host memory.
 
   Args:
     learning_rate: a scalar or an optax schedule of the step count.
@@ -119,6 +125,9 @@ def paged_adamw8bit(
     weight_decay: decoupled weight decay strength.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    device_budget: GPU bytes the state may occupy (an int), a fraction of
+      the GPU memory free at init (a float in [0, 1]), or None for half of
+      it. 0 keeps every buffer in host RAM.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``params``.
@@ -142,4 +151,5 @@ def paged_adamw8bit(
       min_8bit_size=min_8bit_size,
       weight_decay_mask=mask,
       paged=True,
+      device_budget=device_budget,
   )

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_paged._src import base, quantization, transform
+from optax_paged._src import base
+from optax_paged._src import quantization
+from optax_paged._src import transform
 
 
 def _is_paged_state(x: Any) -> bool:

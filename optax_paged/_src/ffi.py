@@ -31,11 +31,24 @@ def extension():
   return _optax_paged_ext
 
 
+def has_cuda_backend() -> bool:
+  """Whether JAX has a CUDA GPU and this build has the CUDA kernels."""
+  if not _optax_paged_ext.WITH_CUDA:
+    return False
+  try:
+    return any(d.platform == 'gpu' for d in jax.devices('gpu'))
+  except RuntimeError:
+    return False
+
+
 @functools.cache
 def register_targets() -> None:
   """Registers the FFI targets with JAX, once per process."""
   for name, capsule in _optax_paged_ext.cpu_registrations().items():
     jax.ffi.register_ffi_target(name, capsule, platform='cpu')
+  if has_cuda_backend():
+    for name, capsule in _optax_paged_ext.cuda_registrations().items():
+      jax.ffi.register_ffi_target(name, capsule, platform='CUDA')
 
 
 def _guarded(call):

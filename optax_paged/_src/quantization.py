@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_paged._src import base, dynamic_map
+from optax_paged._src import base
+from optax_paged._src import dynamic_map
 
 
 class MapTables:

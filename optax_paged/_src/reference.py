@@ -8,13 +8,17 @@ cost of XLA's unfused memory traffic.
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_paged._src import base, hyperparams, quantization, transform
+from optax_paged._src import base
+from optax_paged._src import hyperparams
+from optax_paged._src import quantization
+from optax_paged._src import transform
 
 
 class QuantizedMoment(NamedTuple):

@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_paged._src import base, ffi
+from optax_paged._src import base
+from optax_paged._src import ffi
 
 _PLATFORM_CODES = {'cpu': 0, 'cuda': 1}
-_TIER_CODES = {'host': 0, 'device': 1, 'paged_host': 2}
+# Names as ffi/state_memory.cc's TierName gives them.
+TIER_CODES = {'cpu': 0, 'device': 1, 'host': 2, 'device (unpaged)': 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +62,12 @@ class StateRecord:
       platform: str,
       treedef: jax.tree_util.PyTreeDef,
       leaves: Sequence[LeafLayout],
+      paged: bool,
   ):
     self.entry = entry
     self.optimizer = optimizer
     self.platform = platform
+    self.paged = paged
     self.treedef = treedef
     self.leaves = tuple(leaves)
     by_dtype: dict[np.dtype, list[int]] = {}
@@ -185,8 +189,15 @@ class StateRegistry:
       params: Any,
       quantized: Sequence[bool],
       decay: Sequence[bool],
+      *,
+      paged: bool,
+      device_budget: Any = None,
   ) -> StateBuffers:
-    """Allocates zeroed state for ``params``; abstract under tracing."""
+    """Allocates zeroed state for ``params``; abstract under tracing.
+
+    On a GPU, paged state starts in the host tier and moves to the device as
+    far as ``device_budget`` allows; unpaged state is plain device memory.
+    """
     leaves, treedef = jax.tree.flatten(params)
     if any(base.is_tracer(leaf) for leaf in leaves):
       return StateBuffers(0, None)
@@ -211,16 +222,25 @@ class StateRegistry:
           f'{optimizer}: parameters live on platform {platform!r}; '
           'optax_paged supports cpu and cuda.'
       )
-    tier = 'host' if platform == 'cpu' else 'device'
+    if platform == 'cpu':
+      tier = 'cpu'
+    else:
+      tier = 'host' if paged else 'device (unpaged)'
     entry = ffi.extension().create_state(
         _PLATFORM_CODES[platform],
         num_moments,
         [layout.size for layout in layouts],
         [layout.quantized for layout in layouts],
         [layout.decay for layout in layouts],
-        [_TIER_CODES[tier]] * len(layouts),
+        [TIER_CODES[tier]] * len(layouts),
     )
-    record = StateRecord(entry, optimizer, platform, treedef, layouts)
+    record = StateRecord(
+        entry, optimizer, platform, treedef, layouts,
+        paged=paged and platform == 'cuda',
+    )
+    if record.paged:
+      from optax_paged._src import paging  # paging builds on the registry
+      paging.apply_budget(record, device_budget)
     buffers = StateBuffers(record.key, record)
     self._live[record.key] = buffers
     return buffers
@@ -272,7 +292,12 @@ def release(state: Any) -> None:
     state: an optimizer state, or any pytree containing one (a chain's state,
       a Flax TrainState).
   """
-  jax.effects_barrier()
-  jax.block_until_ready(state)
+  wait_for_pending(state)
   for buffers in find_buffers(state):
     REGISTRY.release(buffers)
+
+
+def wait_for_pending(state: Any) -> None:
+  """Waits until computations that may touch ``state``'s buffers are done."""
+  jax.effects_barrier()
+  jax.block_until_ready(state)

@@ -8,14 +8,17 @@ state is ``(count, buffers)``, and runs one FFI call per dtype group.
 
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_paged._src import base, ffi, registry
+from optax_paged._src import base
+from optax_paged._src import ffi
+from optax_paged._src import registry
 
 
 class PagedOptimizerState(NamedTuple):
@@ -73,9 +76,12 @@ def make_transformation(
     min_8bit_size: int,
     weight_decay_mask: Any,
     paged: bool,
+    device_budget: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the optax transformation for ``spec``."""
-  del paged  # Placement tiers arrive with the CUDA registry.
+  if paged:
+    from optax_paged._src import paging  # only paged optimizers need it
+    paging.check_budget(device_budget)
   # optax.inject_hyperparams passes numbers as arrays; only plain ints are
   # checked here (init reads the value concretely either way).
   if isinstance(min_8bit_size, int) and min_8bit_size < 0:
@@ -88,7 +94,8 @@ def make_transformation(
       quantized = [False] * len(leaves)
     decay = resolve_mask(weight_decay_mask, params)
     buffers = registry.REGISTRY.allocate(
-        spec.name, spec.num_moments, params, quantized, decay
+        spec.name, spec.num_moments, params, quantized, decay,
+        paged=paged, device_budget=device_budget,
     )
     return PagedOptimizerState(
         count=jnp.zeros([], jnp.int32), buffers=buffers

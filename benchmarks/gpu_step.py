@@ -1,0 +1,167 @@
+"""Times one AdamW step on the GPU: optax_paged against optax.adamw.
+
+308M parameters shaped like a llama's blocks (24 layers of four 1024x1024,
+two 1024x2816 and one 2816x1024 matrices: 168 leaves), fp32 and bf16. In one
+process, on the same parameters and gradients (two gradient sets, each larger
+than L2, used in turn):
+
+- ``optax.adamw``: ``update`` + ``optax.apply_updates`` (fp32 moments);
+- ``paged_adamw8bit``: the same strict optax path;
+- ``paged_adamw8bit``, fused: ``optax_paged.apply_gradients``;
+- ``paged_adamw8bit``, host tier: ``device_budget=0``, fused, every 8-bit
+  buffer in host RAM streamed over the link.
+
+Every step is jitted with parameters and state donated, warmed up, then timed
+alone (``jax.block_until_ready`` around it) over interleaved rounds; the table
+gives medians, the bandwidth the step's minimum traffic implies and the state
+memory on the device.
+
+  python benchmarks/gpu_step.py                     # print the tables
+  python benchmarks/gpu_step.py --write RESULTS.md  # also write this section
+"""
+
+import argparse
+import datetime
+import pathlib
+import statistics
+import time
+from collections.abc import Sequence
+
+import cpu_step
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_paged
+
+MARKS = ('<!-- gpu_step:begin -->', '<!-- gpu_step:end -->')
+HYPER = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
+
+
+def traffic_bytes(name: str, itemsize: int) -> int:
+  """Fewest bytes per parameter a step of ``name`` must move."""
+  if name == 'optax.adamw':
+    return 7 * itemsize  # read g, p, m, v; write p, m, v (moments in p dtype)
+  fused = 3 * itemsize + 4  # read g, read+write p, read+write two codes
+  if 'fused' in name or 'host' in name:
+    return fused
+  # Not fused: read g, p and codes, write u and codes; then read p and u and
+  # write p again.
+  return 6 * itemsize + 4
+
+
+class Runner:
+  """One configuration's parameters, state and compiled step."""
+
+  def __init__(self, name, tx, params, fused):
+    self.name = name
+    self.params = jax.tree.map(jnp.copy, params)
+    self.state = tx.init(self.params)
+
+    def step(p, s, g):
+      if fused:
+        return optax_paged.apply_gradients(tx, g, s, p)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    self.step = jax.jit(step, donate_argnums=(0, 1))
+    self.times = []
+
+  def run(self, grads, timed):
+    start = time.perf_counter()
+    self.params, self.state = self.step(self.params, self.state, grads)
+    jax.block_until_ready(self.params)
+    if timed:
+      self.times.append(time.perf_counter() - start)
+
+  def device_state_bytes(self) -> int:
+    arrays = [
+        x for x in jax.tree.leaves(self.state) if isinstance(x, jax.Array)
+    ]
+    paged = sum(
+        row.bytes for row in optax_paged.memory_report(self.state).rows
+        if row.tier.startswith('device')
+    )
+    return sum(x.nbytes for x in arrays) + paged
+
+
+def run_dtype(dtype, layers: int, rounds: int, steps: int):
+  key = jax.random.key(0)
+  params = jax.tree.map(lambda x: x.astype(dtype),
+                        cpu_step.random_tree(key, layers, 0.02))
+  grads = [
+      jax.tree.map(lambda x: x.astype(dtype),
+                   cpu_step.random_tree(jax.random.fold_in(key, i + 1),
+                                        layers, 1e-3))
+      for i in range(2)
+  ]
+  runners = [
+      Runner('optax.adamw', optax.adamw(**HYPER), params, False),
+      Runner('paged_adamw8bit', optax_paged.paged_adamw8bit(
+          **HYPER, device_budget=1.0), params, False),
+      Runner('paged_adamw8bit, fused', optax_paged.paged_adamw8bit(
+          **HYPER, device_budget=1.0), params, True),
+      Runner('paged_adamw8bit, host tier, fused', optax_paged.paged_adamw8bit(
+          **HYPER, device_budget=0), params, True),
+  ]
+  for runner in runners:
+    for i in range(3):
+      runner.run(grads[i % 2], timed=False)
+  for r in range(rounds):
+    for runner in runners if r % 2 == 0 else runners[::-1]:
+      for i in range(steps):
+        runner.run(grads[i % 2], timed=True)
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  num_leaves = len(jax.tree.leaves(params))
+  return runners, num_params, num_leaves
+
+
+def table(runners: Sequence[Runner], num_params: int, itemsize: int) -> str:
+  baseline = statistics.median(runners[0].times)
+  rows = [
+      '| step | median (ms) | vs optax.adamw | min traffic (B/param) '
+      '| achieved (GB/s) | state on device (MiB) |',
+      '|---|---:|---:|---:|---:|---:|',
+  ]
+  for r in runners:
+    median = statistics.median(r.times)
+    nbytes = traffic_bytes(r.name, itemsize)
+    rows.append(
+        f'| {r.name} | {1e3 * median:.2f} | {median / baseline:.2f}x '
+        f'| {nbytes} | {nbytes * num_params / median / 1e9:.0f} '
+        f'| {r.device_state_bytes() / 2**20:.0f} |'
+    )
+  return '\n'.join(rows)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--layers', type=int, default=24)
+  parser.add_argument('--rounds', type=int, default=4)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--write', type=pathlib.Path, default=None,
+                      help='a RESULTS.md to write this section into')
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  now = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M')
+  lines = ['## GPU: one AdamW step, 308M parameters', '',
+           f'- date (UTC): {now}', f'- GPU: {device.device_kind}',
+           f'- jax: {jax.__version__}',
+           f'- timing: median over {args.rounds} interleaved rounds x '
+           f'{args.steps} steps, after 3 warm-up steps; params and state '
+           'donated']
+  for dtype in (jnp.float32, jnp.bfloat16):
+    runners, num_params, num_leaves = run_dtype(
+        dtype, args.layers, args.rounds, args.steps)
+    lines += ['', f'### {jnp.dtype(dtype).name} parameters and gradients '
+              f'({num_params:,} in {num_leaves} leaves)', '',
+              table(runners, num_params, jnp.dtype(dtype).itemsize)]
+    del runners
+  section = '\n'.join(lines)
+  print(section)
+  if args.write:
+    cpu_step.write_results(section, args.write, MARKS)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,373 @@
+// CUDA FFI handler: one launch updates every leaf of a dtype group in place.
+//
+// Multi-tensor layout: a by-value table of leaves (pointers, sizes, first
+// quantization block) and a persistent grid in which each warp owns one
+// quantization block of 256 elements at a time, 8 contiguous elements per
+// lane, loaded and stored with 16-byte vectors. The block absmax is reduced
+// with warp shuffles, so no block-wide barrier sits on the hot path. The
+// quantization tables live in shared memory; hyperparameters are read from
+// device memory, so the host never waits on the device.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+
+#include "cuda_update.h"
+#include "element_types.h"
+#include "optimizer_math.h"
+#include "quantization.h"
+#include "state_registry.h"
+#include "update_validation.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace optax_paged {
+
+namespace {
+
+constexpr int kElementsPerLane = 8;
+constexpr int kWarpSize = 32;
+static_assert(kElementsPerLane * kWarpSize == kBlockSize,
+              "a warp covers exactly one quantization block");
+constexpr int kThreadsPerBlock = 512;
+constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+constexpr int kBlocksPerMultiprocessor = 2;
+// Leaves per launch: the table rides in the kernel's parameters (up to 32 KB
+// since CUDA 12.1); groups with more leaves take several launches.
+constexpr int kMaxLeavesPerLaunch = 224;
+
+struct LeafArgs {
+  const void* grad;
+  const void* param;
+  void* out;
+  void* state[kMaxMoments];  // codes (quantized) or fp32 values
+  float* absmax[kMaxMoments];
+  int64_t size;
+  int64_t first_block;  // global index of the leaf's first quantization block
+  int32_t quantized;
+  int32_t decay;
+};
+
+struct LaunchArgs {
+  LeafArgs leaves[kMaxLeavesPerLaunch];
+  int64_t total_blocks;
+  int32_t num_leaves;
+  int32_t apply_updates;
+};
+static_assert(sizeof(LaunchArgs) <= 32000, "kernel parameters over 32 KB");
+
+__device__ QuantTables g_tables[2];  // [0]: signed map, [1]: unsigned map
+
+// Eight elements of T, as one or two 16-byte vectors.
+template <typename T>
+struct Vec8 {
+  T v[kElementsPerLane];
+};
+
+template <typename T>
+__device__ __forceinline__ void LoadVec(const T* src, Vec8<T>* dst) {
+  static_assert(sizeof(Vec8<T>) % 16 == 0, "vector width");
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(Vec8<T>) / 16); ++i) d[i] = s[i];
+}
+
+template <typename T>
+__device__ __forceinline__ void StoreVec(T* dst, const Vec8<T>& src) {
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  const uint4* s = reinterpret_cast<const uint4*>(&src);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(Vec8<T>) / 16); ++i) d[i] = s[i];
+}
+
+__device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t block) {
+  int lo = 0;
+  int hi = args.num_leaves - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (args.leaves[mid].first_block <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+template <typename Optimizer, typename T>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    UpdateKernel(const __grid_constant__ LaunchArgs args,
+                 const float* __restrict__ hyperparams) {
+  constexpr int kMoments = Optimizer::kNumMoments;
+  __shared__ QuantTables tables[2];
+  {
+    const int4* src = reinterpret_cast<const int4*>(g_tables);
+    int4* dst = reinterpret_cast<int4*>(tables);
+    static_assert(sizeof(tables) % sizeof(int4) == 0, "table size");
+    for (int i = threadIdx.x; i < static_cast<int>(sizeof(tables) / sizeof(int4));
+         i += blockDim.x) {
+      dst[i] = src[i];
+    }
+  }
+  const typename Optimizer::Scalars scalars = Optimizer::Load(hyperparams);
+  __syncthreads();
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock +
+                       threadIdx.x / kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t block = warp; block < args.total_blocks; block += warps) {
+    const LeafArgs& leaf = args.leaves[FindLeaf(args, block)];
+    const int64_t local_block = block - leaf.first_block;
+    const int64_t first = local_block * kBlockSize + lane * kElementsPerLane;
+    const int count = static_cast<int>(
+        max(int64_t{0}, min(int64_t{kElementsPerLane}, leaf.size - first)));
+    const T* grad = static_cast<const T*>(leaf.grad) + first;
+    const T* param = static_cast<const T*>(leaf.param) + first;
+    T* out = static_cast<T*>(leaf.out) + first;
+
+    Vec8<T> g{}, p{};
+    if (count == kElementsPerLane) {
+      LoadVec(grad, &g);
+      LoadVec(param, &p);
+    } else {
+      for (int i = 0; i < count; ++i) {
+        g.v[i] = grad[i];
+        p.v[i] = param[i];
+      }
+    }
+
+    float moments[kMoments][kElementsPerLane];
+    float old_absmax[kMoments];
+    if (leaf.quantized) {
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
+        old_absmax[m] = leaf.absmax[m][local_block];
+        const uint8_t* codes = static_cast<const uint8_t*>(leaf.state[m]) + first;
+        uint8_t c[kElementsPerLane] = {};
+        if (count == kElementsPerLane) {
+          *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(codes);
+        } else {
+          for (int i = 0; i < count; ++i) c[i] = codes[i];
+        }
+#pragma unroll
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          moments[m][i] = Decode(t.values, c[i], old_absmax[m]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        const float* values = static_cast<const float*>(leaf.state[m]) + first;
+        if (count == kElementsPerLane) {
+          LoadVec(values, reinterpret_cast<Vec8<float>*>(moments[m]));
+        } else {
+          for (int i = 0; i < count; ++i) moments[m][i] = values[i];
+        }
+      }
+    }
+
+    Vec8<T> result;
+#pragma unroll
+    for (int i = 0; i < kElementsPerLane; ++i) {
+      float element[kMoments];
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
+      const float param_f = ToFloat(p.v[i]);
+      const float update = Optimizer::Update(scalars, ToFloat(g.v[i]), param_f,
+                                             leaf.decay != 0, element);
+      result.v[i] = args.apply_updates
+                        ? FromFloat<T>(param_f + ToFloat(FromFloat<T>(update)))
+                        : FromFloat<T>(update);
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+    }
+    if (count == kElementsPerLane) {
+      StoreVec(out, result);
+    } else {
+      for (int i = 0; i < count; ++i) out[i] = result.v[i];
+    }
+
+    if (leaf.quantized) {
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        // Bit patterns of non-negative floats order as their values and NaN
+        // patterns sit above infinity: an integer max is the absmax, NaN if
+        // the block holds one, as on the CPU.
+        unsigned largest = 0;
+        for (int i = 0; i < count; ++i) {
+          largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+        }
+        largest = __reduce_max_sync(0xffffffffu, largest);
+        const float absmax = BitsToFloat(largest);
+        const float inverse = InverseScale(absmax);
+        const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
+        uint8_t c[kElementsPerLane];
+#pragma unroll
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          c[i] = Encode(t, moments[m][i] * inverse);
+        }
+        uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first;
+        if (count == kElementsPerLane) {
+          *reinterpret_cast<uint2*>(codes) = *reinterpret_cast<const uint2*>(c);
+        } else {
+          for (int i = 0; i < count; ++i) codes[i] = c[i];
+        }
+        if (lane == 0) leaf.absmax[m][local_block] = absmax;
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        float* values = static_cast<float*>(leaf.state[m]) + first;
+        if (count == kElementsPerLane) {
+          StoreVec(values, *reinterpret_cast<const Vec8<float>*>(moments[m]));
+        } else {
+          for (int i = 0; i < count; ++i) values[i] = moments[m][i];
+        }
+      }
+    }
+  }
+}
+
+// Copies the host-built tables to the device once per process.
+cudaError_t EnsureDeviceTables() {
+  static cudaError_t status = [] {
+    QuantTables host[2] = {SignedTables(), UnsignedTables()};
+    return cudaMemcpyToSymbol(g_tables, host, sizeof(host));
+  }();
+  return status;
+}
+
+int MultiprocessorCount() {
+  static const int count = [] {
+    int device = 0;
+    int value = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device);
+    return value > 0 ? value : 1;
+  }();
+  return count;
+}
+
+template <typename Optimizer, typename T>
+ffi::Error LaunchGroup(cudaStream_t stream, const float* hyperparams,
+                       ffi::RemainingArgs& args, ffi::RemainingRets& rets,
+                       const StateEntry& entry,
+                       ffi::Span<const int64_t> leaf_indices,
+                       bool apply_updates) {
+  const size_t count = leaf_indices.size();
+  for (size_t start = 0; start < count; start += kMaxLeavesPerLaunch) {
+    const size_t stop = std::min(count, start + kMaxLeavesPerLaunch);
+    auto launch = std::make_unique<LaunchArgs>();
+    launch->apply_updates = apply_updates ? 1 : 0;
+    int64_t blocks = 0;
+    int num_leaves = 0;
+    for (size_t k = start; k < stop; ++k) {
+      const LeafState& state = entry.leaves()[leaf_indices[k]];
+      if (state.size == 0) continue;
+      LeafArgs& leaf = launch->leaves[num_leaves++];
+      leaf.grad = args.get<ffi::AnyBuffer>(k).value().untyped_data();
+      leaf.param = args.get<ffi::AnyBuffer>(count + k).value().untyped_data();
+      leaf.out = rets.get<ffi::AnyBuffer>(k).value()->untyped_data();
+      for (int m = 0; m < kMaxMoments; ++m) {
+        leaf.state[m] = state.quantized
+                            ? static_cast<void*>(state.moments[m].codes)
+                            : static_cast<void*>(state.moments[m].values);
+        leaf.absmax[m] = state.moments[m].absmax;
+      }
+      leaf.size = state.size;
+      leaf.first_block = blocks;
+      leaf.quantized = state.quantized ? 1 : 0;
+      leaf.decay = state.decay ? 1 : 0;
+      blocks += state.num_blocks;
+    }
+    if (num_leaves == 0) continue;
+    launch->num_leaves = num_leaves;
+    launch->total_blocks = blocks;
+    const int64_t wanted = (blocks + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    const int grid = static_cast<int>(std::min<int64_t>(
+        wanted, static_cast<int64_t>(MultiprocessorCount()) *
+                    kBlocksPerMultiprocessor));
+    UpdateKernel<Optimizer, T>
+        <<<grid, kThreadsPerBlock, 0, stream>>>(*launch, hyperparams);
+    if (cudaError_t status = cudaGetLastError(); status != cudaSuccess) {
+      return ffi::Error::Internal(std::string("optax_paged kernel launch: ") +
+                                  cudaGetErrorString(status));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+template <typename Optimizer>
+ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
+                      ffi::RemainingArgs args, ffi::RemainingRets rets,
+                      int64_t state_id, ffi::Span<const int64_t> leaf_indices,
+                      bool apply_updates, std::string_view name) {
+  std::shared_ptr<StateEntry> entry = FindStateEntry(state_id);
+  if (entry == nullptr) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": optimizer state " + std::to_string(state_id) +
+        " was released; create a new one with tx.init(params)");
+  }
+  std::shared_lock<std::shared_mutex> lock(entry->mutex());
+  if (ffi::Error error = ValidateUpdateCall(
+          name, *entry, Platform::kCuda, Optimizer::kNumMoments,
+          hyperparams.element_count(), args, rets, leaf_indices);
+      error.failure()) {
+    return error;
+  }
+  if (cudaError_t status = EnsureDeviceTables(); status != cudaSuccess) {
+    return ffi::Error::Internal(std::string(name) + ": copying tables: " +
+                                cudaGetErrorString(status));
+  }
+  const float* h = hyperparams.typed_data();
+  if (leaf_indices.size() == 0) return ffi::Error::Success();
+  switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
+    case ffi::F32:
+      return LaunchGroup<Optimizer, float>(stream, h, args, rets, *entry,
+                                           leaf_indices, apply_updates);
+    case ffi::BF16:
+      return LaunchGroup<Optimizer, BFloat16>(stream, h, args, rets, *entry,
+                                              leaf_indices, apply_updates);
+    case ffi::F16:
+      return LaunchGroup<Optimizer, Half>(stream, h, args, rets, *entry,
+                                          leaf_indices, apply_updates);
+    default:
+      return ffi::Error::InvalidArgument(
+          std::string(name) +
+          ": gradients must be float32, bfloat16 or float16");
+  }
+}
+
+ffi::Error AdamWUpdateCuda(cudaStream_t stream,
+                           ffi::Buffer<ffi::F32> hyperparams,
+                           ffi::RemainingArgs args, ffi::RemainingRets rets,
+                           int64_t state_id,
+                           ffi::Span<const int64_t> leaf_indices,
+                           bool apply_updates) {
+  return UpdateImpl<AdamW>(stream, hyperparams, args, rets, state_id,
+                           leaf_indices, apply_updates, "optax_paged_adamw");
+}
+
+}  // namespace
+
+// Not command-buffer compatible: each call looks the state up in the
+// registry on the host, which a replayed CUDA graph would skip.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kAdamWUpdateCuda, AdamWUpdateCuda,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()       // XLA's stream
+        .Arg<ffi::Buffer<ffi::F32>>()                   // hyperparams
+        .RemainingArgs()                                // grads, params
+        .RemainingRets()                                // updates or params
+        .Attr<int64_t>("state_id")                      // registry entry
+        .Attr<ffi::Span<const int64_t>>("leaf_indices")  // group's leaves
+        .Attr<bool>("apply_updates"));                  // fused step
+
+}  // namespace optax_paged

@@ -1,0 +1,241 @@
+"""Where state buffers live: the device budget and the memory tiers.
+
+On a GPU, paged optimizers keep each leaf's state in CUDA managed memory in
+one of two tiers: ``device`` (preferred location the GPU, prefetched: the
+kernel runs at HBM speed) or ``host`` (preferred location host RAM, mapped
+for the GPU: the kernel streams it over the link in place). A device budget
+in bytes decides which leaves get the device tier, in parameter order, and
+the rest go to the host. The budget is capped by the GPU's free memory: the
+registry never asks for more managed memory on the device than is free,
+because oversubscribed managed memory can stall a shared GPU.
+
+Unpaged optimizers (``adamw8bit``) use plain device memory; on the CPU every
+tier is plain host memory.
+"""
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from optax_paged._src import ffi
+from optax_paged._src import registry
+
+# Default device budget: this fraction of the GPU memory free at init.
+DEFAULT_DEVICE_FRACTION = 0.5
+# Room left for XLA and the CUDA context when capping a budget.
+_HEADROOM_BYTES = 512 * 2**20
+
+DeviceBudget = int | float | None
+
+
+def gpu_memory() -> tuple[int, int]:
+  """(free, total) bytes of the current GPU; (0, 0) without one."""
+  free, total = ffi.extension().gpu_memory_info()
+  return int(free), int(total)
+
+
+def resolve_budget(device_budget: DeviceBudget, reclaimable: int = 0) -> int:
+  """Bytes the paged state may keep on the GPU.
+
+  Args:
+    device_budget: bytes (an int), a fraction of the free GPU memory (a float
+      in [0, 1]), or None for ``DEFAULT_DEVICE_FRACTION`` of it.
+    reclaimable: bytes of this state already on the device, which count as
+      free for it.
+
+  Returns:
+    The budget in bytes, never more than the free memory less some headroom;
+    a warning says so when the request had to be cut.
+  """
+  free, _ = gpu_memory()
+  available = max(0, free + reclaimable - _HEADROOM_BYTES)
+  if device_budget is None:
+    return int(available * DEFAULT_DEVICE_FRACTION)
+  if isinstance(device_budget, bool) or not isinstance(
+      device_budget, (int, float)
+  ):
+    raise TypeError(
+        'device_budget must be bytes (int), a fraction of free GPU memory '
+        f'(float in [0, 1]) or None, got {device_budget!r}.'
+    )
+  if isinstance(device_budget, float):
+    if not 0.0 <= device_budget <= 1.0:
+      raise ValueError(
+          f'a fractional device_budget must be in [0, 1], got {device_budget}.'
+      )
+    return int(available * device_budget)
+  if device_budget < 0:
+    raise ValueError(f'device_budget must be >= 0, got {device_budget}.')
+  if device_budget > available:
+    warnings.warn(
+        f'optax_paged: device_budget of {device_budget} bytes exceeds the '
+        f'{available} bytes the GPU has free (less headroom); keeping at most '
+        f'{available} bytes of optimizer state on the device, the rest in '
+        'host memory.',
+        stacklevel=3,
+    )
+    return available
+  return device_budget
+
+
+def check_budget(device_budget: DeviceBudget) -> None:
+  """Raises for a budget that can never be valid, before any allocation."""
+  if device_budget is None:
+    return
+  if isinstance(device_budget, bool) or not isinstance(
+      device_budget, (int, float)
+  ):
+    raise TypeError(
+        'device_budget must be bytes (int), a fraction of free GPU memory '
+        f'(float in [0, 1]) or None, got {device_budget!r}.'
+    )
+  if device_budget < 0 or (
+      isinstance(device_budget, float) and device_budget > 1.0
+  ):
+    raise ValueError(
+        'device_budget must be >= 0 bytes or a fraction in [0, 1], got '
+        f'{device_budget}.'
+    )
+
+
+def apply_budget(record: 'registry.StateRecord', device_budget: DeviceBudget,
+                 reclaimable: int = 0) -> None:
+  """Moves the leaves of a paged record to the tiers the budget gives."""
+  entry = record.entry
+  sizes = [entry.leaf_info(i)['bytes'] for i in range(len(record.leaves))]
+  target = place(sizes, resolve_budget(device_budget, reclaimable))
+  # Leaves leave the device first, so the move never needs more room.
+  for tier in ('host', 'device'):
+    for i, placed in enumerate(target):
+      if placed == tier:
+        entry.set_leaf_tier(i, registry.TIER_CODES[tier])
+
+
+def place(leaf_bytes: Sequence[int], budget: int) -> list[str]:
+  """Tier of each leaf: ``device`` while the budget lasts, then ``host``."""
+  tiers = []
+  used = 0
+  for nbytes in leaf_bytes:
+    if used + nbytes <= budget:
+      tiers.append('device')
+      used += nbytes
+    else:
+      tiers.append('host')
+  return tiers
+
+
+def set_device_budget(state: Any, device_budget: DeviceBudget) -> None:
+  """Moves the buffers of every paged state in ``state`` to a new budget.
+
+  Call it between steps. Leaves leave the device first, so the move never
+  needs more device memory than the new budget.
+
+  Args:
+    state: an optimizer state, or any pytree containing one.
+    device_budget: bytes, a fraction of the free GPU memory, or None (as for
+      the optimizer's ``device_budget``).
+
+  Raises:
+    ValueError: if ``state`` holds no paged GPU state.
+  """
+  paged = [
+      b for b in registry.find_buffers(state)
+      if not b.is_abstract and b.record().paged
+  ]
+  if not paged:
+    raise ValueError(
+        'set_device_budget: the state holds no paged GPU optimizer state '
+        '(CPU and unpaged states have a single tier).'
+    )
+  check_budget(device_budget)
+  registry.wait_for_pending(state)
+  for buffers in paged:
+    record = buffers.record()
+    on_device = sum(
+        info['bytes']
+        for info in map(record.entry.leaf_info, range(len(record.leaves)))
+        if info['tier'] == 'device'
+    )
+    apply_budget(record, device_budget, reclaimable=on_device)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRow:
+  """One state buffer: a parameter leaf's moments."""
+
+  path: str
+  shape: tuple[int, ...]
+  bits: int
+  tier: str
+  bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  """Every state buffer of a state, and the bytes in each tier."""
+
+  rows: tuple[MemoryRow, ...]
+
+  @property
+  def totals(self) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for row in self.rows:
+      out[row.tier] = out.get(row.tier, 0) + row.bytes
+    return out
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(row.bytes for row in self.rows)
+
+  def __str__(self) -> str:
+    header = ('leaf', 'shape', 'bits', 'tier', 'bytes')
+    lines = [
+        (r.path or '<root>', 'x'.join(map(str, r.shape)) or 'scalar',
+         str(r.bits), r.tier, f'{r.bytes:,}')
+        for r in self.rows
+    ]
+    lines += [('total: ' + tier, '', '', '', f'{nbytes:,}')
+              for tier, nbytes in sorted(self.totals.items())]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines,
+                                                             strict=False)]
+    def fmt(cells):
+      return '  '.join(
+          c.rjust(w) if i == 4 else c.ljust(w)
+          for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+      )
+    rule = '  '.join('-' * w for w in widths)
+    body = [fmt(cells) for cells in lines[:len(self.rows)]]
+    totals = [fmt(cells) for cells in lines[len(self.rows):]]
+    return '\n'.join([fmt(header), rule, *body, rule, *totals])
+
+
+def memory_report(state: Any) -> MemoryReport:
+  """The state buffers of every optax_paged state in ``state``.
+
+  Args:
+    state: an optimizer state, or any pytree containing one.
+
+  Returns:
+    A ``MemoryReport``: ``rows`` (leaf path, shape, bits, tier, bytes) and
+    ``totals`` per tier; ``print`` it for a table.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_paged
+    >>> tx = optax_paged.paged_adamw8bit(1e-3)
+    >>> state = tx.init({'w': jnp.ones((64, 64))})
+    >>> print(optax_paged.memory_report(state))  # doctest: +SKIP
+  """
+  rows = []
+  for buffers in registry.find_buffers(state):
+    record = buffers.record()
+    for i, layout in enumerate(record.leaves):
+      info = record.entry.leaf_info(i)
+      rows.append(MemoryRow(
+          path=layout.path,
+          shape=layout.shape,
+          bits=8 if layout.quantized else 32,
+          tier=info['tier'],
+          bytes=int(info['bytes']),
+      ))
+  return MemoryReport(tuple(rows))

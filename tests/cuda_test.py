@@ -1,0 +1,179 @@
+"""GPU-only behaviour: memory tiers, the device budget, CPU agreement.
+
+The rest of the suite runs on the GPU too when JAX's default device is one.
+"""
+
+import gc
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_paged
+from optax_paged._src import ffi
+from optax_paged._src import paging
+from tests.helpers import random_tree
+
+pytestmark = pytest.mark.skipif(
+    not ffi.has_cuda_backend(), reason='needs a CUDA GPU and the CUDA build'
+)
+
+SHAPES = [(1024, 1024), (4096, 257), (300,), (3, 7)]
+
+
+def _grads(params, seed):
+  return jax.tree.map(
+      lambda p: (jax.random.normal(jax.random.PRNGKey(seed), p.shape) * 0.01
+                 ).astype(p.dtype),
+      params,
+  )
+
+
+def _run(tx, params, steps, fused=False):
+  def step(p, s, g):
+    if fused:
+      return optax_paged.apply_gradients(tx, g, s, p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(step)
+  state = tx.init(params)
+  for i in range(steps):
+    params, state = step(params, state, _grads(params, i))
+  return params, state
+
+
+def _tiers(state):
+  return [row.tier for row in optax_paged.memory_report(state).rows]
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(
+      lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+      a, b,
+  )
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_host_tier_is_bit_identical_to_device_tier(fused):
+  params = random_tree(SHAPES, seed=0)
+  p_dev, s_dev = _run(optax_paged.paged_adamw8bit(1e-3, device_budget=1.0),
+                      params, 4, fused)
+  p_host, s_host = _run(optax_paged.paged_adamw8bit(1e-3, device_budget=0),
+                        params, 4, fused)
+  assert set(_tiers(s_dev)) == {'device'}
+  assert set(_tiers(s_host)) == {'host'}
+  _assert_trees_equal(p_dev, p_host)
+  _assert_trees_equal(optax_paged.state_dict(s_dev),
+                      optax_paged.state_dict(s_host))
+
+
+def test_budget_places_leaves_in_order_and_is_enforced():
+  params = random_tree(SHAPES, seed=1)
+  state = optax_paged.paged_adamw8bit(1e-3, device_budget=0).init(params)
+  sizes = [row.bytes for row in optax_paged.memory_report(state).rows]
+  budget = sizes[0] + sizes[1]
+  state = optax_paged.paged_adamw8bit(1e-3, device_budget=budget).init(params)
+  report = optax_paged.memory_report(state)
+  assert report.totals.get('device', 0) <= budget
+  assert _tiers(state) == paging.place(sizes, budget)
+  assert _tiers(state)[:2] == ['device', 'device']
+
+
+def test_budget_above_free_memory_is_capped_with_a_warning():
+  params = random_tree(SHAPES, seed=2)
+  free, _ = paging.gpu_memory()
+  with pytest.warns(UserWarning, match='exceeds'):
+    state = optax_paged.paged_adamw8bit(
+        1e-3, device_budget=10 * free).init(params)
+  assert optax_paged.memory_report(state).totals['device'] < free
+
+
+def test_set_device_budget_moves_buffers_and_keeps_results():
+  params = random_tree(SHAPES, seed=3)
+  tx = optax_paged.paged_adamw8bit(1e-3, device_budget=1.0)
+  p_ref, s_ref = _run(tx, params, 6)
+
+  step = jax.jit(lambda p, s, g: optax_paged.apply_gradients(tx, g, s, p))
+  p, s = params, tx.init(params)
+  for i in range(6):
+    if i == 2:
+      optax_paged.set_device_budget(s, 0)
+      assert set(_tiers(s)) == {'host'}
+    if i == 4:
+      optax_paged.set_device_budget(s, 1.0)
+      assert set(_tiers(s)) == {'device'}
+    p, s = step(p, s, _grads(p, i))
+  _assert_trees_equal(p, p_ref)
+  _assert_trees_equal(optax_paged.state_dict(s), optax_paged.state_dict(s_ref))
+
+
+def test_unpaged_optimizer_uses_plain_device_memory():
+  params = random_tree(SHAPES, seed=4)
+  state = optax_paged.adamw8bit(1e-3).init(params)
+  assert set(_tiers(state)) == {'device (unpaged)'}
+  with pytest.raises(ValueError, match='no paged GPU'):
+    optax_paged.set_device_budget(state, 0)
+
+
+@pytest.mark.parametrize('factory', [
+    lambda: optax_paged.paged_adamw8bit(1e-3, device_budget=1.0),
+    lambda: optax_paged.adamw8bit(1e-3),
+])
+def test_device_memory_returns_to_baseline(factory):
+  params = {'w': jnp.ones((8192, 8192))}  # 128 MiB of 8-bit state
+  jax.block_until_ready(params)
+  gc.collect()
+  baseline, _ = paging.gpu_memory()
+  state = factory().init(params)
+  used, _ = paging.gpu_memory()
+  assert baseline - used >= 120 * 2**20
+  optax_paged.release(state)
+  after_release, _ = paging.gpu_memory()
+  assert abs(after_release - baseline) <= 4 * 2**20
+  state = factory().init(params)
+  del state
+  gc.collect()
+  after_gc, _ = paging.gpu_memory()
+  assert abs(after_gc - baseline) <= 4 * 2**20
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_gpu_equals_cpu_path(dtype):
+  params = random_tree(SHAPES, dtype=dtype, seed=5)
+  cpu = jax.devices('cpu')[0]
+  tx = optax_paged.paged_adamw8bit(1e-3, weight_decay=0.01,
+                                   min_8bit_size=256)
+  p_gpu, s_gpu = _run(tx, params, 3)
+  with jax.default_device(cpu):
+    p_cpu, s_cpu = _run(tx, jax.device_put(params, cpu), 3)
+  assert s_cpu.buffers.record().platform == 'cpu'
+  assert s_gpu.buffers.record().platform == 'cuda'
+  tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(
+          np.asarray(a, np.float32), np.asarray(b, np.float32),
+          rtol=tolerance, atol=tolerance * 1e-2),
+      p_gpu, p_cpu,
+  )
+  gpu_saved = optax_paged.state_dict(s_gpu)
+  cpu_saved = optax_paged.state_dict(s_cpu)
+  for a, b in zip(gpu_saved['leaves'], cpu_saved['leaves'], strict=True):
+    for ma, mb in zip(a['moments'], b['moments'], strict=True):
+      if 'codes' in ma:
+        diff = np.abs(ma['codes'].astype(int) - mb['codes'].astype(int))
+        assert diff.max() <= 1 and diff.mean() < 1e-3
+        np.testing.assert_allclose(ma['absmax'], mb['absmax'], rtol=1e-5)
+      else:
+        np.testing.assert_allclose(ma['values'], mb['values'], rtol=1e-5,
+                                   atol=1e-9)
+
+
+def test_no_warning_for_a_budget_that_fits():
+  params = random_tree(SHAPES, seed=6)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    optax_paged.paged_adamw8bit(1e-3, device_budget=2**20).init(params)
