@@ -125,6 +125,11 @@ def update_call(
         apply_updates=bool(apply_updates),
     )
 
+  # XLA:GPU may hand a custom call a dynamic slice of a larger buffer
+  # (dynamic-slice fusion, e.g. gradients stacked for lax.scan), and then
+  # the handler read the wrong rows (seen with jax 0.11.2 on an H100). The
+  # barrier makes XLA materialise every operand as a buffer of its own.
+  grads, params = jax.lax.optimization_barrier((list(grads), list(params)))
   outputs = _guarded(run)(
       jnp.asarray(hyperparams, jnp.float32), *grads, *params
   )
