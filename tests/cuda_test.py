@@ -166,7 +166,8 @@ def test_gpu_equals_cpu_path(dtype):
     for ma, mb in zip(a['moments'], b['moments'], strict=True):
       if 'codes' in ma:
         assert np.mean(ma['codes'] != mb['codes']) < 1e-3
-        np.testing.assert_allclose(ma['absmax'], mb['absmax'], rtol=1e-5)
+        np.testing.assert_allclose(ma['absmax'], mb['absmax'],
+                                   rtol=tolerance * 0.1)
       else:
         np.testing.assert_allclose(ma['values'], mb['values'], rtol=1e-5,
                                    atol=1e-9)
