@@ -80,7 +80,7 @@ def adamw_element_update(h: jax.Array, g, p, decay: bool, moments):
   lr, b1, omb1, b2, omb2, eps, wd, bc1, bc2 = (h[i] for i in range(9))
   m = omb1 * g + b1 * moments[0]
   v = omb2 * (g * g) + b2 * moments[1]
-  direction = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+  direction = (m * (1 / bc1)) / (jnp.sqrt(v * (1 / bc2)) + eps)
   if decay:
     direction = direction + wd * p
   return -lr * direction, [m, v]
