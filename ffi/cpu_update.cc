@@ -77,7 +77,7 @@ struct GroupStep {
       const float update =
           Optimizer::Update(scalars, ToFloat(g[i]), param, decay, element);
       out[i] = apply_updates
-                   ? FromFloat<T>(param + ToFloat(FromFloat<T>(update)))
+                   ? FromFloat<T>(AddRounded(param, ToFloat(FromFloat<T>(update))))
                    : FromFloat<T>(update);
       for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
     }

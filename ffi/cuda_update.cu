@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const float update = Optimizer::Update(scalars, ToFloat(g.v[i]), param_f,
                                              leaf.decay != 0, element);
       result.v[i] = args.apply_updates
-                        ? FromFloat<T>(param_f + ToFloat(FromFloat<T>(update)))
+                        ? FromFloat<T>(AddRounded(param_f, ToFloat(FromFloat<T>(update))))
                         : FromFloat<T>(update);
 #pragma unroll
       for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];

@@ -22,6 +22,16 @@ struct Half {
   uint16_t bits;
 };
 
+// a + b rounded once, never fused with a product feeding it: the fused
+// step must round the update before adding it, as update + apply_updates do.
+OPTAX_PAGED_HD float AddRounded(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;  // host code is compiled with -ffp-contract=off
+#endif
+}
+
 OPTAX_PAGED_HD float ToFloat(float x) { return x; }
 
 OPTAX_PAGED_HD float ToFloat(BFloat16 x) {
