@@ -247,6 +247,10 @@ nb::dict LeafInfo(const StateEntry& entry, int64_t leaf) {
 
 NB_MODULE(_optax_paged_ext, m) {
   m.doc() = "optax_paged's compiled core: FFI handlers and state buffers.";
+  // States held by JAX caches or module globals can outlive this module at
+  // interpreter exit; that is not a leak worth a report (the registry's own
+  // tests check that released and collected states free their memory).
+  nb::set_leak_warnings(false);
   m.attr("BLOCK_SIZE") = kBlockSize;
   m.attr("NUM_HYPERPARAMS") = kNumHyperparams;
 #if defined(OPTAX_PAGED_WITH_CUDA)
