@@ -7,6 +7,8 @@ per step.
 
 from optax_paged import quantization
 from optax_paged._src import reference
+from optax_paged._src.accumulation import AccumulateGradientsState
+from optax_paged._src.accumulation import accumulate_gradients
 from optax_paged._src.adamw import adamw8bit
 from optax_paged._src.adamw import paged_adamw8bit
 from optax_paged._src.checkpoint import load_state_dict
@@ -24,10 +26,12 @@ from optax_paged._src.transform import apply_gradients
 __version__ = '0.1.0'
 
 __all__ = [
+    'AccumulateGradientsState',
     'MemoryReport',
     'PagedOptimizerState',
     'StateBuffers',
     'StateRegistry',
+    'accumulate_gradients',
     'adamw8bit',
     'apply_gradients',
     'load_state_dict',

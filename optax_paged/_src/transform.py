@@ -6,6 +6,7 @@ module turns that into an ``optax.GradientTransformationExtraArgs`` whose
 state is ``(count, buffers)``, and runs one FFI call per dtype group.
 """
 
+import inspect
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -159,6 +160,25 @@ def apply_gradients(
   return new_params, PagedOptimizerState(count=count, buffers=state.buffers)
 
 
+MULTISTEPS_MSG = (
+    'optax.MultiSteps calls the inner optimizer on every micro-step and '
+    'discards the result afterwards, but optax_paged optimizers update their '
+    'state in place, so every micro-step would be applied. Use '
+    'optax_paged.accumulate_gradients(tx, every_k) instead.'
+)
+
+
+def _inside_optax_multisteps() -> bool:
+  """Whether this update is being traced by optax.MultiSteps.update."""
+  multisteps_update = optax.MultiSteps.update.__code__
+  frame = inspect.currentframe()
+  while frame is not None:
+    if frame.f_code is multisteps_update:
+      return True
+    frame = frame.f_back
+  return False
+
+
 def run_step(
     spec: OptimizerSpec,
     grads: base.Updates,
@@ -170,6 +190,8 @@ def run_step(
   """One FFI call per dtype group; returns (updates or new params, count)."""
   if params is None:
     raise ValueError(base.NO_PARAMS_MSG)
+  if _inside_optax_multisteps():
+    raise TypeError(MULTISTEPS_MSG)
   if not isinstance(state, PagedOptimizerState):
     raise TypeError(
         f'{spec.name}: expected the state made by this optimizer\'s init, '
