@@ -235,27 +235,34 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
   }
 }
 
-ffi::Error AdamWUpdateCpu(ffi::ThreadPool pool,
-                          ffi::Buffer<ffi::F32> hyperparams,
-                          ffi::RemainingArgs args, ffi::RemainingRets rets,
-                          int64_t state_id,
-                          ffi::Span<const int64_t> leaf_indices,
-                          bool apply_updates) {
-  return UpdateImpl<AdamW>(pool, hyperparams, args, rets, state_id,
-                           leaf_indices, apply_updates, "optax_paged_adamw");
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    kAdamWUpdateCpu, AdamWUpdateCpu,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()                         // intra-op pool
-        .Arg<ffi::Buffer<ffi::F32>>()                   // hyperparams
-        .RemainingArgs()                                // grads, params
-        .RemainingRets()                                // updates or params
-        .Attr<int64_t>("state_id")                      // registry entry
-        .Attr<ffi::Span<const int64_t>>("leaf_indices")  // group's leaves
-        .Attr<bool>("apply_updates"));                  // fused step
+// One handler per optimizer; all share the binding below.
+#define OPTAX_PAGED_CPU_HANDLER(symbol, Optimizer, name)                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                           \
+      symbol,                                                              \
+      ([](ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,         \
+          ffi::RemainingArgs args, ffi::RemainingRets rets,                \
+          int64_t state_id, ffi::Span<const int64_t> leaf_indices,         \
+          bool apply_updates) {                                            \
+        return UpdateImpl<Optimizer>(pool, hyperparams, args, rets,        \
+                                     state_id, leaf_indices,               \
+                                     apply_updates, name);                 \
+      }),                                                                  \
+      ffi::Ffi::Bind()                                                     \
+          .Ctx<ffi::ThreadPool>()                    /* intra-op pool */   \
+          .Arg<ffi::Buffer<ffi::F32>>()              /* hyperparams */     \
+          .RemainingArgs()                           /* grads, params */   \
+          .RemainingRets()                           /* updates/params */  \
+          .Attr<int64_t>("state_id")                 /* registry entry */  \
+          .Attr<ffi::Span<const int64_t>>("leaf_indices")                  \
+          .Attr<bool>("apply_updates"))              /* fused step */
+
+OPTAX_PAGED_CPU_HANDLER(kAdamWUpdateCpu, AdamW, "optax_paged_adamw");
+OPTAX_PAGED_CPU_HANDLER(kLionUpdateCpu, Lion, "optax_paged_lion");
+OPTAX_PAGED_CPU_HANDLER(kAdEMAMixUpdateCpu, AdEMAMix, "optax_paged_ademamix");
+OPTAX_PAGED_CPU_HANDLER(kSgdUpdateCpu, SgdMomentum, "optax_paged_sgd");
+OPTAX_PAGED_CPU_HANDLER(kRmsPropUpdateCpu, RmsProp, "optax_paged_rmsprop");
+OPTAX_PAGED_CPU_HANDLER(kAdagradUpdateCpu, Adagrad, "optax_paged_adagrad");
 
 }  // namespace optax_paged

@@ -7,6 +7,11 @@
 namespace optax_paged {
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdamWUpdateCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kLionUpdateCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdEMAMixUpdateCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kSgdUpdateCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kRmsPropUpdateCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdagradUpdateCpu);
 
 }  // namespace optax_paged
 

@@ -345,29 +345,35 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
   }
 }
 
-ffi::Error AdamWUpdateCuda(cudaStream_t stream,
-                           ffi::Buffer<ffi::F32> hyperparams,
-                           ffi::RemainingArgs args, ffi::RemainingRets rets,
-                           int64_t state_id,
-                           ffi::Span<const int64_t> leaf_indices,
-                           bool apply_updates) {
-  return UpdateImpl<AdamW>(stream, hyperparams, args, rets, state_id,
-                           leaf_indices, apply_updates, "optax_paged_adamw");
-}
-
 }  // namespace
 
 // Not command-buffer compatible: each call looks the state up in the
 // registry on the host, which a replayed CUDA graph would skip.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    kAdamWUpdateCuda, AdamWUpdateCuda,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::PlatformStream<cudaStream_t>>()       // XLA's stream
-        .Arg<ffi::Buffer<ffi::F32>>()                   // hyperparams
-        .RemainingArgs()                                // grads, params
-        .RemainingRets()                                // updates or params
-        .Attr<int64_t>("state_id")                      // registry entry
-        .Attr<ffi::Span<const int64_t>>("leaf_indices")  // group's leaves
-        .Attr<bool>("apply_updates"));                  // fused step
+#define OPTAX_PAGED_CUDA_HANDLER(symbol, Optimizer, name)                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                           \
+      symbol,                                                              \
+      ([](cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,          \
+          ffi::RemainingArgs args, ffi::RemainingRets rets,                \
+          int64_t state_id, ffi::Span<const int64_t> leaf_indices,         \
+          bool apply_updates) {                                            \
+        return UpdateImpl<Optimizer>(stream, hyperparams, args, rets,      \
+                                     state_id, leaf_indices,               \
+                                     apply_updates, name);                 \
+      }),                                                                  \
+      ffi::Ffi::Bind()                                                     \
+          .Ctx<ffi::PlatformStream<cudaStream_t>>()  /* XLA's stream */    \
+          .Arg<ffi::Buffer<ffi::F32>>()              /* hyperparams */     \
+          .RemainingArgs()                           /* grads, params */   \
+          .RemainingRets()                           /* updates/params */  \
+          .Attr<int64_t>("state_id")                 /* registry entry */  \
+          .Attr<ffi::Span<const int64_t>>("leaf_indices")                  \
+          .Attr<bool>("apply_updates"))              /* fused step */
+
+OPTAX_PAGED_CUDA_HANDLER(kAdamWUpdateCuda, AdamW, "optax_paged_adamw");
+OPTAX_PAGED_CUDA_HANDLER(kLionUpdateCuda, Lion, "optax_paged_lion");
+OPTAX_PAGED_CUDA_HANDLER(kAdEMAMixUpdateCuda, AdEMAMix, "optax_paged_ademamix");
+OPTAX_PAGED_CUDA_HANDLER(kSgdUpdateCuda, SgdMomentum, "optax_paged_sgd");
+OPTAX_PAGED_CUDA_HANDLER(kRmsPropUpdateCuda, RmsProp, "optax_paged_rmsprop");
+OPTAX_PAGED_CUDA_HANDLER(kAdagradUpdateCuda, Adagrad, "optax_paged_adagrad");
 
 }  // namespace optax_paged

@@ -7,6 +7,11 @@
 namespace optax_paged {
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdamWUpdateCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kLionUpdateCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdEMAMixUpdateCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kSgdUpdateCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kRmsPropUpdateCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdagradUpdateCuda);
 
 }  // namespace optax_paged
 

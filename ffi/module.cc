@@ -58,6 +58,11 @@ nb::capsule Capsule(Fn* fn) {
 nb::dict CpuRegistrations() {
   nb::dict targets;
   targets["optax_paged_adamw"] = Capsule(kAdamWUpdateCpu);
+  targets["optax_paged_lion"] = Capsule(kLionUpdateCpu);
+  targets["optax_paged_ademamix"] = Capsule(kAdEMAMixUpdateCpu);
+  targets["optax_paged_sgd"] = Capsule(kSgdUpdateCpu);
+  targets["optax_paged_rmsprop"] = Capsule(kRmsPropUpdateCpu);
+  targets["optax_paged_adagrad"] = Capsule(kAdagradUpdateCpu);
   return targets;
 }
 
@@ -65,6 +70,11 @@ nb::dict CudaRegistrations() {
   nb::dict targets;
 #if defined(OPTAX_PAGED_WITH_CUDA)
   targets["optax_paged_adamw"] = Capsule(kAdamWUpdateCuda);
+  targets["optax_paged_lion"] = Capsule(kLionUpdateCuda);
+  targets["optax_paged_ademamix"] = Capsule(kAdEMAMixUpdateCuda);
+  targets["optax_paged_sgd"] = Capsule(kSgdUpdateCuda);
+  targets["optax_paged_rmsprop"] = Capsule(kRmsPropUpdateCuda);
+  targets["optax_paged_adagrad"] = Capsule(kAdagradUpdateCuda);
 #endif
   return targets;
 }

@@ -14,7 +14,7 @@
 
 namespace optax_paged {
 
-inline constexpr int kMaxMoments = 2;
+inline constexpr int kMaxMoments = 3;
 
 // Length of the hyperparameter operand; each optimizer uses a prefix of it.
 // The layout must match optax_paged/_src/hyperparams.py.
@@ -74,6 +74,135 @@ struct AdamW {
         (m * s.inverse_bc1) / (sqrtf(v * s.inverse_bc2) + s.eps);
     if (decay) direction = direction + s.weight_decay * p;
     return -s.lr * direction;
+  }
+};
+
+// Lion (Chen et al., 2023), as optax.lion:
+//   u = -lr (sign((1 - b1) g + b1 m) + wd p),  m = (1 - b2) g + b2 m.
+struct Lion {
+  static constexpr int kNumMoments = 1;
+  OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return true; }
+
+  struct Scalars {
+    float lr, b1, one_minus_b1, b2, one_minus_b2, weight_decay;
+  };
+
+  OPTAX_PAGED_HD static Scalars Load(const float* h) {
+    return Scalars{h[0], h[1], h[2], h[3], h[4], h[5]};
+  }
+
+  OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
+                                     bool decay, float* moments) {
+    const float mixed = s.one_minus_b1 * g + s.b1 * moments[0];
+    moments[0] = s.one_minus_b2 * g + s.b2 * moments[0];
+    float direction = mixed > 0.0f ? 1.0f : (mixed < 0.0f ? -1.0f : mixed);
+    if (decay) direction = direction + s.weight_decay * p;
+    return -s.lr * direction;
+  }
+};
+
+// AdEMAMix (Pagliardini et al., 2024), as optax.contrib.ademamix: a fast
+// EMA m1 (bias-corrected), a slow EMA m2 (not corrected) mixed with weight
+// alpha, and the second moment v:
+//   u = -lr ((m1 / bc1 + alpha m2) / (sqrt(v / bc2) + eps) + wd p).
+// b3 and alpha arrive per step, so their warm-up schedules cost nothing.
+struct AdEMAMix {
+  static constexpr int kNumMoments = 3;
+  OPTAX_PAGED_HD static constexpr bool IsSigned(int moment) {
+    return moment < 2;
+  }
+
+  struct Scalars {
+    float lr, b1, one_minus_b1, b2, one_minus_b2, eps, weight_decay;
+    float inverse_bc1, inverse_bc2, b3, one_minus_b3, alpha;
+  };
+
+  OPTAX_PAGED_HD static Scalars Load(const float* h) {
+    return Scalars{h[0], h[1], h[2], h[3], h[4], h[5], h[6],
+                   1.0f / h[7], 1.0f / h[8], h[9], h[10], h[11]};
+  }
+
+  OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
+                                     bool decay, float* moments) {
+    const float m1 = s.one_minus_b1 * g + s.b1 * moments[0];
+    const float m2 = s.one_minus_b3 * g + s.b3 * moments[1];
+    const float v = s.one_minus_b2 * (g * g) + s.b2 * moments[2];
+    moments[0] = m1;
+    moments[1] = m2;
+    moments[2] = v;
+    float direction = (m1 * s.inverse_bc1 + s.alpha * m2) /
+                      (sqrtf(v * s.inverse_bc2) + s.eps);
+    if (decay) direction = direction + s.weight_decay * p;
+    return -s.lr * direction;
+  }
+};
+
+// SGD with momentum (heavy ball, as optax.sgd / optax.trace and PyTorch):
+//   m = g' + momentum m,  u = -lr m,  with g' = g + wd p (coupled L2, as
+// PyTorch and bitsandbytes apply weight decay in SGD).
+struct SgdMomentum {
+  static constexpr int kNumMoments = 1;
+  OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return true; }
+
+  struct Scalars {
+    float lr, momentum, weight_decay;
+  };
+
+  OPTAX_PAGED_HD static Scalars Load(const float* h) {
+    return Scalars{h[0], h[1], h[2]};
+  }
+
+  OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
+                                     bool decay, float* moments) {
+    if (decay) g = g + s.weight_decay * p;
+    moments[0] = g + s.momentum * moments[0];
+    return -s.lr * moments[0];
+  }
+};
+
+// RMSprop, as optax.rmsprop (eps inside the square root):
+//   v = (1 - decay) g^2 + decay v,  u = -lr g / sqrt(v + eps).
+struct RmsProp {
+  static constexpr int kNumMoments = 1;
+  OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return false; }
+
+  struct Scalars {
+    float lr, decay, one_minus_decay, eps;
+  };
+
+  OPTAX_PAGED_HD static Scalars Load(const float* h) {
+    return Scalars{h[0], h[1], h[2], h[3]};
+  }
+
+  OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
+                                     bool decay, float* moments) {
+    (void)p, (void)decay;
+    moments[0] = s.one_minus_decay * (g * g) + s.decay * moments[0];
+    return -s.lr * (g * (1.0f / sqrtf(moments[0] + s.eps)));
+  }
+};
+
+// Adagrad, as optax.adagrad: s = s + g^2 (s starts at the initial
+// accumulator value), u = -lr g / sqrt(s + eps), zero where s is zero.
+struct Adagrad {
+  static constexpr int kNumMoments = 1;
+  OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return false; }
+
+  struct Scalars {
+    float lr, eps;
+  };
+
+  OPTAX_PAGED_HD static Scalars Load(const float* h) {
+    return Scalars{h[0], h[1]};
+  }
+
+  OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
+                                     bool decay, float* moments) {
+    (void)p, (void)decay;
+    moments[0] = g * g + moments[0];
+    const float scale =
+        moments[0] > 0.0f ? 1.0f / sqrtf(moments[0] + s.eps) : 0.0f;
+    return -s.lr * (scale * g);
   }
 };
 

@@ -9,10 +9,20 @@ from optax_paged import quantization
 from optax_paged._src import reference
 from optax_paged._src.accumulation import AccumulateGradientsState
 from optax_paged._src.accumulation import accumulate_gradients
+from optax_paged._src.adamw import adam8bit
 from optax_paged._src.adamw import adamw8bit
+from optax_paged._src.adamw import paged_adam
+from optax_paged._src.adamw import paged_adam8bit
+from optax_paged._src.adamw import paged_adamw
 from optax_paged._src.adamw import paged_adamw8bit
+from optax_paged._src.ademamix import ademamix8bit
+from optax_paged._src.ademamix import paged_ademamix
+from optax_paged._src.ademamix import paged_ademamix8bit
 from optax_paged._src.checkpoint import load_state_dict
 from optax_paged._src.checkpoint import state_dict
+from optax_paged._src.lion import lion8bit
+from optax_paged._src.lion import paged_lion
+from optax_paged._src.lion import paged_lion8bit
 from optax_paged._src.paging import MemoryReport
 from optax_paged._src.paging import memory_report
 from optax_paged._src.paging import set_device_budget
@@ -20,27 +30,43 @@ from optax_paged._src.registry import REGISTRY as state_registry
 from optax_paged._src.registry import StateBuffers
 from optax_paged._src.registry import StateRegistry
 from optax_paged._src.registry import release
+from optax_paged._src.single_moment import adagrad8bit
+from optax_paged._src.single_moment import rmsprop8bit
+from optax_paged._src.single_moment import sgd8bit
 from optax_paged._src.transform import PagedOptimizerState
 from optax_paged._src.transform import apply_gradients
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'AccumulateGradientsState',
-    'MemoryReport',
-    'PagedOptimizerState',
-    'StateBuffers',
-    'StateRegistry',
     'accumulate_gradients',
+    'AccumulateGradientsState',
+    'adagrad8bit',
+    'adam8bit',
     'adamw8bit',
+    'ademamix8bit',
     'apply_gradients',
+    'lion8bit',
     'load_state_dict',
     'memory_report',
+    'MemoryReport',
+    'paged_adam',
+    'paged_adam8bit',
+    'paged_adamw',
     'paged_adamw8bit',
+    'paged_ademamix',
+    'paged_ademamix8bit',
+    'paged_lion',
+    'paged_lion8bit',
+    'PagedOptimizerState',
     'quantization',
     'reference',
     'release',
+    'rmsprop8bit',
     'set_device_budget',
+    'sgd8bit',
     'state_dict',
     'state_registry',
+    'StateBuffers',
+    'StateRegistry',
 ]

@@ -22,7 +22,7 @@ def _adamw_spec(learning_rate, b1, b2, eps, weight_decay):
 
   return transform.OptimizerSpec(
       name='adamw', target='optax_paged_adamw', num_moments=2,
-      hyperparams=vector,
+      hyperparams=vector, signed=(True, False),
   )
 
 
@@ -153,3 +153,124 @@ def paged_adamw8bit(
       paged=True,
       device_budget=device_budget,
   )
+
+
+def _adam(learning_rate, b1, b2, eps, weight_decay, mask, *, quantize, paged,
+          min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None):
+  _check_hyperparams(b1, b2, eps)
+  return transform.make_transformation(
+      _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
+      quantize=quantize,
+      min_8bit_size=min_8bit_size,
+      weight_decay_mask=mask,
+      paged=paged,
+      device_budget=device_budget,
+  )
+
+
+def adam8bit(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+) -> optax.GradientTransformationExtraArgs:
+  """Adam with blockwise 8-bit state (``adamw8bit`` without weight decay).
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: exponential decay rate of the first moment.
+    b2: exponential decay rate of the second moment.
+    eps: added to the denominator for numerical stability.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; matches ``optax.adam``.
+  """
+  return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
+               paged=False, min_8bit_size=min_8bit_size)
+
+
+def paged_adam8bit(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+    device_budget: int | float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adam with blockwise 8-bit state in paged memory (see ``paged_adamw8bit``).
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: exponential decay rate of the first moment.
+    b2: exponential decay rate of the second moment.
+    eps: added to the denominator for numerical stability.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+    device_budget: GPU bytes (int) or fraction of free memory (float) the
+      state may occupy; None for half of the free memory.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; matches ``optax.adam``.
+  """
+  return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
+               paged=True, min_8bit_size=min_8bit_size,
+               device_budget=device_budget)
+
+
+def paged_adam(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    device_budget: int | float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adam with fp32 state in paged memory (bitsandbytes' ``PagedAdam``).
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: exponential decay rate of the first moment.
+    b2: exponential decay rate of the second moment.
+    eps: added to the denominator for numerical stability.
+    device_budget: GPU bytes (int) or fraction of free memory (float) the
+      state may occupy; None for half of the free memory.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; equals ``optax.adam`` to
+    float rounding.
+  """
+  return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=False,
+               paged=True, device_budget=device_budget)
+
+
+def paged_adamw(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    mask: Any = None,
+    *,
+    device_budget: int | float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW with fp32 state in paged memory (bitsandbytes' ``PagedAdamW``).
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: exponential decay rate of the first moment.
+    b2: exponential decay rate of the second moment.
+    eps: added to the denominator for numerical stability.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
+    device_budget: GPU bytes (int) or fraction of free memory (float) the
+      state may occupy; None for half of the free memory.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; equals ``optax.adamw`` to
+    float rounding.
+  """
+  return _adam(learning_rate, b1, b2, eps, weight_decay, mask,
+               quantize=False, paged=True, device_budget=device_budget)

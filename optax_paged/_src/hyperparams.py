@@ -51,6 +51,34 @@ def adamw(learning_rate, b1, b2, eps, weight_decay, count) -> jax.Array:
   ])
 
 
+def lion(learning_rate, b1, b2, weight_decay) -> jax.Array:
+  """Lion's vector (``Lion::Load`` in ffi/optimizer_math.h)."""
+  return _pack([learning_rate, b1, _one_minus(b1), b2, _one_minus(b2),
+                weight_decay])
+
+
+def ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay,
+             count) -> jax.Array:
+  """AdEMAMix's vector; ``b3`` and ``alpha`` already evaluated this step."""
+  return _pack([
+      learning_rate, b1, _one_minus(b1), b2, _one_minus(b2), eps,
+      weight_decay, _bias_correction(b1, count), _bias_correction(b2, count),
+      b3, _one_minus(b3), alpha,
+  ])
+
+
+def sgd(learning_rate, momentum, weight_decay) -> jax.Array:
+  return _pack([learning_rate, momentum, weight_decay])
+
+
+def rmsprop(learning_rate, decay, eps) -> jax.Array:
+  return _pack([learning_rate, decay, _one_minus(decay), eps])
+
+
+def adagrad(learning_rate, eps) -> jax.Array:
+  return _pack([learning_rate, eps])
+
+
 def _check_layout() -> None:
   if ffi.extension().NUM_HYPERPARAMS != NUM_HYPERPARAMS:
     raise ImportError(

@@ -35,18 +35,21 @@ class ReferenceState(NamedTuple):
   moments: Any  # tree like params; each leaf a tuple of moments
 
 
-def init_moments(leaf: jax.Array, num_moments: int, quantized: bool):
-  """Zero moments for one leaf, in the registry's format."""
+def init_moments(leaf: jax.Array, num_moments: int, quantized: bool,
+                 initial_values=(), signed=()):
+  """Initial moments for one leaf, in the registry's format."""
   n = int(jnp.size(leaf))
-  if quantized:
-    blocks = -(-n // base.BLOCK_SIZE)
-    return tuple(
-        QuantizedMoment(
-            jnp.zeros([n], jnp.uint8), jnp.zeros([blocks], jnp.float32)
-        )
-        for _ in range(num_moments)
-    )
-  return tuple(jnp.zeros([n], jnp.float32) for _ in range(num_moments))
+  values = tuple(initial_values) or (0.0,) * num_moments
+  out = []
+  for m in range(num_moments):
+    full = jnp.full([n], values[m], jnp.float32)
+    if quantized:
+      is_signed = signed[m] if signed else m == 0
+      out.append(QuantizedMoment(
+          *quantization.quantize_blockwise(full, is_signed)))
+    else:
+      out.append(full)
+  return tuple(out)
 
 
 def decode_moments(moments, signed: tuple[bool, ...]) -> list[jax.Array]:
@@ -86,6 +89,65 @@ def adamw_element_update(h: jax.Array, g, p, decay: bool, moments):
   return -lr * direction, [m, v]
 
 
+def lion_element_update(h: jax.Array, g, p, decay: bool, moments):
+  """``Lion::Update``."""
+  lr, b1, omb1, b2, omb2, wd = (h[i] for i in range(6))
+  direction = jnp.sign(omb1 * g + b1 * moments[0])
+  m = omb2 * g + b2 * moments[0]
+  if decay:
+    direction = direction + wd * p
+  return -lr * direction, [m]
+
+
+def ademamix_element_update(h: jax.Array, g, p, decay: bool, moments):
+  """``AdEMAMix::Update``."""
+  lr, b1, omb1, b2, omb2, eps, wd, bc1, bc2, b3, omb3, alpha = (
+      h[i] for i in range(12))
+  m1 = omb1 * g + b1 * moments[0]
+  m2 = omb3 * g + b3 * moments[1]
+  v = omb2 * (g * g) + b2 * moments[2]
+  direction = (m1 * (1 / bc1) + alpha * m2) / (jnp.sqrt(v * (1 / bc2)) + eps)
+  if decay:
+    direction = direction + wd * p
+  return -lr * direction, [m1, m2, v]
+
+
+def sgd_element_update(h: jax.Array, g, p, decay: bool, moments):
+  """``SgdMomentum::Update``."""
+  lr, momentum, wd = h[0], h[1], h[2]
+  if decay:
+    g = g + wd * p
+  m = g + momentum * moments[0]
+  return -lr * m, [m]
+
+
+def rmsprop_element_update(h: jax.Array, g, p, decay: bool, moments):
+  """``RmsProp::Update``."""
+  del p, decay
+  lr, rho, one_minus_rho, eps = h[0], h[1], h[2], h[3]
+  v = one_minus_rho * (g * g) + rho * moments[0]
+  return -lr * (g * (1 / jnp.sqrt(v + eps))), [v]
+
+
+def adagrad_element_update(h: jax.Array, g, p, decay: bool, moments):
+  """``Adagrad::Update``."""
+  del p, decay
+  lr, eps = h[0], h[1]
+  s = g * g + moments[0]
+  scale = jnp.where(s > 0, 1 / jnp.sqrt(s + eps), 0.0)
+  return -lr * (scale * g), [s]
+
+
+ELEMENT_UPDATES = {
+    'adamw': adamw_element_update,
+    'lion': lion_element_update,
+    'ademamix': ademamix_element_update,
+    'sgd': sgd_element_update,
+    'rmsprop': rmsprop_element_update,
+    'adagrad': adagrad_element_update,
+}
+
+
 # Element update: (hyper, g, p, decay, moments) -> (update, new moments).
 ElementUpdate = Callable[..., tuple[jax.Array, list[jax.Array]]]
 
@@ -111,14 +173,24 @@ def leaf_step(
 
 def reference_transformation(
     spec: transform.OptimizerSpec,
-    element_update: ElementUpdate,
-    signed: tuple[bool, ...],
     *,
-    quantize: bool,
-    min_8bit_size: int,
-    weight_decay_mask: Any,
+    quantize: bool = True,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+    weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """A functional optax transformation computing what the kernels compute."""
+  """A functional optax transformation computing what the kernels compute.
+
+  Args:
+    spec: the optimizer, as its module's ``*_spec`` function builds it.
+    quantize: ``False`` keeps every moment in fp32.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+    weight_decay_mask: as the optimizers' ``mask``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a functional state.
+  """
+  element_update = ELEMENT_UPDATES[spec.name]
+  signed = spec.signed
 
   def init_fn(params):
     return ReferenceState(
@@ -128,6 +200,8 @@ def reference_transformation(
                 p,
                 spec.num_moments,
                 quantize and jnp.size(p) >= min_8bit_size,
+                spec.initial_values,
+                spec.signed,
             ),
             params,
         ),
@@ -190,11 +264,11 @@ def adamw8bit(
         b1, b2, eps, weight_decay, count_inc,
     )
 
-  spec = transform.OptimizerSpec('adamw', 'reference', 2, vector)
+  spec = transform.OptimizerSpec(
+      'adamw', 'reference', 2, vector, signed=(True, False)
+  )
   return reference_transformation(
       spec,
-      adamw_element_update,
-      (True, False),
       quantize=quantize,
       min_8bit_size=min_8bit_size,
       weight_decay_mask=mask,

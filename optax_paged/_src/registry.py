@@ -270,6 +270,27 @@ class StateRegistry:
 REGISTRY = StateRegistry()
 
 
+def fill_moments(
+    record: StateRecord, values: Sequence[float], signed: Sequence[bool]
+) -> None:
+  """Sets every element of moment m of every leaf to ``values[m]``."""
+  extension = ffi.extension()
+  for index, layout in enumerate(record.leaves):
+    for moment, value in enumerate(values):
+      if value == 0:
+        continue  # buffers start zeroed
+      full = np.full(layout.size, value, np.float32)
+      if layout.quantized:
+        codes, absmax = extension.quantize_blockwise(
+            full, signed=signed[moment]
+        )
+        record.entry.write_moment(index, moment, codes, absmax.view(np.uint8))
+      else:
+        record.entry.write_moment(
+            index, moment, full.view(np.uint8), np.zeros([0], np.uint8)
+        )
+
+
 def find_buffers(state: Any) -> list[StateBuffers]:
   """Every StateBuffers node inside an optimizer state (e.g. in a chain)."""
   return [

@@ -46,6 +46,10 @@ class OptimizerSpec(NamedTuple):
   num_moments: int
   # (count before the step, count after it) -> hyperparameter vector.
   hyperparams: HyperparamFn
+  # Which moments use the signed map (first moments) or the unsigned one.
+  signed: tuple[bool, ...] = ()
+  # Value every element of each moment starts from (Adagrad's accumulator).
+  initial_values: tuple[float, ...] = ()
 
 
 # update_fn of every optax_paged transformation -> its spec, so that
@@ -98,6 +102,10 @@ def make_transformation(
         spec.name, spec.num_moments, params, quantized, decay,
         paged=paged, device_budget=device_budget,
     )
+    if any(spec.initial_values) and not buffers.is_abstract:
+      registry.fill_moments(
+          buffers.record(), spec.initial_values, spec.signed
+      )
     return PagedOptimizerState(
         count=jnp.zeros([], jnp.int32), buffers=buffers
     )

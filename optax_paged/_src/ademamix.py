@@ -1,0 +1,153 @@
+"""AdEMAMix with blockwise 8-bit or fp32 state."""
+
+from typing import Any
+
+import optax
+
+from optax_paged._src import base
+from optax_paged._src import hyperparams
+from optax_paged._src import transform
+
+
+def ademamix_spec(learning_rate, b1, b2, b3, alpha, eps,
+                  weight_decay) -> transform.OptimizerSpec:
+  def vector(count, count_inc):
+    # optax evaluates the b3 and alpha schedules at the count before the step.
+    return hyperparams.ademamix(
+        transform.learning_rate_at(learning_rate, count),
+        b1, b2,
+        b3(count) if callable(b3) else b3,
+        alpha(count) if callable(alpha) else alpha,
+        eps, weight_decay, count_inc,
+    )
+
+  return transform.OptimizerSpec(
+      name='ademamix', target='optax_paged_ademamix', num_moments=3,
+      hyperparams=vector, signed=(True, True, False),
+  )
+
+
+def _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask, *,
+              quantize, paged, min_8bit_size=base.MIN_8BIT_SIZE,
+              device_budget=None):
+  for name, value in (('b1', b1), ('b2', b2), ('b3', b3)):
+    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+      raise ValueError(f'{name} must be in [0, 1), got {value}.')
+  return transform.make_transformation(
+      ademamix_spec(learning_rate, b1, b2, b3, alpha, eps, weight_decay),
+      quantize=quantize, min_8bit_size=min_8bit_size,
+      weight_decay_mask=mask, paged=paged, device_budget=device_budget,
+  )
+
+
+def ademamix8bit(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: base.ScalarOrSchedule = 0.9999,
+    alpha: base.ScalarOrSchedule = 5.0,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdEMAMix with its three moments stored blockwise in 8 bits.
+
+  As ``optax.contrib.ademamix``: a fast EMA :math:`m_1` (rate ``b1``,
+  bias-corrected), a slow EMA :math:`m_2` (rate ``b3``) and the second moment
+  :math:`v` (rate ``b2``, bias-corrected);
+  :math:`u = -\eta((\hat m_1 + \alpha m_2) / (\sqrt{\hat v} + \epsilon) +
+  \lambda p)`. ``b3`` and ``alpha`` may be schedules of the step count (the
+  warm-ups of the paper), evaluated each step without recompiling.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: decay rate of the fast EMA.
+    b2: decay rate of the second moment.
+    b3: decay rate of the slow EMA, or a schedule of it.
+    alpha: weight of the slow EMA, or a schedule of it.
+    eps: added to the denominator for numerical stability.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Pagliardini et al., `The AdEMAMix Optimizer: Better, Faster, Older
+    <https://arxiv.org/abs/2409.03137>`_, 2024.
+  """
+  return _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask,
+                   quantize=True, paged=False, min_8bit_size=min_8bit_size)
+
+
+def paged_ademamix8bit(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: base.ScalarOrSchedule = 0.9999,
+    alpha: base.ScalarOrSchedule = 5.0,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+    device_budget: int | float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`ademamix8bit` with its state in paged memory.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: decay rate of the fast EMA.
+    b2: decay rate of the second moment.
+    b3: decay rate of the slow EMA, or a schedule of it.
+    alpha: weight of the slow EMA, or a schedule of it.
+    eps: added to the denominator for numerical stability.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+    device_budget: GPU bytes (int) or fraction of free memory (float) the
+      state may occupy; None for half of the free memory.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask,
+                   quantize=True, paged=True, min_8bit_size=min_8bit_size,
+                   device_budget=device_budget)
+
+
+def paged_ademamix(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: base.ScalarOrSchedule = 0.9999,
+    alpha: base.ScalarOrSchedule = 5.0,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    *,
+    device_budget: int | float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AdEMAMix with fp32 state in paged memory; equals
+  ``optax.contrib.ademamix``.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: decay rate of the fast EMA.
+    b2: decay rate of the second moment.
+    b3: decay rate of the slow EMA, or a schedule of it.
+    alpha: weight of the slow EMA, or a schedule of it.
+    eps: added to the denominator for numerical stability.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
+    device_budget: GPU bytes (int) or fraction of free memory (float) the
+      state may occupy; None for half of the free memory.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask,
+                   quantize=False, paged=True, device_budget=device_budget)

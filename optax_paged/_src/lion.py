@@ -1,0 +1,125 @@
+"""Lion with blockwise 8-bit or fp32 state."""
+
+from typing import Any
+
+import optax
+
+from optax_paged._src import base
+from optax_paged._src import hyperparams
+from optax_paged._src import transform
+
+
+def lion_spec(learning_rate, b1, b2, weight_decay) -> transform.OptimizerSpec:
+  def vector(count, count_inc):
+    del count_inc
+    return hyperparams.lion(
+        transform.learning_rate_at(learning_rate, count), b1, b2,
+        weight_decay,
+    )
+
+  return transform.OptimizerSpec(
+      name='lion', target='optax_paged_lion', num_moments=1,
+      hyperparams=vector, signed=(True,),
+  )
+
+
+def _lion(learning_rate, b1, b2, weight_decay, mask, *, quantize, paged,
+          min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None):
+  for name, value in (('b1', b1), ('b2', b2)):
+    if isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
+      raise ValueError(f'{name} must be in [0, 1], got {value}.')
+  return transform.make_transformation(
+      lion_spec(learning_rate, b1, b2, weight_decay),
+      quantize=quantize, min_8bit_size=min_8bit_size,
+      weight_decay_mask=mask, paged=paged, device_budget=device_budget,
+  )
+
+
+def lion8bit(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-3,
+    mask: Any = None,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Lion whose momentum is stored blockwise in 8 bits (1 byte a parameter).
+
+  :math:`u = -\eta(\mathrm{sign}((1-b_1) g + b_1 m) + \lambda p)`,
+  :math:`m \leftarrow (1-b_2) g + b_2 m`, as ``optax.lion``.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: rate combining the gradient and the momentum for the update.
+    b2: decay rate of the momentum.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay, as ``optax.lion``'s ``mask``.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Chen et al., `Symbolic Discovery of Optimization Algorithms
+    <https://arxiv.org/abs/2302.06675>`_, 2023.
+  """
+  return _lion(learning_rate, b1, b2, weight_decay, mask, quantize=True,
+               paged=False, min_8bit_size=min_8bit_size)
+
+
+def paged_lion8bit(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-3,
+    mask: Any = None,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+    device_budget: int | float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`lion8bit` with its state in paged memory.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: rate combining the gradient and the momentum for the update.
+    b2: decay rate of the momentum.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay, as ``optax.lion``'s ``mask``.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+    device_budget: GPU bytes (int) or fraction of free memory (float) the
+      state may occupy; None for half of the free memory.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return _lion(learning_rate, b1, b2, weight_decay, mask, quantize=True,
+               paged=True, min_8bit_size=min_8bit_size,
+               device_budget=device_budget)
+
+
+def paged_lion(
+    learning_rate: base.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-3,
+    mask: Any = None,
+    *,
+    device_budget: int | float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Lion with fp32 state in paged memory; equals ``optax.lion``.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    b1: rate combining the gradient and the momentum for the update.
+    b2: decay rate of the momentum.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay, as ``optax.lion``'s ``mask``.
+    device_budget: GPU bytes (int) or fraction of free memory (float) the
+      state may occupy; None for half of the free memory.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return _lion(learning_rate, b1, b2, weight_decay, mask, quantize=False,
+               paged=True, device_budget=device_budget)

@@ -1,0 +1,138 @@
+"""SGD with momentum, RMSprop and Adagrad with blockwise 8-bit state."""
+
+import optax
+
+from optax_paged._src import base
+from optax_paged._src import hyperparams
+from optax_paged._src import transform
+
+
+def sgd_spec(learning_rate, momentum, weight_decay) -> transform.OptimizerSpec:
+  def vector(count, count_inc):
+    del count_inc
+    return hyperparams.sgd(
+        transform.learning_rate_at(learning_rate, count), momentum,
+        weight_decay,
+    )
+
+  return transform.OptimizerSpec(
+      name='sgd', target='optax_paged_sgd', num_moments=1,
+      hyperparams=vector, signed=(True,),
+  )
+
+
+def rmsprop_spec(learning_rate, decay, eps) -> transform.OptimizerSpec:
+  def vector(count, count_inc):
+    del count_inc
+    return hyperparams.rmsprop(
+        transform.learning_rate_at(learning_rate, count), decay, eps
+    )
+
+  return transform.OptimizerSpec(
+      name='rmsprop', target='optax_paged_rmsprop', num_moments=1,
+      hyperparams=vector, signed=(False,),
+  )
+
+
+def adagrad_spec(learning_rate, initial_accumulator_value,
+                 eps) -> transform.OptimizerSpec:
+  def vector(count, count_inc):
+    del count_inc
+    return hyperparams.adagrad(
+        transform.learning_rate_at(learning_rate, count), eps
+    )
+
+  return transform.OptimizerSpec(
+      name='adagrad', target='optax_paged_adagrad', num_moments=1,
+      hyperparams=vector, signed=(False,),
+      initial_values=(float(initial_accumulator_value),),
+  )
+
+
+def _make(spec, min_8bit_size):
+  return transform.make_transformation(
+      spec, quantize=True, min_8bit_size=min_8bit_size,
+      weight_decay_mask=None, paged=False,
+  )
+
+
+def sgd8bit(
+    learning_rate: base.ScalarOrSchedule,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SGD with heavy-ball momentum stored blockwise in 8 bits.
+
+  :math:`m \leftarrow g + \lambda p + \mu m`, :math:`u = -\eta m`: with
+  ``weight_decay=0`` this is ``optax.sgd(learning_rate, momentum)``; weight
+  decay is added to the gradient, as PyTorch and bitsandbytes do for SGD.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    momentum: the momentum decay rate.
+    weight_decay: L2 weight decay, added to the gradient.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
+    raise ValueError(f'momentum must be in [0, 1), got {momentum}.')
+  return _make(sgd_spec(learning_rate, momentum, weight_decay), min_8bit_size)
+
+
+def rmsprop8bit(
+    learning_rate: base.ScalarOrSchedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RMSprop with its second moment stored blockwise in 8 bits.
+
+  :math:`v \leftarrow (1-d) g^2 + d v`, :math:`u = -\eta g / \sqrt{v +
+  \epsilon}`, as ``optax.rmsprop(learning_rate, decay, eps)``.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    decay: decay rate of the second moment.
+    eps: added inside the square root.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  if isinstance(decay, (int, float)) and not 0.0 <= decay < 1.0:
+    raise ValueError(f'decay must be in [0, 1), got {decay}.')
+  return _make(rmsprop_spec(learning_rate, decay, eps), min_8bit_size)
+
+
+def adagrad8bit(
+    learning_rate: base.ScalarOrSchedule,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    *,
+    min_8bit_size: int = base.MIN_8BIT_SIZE,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adagrad with its sum of squares stored blockwise in 8 bits.
+
+  :math:`s \leftarrow s + g^2` from ``initial_accumulator_value``,
+  :math:`u = -\eta g / \sqrt{s + \epsilon}`, as ``optax.adagrad``.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step count.
+    initial_accumulator_value: the value the sum of squares starts from.
+    eps: added inside the square root.
+    min_8bit_size: leaves with fewer elements keep fp32 state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  if initial_accumulator_value < 0:
+    raise ValueError('initial_accumulator_value must be >= 0.')
+  return _make(
+      adagrad_spec(learning_rate, initial_accumulator_value, eps),
+      min_8bit_size,
+  )

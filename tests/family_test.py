@@ -1,0 +1,208 @@
+"""Every optimizer of the family: kernel vs reference, optax counterparts,
+training, checkpoints. (AdamW has its own, deeper file.)"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from optax import contrib
+
+import optax_paged
+from optax_paged._src import ademamix
+from optax_paged._src import lion
+from optax_paged._src import reference
+from optax_paged._src import single_moment
+from tests.adamw_test import _compare_one_step
+from tests.adamw_test import _teacher_problem
+from tests.adamw_test import _train
+from tests.helpers import random_tree
+from tests.helpers import reference_state_from
+
+LR = 1e-3
+# name: (8-bit factory, spec of the same hyperparameters, 32-bit paged
+# factory or None, optax counterpart)
+FAMILY = {
+    'lion': (
+        functools.partial(optax_paged.lion8bit, LR, weight_decay=0.01),
+        lion.lion_spec(LR, 0.9, 0.99, 0.01),
+        functools.partial(optax_paged.paged_lion, LR, weight_decay=0.01),
+        optax.lion(LR, weight_decay=0.01),
+    ),
+    'ademamix': (
+        functools.partial(optax_paged.ademamix8bit, LR, weight_decay=0.01),
+        ademamix.ademamix_spec(LR, 0.9, 0.999, 0.9999, 5.0, 1e-8, 0.01),
+        functools.partial(optax_paged.paged_ademamix, LR, weight_decay=0.01),
+        contrib.ademamix(LR, weight_decay=0.01),
+    ),
+    'sgd': (
+        functools.partial(optax_paged.sgd8bit, LR, momentum=0.9),
+        single_moment.sgd_spec(LR, 0.9, 0.0),
+        None,
+        optax.sgd(LR, momentum=0.9),
+    ),
+    'rmsprop': (
+        functools.partial(optax_paged.rmsprop8bit, LR),
+        single_moment.rmsprop_spec(LR, 0.9, 1e-8),
+        None,
+        optax.rmsprop(LR),
+    ),
+    'adagrad': (
+        functools.partial(optax_paged.adagrad8bit, LR),
+        single_moment.adagrad_spec(LR, 0.1, 1e-7),
+        None,
+        optax.adagrad(LR),
+    ),
+    'adam': (
+        functools.partial(optax_paged.adam8bit, LR),
+        optax_paged._src.adamw._adamw_spec(LR, 0.9, 0.999, 1e-8, 0.0),
+        functools.partial(optax_paged.paged_adam, LR),
+        optax.adam(LR),
+    ),
+}
+NAMES = sorted(FAMILY)
+
+
+def _grads(params, seed):
+  return jax.tree.map(
+      lambda p: (jax.random.normal(jax.random.PRNGKey(seed), p.shape) * 0.01
+                 ).astype(p.dtype),
+      params,
+  )
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
+                         ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize('name', NAMES)
+def test_kernel_step_equals_reference(name, dtype):
+  factory, spec, _, _ = FAMILY[name]
+  params = random_tree([(255,), (257,), (4096,), (64, 80)], dtype, seed=1)
+  tx = factory(min_8bit_size=256)
+  ref = reference.reference_transformation(spec, min_8bit_size=256)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for i in range(3):
+    _, state = step(_grads(params, i), state, params)
+  _compare_one_step(state, reference_state_from(state, params), params,
+                    _grads(params, 9), tx, ref)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_fp32_state_matches_optax(name):
+  factory, _, paged32, counterpart = FAMILY[name]
+  tx = paged32() if paged32 else factory(min_8bit_size=10**12)
+  params = random_tree([(64, 80), (300,)], seed=2)
+  p, s = params, tx.init(params)
+  rp, rs = params, counterpart.init(params)
+
+  def make(t):
+    @jax.jit
+    def step(p, s, g):
+      u, s = t.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    return step
+
+  step, ref_step = make(tx), make(counterpart)
+  for i in range(10):
+    g = _grads(params, i)
+    p, s = step(p, s, g)
+    rp, rs = ref_step(rp, rs, g)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      p, rp,
+  )
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_8bit_trains_as_well_as_optax(name):
+  factory, _, _, _ = FAMILY[name]
+  params, loss_fn = _teacher_problem()
+  lr = 3e-4 if name == 'lion' else 3e-3
+  lr = 3e-2 if name in ('sgd', 'adagrad') else lr
+  spec_kwargs = {'learning_rate': lr}
+  counterparts = {
+      'lion': optax.lion(lr, weight_decay=0.01),
+      'ademamix': contrib.ademamix(lr, weight_decay=0.01),
+      'sgd': optax.sgd(lr, momentum=0.9),
+      'rmsprop': optax.rmsprop(lr),
+      'adagrad': optax.adagrad(lr),
+      'adam': optax.adam(lr),
+  }
+  ours_factory = factory.func
+  kwargs = dict(factory.keywords, **spec_kwargs)
+  ours, first = _train(ours_factory(min_8bit_size=1024, **kwargs), params,
+                       loss_fn, 300)
+  theirs, _ = _train(counterparts[name], params, loss_fn, 300)
+  assert ours < 0.8 * first, (ours, first)
+  # Lion steps by the sign of its momentum mix, so quantization error near
+  # zero flips whole steps: 8-bit Lion ended 6.0% above optax.lion here
+  # (the kernel equals the jnp reference, so this is the algorithm's cost).
+  tolerance = 0.08 if name == 'lion' else 0.05
+  assert abs(ours - theirs) <= tolerance * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_checkpoint_resume_is_bit_identical(name):
+  factory, _, _, _ = FAMILY[name]
+  tx = factory(min_8bit_size=256)
+  params = random_tree([(64, 80), (300,), (3,)], seed=3)
+
+  @jax.jit
+  def step(p, s, g):
+    return optax_paged.apply_gradients(tx, g, s, p)
+
+  p_full, s_full = params, tx.init(params)
+  for i in range(5):
+    p_full, s_full = step(p_full, s_full, _grads(params, i))
+  p, s = params, tx.init(params)
+  for i in range(2):
+    p, s = step(p, s, _grads(params, i))
+  restored = optax_paged.load_state_dict(tx.init(params),
+                                         optax_paged.state_dict(s))
+  for i in range(2, 5):
+    p, restored = step(p, restored, _grads(params, i))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+      (p, optax_paged.state_dict(restored)),
+      (p_full, optax_paged.state_dict(s_full)),
+  )
+
+
+def test_ademamix_schedules_need_no_recompilation():
+  alpha = optax.linear_schedule(0.0, 5.0, 10)
+  b3 = optax.linear_schedule(0.9, 0.9999, 10)
+  tx = optax_paged.paged_ademamix(LR, alpha=alpha, b3=b3)
+  ref = contrib.ademamix(LR, alpha=alpha, b3=b3)
+  params = random_tree([(64, 80)], seed=4)
+  traces = []
+
+  def counted(p, s, g):
+    traces.append(1)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(counted)
+  p, s, rp, rs = params, tx.init(params), params, ref.init(params)
+  for i in range(5):
+    g = _grads(params, i)
+    p, s = step(p, s, g)
+    u, rs = ref.update(g, rs, rp)
+    rp = optax.apply_updates(rp, u)
+  assert len(traces) == 1
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      p, rp,
+  )
+
+
+def test_adagrad_state_starts_at_the_initial_accumulator():
+  tx = optax_paged.adagrad8bit(LR, initial_accumulator_value=0.25)
+  state = tx.init({'w': jnp.ones((64, 80)), 'b': jnp.ones((3,))})
+  saved = optax_paged.state_dict(state)['leaves']
+  np.testing.assert_array_equal(saved[0]['moments'][0]['values'], 0.25)
+  codes = saved[1]['moments'][0]
+  values = optax_paged.quantization.dequantize_blockwise(
+      codes['codes'], codes['absmax'], signed=False)
+  np.testing.assert_array_equal(values, np.float32(0.25))
