@@ -20,6 +20,7 @@ memory on the device.
 
   python benchmarks/gpu_step.py                     # print the tables
   python benchmarks/gpu_step.py --write RESULTS.md  # also write this section
+  python benchmarks/gpu_step.py --family            # Lion and AdEMAMix
 """
 
 import argparse
@@ -33,23 +34,30 @@ import cpu_step
 import jax
 import jax.numpy as jnp
 import optax
+from optax import contrib
 
 import optax_paged
 
 MARKS = ('<!-- gpu_step:begin -->', '<!-- gpu_step:end -->')
+FAMILY_MARKS = ('<!-- gpu_family:begin -->', '<!-- gpu_family:end -->')
 HYPER = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
+
+
+MOMENTS = {'adamw': 2, 'lion': 1, 'ademamix': 3}
 
 
 def traffic_bytes(name: str, itemsize: int) -> int:
   """Fewest bytes per parameter a step of ``name`` must move."""
-  if name == 'optax.adamw':
-    return 7 * itemsize  # read g, p, m, v; write p, m, v (moments in p dtype)
-  fused = 3 * itemsize + 4  # read g, read+write p, read+write two codes
+  moments = next(n for key, n in MOMENTS.items() if key in name)
+  if name.startswith('optax'):
+    # Read g, p and the moments; write p and the moments (param dtype).
+    return (3 + 2 * moments) * itemsize
+  # Read g, read+write p, read+write one code per moment.
+  fused = 3 * itemsize + 2 * moments
   if 'fused' in name or 'host' in name:
     return fused
-  # Not fused: read g, p and codes, write u and codes; then read p and u and
-  # write p again.
-  return 6 * itemsize + 4
+  # Not fused: also write u, then read p and u and write p again.
+  return fused + 3 * itemsize
 
 
 class Runner:
@@ -91,7 +99,34 @@ class Runner:
     return sum(x.nbytes for x in arrays) + paged
 
 
-def run_dtype(dtype, layers: int, rounds: int, steps: int):
+def adamw_runners(params):
+  """optax.adamw against paged_adamw8bit: strict, fused and host tier."""
+  return [
+      Runner('optax.adamw', optax.adamw(**HYPER), params, False),
+      Runner('paged_adamw8bit', optax_paged.paged_adamw8bit(
+          **HYPER, device_budget=1.0), params, False),
+      Runner('paged_adamw8bit, fused', optax_paged.paged_adamw8bit(
+          **HYPER, device_budget=1.0), params, True),
+      Runner('paged_adamw8bit, host tier, fused', optax_paged.paged_adamw8bit(
+          **HYPER, device_budget=0), params, True),
+  ]
+
+
+def family_runners(params):
+  """Lion and AdEMAMix in 8 bits against their optax counterparts."""
+  lr = HYPER['learning_rate']
+  return [
+      Runner('optax.lion', optax.lion(lr), params, False),
+      Runner('lion8bit', optax_paged.lion8bit(lr), params, False),
+      Runner('lion8bit, fused', optax_paged.lion8bit(lr), params, True),
+      Runner('optax.contrib.ademamix', contrib.ademamix(lr), params, False),
+      Runner('ademamix8bit', optax_paged.ademamix8bit(lr), params, False),
+      Runner('ademamix8bit, fused', optax_paged.ademamix8bit(lr), params,
+             True),
+  ]
+
+
+def run_dtype(dtype, layers: int, rounds: int, steps: int, make_runners):
   key = jax.random.key(0)
   params = jax.tree.map(lambda x: x.astype(dtype),
                         cpu_step.random_tree(key, layers, 0.02))
@@ -101,15 +136,7 @@ def run_dtype(dtype, layers: int, rounds: int, steps: int):
                                         layers, 1e-3))
       for i in range(2)
   ]
-  runners = [
-      Runner('optax.adamw', optax.adamw(**HYPER), params, False),
-      Runner('paged_adamw8bit', optax_paged.paged_adamw8bit(
-          **HYPER, device_budget=1.0), params, False),
-      Runner('paged_adamw8bit, fused', optax_paged.paged_adamw8bit(
-          **HYPER, device_budget=1.0), params, True),
-      Runner('paged_adamw8bit, host tier, fused', optax_paged.paged_adamw8bit(
-          **HYPER, device_budget=0), params, True),
-  ]
+  runners = make_runners(params)
   for runner in runners:
     runner.run(grads, 3, timed=False)
   for r in range(rounds):
@@ -121,14 +148,15 @@ def run_dtype(dtype, layers: int, rounds: int, steps: int):
 
 
 def table(runners: Sequence[Runner], num_params: int, itemsize: int) -> str:
-  baseline = statistics.median(runners[0].times)
   rows = [
-      '| step | median (ms) | vs optax.adamw | min traffic (B/param) '
+      '| step | median (ms) | vs optax | min traffic (B/param) '
       '| achieved (GB/s) | state on device (MiB) |',
       '|---|---:|---:|---:|---:|---:|',
   ]
   for r in runners:
     median = statistics.median(r.times)
+    if r.name.startswith('optax'):
+      baseline = median  # later rows compare with this counterpart
     nbytes = traffic_bytes(r.name, itemsize)
     rows.append(
         f'| {r.name} | {1e3 * median:.2f} | {median / baseline:.2f}x '
@@ -143,6 +171,8 @@ def main() -> None:
   parser.add_argument('--layers', type=int, default=24)
   parser.add_argument('--rounds', type=int, default=7)
   parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--family', action='store_true',
+                      help='Lion and AdEMAMix instead of AdamW')
   parser.add_argument('--write', type=pathlib.Path, default=None,
                       help='a RESULTS.md to write this section into')
   args = parser.parse_args()
@@ -154,9 +184,14 @@ def main() -> None:
            f'- timing: median per-step time over {args.rounds} interleaved '
            f'rounds of {args.steps} steps dispatched back to back, after 3 '
            'warm-up steps; params and state donated']
-  for dtype in (jnp.float32, jnp.bfloat16):
+  if args.family:
+    lines[0] = '## GPU: Lion and AdEMAMix steps, 308M parameters'
+    make_runners, dtypes = family_runners, (jnp.float32,)
+  else:
+    make_runners, dtypes = adamw_runners, (jnp.float32, jnp.bfloat16)
+  for dtype in dtypes:
     runners, num_params, num_leaves = run_dtype(
-        dtype, args.layers, args.rounds, args.steps)
+        dtype, args.layers, args.rounds, args.steps, make_runners)
     lines += ['', f'### {jnp.dtype(dtype).name} parameters and gradients '
               f'({num_params:,} in {num_leaves} leaves)', '',
               table(runners, num_params, jnp.dtype(dtype).itemsize)]
@@ -164,7 +199,8 @@ def main() -> None:
   section = '\n'.join(lines)
   print(section)
   if args.write:
-    cpu_step.write_results(section, args.write, MARKS)
+    marks = FAMILY_MARKS if args.family else MARKS
+    cpu_step.write_results(section, args.write, marks)
 
 
 if __name__ == '__main__':
