@@ -279,3 +279,24 @@ def test_fused_step_refuses_a_chain():
   params = {'w': jnp.ones((8,))}
   with pytest.raises(TypeError, match='apply the earlier transformations'):
     optax_paged.apply_gradients(tx, params, tx.init(params), params)
+
+
+@pytest.mark.parametrize('keep', [
+    {'embed': True, 'w': False},
+    lambda p: {name: name == 'embed' for name in p},
+])
+def test_keep_32bit_keeps_chosen_leaves_in_fp32_state(keep):
+  params = {'embed': jnp.ones((1000, 64)), 'w': jnp.ones((64, 64))}
+  tx = optax_paged.paged_adamw8bit(1e-2, weight_decay=0.0, keep_32bit=keep)
+  state = tx.init(params)
+  bits = {row.path: row.bits for row in optax_paged.memory_report(state).rows}
+  assert bits == {"['embed']": 32, "['w']": 8}
+  # The fp32 leaf follows optax.adamw to float rounding.
+  ref = optax.adamw(1e-2, weight_decay=0.0)
+  ref_state = ref.init(params)
+  p, rp = params, params
+  for i in range(3):
+    g = _grads(params, i)
+    p, state = jax.jit(_apply(tx))(p, state, g)
+    rp, ref_state = jax.jit(_apply(ref))(rp, ref_state, g)
+  np.testing.assert_allclose(p['embed'], rp['embed'], rtol=1e-6, atol=1e-7)

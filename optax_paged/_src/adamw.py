@@ -43,6 +43,7 @@ def adamw8bit(
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW whose moments are stored blockwise in 8 bits.
 
@@ -67,6 +68,9 @@ def adamw8bit(
       returns one given the parameters; as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state (4096, as
       bitsandbytes).
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``params``.
@@ -91,6 +95,7 @@ def adamw8bit(
       _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
       quantize=True,
       min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
       weight_decay_mask=mask,
       paged=False,
   )
@@ -105,6 +110,7 @@ def paged_adamw8bit(
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
     device_budget: int | float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with blockwise 8-bit state in paged (managed) memory.
@@ -125,6 +131,9 @@ def paged_adamw8bit(
     weight_decay: decoupled weight decay strength.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
     device_budget: GPU bytes the state may occupy (an int), a fraction of
       the GPU memory free at init (a float in [0, 1]), or None for half of
       it. 0 keeps every buffer in host RAM.
@@ -149,6 +158,7 @@ def paged_adamw8bit(
       _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
       quantize=True,
       min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
       weight_decay_mask=mask,
       paged=True,
       device_budget=device_budget,
@@ -156,12 +166,14 @@ def paged_adamw8bit(
 
 
 def _adam(learning_rate, b1, b2, eps, weight_decay, mask, *, quantize, paged,
-          min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None):
+          min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None,
+          keep_32bit=None):
   _check_hyperparams(b1, b2, eps)
   return transform.make_transformation(
       _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
       quantize=quantize,
       min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
       weight_decay_mask=mask,
       paged=paged,
       device_budget=device_budget,
@@ -175,6 +187,7 @@ def adam8bit(
     eps: float = 1e-8,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with blockwise 8-bit state (``adamw8bit`` without weight decay).
 
@@ -184,12 +197,16 @@ def adam8bit(
     b2: exponential decay rate of the second moment.
     eps: added to the denominator for numerical stability.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; matches ``optax.adam``.
   """
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
-               paged=False, min_8bit_size=min_8bit_size)
+               paged=False, min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit)
 
 
 def paged_adam8bit(
@@ -199,6 +216,7 @@ def paged_adam8bit(
     eps: float = 1e-8,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
     device_budget: int | float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with blockwise 8-bit state in paged memory (see ``paged_adamw8bit``).
@@ -209,6 +227,9 @@ def paged_adam8bit(
     b2: exponential decay rate of the second moment.
     eps: added to the denominator for numerical stability.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
       state may occupy; None for half of the free memory.
 
@@ -217,6 +238,7 @@ def paged_adam8bit(
   """
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
                paged=True, min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
                device_budget=device_budget)
 
 

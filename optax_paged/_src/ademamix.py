@@ -29,13 +29,14 @@ def ademamix_spec(learning_rate, b1, b2, b3, alpha, eps,
 
 def _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask, *,
               quantize, paged, min_8bit_size=base.MIN_8BIT_SIZE,
-              device_budget=None):
+              device_budget=None, keep_32bit=None):
   for name, value in (('b1', b1), ('b2', b2), ('b3', b3)):
     if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
       raise ValueError(f'{name} must be in [0, 1), got {value}.')
   return transform.make_transformation(
       ademamix_spec(learning_rate, b1, b2, b3, alpha, eps, weight_decay),
       quantize=quantize, min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
       weight_decay_mask=mask, paged=paged, device_budget=device_budget,
   )
 
@@ -51,6 +52,7 @@ def ademamix8bit(
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdEMAMix with its three moments stored blockwise in 8 bits.
 
@@ -71,6 +73,9 @@ def ademamix8bit(
     weight_decay: decoupled weight decay strength.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -80,7 +85,8 @@ def ademamix8bit(
     <https://arxiv.org/abs/2409.03137>`_, 2024.
   """
   return _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask,
-                   quantize=True, paged=False, min_8bit_size=min_8bit_size)
+                   quantize=True, paged=False, min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit)
 
 
 def paged_ademamix8bit(
@@ -94,6 +100,7 @@ def paged_ademamix8bit(
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
     device_budget: int | float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`ademamix8bit` with its state in paged memory.
@@ -108,6 +115,9 @@ def paged_ademamix8bit(
     weight_decay: decoupled weight decay strength.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
       state may occupy; None for half of the free memory.
 
@@ -116,6 +126,7 @@ def paged_ademamix8bit(
   """
   return _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask,
                    quantize=True, paged=True, min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
                    device_budget=device_budget)
 
 

@@ -24,13 +24,15 @@ def lion_spec(learning_rate, b1, b2, weight_decay) -> transform.OptimizerSpec:
 
 
 def _lion(learning_rate, b1, b2, weight_decay, mask, *, quantize, paged,
-          min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None):
+          min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None,
+          keep_32bit=None):
   for name, value in (('b1', b1), ('b2', b2)):
     if isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
       raise ValueError(f'{name} must be in [0, 1], got {value}.')
   return transform.make_transformation(
       lion_spec(learning_rate, b1, b2, weight_decay),
       quantize=quantize, min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
       weight_decay_mask=mask, paged=paged, device_budget=device_budget,
   )
 
@@ -43,6 +45,7 @@ def lion8bit(
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lion whose momentum is stored blockwise in 8 bits (1 byte a parameter).
 
@@ -56,6 +59,9 @@ def lion8bit(
     weight_decay: decoupled weight decay strength.
     mask: which parameters get weight decay, as ``optax.lion``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -65,7 +71,8 @@ def lion8bit(
     <https://arxiv.org/abs/2302.06675>`_, 2023.
   """
   return _lion(learning_rate, b1, b2, weight_decay, mask, quantize=True,
-               paged=False, min_8bit_size=min_8bit_size)
+               paged=False, min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit)
 
 
 def paged_lion8bit(
@@ -76,6 +83,7 @@ def paged_lion8bit(
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
     device_budget: int | float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`lion8bit` with its state in paged memory.
@@ -87,6 +95,9 @@ def paged_lion8bit(
     weight_decay: decoupled weight decay strength.
     mask: which parameters get weight decay, as ``optax.lion``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
       state may occupy; None for half of the free memory.
 
@@ -95,6 +106,7 @@ def paged_lion8bit(
   """
   return _lion(learning_rate, b1, b2, weight_decay, mask, quantize=True,
                paged=True, min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
                device_budget=device_budget)
 
 

@@ -13,6 +13,7 @@ the buffers.
 """
 
 import dataclasses
+import gc
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -86,9 +87,12 @@ class StateRecord:
     return bool(self.entry.released)
 
   def check_tree(self, name: str, kind: str, tree: Any) -> list[Any]:
-    """Leaves of ``tree`` if it matches this layout; else a ValueError."""
+    """Leaves of ``tree`` if they match this layout; else a ValueError."""
     leaves, treedef = jax.tree.flatten(tree)
-    if treedef != self.treedef:
+    # Containers may differ (Flax NNX initialises with Param-wrapped leaves
+    # and updates with plain arrays); the leaves must correspond one to one,
+    # which the count here and the shapes below check.
+    if len(leaves) != len(self.leaves):
       raise ValueError(
           f'{name}: {kind} tree {treedef} does not match the parameter tree '
           f'the state was initialised with, {self.treedef}.'
@@ -175,12 +179,38 @@ def _platform_of(leaves: Sequence[Any]) -> str:
 
 
 class StateRegistry:
-  """Owns every optimizer state's buffers in this process."""
+  """Owns every optimizer state's buffers in this process.
+
+  A state's buffers live while some ``StateBuffers`` object refers to them.
+  When the last one is collected the record becomes an orphan: a later
+  lookup of its key (a pytree rebuilt from a treedef, as Flax NNX does when
+  it swaps a module's state) revives it, and the next full garbage
+  collection (``gc.collect()``) frees it.
+  """
 
   def __init__(self):
     self._live: weakref.WeakValueDictionary[int, StateBuffers] = (
         weakref.WeakValueDictionary()
     )
+    self._orphans: dict[int, StateRecord] = {}
+    gc.callbacks.append(self._on_gc)
+
+  def _adopt(self, record: StateRecord) -> StateBuffers:
+    buffers = StateBuffers(record.key, record)
+    self._live[record.key] = buffers
+    weakref.finalize(buffers, self._orphan, record)
+    return buffers
+
+  def _orphan(self, record: StateRecord) -> None:
+    if not record.released:
+      self._orphans[record.key] = record
+
+  def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+    # Frees the records orphaned before this full collection began.
+    if phase == 'start' and info.get('generation') == 2 and self._orphans:
+      orphans, self._orphans = self._orphans, {}
+      for record in orphans.values():
+        record.entry.release()
 
   def allocate(
       self,
@@ -241,25 +271,29 @@ class StateRegistry:
     if record.paged:
       from optax_paged._src import paging  # paging builds on the registry
       paging.apply_budget(record, device_budget)
-    buffers = StateBuffers(record.key, record)
-    self._live[record.key] = buffers
-    return buffers
+    return self._adopt(record)
 
   def lookup(self, key: int) -> StateBuffers:
     """The unique live StateBuffers for ``key`` (a dead one if released)."""
     if key == 0:
       return StateBuffers(0, None)
     buffers = self._live.get(key)
-    return buffers if buffers is not None else StateBuffers(key, None)
+    if buffers is not None:
+      return buffers
+    record = self._orphans.pop(key, None)
+    if record is not None and not record.released:
+      return self._adopt(record)
+    return StateBuffers(key, None)
 
   def release(self, buffers: StateBuffers) -> None:
     """Frees the buffers now; later updates with this state fail clearly."""
     if buffers._record is not None:
       buffers._record.entry.release()
     self._live.pop(buffers.key, None)
+    self._orphans.pop(buffers.key, None)
 
   def live_states(self) -> list[StateBuffers]:
-    """Every state whose buffers are allocated."""
+    """Every state whose buffers are allocated and referred to."""
     return [b for b in list(self._live.values()) if not b._record.released]
 
   def total_bytes(self) -> int:

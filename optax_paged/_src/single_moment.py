@@ -1,5 +1,7 @@
 """SGD with momentum, RMSprop and Adagrad with blockwise 8-bit state."""
 
+from typing import Any
+
 import optax
 
 from optax_paged._src import base
@@ -49,9 +51,10 @@ def adagrad_spec(learning_rate, initial_accumulator_value,
   )
 
 
-def _make(spec, min_8bit_size):
+def _make(spec, min_8bit_size, keep_32bit):
   return transform.make_transformation(
       spec, quantize=True, min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
       weight_decay_mask=None, paged=False,
   )
 
@@ -62,6 +65,7 @@ def sgd8bit(
     weight_decay: float = 0.0,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with heavy-ball momentum stored blockwise in 8 bits.
 
@@ -74,13 +78,17 @@ def sgd8bit(
     momentum: the momentum decay rate.
     weight_decay: L2 weight decay, added to the gradient.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
     raise ValueError(f'momentum must be in [0, 1), got {momentum}.')
-  return _make(sgd_spec(learning_rate, momentum, weight_decay), min_8bit_size)
+  return _make(sgd_spec(learning_rate, momentum, weight_decay), min_8bit_size,
+               keep_32bit)
 
 
 def rmsprop8bit(
@@ -89,6 +97,7 @@ def rmsprop8bit(
     eps: float = 1e-8,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSprop with its second moment stored blockwise in 8 bits.
 
@@ -100,13 +109,17 @@ def rmsprop8bit(
     decay: decay rate of the second moment.
     eps: added inside the square root.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   if isinstance(decay, (int, float)) and not 0.0 <= decay < 1.0:
     raise ValueError(f'decay must be in [0, 1), got {decay}.')
-  return _make(rmsprop_spec(learning_rate, decay, eps), min_8bit_size)
+  return _make(rmsprop_spec(learning_rate, decay, eps), min_8bit_size,
+               keep_32bit)
 
 
 def adagrad8bit(
@@ -115,6 +128,7 @@ def adagrad8bit(
     eps: float = 1e-7,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
+    keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adagrad with its sum of squares stored blockwise in 8 bits.
 
@@ -126,6 +140,9 @@ def adagrad8bit(
     initial_accumulator_value: the value the sum of squares starts from.
     eps: added inside the square root.
     min_8bit_size: leaves with fewer elements keep fp32 state.
+    keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
+      embeddings): a tree of booleans with the structure of the parameters
+      (or a prefix of it), or a callable returning one given the parameters.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -135,4 +152,5 @@ def adagrad8bit(
   return _make(
       adagrad_spec(learning_rate, initial_accumulator_value, eps),
       min_8bit_size,
+      keep_32bit,
   )

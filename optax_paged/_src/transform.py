@@ -57,11 +57,11 @@ class OptimizerSpec(NamedTuple):
 _SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def resolve_mask(mask: Any, params: Any) -> list[bool]:
+def resolve_mask(mask: Any, params: Any, default: bool = True) -> list[bool]:
   """Per-leaf booleans from an optax-style mask (tree, prefix or callable)."""
   leaves = jax.tree.leaves(params)
   if mask is None:
-    return [True] * len(leaves)
+    return [default] * len(leaves)
   tree = mask(params) if callable(mask) else mask
   full = jax.tree.map(
       lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, params
@@ -82,6 +82,7 @@ def make_transformation(
     weight_decay_mask: Any,
     paged: bool,
     device_budget: Any = None,
+    keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the optax transformation for ``spec``."""
   if paged:
@@ -94,9 +95,11 @@ def make_transformation(
 
   def init_fn(params: base.Params) -> PagedOptimizerState:
     leaves = jax.tree.leaves(params)
-    quantized = [quantize and np.size(leaf) >= min_8bit_size for leaf in leaves]
-    if not quantize:
-      quantized = [False] * len(leaves)
+    kept = resolve_mask(keep_32bit, params, default=False)
+    quantized = [
+        quantize and np.size(leaf) >= min_8bit_size and not keep
+        for leaf, keep in zip(leaves, kept, strict=True)
+    ]
     decay = resolve_mask(weight_decay_mask, params)
     buffers = registry.REGISTRY.allocate(
         spec.name, spec.num_moments, params, quantized, decay,
@@ -231,7 +234,7 @@ def run_step(
     )
     for i, result in zip(group.indices, results, strict=True):
       outputs[i] = result
-  return jax.tree.unflatten(record.treedef, outputs), count_inc
+  return jax.tree.unflatten(jax.tree.structure(grads), outputs), count_inc
 
 
 def learning_rate_at(learning_rate: base.ScalarOrSchedule, count: jax.Array):
