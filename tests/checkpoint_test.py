@@ -94,10 +94,12 @@ def _corrupt(saved, edit):
 
 
 @pytest.mark.parametrize('edit, message', [
-    (lambda s: s.__setitem__('format_version', np.int32(2)), 'format version'),
+    (lambda s: s.__setitem__('format_version', np.asarray(2, np.int32)),
+     'format version'),
     (lambda s: s.__setitem__('block_size', np.int32(128)), 'block size'),
     (lambda s: s['signed_map'].__setitem__(3, 0.5), 'signed_map'),
-    (lambda s: s.__setitem__('optimizer', np.asarray('lion')), 'lion'),
+    (lambda s: s.__setitem__('optimizer', np.frombuffer(b'lion', np.uint8)),
+     'checkpoint is for lion'),
     (lambda s: s['leaves'].pop(), 'leaves'),
     (lambda s: s['leaves'][0]['moments'][1]['codes'].__setitem__(7, 3),
      'checksum'),

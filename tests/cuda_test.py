@@ -178,3 +178,13 @@ def test_no_warning_for_a_budget_that_fits():
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     optax_paged.paged_adamw8bit(1e-3, device_budget=2**20).init(params)
+
+
+def test_load_state_dict_restores_the_saved_tiers():
+  params = random_tree(SHAPES, seed=7)
+  saved_from = optax_paged.paged_adamw8bit(1e-3, device_budget=0)
+  saved = optax_paged.state_dict(saved_from.init(params))
+  fresh = optax_paged.paged_adamw8bit(1e-3, device_budget=1.0).init(params)
+  assert set(_tiers(fresh)) == {'device'}
+  restored = optax_paged.load_state_dict(fresh, saved)
+  assert set(_tiers(restored)) == {'host'}

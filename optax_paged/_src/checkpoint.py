@@ -17,6 +17,7 @@ import numpy as np
 
 from optax_paged._src import base
 from optax_paged._src import quantization
+from optax_paged._src import registry
 from optax_paged._src import transform
 
 
@@ -47,17 +48,21 @@ def _export_paged(state: transform.PagedOptimizerState) -> dict[str, Any]:
         moments.append({'values': data})
     leaves.append({
         'shape': np.asarray(layout.shape, dtype=np.int64),
-        'quantized': np.bool_(layout.quantized),
+        'quantized': np.asarray(layout.quantized),
+        'tier': np.asarray(
+            registry.TIER_CODES[entry.leaf_info(index)['tier']], np.int32),
         'moments': moments,
     })
   return {
-      'format_version': np.int32(base.FORMAT_VERSION),
-      'block_size': np.int32(base.BLOCK_SIZE),
+      # 0-d arrays, not NumPy scalars: checkpointers store arrays.
+      'format_version': np.asarray(base.FORMAT_VERSION, np.int32),
+      'block_size': np.asarray(base.BLOCK_SIZE, np.int32),
       'signed_map': quantization.tables(True).values.copy(),
       'unsigned_map': quantization.tables(False).values.copy(),
-      'optimizer': np.asarray(record.optimizer),
+      # Names as bytes: checkpointers store numbers, not strings.
+      'optimizer': np.frombuffer(record.optimizer.encode(), np.uint8).copy(),
       'count': np.asarray(state.count, dtype=np.int32),
-      'checksum': _checksum(leaves),
+      'checksum': np.asarray(_checksum(leaves)),
       'leaves': leaves,
   }
 
@@ -105,7 +110,7 @@ def _check_header(saved: dict[str, Any], record: Any) -> None:
     stored = np.asarray(saved[name], dtype=np.float32)
     if not np.array_equal(stored, quantization.tables(signed).values):
       raise _refuse(f'checkpoint {name} differs from this build\'s map.')
-  optimizer = str(np.asarray(saved['optimizer']))
+  optimizer = np.asarray(saved['optimizer'], np.uint8).tobytes().decode()
   if optimizer != record.optimizer:
     raise _refuse(
         f'checkpoint is for {optimizer}, the state is for {record.optimizer}.'
@@ -179,10 +184,26 @@ def _import_paged(
           index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
           empty,
       )
+  if record.paged:
+    _restore_tiers(record, [int(leaf['tier']) for leaf in saved['leaves']])
   return transform.PagedOptimizerState(
       count=jnp.asarray(saved['count'], dtype=jnp.int32),
       buffers=state.buffers,
   )
+
+
+def _restore_tiers(record: Any, tiers: list[int]) -> None:
+  """Puts each leaf back in its saved tier, as far as the GPU has room."""
+  from optax_paged._src import paging  # only paged GPU states get here
+
+  paged_tiers = {registry.TIER_CODES['device'], registry.TIER_CODES['host']}
+  if not all(tier in paged_tiers for tier in tiers):
+    return  # saved from the CPU or an unpaged state: keep the init's tiers
+  device = registry.TIER_CODES['device']
+  sizes = [record.entry.leaf_info(i)['bytes'] for i in range(len(tiers))]
+  budget = sum(n for n, tier in zip(sizes, tiers, strict=True)
+               if tier == device)
+  paging.apply_budget(record, budget)
 
 
 def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
