@@ -67,8 +67,15 @@ def test_host_tier_is_bit_identical_to_device_tier(fused):
   assert set(_tiers(s_dev)) == {'device'}
   assert set(_tiers(s_host)) == {'host'}
   _assert_trees_equal(p_dev, p_host)
-  _assert_trees_equal(optax_paged.state_dict(s_dev),
-                      optax_paged.state_dict(s_host))
+  _assert_trees_equal(_without_tiers(optax_paged.state_dict(s_dev)),
+                      _without_tiers(optax_paged.state_dict(s_host)))
+
+
+def _without_tiers(saved):
+  """A state_dict without the (legitimately different) tier of each leaf."""
+  for leaf in saved['leaves']:
+    del leaf['tier']
+  return saved
 
 
 def test_budget_places_leaves_in_order_and_is_enforced():
@@ -108,7 +115,8 @@ def test_set_device_budget_moves_buffers_and_keeps_results():
       assert set(_tiers(s)) == {'device'}
     p, s = step(p, s, _grads(p, i))
   _assert_trees_equal(p, p_ref)
-  _assert_trees_equal(optax_paged.state_dict(s), optax_paged.state_dict(s_ref))
+  _assert_trees_equal(_without_tiers(optax_paged.state_dict(s)),
+                      _without_tiers(optax_paged.state_dict(s_ref)))
 
 
 def test_unpaged_optimizer_uses_plain_device_memory():
