@@ -34,6 +34,21 @@ def _check_hyperparams(b1, b2, eps) -> None:
     raise ValueError(f'eps must be >= 0, got {eps}.')
 
 
+def _adam(learning_rate, b1, b2, eps, weight_decay, mask, *, quantize, paged,
+          min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None,
+          keep_32bit=None):
+  _check_hyperparams(b1, b2, eps)
+  return transform.make_transformation(
+      _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
+      quantize=quantize,
+      min_8bit_size=min_8bit_size,
+      keep_32bit=keep_32bit,
+      weight_decay_mask=mask,
+      paged=paged,
+      device_budget=device_budget,
+  )
+
+
 def adamw8bit(
     learning_rate: base.ScalarOrSchedule,
     b1: float = 0.9,
@@ -90,15 +105,9 @@ def adamw8bit(
     Dettmers et al., `8-bit Optimizers via Block-wise Quantization
     <https://arxiv.org/abs/2110.02861>`_, 2022.
   """
-  _check_hyperparams(b1, b2, eps)
-  return transform.make_transformation(
-      _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
-      quantize=True,
-      min_8bit_size=min_8bit_size,
-      keep_32bit=keep_32bit,
-      weight_decay_mask=mask,
-      paged=False,
-  )
+  return _adam(learning_rate, b1, b2, eps, weight_decay, mask, quantize=True,
+               paged=False, min_8bit_size=min_8bit_size,
+               keep_32bit=keep_32bit)
 
 
 def paged_adamw8bit(
@@ -153,31 +162,10 @@ def paged_adamw8bit(
     Dettmers et al., `8-bit Optimizers via Block-wise Quantization
     <https://arxiv.org/abs/2110.02861>`_, 2022.
   """
-  _check_hyperparams(b1, b2, eps)
-  return transform.make_transformation(
-      _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
-      quantize=True,
-      min_8bit_size=min_8bit_size,
-      keep_32bit=keep_32bit,
-      weight_decay_mask=mask,
-      paged=True,
-      device_budget=device_budget,
-  )
-
-
-def _adam(learning_rate, b1, b2, eps, weight_decay, mask, *, quantize, paged,
-          min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None,
-          keep_32bit=None):
-  _check_hyperparams(b1, b2, eps)
-  return transform.make_transformation(
-      _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
-      quantize=quantize,
-      min_8bit_size=min_8bit_size,
-      keep_32bit=keep_32bit,
-      weight_decay_mask=mask,
-      paged=paged,
-      device_budget=device_budget,
-  )
+  return _adam(learning_rate, b1, b2, eps, weight_decay, mask, quantize=True,
+               paged=True, min_8bit_size=min_8bit_size,
+               keep_32bit=keep_32bit,
+               device_budget=device_budget)
 
 
 def adam8bit(
