@@ -101,19 +101,6 @@ def make_step(tx: optax.GradientTransformation, fused: bool) -> Step:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def state_bytes(state: Any) -> int:
-  """Bytes of the state's jax arrays plus any optax_paged registry buffers."""
-
-  def is_buffers(x: Any) -> bool:
-    return isinstance(x, optax_paged.StateBuffers)
-
-  nodes = jax.tree.leaves(state, is_leaf=is_buffers)
-  return sum(
-      node.record().entry.total_bytes if is_buffers(node) else node.nbytes
-      for node in nodes
-  )
-
-
 class Runner:
   """One optimizer's parameters, state and compiled step."""
 
@@ -144,7 +131,7 @@ class Runner:
     self.times_s.extend(self.step() for _ in range(steps))
 
   def result(self) -> Result:
-    return Result(self.name, self.times_s, state_bytes(self.state))
+    return Result(self.name, self.times_s, optax_paged.state_nbytes(self.state))
 
 
 def benchmark(layers: int, rounds: int, steps_per_round: int,

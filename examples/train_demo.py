@@ -105,19 +105,6 @@ def make_train_step(model: nn.Module,
   return train_step
 
 
-def state_bytes(state: Any) -> int:
-  """Bytes of the state's jax arrays plus any optax_paged registry buffers."""
-
-  def is_buffers(x: Any) -> bool:
-    return isinstance(x, optax_paged.StateBuffers)
-
-  nodes = jax.tree.leaves(state, is_leaf=is_buffers)
-  return sum(
-      node.record().entry.total_bytes if is_buffers(node) else node.nbytes
-      for node in nodes
-  )
-
-
 class Run:
   """One optimizer's training run: parameters, state, losses, time."""
 
@@ -146,7 +133,7 @@ def summary(runs: list[Run], num_params: int) -> str:
       f'{"bytes/param":>11} {"wall s":>7}'
   ]
   for run in runs:
-    size = state_bytes(run.opt_state)
+    size = optax_paged.state_nbytes(run.opt_state)
     final = np.mean(run.losses[-FINAL_WINDOW:])
     lines.append(
         f'{run.name:<28} {final:>10.4f} {size:>12,} '

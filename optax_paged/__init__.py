@@ -26,6 +26,7 @@ from optax_paged._src.lion import paged_lion8bit
 from optax_paged._src.paging import MemoryReport
 from optax_paged._src.paging import memory_report
 from optax_paged._src.paging import set_device_budget
+from optax_paged._src.paging import state_nbytes
 from optax_paged._src.registry import REGISTRY as state_registry
 from optax_paged._src.registry import StateBuffers
 from optax_paged._src.registry import StateRegistry
@@ -66,6 +67,7 @@ __all__ = [
     'set_device_budget',
     'sgd8bit',
     'state_dict',
+    'state_nbytes',
     'state_registry',
     'StateBuffers',
     'StateRegistry',

@@ -63,3 +63,14 @@ def test_release_finds_states_inside_containers():
   state = tx.init({'w': jnp.ones((128, 128))})
   optax_paged.release({'opt_state': state, 'step': 3})
   assert _live_bytes() == baseline
+
+
+def test_state_nbytes_counts_arrays_and_registry_buffers():
+  import optax
+  params = {'w': jnp.ones((1024, 1024))}
+  ours = optax_paged.paged_adamw8bit(1e-3).init(params)
+  theirs = optax.adamw(1e-3).init(params)
+  assert optax_paged.state_nbytes(theirs) == 2 * 4 * 2**20 + 4
+  assert optax_paged.state_nbytes(ours) == (
+      optax_paged.memory_report(ours).total_bytes + 4  # + the int32 count
+  )

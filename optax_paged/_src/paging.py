@@ -18,6 +18,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 from optax_paged._src import ffi
 from optax_paged._src import registry
 
@@ -239,3 +241,27 @@ def memory_report(state: Any) -> MemoryReport:
           bytes=int(info['bytes']),
       ))
   return MemoryReport(tuple(rows))
+
+
+def state_nbytes(state: Any) -> int:
+  """Bytes an optimizer state holds: its JAX arrays plus registry buffers.
+
+  Works for any optax state, so optax_paged and optax optimizers compare
+  like for like.
+
+  Args:
+    state: an optimizer state, or any pytree containing some.
+
+  Returns:
+    The total in bytes.
+  """
+  def is_buffers(x: Any) -> bool:
+    return isinstance(x, registry.StateBuffers)
+
+  total = 0
+  for node in jax.tree.leaves(state, is_leaf=is_buffers):
+    if is_buffers(node):
+      total += 0 if node.is_abstract else node.record().entry.total_bytes
+    else:
+      total += int(getattr(node, 'nbytes', 0))
+  return total
