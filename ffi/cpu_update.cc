@@ -2,7 +2,7 @@
 //
 // Operands: the hyperparameter vector, then the gradients, then the
 // parameters of the group's leaves. Results: the updates (or, with
-// `apply_updates`, the new parameters). The moments live in the registry
+// `output_mode`, the new parameters). The moments live in the registry
 // entry named by the `state_id` attribute. Work is split into chunks of
 // blocks spread over XLA's intra-op thread pool; the calling thread works
 // too, so the call finishes even when the pool is busy.
@@ -49,7 +49,9 @@ struct GroupStep {
   std::vector<const T*> grads;
   std::vector<const T*> params;
   std::vector<T*> outputs;
-  bool apply_updates;
+  std::vector<uint32_t> leaf_ids;  // registry index of each leaf, for random bits
+  int output_mode;
+  uint32_t seed;
 
   void RunChunk(const Chunk& chunk) const {
     const LeafState& leaf = *leaves[chunk.leaf];
@@ -76,9 +78,12 @@ struct GroupStep {
       const float param = ToFloat(p[i]);
       const float update =
           Optimizer::Update(scalars, ToFloat(g[i]), param, decay, element);
-      out[i] = apply_updates
-                   ? FromFloat<T>(AddRounded(param, ToFloat(FromFloat<T>(update))))
-                   : FromFloat<T>(update);
+      const uint32_t random =
+          output_mode == kOutputParamsStochastic
+              ? RandomBits(seed, leaf_ids[leaf_index],
+                           static_cast<uint64_t>(begin + i))
+              : 0u;
+      out[i] = OutputValue<T>(output_mode, param, update, random);
       for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
     }
   }
@@ -163,16 +168,18 @@ template <typename Optimizer, typename T>
 ffi::Error RunGroup(ffi::ThreadPool& pool, const float* hyperparams,
                     ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                     const StateEntry& entry,
-                    ffi::Span<const int64_t> leaf_indices, bool apply_updates) {
+                    ffi::Span<const int64_t> leaf_indices, int output_mode) {
   const size_t count = leaf_indices.size();
   auto step = std::make_shared<GroupStep<Optimizer, T>>();
   step->scalars = Optimizer::Load(hyperparams);
-  step->apply_updates = apply_updates;
+  step->output_mode = output_mode;
+  step->seed = FloatBits(hyperparams[kSeedIndex]);
   auto queue = std::make_shared<ChunkQueue>();
   int64_t total_elements = 0;
   for (size_t k = 0; k < count; ++k) {
     const LeafState& leaf = entry.leaves()[leaf_indices[k]];
     step->leaves.push_back(&leaf);
+    step->leaf_ids.push_back(static_cast<uint32_t>(leaf_indices[k]));
     step->grads.push_back(static_cast<const T*>(
         args.get<ffi::AnyBuffer>(k).value().untyped_data()));
     step->params.push_back(static_cast<const T*>(
@@ -203,7 +210,7 @@ template <typename Optimizer>
 ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
                       ffi::RemainingArgs args, ffi::RemainingRets rets,
                       int64_t state_id, ffi::Span<const int64_t> leaf_indices,
-                      bool apply_updates, std::string_view name) {
+                      int64_t output_mode, std::string_view name) {
   std::shared_ptr<StateEntry> entry = FindStateEntry(state_id);
   if (entry == nullptr) {
     return ffi::Error::InvalidArgument(
@@ -221,13 +228,16 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
   switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
     case ffi::F32:
       return RunGroup<Optimizer, float>(pool, h, args, rets, *entry,
-                                        leaf_indices, apply_updates);
+                                        leaf_indices,
+                                        static_cast<int>(output_mode));
     case ffi::BF16:
       return RunGroup<Optimizer, BFloat16>(pool, h, args, rets, *entry,
-                                           leaf_indices, apply_updates);
+                                           leaf_indices,
+                                        static_cast<int>(output_mode));
     case ffi::F16:
       return RunGroup<Optimizer, Half>(pool, h, args, rets, *entry,
-                                       leaf_indices, apply_updates);
+                                       leaf_indices,
+                                        static_cast<int>(output_mode));
     default:
       return ffi::Error::InvalidArgument(
           std::string(name) +
@@ -244,10 +254,10 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
       ([](ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,         \
           ffi::RemainingArgs args, ffi::RemainingRets rets,                \
           int64_t state_id, ffi::Span<const int64_t> leaf_indices,         \
-          bool apply_updates) {                                            \
+          int64_t output_mode) {                                           \
         return UpdateImpl<Optimizer>(pool, hyperparams, args, rets,        \
                                      state_id, leaf_indices,               \
-                                     apply_updates, name);                 \
+                                     output_mode, name);                   \
       }),                                                                  \
       ffi::Ffi::Bind()                                                     \
           .Ctx<ffi::ThreadPool>()                    /* intra-op pool */   \
@@ -256,7 +266,7 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
           .RemainingRets()                           /* updates/params */  \
           .Attr<int64_t>("state_id")                 /* registry entry */  \
           .Attr<ffi::Span<const int64_t>>("leaf_indices")                  \
-          .Attr<bool>("apply_updates"))              /* fused step */
+          .Attr<int64_t>("output_mode"))             /* OutputMode */
 
 OPTAX_PAGED_CPU_HANDLER(kAdamWUpdateCpu, AdamW, "optax_paged_adamw");
 OPTAX_PAGED_CPU_HANDLER(kLionUpdateCpu, Lion, "optax_paged_lion");

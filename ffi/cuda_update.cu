@@ -50,13 +50,14 @@ struct LeafArgs {
   int64_t first_block;  // global index of the leaf's first quantization block
   int32_t quantized;
   int32_t decay;
+  uint32_t id;  // index in the registry entry, for random bits
 };
 
 struct LaunchArgs {
   LeafArgs leaves[kMaxLeavesPerLaunch];
   int64_t total_blocks;
   int32_t num_leaves;
-  int32_t apply_updates;
+  int32_t output_mode;
 };
 static_assert(sizeof(LaunchArgs) <= 32000, "kernel parameters over 32 KB");
 
@@ -115,6 +116,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     }
   }
   const typename Optimizer::Scalars scalars = Optimizer::Load(hyperparams);
+  const uint32_t seed = FloatBits(hyperparams[kSeedIndex]);
   __syncthreads();
 
   const int lane = threadIdx.x % kWarpSize;
@@ -182,9 +184,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const float param_f = ToFloat(p.v[i]);
       const float update = Optimizer::Update(scalars, ToFloat(g.v[i]), param_f,
                                              leaf.decay != 0, element);
-      result.v[i] = args.apply_updates
-                        ? FromFloat<T>(AddRounded(param_f, ToFloat(FromFloat<T>(update))))
-                        : FromFloat<T>(update);
+      const uint32_t random =
+          args.output_mode == kOutputParamsStochastic
+              ? RandomBits(seed, leaf.id, static_cast<uint64_t>(first + i))
+              : 0u;
+      result.v[i] = OutputValue<T>(args.output_mode, param_f, update, random);
 #pragma unroll
       for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
     }
@@ -260,12 +264,12 @@ ffi::Error LaunchGroup(cudaStream_t stream, const float* hyperparams,
                        ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                        const StateEntry& entry,
                        ffi::Span<const int64_t> leaf_indices,
-                       bool apply_updates) {
+                       int output_mode) {
   const size_t count = leaf_indices.size();
   for (size_t start = 0; start < count; start += kMaxLeavesPerLaunch) {
     const size_t stop = std::min(count, start + kMaxLeavesPerLaunch);
     auto launch = std::make_unique<LaunchArgs>();
-    launch->apply_updates = apply_updates ? 1 : 0;
+    launch->output_mode = output_mode;
     int64_t blocks = 0;
     int num_leaves = 0;
     for (size_t k = start; k < stop; ++k) {
@@ -285,6 +289,7 @@ ffi::Error LaunchGroup(cudaStream_t stream, const float* hyperparams,
       leaf.first_block = blocks;
       leaf.quantized = state.quantized ? 1 : 0;
       leaf.decay = state.decay ? 1 : 0;
+      leaf.id = static_cast<uint32_t>(leaf_indices[k]);
       blocks += state.num_blocks;
     }
     if (num_leaves == 0) continue;
@@ -308,7 +313,7 @@ template <typename Optimizer>
 ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
                       ffi::RemainingArgs args, ffi::RemainingRets rets,
                       int64_t state_id, ffi::Span<const int64_t> leaf_indices,
-                      bool apply_updates, std::string_view name) {
+                      int64_t output_mode, std::string_view name) {
   std::shared_ptr<StateEntry> entry = FindStateEntry(state_id);
   if (entry == nullptr) {
     return ffi::Error::InvalidArgument(
@@ -331,13 +336,16 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
   switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
     case ffi::F32:
       return LaunchGroup<Optimizer, float>(stream, h, args, rets, *entry,
-                                           leaf_indices, apply_updates);
+                                           leaf_indices,
+          static_cast<int>(output_mode));
     case ffi::BF16:
       return LaunchGroup<Optimizer, BFloat16>(stream, h, args, rets, *entry,
-                                              leaf_indices, apply_updates);
+                                              leaf_indices,
+          static_cast<int>(output_mode));
     case ffi::F16:
       return LaunchGroup<Optimizer, Half>(stream, h, args, rets, *entry,
-                                          leaf_indices, apply_updates);
+                                          leaf_indices,
+          static_cast<int>(output_mode));
     default:
       return ffi::Error::InvalidArgument(
           std::string(name) +
@@ -355,10 +363,10 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
       ([](cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,          \
           ffi::RemainingArgs args, ffi::RemainingRets rets,                \
           int64_t state_id, ffi::Span<const int64_t> leaf_indices,         \
-          bool apply_updates) {                                            \
+          int64_t output_mode) {                                           \
         return UpdateImpl<Optimizer>(stream, hyperparams, args, rets,      \
                                      state_id, leaf_indices,               \
-                                     apply_updates, name);                 \
+                                     output_mode, name);                   \
       }),                                                                  \
       ffi::Ffi::Bind()                                                     \
           .Ctx<ffi::PlatformStream<cudaStream_t>>()  /* XLA's stream */    \
@@ -367,7 +375,7 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
           .RemainingRets()                           /* updates/params */  \
           .Attr<int64_t>("state_id")                 /* registry entry */  \
           .Attr<ffi::Span<const int64_t>>("leaf_indices")                  \
-          .Attr<bool>("apply_updates"))              /* fused step */
+          .Attr<int64_t>("output_mode"))             /* OutputMode */
 
 OPTAX_PAGED_CUDA_HANDLER(kAdamWUpdateCuda, AdamW, "optax_paged_adamw");
 OPTAX_PAGED_CUDA_HANDLER(kLionUpdateCuda, Lion, "optax_paged_lion");

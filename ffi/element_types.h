@@ -102,6 +102,54 @@ OPTAX_PAGED_HD Half FromFloat<Half>(float x) {
 #endif
 }
 
+// What an update call writes for each element.
+enum OutputMode : int {
+  kOutputUpdates = 0,           // the update, as tx.update returns it
+  kOutputParams = 1,            // p + update, as optax.apply_updates
+  kOutputParamsStochastic = 2,  // p + update with stochastic rounding (bf16)
+};
+
+// 32 random bits for element `index` of leaf `leaf` at step `seed`: the
+// splitmix64 finaliser of a counter, so every element and step differ and
+// the CPU and GPU draw the same bits.
+OPTAX_PAGED_HD uint32_t RandomBits(uint32_t seed, uint32_t leaf,
+                                   uint64_t index) {
+  uint64_t z = index + (static_cast<uint64_t>(leaf) << 40) +
+               0x9e3779b97f4a7c15ull * (static_cast<uint64_t>(seed) + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return static_cast<uint32_t>(z ^ (z >> 31));
+}
+
+// x rounded to T up or down with probabilities that make the result equal
+// x on average. Only bf16 is rounded stochastically; float is exact and
+// float16 rounds to nearest.
+template <typename T>
+OPTAX_PAGED_HD T StochasticRound(float x, uint32_t random) {
+  (void)random;
+  return FromFloat<T>(x);
+}
+
+template <>
+OPTAX_PAGED_HD BFloat16 StochasticRound<BFloat16>(float x, uint32_t random) {
+  const uint32_t bits = FloatBits(x);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return FromFloat<BFloat16>(x);
+  // Adding 16 random bits below bf16's last bit and truncating carries into
+  // that bit with probability equal to the dropped fraction. Near the
+  // largest finite value the carry may reach infinity, as rounding up would.
+  return BFloat16{static_cast<uint16_t>((bits + (random & 0xffffu)) >> 16)};
+}
+
+template <typename T>
+OPTAX_PAGED_HD T OutputValue(int mode, float param, float update,
+                             uint32_t random) {
+  if (mode == kOutputUpdates) return FromFloat<T>(update);
+  if (mode == kOutputParamsStochastic) {
+    return StochasticRound<T>(param + update, random);
+  }
+  return FromFloat<T>(AddRounded(param, ToFloat(FromFloat<T>(update))));
+}
+
 }  // namespace optax_paged
 
 #endif  // OPTAX_PAGED_FFI_ELEMENT_TYPES_H_

@@ -16,9 +16,11 @@ namespace optax_paged {
 
 inline constexpr int kMaxMoments = 3;
 
-// Length of the hyperparameter operand; each optimizer uses a prefix of it.
-// The layout must match optax_paged/_src/hyperparams.py.
-inline constexpr int kNumHyperparams = 12;
+// Length of the hyperparameter operand; each optimizer uses a prefix of it,
+// and the last slot holds the step count's bits (the seed of stochastic
+// rounding). The layout must match optax_paged/_src/hyperparams.py.
+inline constexpr int kNumHyperparams = 16;
+inline constexpr int kSeedIndex = kNumHyperparams - 1;
 
 // AdamW with optax's convention (Loshchilov & Hutter, 2019):
 //   m = (1 - b1) g + b1 m,  v = (1 - b2) g^2 + b2 v,

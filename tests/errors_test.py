@@ -137,7 +137,7 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
           ([jnp.ones((5120,))], [3], 'out of range'),
       ]:
         try:
-          out = ffi.update_call('optax_paged_adamw', jnp.zeros(12), leaves,
+          out = ffi.update_call('optax_paged_adamw', jnp.zeros(16), leaves,
                                 leaves, state_id=key, leaf_indices=indices)
           out[0].block_until_ready()
         except Exception as error:
@@ -145,7 +145,7 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
         else:
           raise SystemExit('bad operands were accepted')
       try:
-        ffi.update_call('optax_paged_adamw', jnp.zeros(12), [jnp.ones(5120)],
+        ffi.update_call('optax_paged_adamw', jnp.zeros(16), [jnp.ones(5120)],
                         [jnp.ones(5120)], state_id=10**9,
                         leaf_indices=[0])[0].block_until_ready()
       except Exception as error:

@@ -300,3 +300,44 @@ def test_keep_32bit_keeps_chosen_leaves_in_fp32_state(keep):
     p, state = jax.jit(_apply(tx))(p, state, g)
     rp, ref_state = jax.jit(_apply(ref))(rp, ref_state, g)
   np.testing.assert_allclose(p['embed'], rp['embed'], rtol=1e-6, atol=1e-7)
+
+
+def _sgd_fused_steps(params, grads, steps, stochastic):
+  tx = optax_paged.sgd8bit(1.0, momentum=0.0)
+  state = tx.init(params)
+  step = jax.jit(functools.partial(
+      optax_paged.apply_gradients, tx, stochastic_rounding=stochastic))
+  for _ in range(steps):
+    params, state = step(grads, state, params)
+  return params
+
+
+def test_stochastic_rounding_keeps_tiny_bf16_updates_on_average():
+  # Each step adds 1e-4 to parameters at 1.0, whose bf16 spacing is 2^-7:
+  # rounding to nearest loses every step; stochastic rounding keeps them
+  # on average.
+  n = 1 << 16
+  params = {'w': jnp.ones((n,), jnp.bfloat16)}
+  grads = {'w': jnp.full((n,), -1e-4, jnp.bfloat16)}
+  step_size = float(jnp.asarray(1e-4, jnp.bfloat16))
+  nearest = _sgd_fused_steps(params, grads, 20, stochastic=False)
+  np.testing.assert_array_equal(np.asarray(nearest['w'], np.float32), 1.0)
+  for steps in (1, 20):
+    drawn = np.asarray(
+        _sgd_fused_steps(params, grads, steps, stochastic=True)['w'],
+        np.float32)
+    if steps == 1:  # one step rounds to one of the two neighbours
+      assert set(np.unique(drawn).tolist()) == {1.0, 1.0 + 2**-7}
+    # Mean of n Bernoulli draws of size 2^-7: standard error about
+    # 2^-7 * sqrt(p / n); allow six of them.
+    p = steps * step_size / 2**-7
+    tolerance = 6 * 2**-7 * np.sqrt(p / n)
+    assert abs(drawn.mean() - 1.0 - steps * step_size) < tolerance
+
+
+def test_stochastic_rounding_leaves_float32_parameters_exact():
+  params = random_tree(SHAPES, seed=9)
+  grads = _grads(params, 0)
+  exact = _sgd_fused_steps(params, grads, 2, stochastic=False)
+  drawn = _sgd_fused_steps(params, grads, 2, stochastic=True)
+  _assert_trees_equal(exact, drawn)

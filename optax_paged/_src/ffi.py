@@ -22,6 +22,11 @@ from jax.interpreters import mlir
 
 from optax_paged import _optax_paged_ext
 
+# OutputMode of ffi/element_types.h.
+OUTPUT_UPDATES = 0
+OUTPUT_PARAMS = 1
+OUTPUT_PARAMS_STOCHASTIC = 2
+
 VMAP_MSG = (
     'optax_paged updates change optimizer state in place and cannot be '
     'vmapped: every batch member would update the same state. Apply the '
@@ -76,19 +81,22 @@ def _keep_always(used_outputs, eqn):
 
 
 def _abstract_eval(hyperparams, *operands, target, state_id, leaf_indices,
-                   apply_updates):
-  del hyperparams, target, state_id, leaf_indices, apply_updates
+                   output_mode):
+  del hyperparams, target, state_id, leaf_indices, output_mode
   params = operands[len(operands) // 2:]
   return [_ShapedArray(p.shape, p.dtype) for p in params]
 
 
 def _lowering(ctx, hyperparams, *operands, target, state_id, leaf_indices,
-              apply_updates):
+              output_mode):
   count = len(operands) // 2
   # The fused step writes the new parameters over the old ones: operand
   # 1 + count + i (parameter i) aliases result i, so donated parameters are
   # updated in place (XLA copies them first when they are not donated).
-  aliases = {1 + count + i: i for i in range(count)} if apply_updates else None
+  aliases = (
+      {1 + count + i: i for i in range(count)}
+      if output_mode != OUTPUT_UPDATES else None
+  )
   rule = jax.ffi.ffi_lowering(
       target, has_side_effect=True, operand_output_aliases=aliases
   )
@@ -98,7 +106,7 @@ def _lowering(ctx, hyperparams, *operands, target, state_id, leaf_indices,
       *operands,
       state_id=np.int64(state_id),
       leaf_indices=np.asarray(leaf_indices, dtype=np.int64),
-      apply_updates=bool(apply_updates),
+      output_mode=np.int64(output_mode),
   )
 
 
@@ -125,7 +133,7 @@ def update_call(
     *,
     state_id: int,
     leaf_indices: Sequence[int],
-    apply_updates: bool = False,
+    output_mode: int = 0,
 ) -> list[jax.Array]:
   """Runs one in-place update over the leaves of one dtype group.
 
@@ -136,7 +144,9 @@ def update_call(
     params: the group's parameters.
     state_id: the registry entry holding the moments.
     leaf_indices: positions of these leaves in the registry entry.
-    apply_updates: return new parameters instead of updates.
+    output_mode: ``OUTPUT_UPDATES`` for the updates, ``OUTPUT_PARAMS`` for
+      the new parameters, ``OUTPUT_PARAMS_STOCHASTIC`` for new parameters
+      rounded stochastically (bf16).
 
   Returns:
     One array per leaf: the update, or the new parameter.
@@ -156,6 +166,6 @@ def update_call(
       target=target,
       state_id=int(state_id),
       leaf_indices=tuple(int(i) for i in leaf_indices),
-      apply_updates=bool(apply_updates),
+      output_mode=int(output_mode),
   )
   return list(outputs)

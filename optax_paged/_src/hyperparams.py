@@ -12,7 +12,9 @@ import numpy as np
 
 from optax_paged._src import ffi
 
-NUM_HYPERPARAMS = 12
+NUM_HYPERPARAMS = 16
+# The last slot carries the step count's bits: the seed of stochastic rounding.
+SEED_INDEX = NUM_HYPERPARAMS - 1
 
 
 def _f32(x) -> jax.Array:
@@ -34,6 +36,12 @@ def _bias_correction(decay, count) -> jax.Array:
 def _pack(values: list[jax.Array]) -> jax.Array:
   padding = [_f32(0.0)] * (NUM_HYPERPARAMS - len(values))
   return jnp.stack([_f32(v) for v in values] + padding)
+
+
+def with_seed(vector: jax.Array, count: jax.Array) -> jax.Array:
+  """``vector`` with the step count's bits in its seed slot."""
+  seed = jax.lax.bitcast_convert_type(count.astype(jnp.int32), jnp.float32)
+  return vector.at[SEED_INDEX].set(seed)
 
 
 def adamw(learning_rate, b1, b2, eps, weight_decay, count) -> jax.Array:

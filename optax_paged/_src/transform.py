@@ -19,6 +19,7 @@ import optax
 
 from optax_paged._src import base
 from optax_paged._src import ffi
+from optax_paged._src import hyperparams
 from optax_paged._src import registry
 
 
@@ -120,7 +121,9 @@ def make_transformation(
       **extra_args: Any,
   ) -> tuple[base.Updates, PagedOptimizerState]:
     del extra_args
-    outputs, count = run_step(spec, updates, state, params, apply=False)
+    outputs, count = run_step(
+        spec, updates, state, params, output_mode=ffi.OUTPUT_UPDATES
+    )
     return outputs, PagedOptimizerState(count=count, buffers=state.buffers)
 
   _SPECS[update_fn] = spec
@@ -132,6 +135,8 @@ def apply_gradients(
     grads: base.Updates,
     state: PagedOptimizerState,
     params: base.Params,
+    *,
+    stochastic_rounding: bool = False,
 ) -> tuple[base.Params, PagedOptimizerState]:
   """The fused step: new parameters in one pass, bit-identical to
   ``optax.apply_updates(params, tx.update(grads, state, params)[0])``.
@@ -147,6 +152,11 @@ def apply_gradients(
     grads: the gradients (or updates from earlier transformations).
     state: ``tx``'s state.
     params: the parameters.
+    stochastic_rounding: round bf16 parameters up or down at random, with
+      the probabilities that make the rounding unbiased, instead of to
+      nearest, so that updates smaller than half a bf16 ulp still count on
+      average. Then no longer bit-identical to update + apply_updates.
+      No effect on float32 and float16 parameters.
 
   Returns:
     ``(new_params, new_state)``.
@@ -167,7 +177,11 @@ def apply_gradients(
         'factory (e.g. optax_paged.paged_adamw8bit(...)); for a chain, apply '
         'the earlier transformations to the gradients first.'
     )
-  new_params, count = run_step(spec, grads, state, params, apply=True)
+  mode = (
+      ffi.OUTPUT_PARAMS_STOCHASTIC if stochastic_rounding
+      else ffi.OUTPUT_PARAMS
+  )
+  new_params, count = run_step(spec, grads, state, params, output_mode=mode)
   return new_params, PagedOptimizerState(count=count, buffers=state.buffers)
 
 
@@ -196,7 +210,7 @@ def run_step(
     state: PagedOptimizerState,
     params: base.Params | None,
     *,
-    apply: bool,
+    output_mode: int,
 ) -> tuple[Any, jax.Array]:
   """One FFI call per dtype group; returns (updates or new params, count)."""
   if params is None:
@@ -216,7 +230,9 @@ def run_step(
   grad_leaves = record.check_tree(spec.name, 'updates', grads)
   param_leaves = record.check_tree(spec.name, 'params', params)
   count_inc = optax.safe_increment(state.count)
-  hyper = spec.hyperparams(state.count, count_inc)
+  hyper = hyperparams.with_seed(
+      spec.hyperparams(state.count, count_inc), count_inc
+  )
   outputs: list[Any] = [None] * len(grad_leaves)
   for group in record.groups:
     group_params = [jnp.asarray(param_leaves[i]) for i in group.indices]
@@ -230,7 +246,7 @@ def run_step(
         group_params,
         state_id=record.key,
         leaf_indices=group.indices,
-        apply_updates=apply,
+        output_mode=output_mode,
     )
     for i, result in zip(group.indices, results, strict=True):
       outputs[i] = result
