@@ -225,19 +225,17 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
     return error;
   }
   const float* h = hyperparams.typed_data();
+  const int mode = static_cast<int>(output_mode);
   switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
     case ffi::F32:
       return RunGroup<Optimizer, float>(pool, h, args, rets, *entry,
-                                        leaf_indices,
-                                        static_cast<int>(output_mode));
+                                        leaf_indices, mode);
     case ffi::BF16:
       return RunGroup<Optimizer, BFloat16>(pool, h, args, rets, *entry,
-                                           leaf_indices,
-                                        static_cast<int>(output_mode));
+                                           leaf_indices, mode);
     case ffi::F16:
       return RunGroup<Optimizer, Half>(pool, h, args, rets, *entry,
-                                       leaf_indices,
-                                        static_cast<int>(output_mode));
+                                       leaf_indices, mode);
     default:
       return ffi::Error::InvalidArgument(
           std::string(name) +

@@ -333,19 +333,17 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
   }
   const float* h = hyperparams.typed_data();
   if (leaf_indices.size() == 0) return ffi::Error::Success();
+  const int mode = static_cast<int>(output_mode);
   switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
     case ffi::F32:
       return LaunchGroup<Optimizer, float>(stream, h, args, rets, *entry,
-                                           leaf_indices,
-          static_cast<int>(output_mode));
+                                           leaf_indices, mode);
     case ffi::BF16:
       return LaunchGroup<Optimizer, BFloat16>(stream, h, args, rets, *entry,
-                                              leaf_indices,
-          static_cast<int>(output_mode));
+                                              leaf_indices, mode);
     case ffi::F16:
       return LaunchGroup<Optimizer, Half>(stream, h, args, rets, *entry,
-                                          leaf_indices,
-          static_cast<int>(output_mode));
+                                          leaf_indices, mode);
     default:
       return ffi::Error::InvalidArgument(
           std::string(name) +
