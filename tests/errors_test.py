@@ -156,3 +156,22 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
   ''')
   assert result.returncode == 0, result.stderr
   assert 'ok' in result.stdout
+
+
+def test_sharded_parameters_are_refused_clearly(python_subprocess):
+  result = python_subprocess('''
+      import os
+      os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+      import jax, jax.numpy as jnp, numpy as np, optax_paged
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec
+      mesh = Mesh(np.array(jax.devices()[:2]), ('x',))
+      sharding = NamedSharding(mesh, PartitionSpec('x'))
+      w = jax.device_put(jnp.ones((64, 80)), sharding)
+      try:
+        optax_paged.paged_adamw8bit(1e-3).init({'w': w})
+      except NotImplementedError as error:
+        assert 'sharded' in str(error), error
+        print('refused')
+  ''')
+  assert result.returncode == 0, result.stderr
+  assert 'refused' in result.stdout

@@ -246,6 +246,16 @@ class StateRegistry:
       layouts.append(
           LeafLayout(path, tuple(np.shape(leaf)), dtype, bool(q), bool(d))
       )
+    for path, leaf in zip(paths, leaves, strict=True):
+      if isinstance(leaf, jax.Array) and len(leaf.devices()) > 1:
+        raise NotImplementedError(
+            f'{optimizer}: parameter {path or "<root>"} is spread over '
+            f'{len(leaf.devices())} devices. optax_paged does not update '
+            'sharded parameters yet (each device would need its own state); '
+            'use one device per process, or the functional '
+            'optax_paged.reference optimizers, which shard like any optax '
+            'state.'
+        )
     platform = _platform_of(leaves)
     if platform not in _PLATFORM_CODES:
       raise ValueError(
