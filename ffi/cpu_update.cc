@@ -211,36 +211,14 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
                       ffi::RemainingArgs args, ffi::RemainingRets rets,
                       int64_t state_id, ffi::Span<const int64_t> leaf_indices,
                       int64_t output_mode, std::string_view name) {
-  std::shared_ptr<StateEntry> entry = FindStateEntry(state_id);
-  if (entry == nullptr) {
-    return ffi::Error::InvalidArgument(
-        std::string(name) + ": optimizer state " + std::to_string(state_id) +
-        " was released; create a new one with tx.init(params)");
-  }
-  std::shared_lock<std::shared_mutex> lock(entry->mutex());
-  if (ffi::Error error = ValidateUpdateCall(
-          name, *entry, Platform::kCpu, Optimizer::kNumMoments,
-          hyperparams.element_count(), args, rets, leaf_indices);
-      error.failure()) {
-    return error;
-  }
-  const float* h = hyperparams.typed_data();
-  const int mode = static_cast<int>(output_mode);
-  switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
-    case ffi::F32:
-      return RunGroup<Optimizer, float>(pool, h, args, rets, *entry,
-                                        leaf_indices, mode);
-    case ffi::BF16:
-      return RunGroup<Optimizer, BFloat16>(pool, h, args, rets, *entry,
-                                           leaf_indices, mode);
-    case ffi::F16:
-      return RunGroup<Optimizer, Half>(pool, h, args, rets, *entry,
-                                       leaf_indices, mode);
-    default:
-      return ffi::Error::InvalidArgument(
-          std::string(name) +
-          ": gradients must be float32, bfloat16 or float16");
-  }
+  return DispatchUpdate<Optimizer>(
+      name, Platform::kCpu, state_id, hyperparams.element_count(), args, rets,
+      leaf_indices, [&](auto tag, const StateEntry& entry) {
+        using T = typename decltype(tag)::type;
+        return RunGroup<Optimizer, T>(pool, hyperparams.typed_data(), args,
+                                      rets, entry, leaf_indices,
+                                      static_cast<int>(output_mode));
+      });
 }
 
 }  // namespace

@@ -314,41 +314,18 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
                       ffi::RemainingArgs args, ffi::RemainingRets rets,
                       int64_t state_id, ffi::Span<const int64_t> leaf_indices,
                       int64_t output_mode, std::string_view name) {
-  std::shared_ptr<StateEntry> entry = FindStateEntry(state_id);
-  if (entry == nullptr) {
-    return ffi::Error::InvalidArgument(
-        std::string(name) + ": optimizer state " + std::to_string(state_id) +
-        " was released; create a new one with tx.init(params)");
-  }
-  std::shared_lock<std::shared_mutex> lock(entry->mutex());
-  if (ffi::Error error = ValidateUpdateCall(
-          name, *entry, Platform::kCuda, Optimizer::kNumMoments,
-          hyperparams.element_count(), args, rets, leaf_indices);
-      error.failure()) {
-    return error;
-  }
-  if (cudaError_t status = EnsureDeviceTables(); status != cudaSuccess) {
-    return ffi::Error::Internal(std::string(name) + ": copying tables: " +
-                                cudaGetErrorString(status));
-  }
-  const float* h = hyperparams.typed_data();
-  if (leaf_indices.size() == 0) return ffi::Error::Success();
-  const int mode = static_cast<int>(output_mode);
-  switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
-    case ffi::F32:
-      return LaunchGroup<Optimizer, float>(stream, h, args, rets, *entry,
-                                           leaf_indices, mode);
-    case ffi::BF16:
-      return LaunchGroup<Optimizer, BFloat16>(stream, h, args, rets, *entry,
-                                              leaf_indices, mode);
-    case ffi::F16:
-      return LaunchGroup<Optimizer, Half>(stream, h, args, rets, *entry,
-                                          leaf_indices, mode);
-    default:
-      return ffi::Error::InvalidArgument(
-          std::string(name) +
-          ": gradients must be float32, bfloat16 or float16");
-  }
+  return DispatchUpdate<Optimizer>(
+      name, Platform::kCuda, state_id, hyperparams.element_count(), args,
+      rets, leaf_indices, [&](auto tag, const StateEntry& entry) {
+        using T = typename decltype(tag)::type;
+        if (cudaError_t status = EnsureDeviceTables(); status != cudaSuccess) {
+          return ffi::Error::Internal(std::string(name) + ": copying tables: " +
+                                      cudaGetErrorString(status));
+        }
+        return LaunchGroup<Optimizer, T>(stream, hyperparams.typed_data(),
+                                         args, rets, entry, leaf_indices,
+                                         static_cast<int>(output_mode));
+      });
 }
 
 }  // namespace

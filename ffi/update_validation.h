@@ -1,13 +1,17 @@
-// Checks an update call's operands against its registry entry before any
-// memory is touched, so a mismatched call fails without corrupting state.
-// Shared by the CPU and CUDA handlers (host code only).
+// Validation and routing of an update call, shared by the CPU and CUDA
+// handlers (host code only): finds the registry entry, checks the operands
+// against it before any memory is touched (so a mismatched call fails
+// without corrupting state), and picks the element type.
 #ifndef OPTAX_PAGED_FFI_UPDATE_VALIDATION_H_
 #define OPTAX_PAGED_FFI_UPDATE_VALIDATION_H_
 
 #include <cstdint>
+#include <memory>
+#include <shared_mutex>
 #include <string>
 #include <string_view>
 
+#include "element_types.h"
 #include "optimizer_math.h"
 #include "state_registry.h"
 #include "xla/ffi/api/ffi.h"
@@ -89,6 +93,49 @@ inline xla::ffi::Error ValidateUpdateCall(
     }
   }
   return ffi::Error::Success();
+}
+
+template <typename T>
+struct ElementTag {
+  using type = T;
+};
+
+// Runs `run(ElementTag<T>{}, entry)` for the gradients' element type T, with
+// the entry found, checked and held (shared lock) for the whole call.
+template <typename Optimizer, typename Run>
+xla::ffi::Error DispatchUpdate(std::string_view name, Platform platform,
+                               int64_t state_id, size_t num_hyperparams,
+                               const xla::ffi::RemainingArgs& args,
+                               const xla::ffi::RemainingRets& rets,
+                               xla::ffi::Span<const int64_t> leaf_indices,
+                               Run&& run) {
+  namespace ffi = xla::ffi;
+  std::shared_ptr<StateEntry> entry = FindStateEntry(state_id);
+  if (entry == nullptr) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": optimizer state " + std::to_string(state_id) +
+        " was released; create a new one with tx.init(params)");
+  }
+  std::shared_lock<std::shared_mutex> lock(entry->mutex());
+  if (ffi::Error error =
+          ValidateUpdateCall(name, *entry, platform, Optimizer::kNumMoments,
+                             num_hyperparams, args, rets, leaf_indices);
+      error.failure()) {
+    return error;
+  }
+  if (leaf_indices.size() == 0) return ffi::Error::Success();
+  switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
+    case ffi::F32:
+      return run(ElementTag<float>{}, *entry);
+    case ffi::BF16:
+      return run(ElementTag<BFloat16>{}, *entry);
+    case ffi::F16:
+      return run(ElementTag<Half>{}, *entry);
+    default:
+      return ffi::Error::InvalidArgument(
+          std::string(name) +
+          ": gradients must be float32, bfloat16 or float16");
+  }
 }
 
 }  // namespace optax_paged
