@@ -8,6 +8,7 @@ than L2, used in turn):
 - ``optax.adamw``: ``update`` + ``optax.apply_updates`` (fp32 moments);
 - ``paged_adamw8bit``: the same strict optax path;
 - ``paged_adamw8bit``, fused: ``optax_paged.apply_gradients``;
+- the same with ``stochastic_rounding=True`` (changes only bf16 parameters);
 - ``paged_adamw8bit``, host tier: ``device_budget=0``, fused, every 8-bit
   buffer in host RAM streamed over the link.
 
@@ -63,14 +64,15 @@ def traffic_bytes(name: str, itemsize: int) -> int:
 class Runner:
   """One configuration's parameters, state and compiled step."""
 
-  def __init__(self, name, tx, params, fused):
+  def __init__(self, name, tx, params, fused, stochastic_rounding=False):
     self.name = name
     self.params = jax.tree.map(jnp.copy, params)
     self.state = tx.init(self.params)
 
     def step(p, s, g):
       if fused:
-        return optax_paged.apply_gradients(tx, g, s, p)
+        return optax_paged.apply_gradients(
+            tx, g, s, p, stochastic_rounding=stochastic_rounding)
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s
 
@@ -107,6 +109,9 @@ def adamw_runners(params):
           **HYPER, device_budget=1.0), params, False),
       Runner('paged_adamw8bit, fused', optax_paged.paged_adamw8bit(
           **HYPER, device_budget=1.0), params, True),
+      Runner('paged_adamw8bit, fused, stochastic rounding',
+             optax_paged.paged_adamw8bit(**HYPER, device_budget=1.0), params,
+             True, stochastic_rounding=True),
       Runner('paged_adamw8bit, host tier, fused', optax_paged.paged_adamw8bit(
           **HYPER, device_budget=0), params, True),
   ]

@@ -196,3 +196,29 @@ def test_load_state_dict_restores_the_saved_tiers():
   assert set(_tiers(fresh)) == {'device'}
   restored = optax_paged.load_state_dict(fresh, saved)
   assert set(_tiers(restored)) == {'host'}
+
+
+def test_stochastic_rounding_draws_the_same_bits_as_the_cpu():
+  # The random bits are a hash of (step, leaf, element), so both paths round
+  # the same elements up; plain SGD leaves no float32 difference to flip one.
+  params = {'w': jnp.ones((1 << 16,), jnp.bfloat16),
+            'b': jnp.full((300,), 0.5, jnp.bfloat16)}
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, -1e-4, p.dtype), params)
+  cpu = jax.devices('cpu')[0]
+
+  def run(params, grads):
+    tx = optax_paged.sgd8bit(1.0, momentum=0.0)
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: optax_paged.apply_gradients(
+        tx, g, s, p, stochastic_rounding=True))
+    for _ in range(3):
+      params, state = step(grads, state, params)
+    return params
+
+  on_gpu = run(params, grads)
+  with jax.default_device(cpu):
+    on_cpu = run(jax.device_put(params, cpu), jax.device_put(grads, cpu))
+  assert jax.tree.leaves(on_gpu)[0].devices() != {cpu}
+  _assert_trees_equal(on_gpu, on_cpu)
+  # Rounding really was random: both neighbours of 1.0 occur.
+  assert len(np.unique(np.asarray(on_gpu['w'], np.float32))) > 1
