@@ -10,7 +10,12 @@ than L2, used in turn):
 - ``paged_adamw8bit``, fused: ``optax_paged.apply_gradients``;
 - the same with ``stochastic_rounding=True`` (changes only bf16 parameters);
 - ``paged_adamw8bit``, host tier: ``device_budget=0``, fused, every 8-bit
-  buffer in host RAM streamed over the link.
+  buffer in host RAM streamed over the link;
+- ``optax.adamw`` and ``paged_adamw8bit`` (update + apply) with the gradients
+  made in the step, as in training: the given gradients times a traced
+  scale, held apart by ``optimization_barrier`` as a backward pass's matmul
+  outputs are. The update then writes over the dead gradients; given as
+  arguments, they are copied first.
 
 Every step is jitted with parameters and state donated and warmed up. A round
 dispatches ``--steps`` steps back to back, as a training loop does, and waits
@@ -50,26 +55,30 @@ MOMENTS = {'adamw': 2, 'lion': 1, 'ademamix': 3}
 def traffic_bytes(name: str, itemsize: int) -> int:
   """Fewest bytes per parameter a step of ``name`` must move."""
   moments = next(n for key, n in MOMENTS.items() if key in name)
+  made = 2 * itemsize if 'made' in name else 0  # read g, write g * scale
   if name.startswith('optax'):
     # Read g, p and the moments; write p and the moments (param dtype).
-    return (3 + 2 * moments) * itemsize
+    return (3 + 2 * moments) * itemsize + made
   # Read g, read+write p, read+write one code per moment.
   fused = 3 * itemsize + 2 * moments
   if 'fused' in name or 'host' in name:
     return fused
   # Not fused: also write u, then read p and u and write p again.
-  return fused + 3 * itemsize
+  return fused + 3 * itemsize + made
 
 
 class Runner:
   """One configuration's parameters, state and compiled step."""
 
-  def __init__(self, name, tx, params, fused, stochastic_rounding=False):
+  def __init__(self, name, tx, params, fused, stochastic_rounding=False,
+               make_grads=False):
     self.name = name
     self.params = jax.tree.map(jnp.copy, params)
     self.state = tx.init(self.params)
 
-    def step(p, s, g):
+    def step(p, s, g, scale):
+      if make_grads:
+        g = jax.lax.optimization_barrier(jax.tree.map(lambda x: x * scale, g))
       if fused:
         return optax_paged.apply_gradients(
             tx, g, s, p, stochastic_rounding=stochastic_rounding)
@@ -77,6 +86,7 @@ class Runner:
       return optax.apply_updates(p, u), s
 
     self.step = jax.jit(step, donate_argnums=(0, 1))
+    self.scale = jnp.ones([], params_dtype(params))
     self.times = []
 
   def run(self, grads, steps, timed):
@@ -85,7 +95,7 @@ class Runner:
     start = time.perf_counter()
     for i in range(steps):
       self.params, self.state = self.step(
-          self.params, self.state, grads[i % len(grads)])
+          self.params, self.state, grads[i % len(grads)], self.scale)
     jax.block_until_ready(self.params)
     if timed:
       self.times.append((time.perf_counter() - start) / steps)
@@ -101,6 +111,10 @@ class Runner:
     return sum(x.nbytes for x in arrays) + paged
 
 
+def params_dtype(params):
+  return jax.tree.leaves(params)[0].dtype
+
+
 def adamw_runners(params):
   """optax.adamw against paged_adamw8bit: strict, fused and host tier."""
   return [
@@ -114,6 +128,11 @@ def adamw_runners(params):
              True, stochastic_rounding=True),
       Runner('paged_adamw8bit, host tier, fused', optax_paged.paged_adamw8bit(
           **HYPER, device_budget=0), params, True),
+      Runner('optax.adamw, grads made in the step', optax.adamw(**HYPER),
+             params, False, make_grads=True),
+      Runner('paged_adamw8bit, grads made in the step',
+             optax_paged.paged_adamw8bit(**HYPER, device_budget=1.0), params,
+             False, make_grads=True),
   ]
 
 

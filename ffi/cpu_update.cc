@@ -69,9 +69,11 @@ struct GroupStep {
   void UpdateBlock(int leaf_index, bool decay, int64_t begin, int64_t length,
                    float (*moments)[kBlockSize]) const {
     constexpr int kMoments = Optimizer::kNumMoments;
-    const T* __restrict g = grads[leaf_index] + begin;
-    const T* __restrict p = params[leaf_index] + begin;
-    T* __restrict out = outputs[leaf_index] + begin;
+    // `out` may alias `g` or `p` (the call writes its results over them),
+    // so no restrict; each element is read before it is written.
+    const T* g = grads[leaf_index] + begin;
+    const T* p = params[leaf_index] + begin;
+    T* out = outputs[leaf_index] + begin;
     for (int64_t i = 0; i < length; ++i) {
       float element[kMoments];
       for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];

@@ -274,6 +274,40 @@ def test_fused_step_is_bit_identical_to_update_and_apply(dtype, donate):
   _assert_trees_equal(optax_paged.state_dict(s_f), optax_paged.state_dict(s_s))
 
 
+def test_update_writes_over_gradients_made_in_the_step():
+  # In a training step the gradients die at the update, so their memory can
+  # hold the updates: the step needs no parameter-sized buffer of its own.
+  params = {'w': jnp.ones((1024, 1024)), 'b': jnp.ones((300,))}
+  tx = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
+  state = tx.init(params)
+
+  def step(x, s, p):
+    grads = jax.tree.map(lambda v: v * x, p)  # stands in for jax.grad
+    return tx.update(grads, s, p)
+
+  compiled = jax.jit(step).lower(2.0, state, params).compile()
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  assert compiled.memory_analysis().temp_size_in_bytes < param_bytes // 4
+  updates, _ = compiled(2.0, state, params)
+  expected, _ = jax.jit(tx.update)(
+      jax.tree.map(lambda v: v * 2.0, params), tx.init(params), params)
+  _assert_trees_equal(updates, expected)
+
+
+def test_update_keeps_gradients_that_are_still_used():
+  params = random_tree(SHAPES, seed=11)
+  tx = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
+  grads = _grads(params, 0)
+
+  @jax.jit
+  def update_and_keep(g, s, p):
+    updates, s = tx.update(g, s, p)
+    return updates, g  # g is read after the call: XLA must copy it first
+
+  _, kept = update_and_keep(grads, tx.init(params), params)
+  _assert_trees_equal(kept, grads)
+
+
 def test_fused_step_refuses_a_chain():
   tx = optax.chain(optax.clip(1.0), optax_paged.paged_adamw8bit(1e-3))
   params = {'w': jnp.ones((8,))}

@@ -90,13 +90,14 @@ def _abstract_eval(hyperparams, *operands, target, state_id, leaf_indices,
 def _lowering(ctx, hyperparams, *operands, target, state_id, leaf_indices,
               output_mode):
   count = len(operands) // 2
-  # The fused step writes the new parameters over the old ones: operand
-  # 1 + count + i (parameter i) aliases result i, so donated parameters are
-  # updated in place (XLA copies them first when they are not donated).
-  aliases = (
-      {1 + count + i: i for i in range(count)}
-      if output_mode != OUTPUT_UPDATES else None
-  )
+  # Each result is written over an operand of its shape, so no new buffer is
+  # needed: the fused step's over parameter i (operand 1 + count + i), the
+  # update's over gradient i (operand 1 + i). Gradients computed in the same
+  # jit are dead after the call and are reused in place, which saves a
+  # parameter-sized buffer; XLA copies an operand that is still live or not
+  # donated.
+  first = 1 + count if output_mode != OUTPUT_UPDATES else 1
+  aliases = {first + i: i for i in range(count)}
   rule = jax.ffi.ffi_lowering(
       target, has_side_effect=True, operand_output_aliases=aliases
   )
