@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_codec.h"
 #include "cpu_update.h"
 #include "quantization.h"
 #include "state_memory.h"
@@ -98,8 +99,10 @@ nb::tuple QuantizeBlockwise(InputArray<float> x, bool is_signed) {
     const size_t end = std::min(n, begin + kBlockSize);
     float block_max = 0.0f;
     for (size_t i = begin; i < end; ++i) block_max = AbsMaxStep(block_max, data[i]);
-    const float inverse = InverseScale(block_max);
-    for (size_t i = begin; i < end; ++i) codes[i] = Encode(tables, data[i] * inverse);
+    // The CPU kernel's block codec (vector gathers where the processor has
+    // them), so the tests of this function are tests of the kernel's codes.
+    EncodeBlock(tables, data + begin, InverseScale(block_max),
+                static_cast<int64_t>(end - begin), codes.data() + begin);
     absmax[b] = block_max;
   }
   return nb::make_tuple(CopyToNumpy(codes.data(), n),
@@ -118,10 +121,29 @@ HostArray<float> DequantizeBlockwise(InputArray<uint8_t> codes,
   }
   const QuantTables& tables = TablesFor(is_signed);
   std::vector<float> out(n);
-  for (size_t i = 0; i < n; ++i) {
-    out[i] = Decode(tables.values, codes.data()[i], absmax.data()[i / kBlockSize]);
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t begin = b * kBlockSize;
+    DecodeBlock(tables, codes.data() + begin, absmax.data()[b],
+                static_cast<int64_t>(std::min(n, begin + kBlockSize) - begin),
+                out.data() + begin);
   }
   return CopyToNumpy(out.data(), n);
+}
+
+// Codes of `x * inverse` by the scalar Encode, or by the vector codec when
+// `vector` and the processor has it: the tests compare the two exactly.
+HostArray<uint8_t> EncodeScaled(InputArray<float> x, float inverse,
+                                bool is_signed, bool vector) {
+  const QuantTables& tables = TablesFor(is_signed);
+  const size_t n = x.shape(0);
+  std::vector<uint8_t> codes(n);
+  if (vector && HasAvx2()) {
+    EncodeBlockAvx2(tables, x.data(), inverse, static_cast<int64_t>(n),
+                    codes.data());
+  } else {
+    for (size_t i = 0; i < n; ++i) codes[i] = Encode(tables, x.data()[i] * inverse);
+  }
+  return CopyToNumpy(codes.data(), n);
 }
 
 std::shared_ptr<StateEntry> CreateState(int platform, int num_moments,
@@ -282,6 +304,9 @@ NB_MODULE(_optax_paged_ext, m) {
         nb::arg("signed"));
   m.def("dequantize_blockwise", &DequantizeBlockwise, nb::arg("codes"),
         nb::arg("absmax"), nb::arg("signed"));
+  m.def("encode_scaled", &EncodeScaled, nb::arg("x"), nb::arg("inverse"),
+        nb::arg("signed"), nb::arg("vector"));
+  m.def("has_avx2", &HasAvx2);
   m.def("live_state_count", &LiveStateCount);
   m.def("live_state_bytes", &LiveStateBytes);
 
