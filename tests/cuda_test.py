@@ -222,3 +222,22 @@ def test_stochastic_rounding_draws_the_same_bits_as_the_cpu():
   _assert_trees_equal(on_gpu, on_cpu)
   # Rounding really was random: both neighbours of 1.0 occur.
   assert len(np.unique(np.asarray(on_gpu['w'], np.float32))) > 1
+
+
+@pytest.mark.parametrize('factory', [
+    lambda budget: optax_paged.paged_adamw8bit(1e-3, device_budget=budget),
+    lambda budget: optax_paged.adamw8bit(1e-3),
+], ids=['paged', 'unpaged'])
+def test_deepcopy_keeps_the_tiers_and_the_moments(factory):
+  import copy  # only this test copies states
+
+  params = random_tree(SHAPES, seed=12)
+  sizes = [row.bytes for row in optax_paged.memory_report(
+      optax_paged.paged_adamw8bit(1e-3, device_budget=0).init(params)).rows]
+  tx = factory(sizes[0] + sizes[1])
+  _, state = _run(tx, params, 2)
+  twin = copy.deepcopy(state)
+  assert _tiers(twin) == _tiers(state)
+  assert twin.buffers.record().platform == 'cuda'
+  _assert_trees_equal(optax_paged.state_dict(twin),
+                      optax_paged.state_dict(state))

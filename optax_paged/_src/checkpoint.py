@@ -5,7 +5,8 @@ checkpointers cannot see them. ``state_dict`` turns every optax_paged state
 inside a (possibly chained) optimizer state into a dictionary of arrays,
 recording the format version, block size and quantization maps with a CRC32
 of the contents; ``load_state_dict`` checks all of it and writes the arrays
-back into a freshly initialised state.
+back into a freshly initialised state. ``copy.deepcopy`` and ``pickle`` of a
+state go through the same export into new buffers of the same layout.
 """
 
 import zlib
@@ -249,3 +250,69 @@ def _restore_leaf(fresh: Any, stored: Any) -> Any:
         f'expects {np.shape(fresh)} and {np.asarray(fresh).dtype}.'
     )
   return jnp.asarray(stored)
+
+
+def _empty_like(layout: dict[str, Any]) -> registry.StateBuffers:
+  """Zeroed buffers of a record's layout (paged ones on the host tier)."""
+  return registry.REGISTRY.create(
+      layout['optimizer'], layout['num_moments'], layout['platform'],
+      layout['treedef'], layout['leaves'], paged=layout['paged'],
+      device_budget=0,
+  )
+
+
+def _layout_of(record: Any) -> dict[str, Any]:
+  return {
+      'optimizer': record.optimizer,
+      'num_moments': int(record.entry.num_moments),
+      'platform': record.platform,
+      'treedef': record.treedef,
+      'leaves': record.leaves,
+      'paged': record.paged,
+  }
+
+
+def copy_state(
+    state: transform.PagedOptimizerState,
+) -> transform.PagedOptimizerState:
+  """``copy.deepcopy`` of a state: new buffers with the same moments and
+  tiers, which later updates of either state leave alone."""
+  if state.buffers.is_abstract:
+    return transform.PagedOptimizerState(
+        count=state.count, buffers=state.buffers)
+  jax.block_until_ready(state.count)  # the step that made it has finished
+  saved = _export_paged(state)
+  fresh = transform.PagedOptimizerState(
+      count=state.count,
+      buffers=_empty_like(_layout_of(state.buffers.record())),
+  )
+  return _import_paged(fresh, saved)
+
+
+def reduce_state(state: transform.PagedOptimizerState) -> tuple[Any, ...]:
+  """``pickle`` support: the layout and the exported moments, by value."""
+  if state.buffers.is_abstract:
+    raise TypeError(
+        'pickle: this optimizer state was made under a JAX transformation and '
+        'holds no buffers; pickle the state returned by tx.init outside jit.'
+    )
+  jax.block_until_ready(state.count)
+  layout = _layout_of(state.buffers.record())
+  return _unpickle_state, (layout, _export_paged(state))
+
+
+def _unpickle_state(layout: dict[str, Any],
+                    saved: dict[str, Any]) -> transform.PagedOptimizerState:
+  from optax_paged._src import ffi  # only needed to unpickle GPU states
+
+  if layout['platform'] == 'cuda' and not ffi.has_cuda_backend():
+    raise ValueError(
+        'unpickling an optax_paged state saved on a GPU, but this process '
+        'has no CUDA backend; save it with state_dict and restore it with '
+        'load_state_dict into a state initialised on this machine.'
+    )
+  fresh = transform.PagedOptimizerState(
+      count=jnp.asarray(saved['count'], jnp.int32),
+      buffers=_empty_like(layout),
+  )
+  return _import_paged(fresh, saved)

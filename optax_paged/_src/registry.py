@@ -152,6 +152,13 @@ class StateBuffers:
         f'{self._record.entry.total_bytes} bytes)'
     )
 
+  def __reduce__(self):
+    raise TypeError(
+        'StateBuffers cannot be copied or pickled on their own: copy or '
+        'pickle the optimizer state that holds them (copy.deepcopy(opt_state) '
+        'makes an independent copy), or export it with optax_paged.state_dict.'
+    )
+
   @property
   def is_abstract(self) -> bool:
     return self.key == 0
@@ -262,6 +269,22 @@ class StateRegistry:
           f'{optimizer}: parameters live on platform {platform!r}; '
           'optax_paged supports cpu and cuda.'
       )
+    return self.create(optimizer, num_moments, platform, treedef, layouts,
+                       paged=paged and platform == 'cuda',
+                       device_budget=device_budget)
+
+  def create(
+      self,
+      optimizer: str,
+      num_moments: int,
+      platform: str,
+      treedef: jax.tree_util.PyTreeDef,
+      layouts: Sequence[LeafLayout],
+      *,
+      paged: bool,
+      device_budget: Any = None,
+  ) -> StateBuffers:
+    """Allocates zeroed buffers for ``layouts`` on ``platform``."""
     if platform == 'cpu':
       tier = 'cpu'
     else:
@@ -274,10 +297,8 @@ class StateRegistry:
         [layout.decay for layout in layouts],
         [TIER_CODES[tier]] * len(layouts),
     )
-    record = StateRecord(
-        entry, optimizer, platform, treedef, layouts,
-        paged=paged and platform == 'cuda',
-    )
+    record = StateRecord(entry, optimizer, platform, treedef, layouts,
+                         paged=paged)
     if record.paged:
       from optax_paged._src import paging  # paging builds on the registry
       paging.apply_budget(record, device_budget)

@@ -34,6 +34,20 @@ class PagedOptimizerState(NamedTuple):
   count: jax.Array  # shape=(), dtype=jnp.int32
   buffers: registry.StateBuffers
 
+  def __copy__(self) -> 'PagedOptimizerState':
+    return PagedOptimizerState(self.count, self.buffers)  # shares the buffers
+
+  def __deepcopy__(self, memo: dict[int, Any]) -> 'PagedOptimizerState':
+    del memo
+    from optax_paged._src import checkpoint  # checkpoint builds on this module
+
+    return checkpoint.copy_state(self)
+
+  def __reduce__(self) -> tuple[Any, ...]:
+    from optax_paged._src import checkpoint
+
+    return checkpoint.reduce_state(self)
+
 
 # (hyperparameter vector builder): count_after_step -> float32[12]
 HyperparamFn = Callable[[jax.Array, jax.Array], jax.Array]
