@@ -1,7 +1,9 @@
 """A small workload for compute-sanitizer: every kernel path, few launches.
 
 Covers fp32/bf16/fp16, 8-bit and fp32 leaves, partial blocks and vectors,
-the fused step, and the host tier.
+the fused step (with and without stochastic rounding), the host tier,
+updates written over gradients made in the step, and the optimizers with
+one and three moments.
 """
 
 import functools
@@ -27,6 +29,22 @@ for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
     params2 = optax.apply_updates(params, updates)
     fused = jax.jit(functools.partial(optax_paged.apply_gradients, tx))
     params3, state = fused(grads, state, params2)
-    jax.block_until_ready(params3)
+    rounded = jax.jit(functools.partial(
+        optax_paged.apply_gradients, tx, stochastic_rounding=True))
+    params4, state = rounded(grads, state, params3)
+
+    @jax.jit
+    def made_in_step(grads, scale, state, params, tx=tx):
+      return tx.update(jax.tree.map(lambda g: g * scale, grads), state, params)
+
+    updates, state = made_in_step(grads, jnp.asarray(2, dtype), state, params4)
+    jax.block_until_ready(updates)
+    optax_paged.release(state)
+  for tx in (optax_paged.lion8bit(1e-4, min_8bit_size=256),
+             optax_paged.ademamix8bit(1e-4, min_8bit_size=256)):
+    state = tx.init(params)
+    jax.block_until_ready(
+        jax.jit(functools.partial(optax_paged.apply_gradients, tx))(
+            grads, state, params))
     optax_paged.release(state)
 print('workload done')
