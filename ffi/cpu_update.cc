@@ -1,8 +1,9 @@
 // CPU FFI handler: one call updates every leaf of a dtype group in place.
 //
 // Operands: the hyperparameter vector, then the gradients, then the
-// parameters of the group's leaves. Results: the updates (or, with
-// `output_mode`, the new parameters). The moments live in the registry
+// parameters of the group's leaves. Results: the updates, written over the
+// gradients (or, with `output_mode`, the new parameters, written over the
+// parameters); XLA aliases them. The moments live in the registry
 // entry named by the `state_id` attribute. Work is split into chunks of
 // blocks spread over XLA's intra-op thread pool; the calling thread works
 // too, so the call finishes even when the pool is busy.
