@@ -58,6 +58,17 @@ def test_copy_is_identical_and_independent(duplicate):
   _assert_same_state(copied, original)
 
 
+def test_copy_survives_donating_the_original():
+  params = random_tree(SHAPES, seed=7)
+  tx = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
+  original = _trained_state(tx, params)
+  copied = copy.deepcopy(original)
+  step = jax.jit(tx.update, donate_argnums=1)
+  step(_grads(params, 8), original, params)
+  assert int(copied.count) == 3
+  step(_grads(params, 8), copied, params)
+
+
 def test_deepcopy_of_a_flax_train_state_with_a_chain():
   params = random_tree(SHAPES, seed=2)
   tx = optax.chain(optax.clip_by_global_norm(1.0),

@@ -275,8 +275,12 @@ def _layout_of(record: Any) -> dict[str, Any]:
 def copy_state(
     state: transform.PagedOptimizerState,
 ) -> transform.PagedOptimizerState:
-  """``copy.deepcopy`` of a state: new buffers with the same moments and
-  tiers, which later updates of either state leave alone."""
+  """``copy.deepcopy`` of a state: new buffers, same moments and tiers.
+
+  Later updates of either state leave the other alone. The count is a new
+  array too (the import makes it), so donating the original's to a step
+  leaves the copy's alive.
+  """
   if state.buffers.is_abstract:
     return transform.PagedOptimizerState(
         count=state.count, buffers=state.buffers)
