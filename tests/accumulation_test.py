@@ -7,6 +7,8 @@ import optax
 import pytest
 
 import optax_paged
+from tests.helpers import assert_trees_equal
+from tests.helpers import jitted_step
 from tests.helpers import random_tree
 
 SHAPES = [(64, 80), (300,)]
@@ -19,21 +21,6 @@ def _grads(params, seed):
   )
 
 
-def _assert_trees_equal(a, b):
-  jax.tree.map(
-      lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-      a, b,
-  )
-
-
-def _apply(tx):
-  @jax.jit
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-  return step
-
-
 @pytest.mark.parametrize('every_k', [1, 3])
 def test_k_micro_steps_equal_one_step_on_the_mean_gradient(every_k):
   params = random_tree(SHAPES, seed=0)
@@ -43,7 +30,7 @@ def test_k_micro_steps_equal_one_step_on_the_mean_gradient(every_k):
   plain = optax_paged.paged_adamw8bit(**inner_kwargs)
   p_acc, s_acc = params, accumulated.init(params)
   p_one, s_one = params, plain.init(params)
-  step_acc, step_one = _apply(accumulated), _apply(plain)
+  step_acc, step_one = jitted_step(accumulated), jitted_step(plain)
 
   @jax.jit
   def mean_of(grads):
@@ -58,11 +45,11 @@ def test_k_micro_steps_equal_one_step_on_the_mean_gradient(every_k):
       before = p_acc
       p_acc, s_acc = step_acc(p_acc, s_acc, g)
       if i < every_k - 1:
-        _assert_trees_equal(p_acc, before)  # nothing applied yet
+        assert_trees_equal(p_acc, before)  # nothing applied yet
     p_one, s_one = step_one(p_one, s_one, mean_of(micro))
-    _assert_trees_equal(p_acc, p_one)
-    _assert_trees_equal(optax_paged.state_dict(s_acc.inner_state),
-                        optax_paged.state_dict(s_one))
+    assert_trees_equal(p_acc, p_one)
+    assert_trees_equal(optax_paged.state_dict(s_acc.inner_state),
+                       optax_paged.state_dict(s_one))
 
 
 def test_optax_multisteps_is_refused_with_a_pointer_to_the_fix():
@@ -72,7 +59,7 @@ def test_optax_multisteps_is_refused_with_a_pointer_to_the_fix():
   before = optax_paged.state_dict(state.inner_opt_state)
   with pytest.raises(TypeError, match='accumulate_gradients'):
     jax.jit(tx.update)(_grads(params, 0), state, params)
-  _assert_trees_equal(optax_paged.state_dict(state.inner_opt_state), before)
+  assert_trees_equal(optax_paged.state_dict(state.inner_opt_state), before)
 
 
 def test_apply_if_finite_skips_non_finite_steps_without_touching_state():
@@ -82,7 +69,7 @@ def test_apply_if_finite_skips_non_finite_steps_without_touching_state():
   plain = optax_paged.paged_adamw8bit(**inner)
   p_g, s_g = params, guarded.init(params)
   p_p, s_p = params, plain.init(params)
-  step_g, step_p = _apply(guarded), _apply(plain)
+  step_g, step_p = jitted_step(guarded), jitted_step(plain)
   for i in range(4):
     g = _grads(params, i)
     if i == 1:
@@ -90,12 +77,12 @@ def test_apply_if_finite_skips_non_finite_steps_without_touching_state():
       before = optax_paged.state_dict(s_g.inner_state)
       p_before = p_g
       p_g, s_g = step_g(p_g, s_g, bad)
-      _assert_trees_equal(p_g, p_before)
-      _assert_trees_equal(optax_paged.state_dict(s_g.inner_state), before)
+      assert_trees_equal(p_g, p_before)
+      assert_trees_equal(optax_paged.state_dict(s_g.inner_state), before)
       continue
     p_g, s_g = step_g(p_g, s_g, g)
     p_p, s_p = step_p(p_p, s_p, g)
-  _assert_trees_equal(p_g, p_p)
+  assert_trees_equal(p_g, p_p)
 
 
 def test_optax_masked_and_multi_transform_around_paged_optimizers():

@@ -10,6 +10,7 @@ import optax_paged
 from optax_paged import quantization
 from optax_paged._src import reference
 from tests.helpers import as_f32
+from tests.helpers import jitted_step
 from tests.helpers import random_tree
 from tests.helpers import reference_state_from
 
@@ -107,14 +108,6 @@ def test_mixed_dtypes_and_fp32_leaves_in_one_state():
     ref_state = reference_state_from(state, params)
 
 
-def _adam_steps(tx):
-  @jax.jit
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-  return step
-
-
 def _with_moments_of(paged_state, optax_state, shape):
   """optax.adam's state holding our dequantized moments (as bnb's test)."""
   leaf = optax_paged.state_dict(paged_state)['leaves'][0]
@@ -145,7 +138,7 @@ def test_stays_close_to_optax_adam_over_50_steps(sync_every):
   p0 = jax.random.normal(jax.random.PRNGKey(0), shape) * 0.1
   ours = optax_paged.paged_adamw8bit(1e-3, weight_decay=0.0)
   theirs = optax.adam(1e-3)
-  step_ours, step_theirs = _adam_steps(ours), _adam_steps(theirs)
+  step_ours, step_theirs = jitted_step(ours), jitted_step(theirs)
   p1, s1 = p0, ours.init(p0)
   p2, s2 = p0, theirs.init(p0)
   for i in range(50):

@@ -15,6 +15,7 @@ import pytest
 import optax_paged
 from optax_paged._src import ffi
 from optax_paged._src import paging
+from tests.helpers import assert_trees_equal
 from tests.helpers import random_tree
 
 pytestmark = pytest.mark.skipif(
@@ -50,13 +51,6 @@ def _tiers(state):
   return [row.tier for row in optax_paged.memory_report(state).rows]
 
 
-def _assert_trees_equal(a, b):
-  jax.tree.map(
-      lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-      a, b,
-  )
-
-
 @pytest.mark.parametrize('fused', [False, True])
 def test_host_tier_is_bit_identical_to_device_tier(fused):
   params = random_tree(SHAPES, seed=0)
@@ -66,9 +60,9 @@ def test_host_tier_is_bit_identical_to_device_tier(fused):
                         params, 4, fused)
   assert set(_tiers(s_dev)) == {'device'}
   assert set(_tiers(s_host)) == {'host'}
-  _assert_trees_equal(p_dev, p_host)
-  _assert_trees_equal(_without_tiers(optax_paged.state_dict(s_dev)),
-                      _without_tiers(optax_paged.state_dict(s_host)))
+  assert_trees_equal(p_dev, p_host)
+  assert_trees_equal(_without_tiers(optax_paged.state_dict(s_dev)),
+                     _without_tiers(optax_paged.state_dict(s_host)))
 
 
 def _without_tiers(saved):
@@ -114,9 +108,9 @@ def test_set_device_budget_moves_buffers_and_keeps_results():
       optax_paged.set_device_budget(s, 1.0)
       assert set(_tiers(s)) == {'device'}
     p, s = step(p, s, _grads(p, i))
-  _assert_trees_equal(p, p_ref)
-  _assert_trees_equal(_without_tiers(optax_paged.state_dict(s)),
-                      _without_tiers(optax_paged.state_dict(s_ref)))
+  assert_trees_equal(p, p_ref)
+  assert_trees_equal(_without_tiers(optax_paged.state_dict(s)),
+                     _without_tiers(optax_paged.state_dict(s_ref)))
 
 
 def test_unpaged_optimizer_uses_plain_device_memory():
@@ -219,7 +213,7 @@ def test_stochastic_rounding_draws_the_same_bits_as_the_cpu():
   with jax.default_device(cpu):
     on_cpu = run(jax.device_put(params, cpu), jax.device_put(grads, cpu))
   assert jax.tree.leaves(on_gpu)[0].devices() != {cpu}
-  _assert_trees_equal(on_gpu, on_cpu)
+  assert_trees_equal(on_gpu, on_cpu)
   # Rounding really was random: both neighbours of 1.0 occur.
   assert len(np.unique(np.asarray(on_gpu['w'], np.float32))) > 1
 
@@ -239,5 +233,5 @@ def test_deepcopy_keeps_the_tiers_and_the_moments(factory):
   twin = copy.deepcopy(state)
   assert _tiers(twin) == _tiers(state)
   assert twin.buffers.record().platform == 'cuda'
-  _assert_trees_equal(optax_paged.state_dict(twin),
-                      optax_paged.state_dict(state))
+  assert_trees_equal(optax_paged.state_dict(twin),
+                     optax_paged.state_dict(state))

@@ -19,6 +19,7 @@ from tests.adamw_test import DTYPES
 from tests.adamw_test import _compare_one_step
 from tests.adamw_test import _teacher_problem
 from tests.adamw_test import _train
+from tests.helpers import jitted_step
 from tests.helpers import random_tree
 from tests.helpers import reference_state_from
 
@@ -100,14 +101,7 @@ def test_fp32_state_matches_optax(name):
   p, s = params, tx.init(params)
   rp, rs = params, counterpart.init(params)
 
-  def make(t):
-    @jax.jit
-    def step(p, s, g):
-      u, s = t.update(g, s, p)
-      return optax.apply_updates(p, u), s
-    return step
-
-  step, ref_step = make(tx), make(counterpart)
+  step, ref_step = jitted_step(tx), jitted_step(counterpart)
   for i in range(10):
     g = _grads(params, i)
     p, s = step(p, s, g)
@@ -116,14 +110,6 @@ def test_fp32_state_matches_optax(name):
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
       p, rp,
   )
-
-
-def _step_of(tx):
-  @jax.jit
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-  return step
 
 
 def _dequantized(state, params, signed):
@@ -155,7 +141,7 @@ def test_stays_close_to_fp32_state_over_50_steps(name, sync_every):
   factory, spec, _, _ = FAMILY[name]
   ours = factory()
   theirs = reference.reference_transformation(spec, quantize=False)
-  step_ours, step_theirs = _step_of(ours), _step_of(theirs)
+  step_ours, step_theirs = jitted_step(ours), jitted_step(theirs)
   shape = (1024, 1025)
   p0 = {'w': jax.random.normal(jax.random.PRNGKey(0), shape) * 0.1}
   p1, s1 = p0, ours.init(p0)

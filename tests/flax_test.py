@@ -3,13 +3,13 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from flax.training import train_state
 
 import optax_paged
 from optax_paged.train_state import FusedTrainState
+from tests.helpers import assert_trees_equal
 
 
 class Mlp(nn.Module):
@@ -22,13 +22,6 @@ class Mlp(nn.Module):
 def _data():
   k1, k2 = jax.random.split(jax.random.key(0))
   return jax.random.normal(k1, (32, 64)), jax.random.normal(k2, (32, 4))
-
-
-def _assert_trees_equal(a, b):
-  jax.tree.map(
-      lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-      a, b,
-  )
 
 
 def _linen_run(state_class, steps=4):
@@ -69,17 +62,17 @@ def test_linen_train_state_matches_the_manual_optax_loop():
   for _ in range(4):
     params, opt_state = step(params, opt_state)
   assert int(state.step) == 4
-  _assert_trees_equal(state.params, params)
-  _assert_trees_equal(optax_paged.state_dict(state.opt_state),
-                      optax_paged.state_dict(opt_state))
+  assert_trees_equal(state.params, params)
+  assert_trees_equal(optax_paged.state_dict(state.opt_state),
+                     optax_paged.state_dict(opt_state))
 
 
 def test_fused_train_state_is_bit_identical_to_train_state():
   plain = _linen_run(train_state.TrainState)
   fused = _linen_run(FusedTrainState)
-  _assert_trees_equal(fused.params, plain.params)
-  _assert_trees_equal(optax_paged.state_dict(fused.opt_state),
-                      optax_paged.state_dict(plain.opt_state))
+  assert_trees_equal(fused.params, plain.params)
+  assert_trees_equal(optax_paged.state_dict(fused.opt_state),
+                     optax_paged.state_dict(plain.opt_state))
 
 
 class NnxMlp(nnx.Module):
@@ -124,4 +117,4 @@ def test_nnx_optimizer_update_matches_optax_on_the_same_tree():
     params, ref_state = ref_step(params, ref_state)
   assert losses[-1] < losses[0]
   ours = jax.tree.leaves(nnx.state(model, nnx.Param))
-  _assert_trees_equal(ours, jax.tree.leaves(params))
+  assert_trees_equal(ours, jax.tree.leaves(params))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import optax_paged
 from optax_paged._src import reference
@@ -52,3 +53,26 @@ def moments_of(state):
 
 def as_f32(x):
   return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def update_and_apply(tx):
+  """The strict optax step: ``tx.update`` then ``optax.apply_updates``."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def jitted_step(tx):
+  """``update_and_apply(tx)`` under ``jax.jit``."""
+  return jax.jit(update_and_apply(tx))
+
+
+def assert_trees_equal(a, b):
+  """Every leaf of ``a`` equals the matching leaf of ``b`` exactly."""
+  jax.tree.map(
+      lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+      a, b,
+  )

@@ -11,8 +11,10 @@ import pytest
 import optax_paged
 from optax_paged._src import ffi
 from optax_paged._src import reference
+from tests.helpers import assert_trees_equal
 from tests.helpers import random_tree
 from tests.helpers import reference_state_from
+from tests.helpers import update_and_apply
 
 SHAPES = [(64, 80), (300,), (3, 5)]
 FACTORIES = [optax_paged.paged_adamw8bit, optax_paged.adamw8bit]
@@ -25,41 +27,27 @@ def _grads(params, seed):
   )
 
 
-def _assert_trees_equal(a, b):
-  jax.tree.map(
-      lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-      a, b,
-  )
-
-
 def _run(tx, params, steps, step_fn=None):
   state = tx.init(params)
-  step_fn = step_fn or jax.jit(_apply(tx))
+  step_fn = step_fn or jax.jit(update_and_apply(tx))
   for i in range(steps):
     params, state = step_fn(params, state, _grads(params, i))
   return params, state
-
-
-def _apply(tx):
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return step
 
 
 @pytest.mark.parametrize('factory', FACTORIES)
 def test_jit_with_donation(factory):
   params = random_tree(SHAPES, seed=0)
   tx = factory(1e-2, weight_decay=0.1, min_8bit_size=256)
-  donated = jax.jit(_apply(tx), donate_argnums=(0, 1))
+  donated = jax.jit(update_and_apply(tx), donate_argnums=(0, 1))
   p_donated, s_donated = _run(tx, jax.tree.map(jnp.copy, params), 4, donated)
-  p_jit, s_jit = _run(tx, params, 4, jax.jit(_apply(tx)))
-  _assert_trees_equal(p_donated, p_jit)
-  _assert_trees_equal(optax_paged.state_dict(s_donated),
-                      optax_paged.state_dict(s_jit))
+  p_jit, s_jit = _run(tx, params, 4, jax.jit(update_and_apply(tx)))
+  assert_trees_equal(p_donated, p_jit)
+  assert_trees_equal(optax_paged.state_dict(s_donated),
+                     optax_paged.state_dict(s_jit))
   # Op-by-op dispatch computes the bias corrections outside a fusion, so
   # agreement is to float rounding rather than bitwise.
-  p_eager, _ = _run(tx, params, 4, _apply(tx))
+  p_eager, _ = _run(tx, params, 4, update_and_apply(tx))
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
       p_eager, p_jit,
@@ -76,18 +64,18 @@ def test_lax_scan_over_steps_matches_python_loop():
   def scanned(params, state, stacked):
     def body(carry, g):
       p, s = carry
-      return _apply(tx)(p, s, g), None
+      return update_and_apply(tx)(p, s, g), None
     return jax.lax.scan(body, (params, state), stacked)[0]
 
   p_scan, s_scan = scanned(params, tx.init(params), stacked)
   state = tx.init(params)
   p_loop = params
   for g in grads:
-    p_loop, state = jax.jit(_apply(tx))(p_loop, state, g)
-  _assert_trees_equal(p_scan, p_loop)
+    p_loop, state = jax.jit(update_and_apply(tx))(p_loop, state, g)
+  assert_trees_equal(p_scan, p_loop)
   assert int(s_scan.count) == 5
-  _assert_trees_equal(optax_paged.state_dict(s_scan),
-                      optax_paged.state_dict(state))
+  assert_trees_equal(optax_paged.state_dict(s_scan),
+                     optax_paged.state_dict(state))
 
 
 def test_chain_with_clipping_matches_reference():
@@ -129,13 +117,13 @@ def test_schedule_needs_no_recompilation_and_follows_optax():
   tx = optax_paged.paged_adamw8bit(schedule, min_8bit_size=10**9)
   ref = optax.adamw(schedule, weight_decay=1e-4)
   traces, count = _trace_counter()
-  step = jax.jit(count(_apply(tx)))
+  step = jax.jit(count(update_and_apply(tx)))
   p, s = params, tx.init(params)
   rp, rs = params, ref.init(params)
   for i in range(6):
     g = _grads(params, i)
     p, s = step(p, s, g)
-    rp, rs = jax.jit(_apply(ref))(rp, rs, g)
+    rp, rs = jax.jit(update_and_apply(ref))(rp, rs, g)
   assert len(traces) == 1
   # With every leaf in fp32 state the update is optax.adamw's.
   jax.tree.map(
@@ -153,7 +141,7 @@ def test_inject_hyperparams_changes_values_without_recompiling():
       learning_rate=1e-2, weight_decay=0.0
   )
   traces, count = _trace_counter()
-  step = jax.jit(count(_apply(tx)))
+  step = jax.jit(count(update_and_apply(tx)))
   p, s = params, tx.init(params)
   rp, rs = params, ref.init(params)
   for i, lr in enumerate([1e-2, 5e-3, 0.0, 2e-2]):
@@ -162,9 +150,9 @@ def test_inject_hyperparams_changes_values_without_recompiling():
     g = _grads(params, i)
     before = p
     p, s = step(p, s, g)
-    rp, rs = jax.jit(_apply(ref))(rp, rs, g)
+    rp, rs = jax.jit(update_and_apply(ref))(rp, rs, g)
     if lr == 0.0:
-      _assert_trees_equal(p, before)
+      assert_trees_equal(p, before)
   assert len(traces) == 1
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -202,9 +190,9 @@ def test_two_optimizers_never_touch_each_others_state():
   untouched = optax_paged.state_dict(state_b)
   p_a = params
   for i in range(3):
-    p_a, state_a = jax.jit(_apply(tx_a))(p_a, state_a, _grads(p_a, i))
-  _assert_trees_equal(optax_paged.state_dict(state_b), untouched)
-  _assert_trees_equal(p_a, alone)
+    p_a, state_a = jax.jit(update_and_apply(tx_a))(p_a, state_a, _grads(p_a, i))
+  assert_trees_equal(optax_paged.state_dict(state_b), untouched)
+  assert_trees_equal(p_a, alone)
 
 
 def test_small_leaves_keep_fp32_state():
@@ -263,15 +251,15 @@ def test_fused_step_is_bit_identical_to_update_and_apply(dtype, donate):
     return optax_paged.apply_gradients(tx, g, s, p)
 
   fused = jax.jit(fused, donate_argnums=(0, 1) if donate else ())
-  strict = jax.jit(_apply(tx))
+  strict = jax.jit(update_and_apply(tx))
   p_f, s_f = jax.tree.map(jnp.copy, params), tx.init(params)
   p_s, s_s = params, tx.init(params)
   for i in range(3):
     g = jax.tree.map(lambda x: x.astype(dtype), _grads(params, i))
     p_f, s_f = fused(p_f, s_f, g)
     p_s, s_s = strict(p_s, s_s, g)
-  _assert_trees_equal(p_f, p_s)
-  _assert_trees_equal(optax_paged.state_dict(s_f), optax_paged.state_dict(s_s))
+  assert_trees_equal(p_f, p_s)
+  assert_trees_equal(optax_paged.state_dict(s_f), optax_paged.state_dict(s_s))
 
 
 def test_update_writes_over_gradients_made_in_the_step():
@@ -291,7 +279,7 @@ def test_update_writes_over_gradients_made_in_the_step():
   updates, _ = compiled(2.0, state, params)
   expected, _ = jax.jit(tx.update)(
       jax.tree.map(lambda v: v * 2.0, params), tx.init(params), params)
-  _assert_trees_equal(updates, expected)
+  assert_trees_equal(updates, expected)
 
 
 def test_update_keeps_gradients_that_are_still_used():
@@ -305,7 +293,7 @@ def test_update_keeps_gradients_that_are_still_used():
     return updates, g  # g is read after the call: XLA must copy it first
 
   _, kept = update_and_keep(grads, tx.init(params), params)
-  _assert_trees_equal(kept, grads)
+  assert_trees_equal(kept, grads)
 
 
 def test_fused_step_refuses_a_chain():
@@ -331,8 +319,8 @@ def test_keep_32bit_keeps_chosen_leaves_in_fp32_state(keep):
   p, rp = params, params
   for i in range(3):
     g = _grads(params, i)
-    p, state = jax.jit(_apply(tx))(p, state, g)
-    rp, ref_state = jax.jit(_apply(ref))(rp, ref_state, g)
+    p, state = jax.jit(update_and_apply(tx))(p, state, g)
+    rp, ref_state = jax.jit(update_and_apply(ref))(rp, ref_state, g)
   np.testing.assert_allclose(p['embed'], rp['embed'], rtol=1e-6, atol=1e-7)
 
 
@@ -374,4 +362,4 @@ def test_stochastic_rounding_leaves_float32_parameters_exact():
   grads = _grads(params, 0)
   exact = _sgd_fused_steps(params, grads, 2, stochastic=False)
   drawn = _sgd_fused_steps(params, grads, 2, stochastic=True)
-  _assert_trees_equal(exact, drawn)
+  assert_trees_equal(exact, drawn)
