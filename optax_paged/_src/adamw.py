@@ -194,7 +194,7 @@ def adam8bit(
   """
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
                paged=False, min_8bit_size=min_8bit_size,
-      keep_32bit=keep_32bit)
+               keep_32bit=keep_32bit)
 
 
 def paged_adam8bit(
@@ -226,7 +226,7 @@ def paged_adam8bit(
   """
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
                paged=True, min_8bit_size=min_8bit_size,
-      keep_32bit=keep_32bit,
+               keep_32bit=keep_32bit,
                device_budget=device_budget)
 
 

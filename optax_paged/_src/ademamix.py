@@ -86,7 +86,7 @@ def ademamix8bit(
   """
   return _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask,
                    quantize=True, paged=False, min_8bit_size=min_8bit_size,
-      keep_32bit=keep_32bit)
+                   keep_32bit=keep_32bit)
 
 
 def paged_ademamix8bit(
@@ -126,7 +126,7 @@ def paged_ademamix8bit(
   """
   return _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask,
                    quantize=True, paged=True, min_8bit_size=min_8bit_size,
-      keep_32bit=keep_32bit,
+                   keep_32bit=keep_32bit,
                    device_budget=device_budget)
 
 

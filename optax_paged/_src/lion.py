@@ -72,7 +72,7 @@ def lion8bit(
   """
   return _lion(learning_rate, b1, b2, weight_decay, mask, quantize=True,
                paged=False, min_8bit_size=min_8bit_size,
-      keep_32bit=keep_32bit)
+               keep_32bit=keep_32bit)
 
 
 def paged_lion8bit(
@@ -106,7 +106,7 @@ def paged_lion8bit(
   """
   return _lion(learning_rate, b1, b2, weight_decay, mask, quantize=True,
                paged=True, min_8bit_size=min_8bit_size,
-      keep_32bit=keep_32bit,
+               keep_32bit=keep_32bit,
                device_budget=device_budget)
 
 
