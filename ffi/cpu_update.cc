@@ -51,6 +51,7 @@ struct GroupStep {
   std::vector<const T*> params;
   std::vector<T*> outputs;
   std::vector<uint32_t> leaf_ids;  // registry index of each leaf, for random bits
+  std::vector<int64_t> index_offsets;  // first element's index in the leaf
   int output_mode;
   uint32_t seed;
 
@@ -84,7 +85,8 @@ struct GroupStep {
       const uint32_t random =
           output_mode == kOutputParamsStochastic
               ? RandomBits(seed, leaf_ids[leaf_index],
-                           static_cast<uint64_t>(begin + i))
+                           static_cast<uint64_t>(index_offsets[leaf_index] +
+                                                 begin + i))
               : 0u;
       out[i] = OutputValue<T>(output_mode, param, update, random);
       for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
@@ -183,6 +185,7 @@ ffi::Error RunGroup(ffi::ThreadPool& pool, const float* hyperparams,
     const LeafState& leaf = entry.leaves()[leaf_indices[k]];
     step->leaves.push_back(&leaf);
     step->leaf_ids.push_back(static_cast<uint32_t>(leaf_indices[k]));
+    step->index_offsets.push_back(leaf.index_offset);
     step->grads.push_back(static_cast<const T*>(
         args.get<ffi::AnyBuffer>(k).value().untyped_data()));
     step->params.push_back(static_cast<const T*>(
@@ -210,13 +213,19 @@ ffi::Error RunGroup(ffi::ThreadPool& pool, const float* hyperparams,
 }
 
 template <typename Optimizer>
-ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
+ffi::Error UpdateImpl(ffi::ThreadPool pool, int32_t ordinal,
+                      ffi::Buffer<ffi::F32> hyperparams,
+                      ffi::Buffer<ffi::S32> position,
                       ffi::RemainingArgs args, ffi::RemainingRets rets,
                       int64_t state_id, ffi::Span<const int64_t> leaf_indices,
                       int64_t output_mode, std::string_view name) {
+  if (position.element_count() != 1) {
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": position must be one int32");
+  }
   return DispatchUpdate<Optimizer>(
-      name, Platform::kCpu, state_id, hyperparams.element_count(), args, rets,
-      leaf_indices, [&](auto tag, const StateEntry& entry) {
+      name, Platform::kCpu, state_id, ordinal, position.typed_data(),
+      hyperparams.element_count(), args, rets, leaf_indices, [&](auto tag, const StateEntry& entry) {
         using T = typename decltype(tag)::type;
         return RunGroup<Optimizer, T>(pool, hyperparams.typed_data(), args,
                                       rets, entry, leaf_indices,
@@ -230,17 +239,20 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,
 #define OPTAX_PAGED_CPU_HANDLER(symbol, Optimizer, name)                   \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                           \
       symbol,                                                              \
-      ([](ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyperparams,         \
+      ([](ffi::ThreadPool pool, int32_t ordinal,                           \
+          ffi::Buffer<ffi::F32> hyperparams, ffi::Buffer<ffi::S32> position, \
           ffi::RemainingArgs args, ffi::RemainingRets rets,                \
           int64_t state_id, ffi::Span<const int64_t> leaf_indices,         \
           int64_t output_mode) {                                           \
-        return UpdateImpl<Optimizer>(pool, hyperparams, args, rets,        \
-                                     state_id, leaf_indices,               \
+        return UpdateImpl<Optimizer>(pool, ordinal, hyperparams, position, \
+                                     args, rets, state_id, leaf_indices,   \
                                      output_mode, name);                   \
       }),                                                                  \
       ffi::Ffi::Bind()                                                     \
           .Ctx<ffi::ThreadPool>()                    /* intra-op pool */   \
+          .Ctx<ffi::DeviceOrdinal>()                 /* this device */     \
           .Arg<ffi::Buffer<ffi::F32>>()              /* hyperparams */     \
+          .Arg<ffi::Buffer<ffi::S32>>()              /* mesh position */   \
           .RemainingArgs()                           /* grads, params */   \
           .RemainingRets()                           /* updates/params */  \
           .Attr<int64_t>("state_id")                 /* registry entry */  \
@@ -253,5 +265,20 @@ OPTAX_PAGED_CPU_HANDLER(kAdEMAMixUpdateCpu, AdEMAMix, "optax_paged_ademamix");
 OPTAX_PAGED_CPU_HANDLER(kSgdUpdateCpu, SgdMomentum, "optax_paged_sgd");
 OPTAX_PAGED_CPU_HANDLER(kRmsPropUpdateCpu, RmsProp, "optax_paged_rmsprop");
 OPTAX_PAGED_CPU_HANDLER(kAdagradUpdateCpu, Adagrad, "optax_paged_adagrad");
+
+// The device ordinal this handler sees, so Python can learn the mapping
+// from JAX devices to the ordinals the update handlers look entries up by.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kDeviceOrdinalCpu,
+    ([](int32_t ordinal, ffi::Buffer<ffi::S32> pin,
+        ffi::Result<ffi::Buffer<ffi::S32>> out) {
+      (void)pin;
+      out->typed_data()[0] = ordinal;
+      return ffi::Error::Success();
+    }),
+    ffi::Ffi::Bind()
+        .Ctx<ffi::DeviceOrdinal>()      /* this device */
+        .Arg<ffi::Buffer<ffi::S32>>()   /* places the call on a device */
+        .Ret<ffi::Buffer<ffi::S32>>())  /* the ordinal */;
 
 }  // namespace optax_paged

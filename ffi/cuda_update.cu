@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -51,6 +53,7 @@ struct LeafArgs {
   int32_t quantized;
   int32_t decay;
   uint32_t id;  // index in the registry entry, for random bits
+  int64_t index_offset;  // the shard's first element in the leaf, likewise
 };
 
 struct LaunchArgs {
@@ -58,6 +61,13 @@ struct LaunchArgs {
   int64_t total_blocks;
   int32_t num_leaves;
   int32_t output_mode;
+  // The mesh position the call was traced for (device memory) and the one
+  // the entry holds; on a mismatch the kernel writes NaN results, leaves
+  // the state alone and sets `misrouted` (host memory), which fails the
+  // next call on the host.
+  const int32_t* position;
+  int32_t expected_position;
+  int32_t* misrouted;
 };
 static_assert(sizeof(LaunchArgs) <= 32000, "kernel parameters over 32 KB");
 
@@ -117,6 +127,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
   const typename Optimizer::Scalars scalars = Optimizer::Load(hyperparams);
   const uint32_t seed = FloatBits(hyperparams[kSeedIndex]);
+  const bool misrouted = *args.position != args.expected_position;
+  if (misrouted && blockIdx.x == 0 && threadIdx.x == 0) *args.misrouted = 1;
   __syncthreads();
 
   const int lane = threadIdx.x % kWarpSize;
@@ -132,6 +144,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     const T* grad = static_cast<const T*>(leaf.grad) + first;
     const T* param = static_cast<const T*>(leaf.param) + first;
     T* out = static_cast<T*>(leaf.out) + first;
+    if (misrouted) {
+      for (int i = 0; i < count; ++i) out[i] = FromFloat<T>(BitsToFloat(0x7fc00000u));
+      continue;
+    }
 
     Vec8<T> g{}, p{};
     if (count == kElementsPerLane) {
@@ -186,7 +202,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                                              leaf.decay != 0, element);
       const uint32_t random =
           args.output_mode == kOutputParamsStochastic
-              ? RandomBits(seed, leaf.id, static_cast<uint64_t>(first + i))
+              ? RandomBits(seed, leaf.id,
+                           static_cast<uint64_t>(leaf.index_offset + first + i))
               : 0u;
       result.v[i] = OutputValue<T>(args.output_mode, param_f, update, random);
 #pragma unroll
@@ -239,28 +256,38 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-// Copies the host-built tables to the device once per process.
-cudaError_t EnsureDeviceTables() {
-  static cudaError_t status = [] {
-    QuantTables host[2] = {SignedTables(), UnsignedTables()};
-    return cudaMemcpyToSymbol(g_tables, host, sizeof(host));
-  }();
+// __device__ globals exist once per GPU, so each GPU gets its own copy of
+// the tables (a copy made on GPU 0 leaves GPU 1's zero) and its own SM
+// count. Handlers run with their device current.
+constexpr int kMaxDevices = 64;
+
+cudaError_t EnsureDeviceTables(int device) {
+  static std::mutex mutex;
+  static std::array<bool, kMaxDevices> copied{};
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (copied[device]) return cudaSuccess;
+  const QuantTables host[2] = {SignedTables(), UnsignedTables()};
+  const cudaError_t status = cudaMemcpyToSymbol(g_tables, host, sizeof(host));
+  copied[device] = status == cudaSuccess;
   return status;
 }
 
-int MultiprocessorCount() {
-  static const int count = [] {
-    int device = 0;
-    int value = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device);
-    return value > 0 ? value : 1;
-  }();
+int MultiprocessorCount(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> counts{};
+  if (device < 0 || device >= kMaxDevices) return 1;
+  int count = counts[device].load();
+  if (count == 0) {
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    count = count > 0 ? count : 1;
+    counts[device].store(count);
+  }
   return count;
 }
 
 template <typename Optimizer, typename T>
-ffi::Error LaunchGroup(cudaStream_t stream, const float* hyperparams,
+ffi::Error LaunchGroup(cudaStream_t stream, int device,
+                       const float* hyperparams, const int32_t* position,
                        ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                        const StateEntry& entry,
                        ffi::Span<const int64_t> leaf_indices,
@@ -270,6 +297,9 @@ ffi::Error LaunchGroup(cudaStream_t stream, const float* hyperparams,
     const size_t stop = std::min(count, start + kMaxLeavesPerLaunch);
     auto launch = std::make_unique<LaunchArgs>();
     launch->output_mode = output_mode;
+    launch->position = position;
+    launch->expected_position = entry.placement().position;
+    launch->misrouted = entry.misrouted();
     int64_t blocks = 0;
     int num_leaves = 0;
     for (size_t k = start; k < stop; ++k) {
@@ -290,6 +320,7 @@ ffi::Error LaunchGroup(cudaStream_t stream, const float* hyperparams,
       leaf.quantized = state.quantized ? 1 : 0;
       leaf.decay = state.decay ? 1 : 0;
       leaf.id = static_cast<uint32_t>(leaf_indices[k]);
+      leaf.index_offset = state.index_offset;
       blocks += state.num_blocks;
     }
     if (num_leaves == 0) continue;
@@ -297,7 +328,7 @@ ffi::Error LaunchGroup(cudaStream_t stream, const float* hyperparams,
     launch->total_blocks = blocks;
     const int64_t wanted = (blocks + kWarpsPerBlock - 1) / kWarpsPerBlock;
     const int grid = static_cast<int>(std::min<int64_t>(
-        wanted, static_cast<int64_t>(MultiprocessorCount()) *
+        wanted, static_cast<int64_t>(MultiprocessorCount(device)) *
                     kBlocksPerMultiprocessor));
     UpdateKernel<Optimizer, T>
         <<<grid, kThreadsPerBlock, 0, stream>>>(*launch, hyperparams);
@@ -310,22 +341,34 @@ ffi::Error LaunchGroup(cudaStream_t stream, const float* hyperparams,
 }
 
 template <typename Optimizer>
-ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
+ffi::Error UpdateImpl(cudaStream_t stream, int32_t ordinal,
+                      ffi::Buffer<ffi::F32> hyperparams,
+                      ffi::Buffer<ffi::S32> position,
                       ffi::RemainingArgs args, ffi::RemainingRets rets,
                       int64_t state_id, ffi::Span<const int64_t> leaf_indices,
                       int64_t output_mode, std::string_view name) {
+  if (position.element_count() != 1) {
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": position must be one int32");
+  }
   return DispatchUpdate<Optimizer>(
-      name, Platform::kCuda, state_id, hyperparams.element_count(), args,
-      rets, leaf_indices, [&](auto tag, const StateEntry& entry) {
+      name, Platform::kCuda, state_id, ordinal, /*host_position=*/nullptr,
+      hyperparams.element_count(), args, rets, leaf_indices,
+      [&](auto tag, const StateEntry& entry) {
         using T = typename decltype(tag)::type;
-        if (cudaError_t status = EnsureDeviceTables(); status != cudaSuccess) {
+        if (cudaError_t status = EnsureDeviceTables(ordinal);
+            status != cudaSuccess) {
           return ffi::Error::Internal(std::string(name) + ": copying tables: " +
                                       cudaGetErrorString(status));
         }
-        return LaunchGroup<Optimizer, T>(stream, hyperparams.typed_data(),
-                                         args, rets, entry, leaf_indices,
-                                         static_cast<int>(output_mode));
+        return LaunchGroup<Optimizer, T>(
+            stream, ordinal, hyperparams.typed_data(), position.typed_data(),
+            args, rets, entry, leaf_indices, static_cast<int>(output_mode));
       });
+}
+
+__global__ void WriteOrdinalKernel(int32_t* out, int32_t ordinal) {
+  *out = ordinal;
 }
 
 }  // namespace
@@ -335,17 +378,20 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,
 #define OPTAX_PAGED_CUDA_HANDLER(symbol, Optimizer, name)                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                           \
       symbol,                                                              \
-      ([](cudaStream_t stream, ffi::Buffer<ffi::F32> hyperparams,          \
+      ([](cudaStream_t stream, int32_t ordinal,                            \
+          ffi::Buffer<ffi::F32> hyperparams, ffi::Buffer<ffi::S32> position, \
           ffi::RemainingArgs args, ffi::RemainingRets rets,                \
           int64_t state_id, ffi::Span<const int64_t> leaf_indices,         \
           int64_t output_mode) {                                           \
-        return UpdateImpl<Optimizer>(stream, hyperparams, args, rets,      \
-                                     state_id, leaf_indices,               \
-                                     output_mode, name);                   \
+        return UpdateImpl<Optimizer>(stream, ordinal, hyperparams,         \
+                                     position, args, rets, state_id,       \
+                                     leaf_indices, output_mode, name);     \
       }),                                                                  \
       ffi::Ffi::Bind()                                                     \
           .Ctx<ffi::PlatformStream<cudaStream_t>>()  /* XLA's stream */    \
+          .Ctx<ffi::DeviceOrdinal>()                 /* this GPU */        \
           .Arg<ffi::Buffer<ffi::F32>>()              /* hyperparams */     \
+          .Arg<ffi::Buffer<ffi::S32>>()              /* mesh position */   \
           .RemainingArgs()                           /* grads, params */   \
           .RemainingRets()                           /* updates/params */  \
           .Attr<int64_t>("state_id")                 /* registry entry */  \
@@ -358,5 +404,24 @@ OPTAX_PAGED_CUDA_HANDLER(kAdEMAMixUpdateCuda, AdEMAMix, "optax_paged_ademamix");
 OPTAX_PAGED_CUDA_HANDLER(kSgdUpdateCuda, SgdMomentum, "optax_paged_sgd");
 OPTAX_PAGED_CUDA_HANDLER(kRmsPropUpdateCuda, RmsProp, "optax_paged_rmsprop");
 OPTAX_PAGED_CUDA_HANDLER(kAdagradUpdateCuda, Adagrad, "optax_paged_adagrad");
+
+// The device ordinal this handler sees (see kDeviceOrdinalCpu).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kDeviceOrdinalCuda,
+    ([](cudaStream_t stream, int32_t ordinal, ffi::Buffer<ffi::S32> pin,
+        ffi::Result<ffi::Buffer<ffi::S32>> out) {
+      (void)pin;
+      WriteOrdinalKernel<<<1, 1, 0, stream>>>(out->typed_data(), ordinal);
+      if (cudaError_t status = cudaGetLastError(); status != cudaSuccess) {
+        return ffi::Error::Internal(std::string("optax_paged device probe: ") +
+                                    cudaGetErrorString(status));
+      }
+      return ffi::Error::Success();
+    }),
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()  /* XLA's stream */
+        .Ctx<ffi::DeviceOrdinal>()                 /* this GPU */
+        .Arg<ffi::Buffer<ffi::S32>>()              /* places the call */
+        .Ret<ffi::Buffer<ffi::S32>>())             /* the ordinal */;
 
 }  // namespace optax_paged

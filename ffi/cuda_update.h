@@ -12,6 +12,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdEMAMixUpdateCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kSgdUpdateCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kRmsPropUpdateCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdagradUpdateCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kDeviceOrdinalCuda);
 
 }  // namespace optax_paged
 

@@ -64,6 +64,7 @@ nb::dict CpuRegistrations() {
   targets["optax_paged_sgd"] = Capsule(kSgdUpdateCpu);
   targets["optax_paged_rmsprop"] = Capsule(kRmsPropUpdateCpu);
   targets["optax_paged_adagrad"] = Capsule(kAdagradUpdateCpu);
+  targets["optax_paged_device_ordinal"] = Capsule(kDeviceOrdinalCpu);
   return targets;
 }
 
@@ -76,14 +77,15 @@ nb::dict CudaRegistrations() {
   targets["optax_paged_sgd"] = Capsule(kSgdUpdateCuda);
   targets["optax_paged_rmsprop"] = Capsule(kRmsPropUpdateCuda);
   targets["optax_paged_adagrad"] = Capsule(kAdagradUpdateCuda);
+  targets["optax_paged_device_ordinal"] = Capsule(kDeviceOrdinalCuda);
 #endif
   return targets;
 }
 
-nb::tuple GpuMemoryInfo() {
+nb::tuple GpuMemoryInfo(int64_t device) {
   size_t free_bytes = 0;
   size_t total_bytes = 0;
-  DeviceMemoryInfo(&free_bytes, &total_bytes);
+  DeviceMemoryInfo(device, &free_bytes, &total_bytes);
   return nb::make_tuple(free_bytes, total_bytes);
 }
 
@@ -146,13 +148,13 @@ HostArray<uint8_t> EncodeScaled(InputArray<float> x, float inverse,
   return CopyToNumpy(codes.data(), n);
 }
 
-std::shared_ptr<StateEntry> CreateState(int platform, int num_moments,
-                                        const std::vector<int64_t>& sizes,
-                                        const std::vector<bool>& quantized,
-                                        const std::vector<bool>& decay,
-                                        const std::vector<int>& tiers) {
+std::shared_ptr<StateEntry> CreateState(
+    int platform, int num_moments, const std::vector<int64_t>& sizes,
+    const std::vector<bool>& quantized, const std::vector<bool>& decay,
+    const std::vector<int>& tiers, const std::vector<int64_t>& index_offsets,
+    int64_t group, int64_t ordinal, int32_t position) {
   if (quantized.size() != sizes.size() || decay.size() != sizes.size() ||
-      tiers.size() != sizes.size()) {
+      tiers.size() != sizes.size() || index_offsets.size() != sizes.size()) {
     throw std::invalid_argument("create_state: per-leaf lists differ in length");
   }
   std::vector<LeafSpec> specs(sizes.size());
@@ -162,11 +164,14 @@ std::shared_ptr<StateEntry> CreateState(int platform, int num_moments,
       throw std::invalid_argument("create_state: unknown tier");
     }
     specs[i] = LeafSpec{sizes[i], static_cast<bool>(quantized[i]),
-                        static_cast<bool>(decay[i]), static_cast<Tier>(tiers[i])};
+                        static_cast<bool>(decay[i]), static_cast<Tier>(tiers[i]),
+                        index_offsets[i]};
   }
   std::string error;
-  std::shared_ptr<StateEntry> entry = CreateStateEntry(
-      static_cast<Platform>(platform), num_moments, specs, &error);
+  std::shared_ptr<StateEntry> entry =
+      CreateStateEntry(Placement{group, ordinal, position},
+                       static_cast<Platform>(platform), num_moments, specs,
+                       &error);
   if (entry == nullptr) throw std::runtime_error("create_state: " + error);
   return entry;
 }
@@ -188,11 +193,13 @@ const LeafState& CheckedLeaf(const StateEntry& entry, int64_t leaf,
 }
 
 template <typename T>
-HostArray<T> CopyStateOut(const LeafState& state, const T* source, size_t count) {
+HostArray<T> CopyStateOut(const LeafState& state, int64_t device,
+                          const T* source, size_t count) {
   std::vector<T> host(count);
   std::string error;
   if (count > 0 &&
-      !CopyStateToHost(host.data(), source, count * sizeof(T), state.tier, &error)) {
+      !CopyStateToHost(host.data(), source, count * sizeof(T), state.tier,
+                       device, &error)) {
     throw std::runtime_error("reading optimizer state: " + error);
   }
   return CopyToNumpy(host.data(), count);
@@ -203,12 +210,15 @@ nb::tuple ReadMoment(StateEntry& entry, int64_t leaf, int64_t moment) {
   const LeafState& state = CheckedLeaf(entry, leaf, moment);
   const MomentBuffers& buffers = state.moments[moment];
   const size_t size = static_cast<size_t>(state.size);
+  const int64_t device = entry.placement().ordinal;
   if (state.quantized) {
     return nb::make_tuple(
-        CopyStateOut(state, buffers.codes, size),
-        CopyStateOut(state, buffers.absmax, static_cast<size_t>(state.num_blocks)));
+        CopyStateOut(state, device, buffers.codes, size),
+        CopyStateOut(state, device, buffers.absmax,
+                     static_cast<size_t>(state.num_blocks)));
   }
-  return nb::make_tuple(CopyStateOut(state, buffers.values, size), nb::none());
+  return nb::make_tuple(CopyStateOut(state, device, buffers.values, size),
+                        nb::none());
 }
 
 void WriteMoment(StateEntry& entry, int64_t leaf, int64_t moment,
@@ -231,10 +241,12 @@ void WriteMoment(StateEntry& entry, int64_t leaf, int64_t moment,
   void* target = state.quantized ? static_cast<void*>(buffers.codes)
                                  : static_cast<void*>(buffers.values);
   std::string error;
-  if ((data_bytes > 0 &&
-       !CopyHostToState(target, data.data(), data_bytes, state.tier, &error)) ||
-      (absmax_bytes > 0 && !CopyHostToState(buffers.absmax, absmax.data(),
-                                            absmax_bytes, state.tier, &error))) {
+  const int64_t device = entry.placement().ordinal;
+  if ((data_bytes > 0 && !CopyHostToState(target, data.data(), data_bytes,
+                                          state.tier, device, &error)) ||
+      (absmax_bytes > 0 &&
+       !CopyHostToState(buffers.absmax, absmax.data(), absmax_bytes,
+                        state.tier, device, &error))) {
     throw std::runtime_error("writing optimizer state: " + error);
   }
 }
@@ -254,7 +266,8 @@ void SetLeafTier(StateEntry& entry, int64_t leaf, int tier) {
         "' to '" + TierName(target) + "': only paged buffers change tiers");
   }
   std::string error;
-  if (!RetierState(state.base, state.bytes, target, &error)) {
+  if (!RetierState(state.base, state.bytes, target,
+                   entry.placement().ordinal, &error)) {
     throw std::runtime_error("set_leaf_tier: " + error);
   }
   state.tier = target;
@@ -292,8 +305,10 @@ NB_MODULE(_optax_paged_ext, m) {
 #endif
   m.def("cpu_registrations", &CpuRegistrations);
   m.def("cuda_registrations", &CudaRegistrations);
-  m.def("gpu_memory_info", &GpuMemoryInfo,
-        "(free, total) bytes of the current GPU; (0, 0) without one.");
+  m.def("gpu_memory_info", &GpuMemoryInfo, nb::arg("device"),
+        "(free, total) bytes of GPU `device`; (0, 0) without it.");
+  m.def("new_group_id", &NewGroupId,
+        "A fresh id for the entries of one state, one per device.");
   m.def("dynamic_map", [](bool is_signed) {
     return CopyToNumpy(TablesFor(is_signed).values, 256);
   }, nb::arg("signed"));
@@ -312,6 +327,13 @@ NB_MODULE(_optax_paged_ext, m) {
 
   nb::class_<StateEntry>(m, "StateEntry")
       .def_prop_ro("id", &StateEntry::id)
+      .def_prop_ro("ordinal",
+                   [](const StateEntry& e) { return e.placement().ordinal; })
+      .def_prop_ro("position",
+                   [](const StateEntry& e) { return e.placement().position; })
+      .def_prop_ro("misrouted", [](const StateEntry& e) {
+        return e.misrouted() != nullptr && *e.misrouted() != 0;
+      })
       .def_prop_ro("num_leaves",
                    [](const StateEntry& e) { return e.leaves().size(); })
       .def_prop_ro("num_moments", &StateEntry::num_moments)
@@ -327,7 +349,8 @@ NB_MODULE(_optax_paged_ext, m) {
            nb::call_guard<nb::gil_scoped_release>());
   m.def("create_state", &CreateState, nb::arg("platform"),
         nb::arg("num_moments"), nb::arg("sizes"), nb::arg("quantized"),
-        nb::arg("decay"), nb::arg("tiers"));
+        nb::arg("decay"), nb::arg("tiers"), nb::arg("index_offsets"),
+        nb::arg("group"), nb::arg("ordinal"), nb::arg("position"));
 }
 
 }  // namespace optax_paged

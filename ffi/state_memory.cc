@@ -1,5 +1,5 @@
 // Allocation of state buffers by tier. Managed memory is in
-// state_memory_cuda.cu, compiled only when CUDA is available.
+// state_memory_cuda.cc, compiled only when CUDA is available.
 #include "state_memory.h"
 
 #include <cstdlib>
@@ -9,12 +9,16 @@ namespace optax_paged {
 
 #if defined(OPTAX_PAGED_WITH_CUDA)
 // In state_memory_cuda.cc.
-void* AllocateCudaState(size_t bytes, Tier tier, std::string* error);
-void FreeCudaState(void* ptr, Tier tier);
-bool RetierCudaState(void* ptr, size_t bytes, Tier tier, std::string* error);
+void* AllocateCudaState(size_t bytes, Tier tier, int64_t device,
+                        std::string* error);
+void FreeCudaState(void* ptr, Tier tier, int64_t device);
+bool RetierCudaState(void* ptr, size_t bytes, Tier tier, int64_t device,
+                     std::string* error);
 bool CopyCudaState(void* dst, const void* src, size_t bytes, Tier tier,
-                   bool to_host, std::string* error);
-bool CudaMemoryInfo(size_t* free_bytes, size_t* total_bytes);
+                   bool to_host, int64_t device, std::string* error);
+int32_t* AllocateCudaStatusWord(int64_t device, std::string* error);
+void FreeCudaStatusWord(int32_t* word);
+bool CudaMemoryInfo(int64_t device, size_t* free_bytes, size_t* total_bytes);
 #endif
 
 namespace {
@@ -50,7 +54,8 @@ namespace {
 
 }  // namespace
 
-void* AllocateState(size_t bytes, Tier tier, std::string* error) {
+void* AllocateState(size_t bytes, Tier tier, int64_t device,
+                    std::string* error) {
   const size_t rounded = RoundUpToPage(bytes == 0 ? 1 : bytes);
   if (tier == Tier::kHost) {
     void* ptr = std::aligned_alloc(kPageBytes, rounded);
@@ -63,66 +68,102 @@ void* AllocateState(size_t bytes, Tier tier, std::string* error) {
     return ptr;
   }
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  return AllocateCudaState(rounded, tier, error);
+  return AllocateCudaState(rounded, tier, device, error);
 #else
+  (void)device;
   *error = NoCuda(tier);
   return nullptr;
 #endif
 }
 
-void FreeState(void* ptr, Tier tier) {
+void FreeState(void* ptr, Tier tier, int64_t device) {
   if (ptr == nullptr) return;
   if (tier == Tier::kHost) {
     std::free(ptr);
     return;
   }
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  FreeCudaState(ptr, tier);
+  FreeCudaState(ptr, tier, device);
+#else
+  (void)device;
 #endif
 }
 
-bool RetierState(void* ptr, size_t bytes, Tier tier, std::string* error) {
+bool RetierState(void* ptr, size_t bytes, Tier tier, int64_t device,
+                 std::string* error) {
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  return RetierCudaState(ptr, RoundUpToPage(bytes), tier, error);
+  return RetierCudaState(ptr, RoundUpToPage(bytes), tier, device, error);
 #else
-  (void)ptr, (void)bytes;
+  (void)ptr, (void)bytes, (void)device;
   *error = NoCuda(tier);
   return false;
 #endif
 }
 
 bool CopyStateToHost(void* host, const void* state, size_t bytes, Tier tier,
-                     std::string* error) {
+                     int64_t device, std::string* error) {
   if (tier == Tier::kHost) {
     std::memcpy(host, state, bytes);
     return true;
   }
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  return CopyCudaState(host, state, bytes, tier, /*to_host=*/true, error);
+  return CopyCudaState(host, state, bytes, tier, /*to_host=*/true, device,
+                       error);
 #else
+  (void)device;
   *error = NoCuda(tier);
   return false;
 #endif
 }
 
 bool CopyHostToState(void* state, const void* host, size_t bytes, Tier tier,
-                     std::string* error) {
+                     int64_t device, std::string* error) {
   if (tier == Tier::kHost) {
     std::memcpy(state, host, bytes);
     return true;
   }
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  return CopyCudaState(state, host, bytes, tier, /*to_host=*/false, error);
+  return CopyCudaState(state, host, bytes, tier, /*to_host=*/false, device,
+                       error);
 #else
+  (void)device;
   *error = NoCuda(tier);
   return false;
 #endif
 }
 
-bool DeviceMemoryInfo(size_t* free_bytes, size_t* total_bytes) {
+int32_t* AllocateStatusWord(bool gpu, int64_t device, std::string* error) {
+  if (!gpu) {
+    auto* word = static_cast<int32_t*>(std::calloc(1, sizeof(int32_t)));
+    if (word == nullptr) *error = "could not allocate a status word";
+    return word;
+  }
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  return CudaMemoryInfo(free_bytes, total_bytes);
+  return AllocateCudaStatusWord(device, error);
 #else
+  (void)device;
+  *error = NoCuda(Tier::kDevice);
+  return nullptr;
+#endif
+}
+
+void FreeStatusWord(int32_t* word, bool gpu) {
+  if (word == nullptr) return;
+  if (!gpu) {
+    std::free(word);
+    return;
+  }
+#if defined(OPTAX_PAGED_WITH_CUDA)
+  FreeCudaStatusWord(word);
+#endif
+}
+
+bool DeviceMemoryInfo(int64_t device, size_t* free_bytes,
+                      size_t* total_bytes) {
+#if defined(OPTAX_PAGED_WITH_CUDA)
+  return CudaMemoryInfo(device, free_bytes, total_bytes);
+#else
+  (void)device;
   *free_bytes = *total_bytes = 0;
   return false;
 #endif

@@ -7,6 +7,7 @@
 #define OPTAX_PAGED_FFI_STATE_MEMORY_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace optax_paged {
@@ -24,25 +25,36 @@ inline bool IsManaged(Tier tier) {
 
 const char* TierName(Tier tier);
 
+// Every GPU call below runs with `device` (a CUDA ordinal) current, so each
+// buffer is allocated, advised, prefetched, copied and freed on its own GPU.
+// `device` is ignored for the CPU tier.
+
 // Allocates `bytes` zeroed bytes in `tier`, aligned to at least 4096 bytes.
 // Returns nullptr and fills `error` on failure.
-void* AllocateState(size_t bytes, Tier tier, std::string* error);
+void* AllocateState(size_t bytes, Tier tier, int64_t device,
+                    std::string* error);
 
-void FreeState(void* ptr, Tier tier);
+void FreeState(void* ptr, Tier tier, int64_t device);
 
 // Moves a managed buffer to `tier` (kManagedDevice or kManagedHost): sets
 // its preferred location and prefetches it there.
-bool RetierState(void* ptr, size_t bytes, Tier tier, std::string* error);
+bool RetierState(void* ptr, size_t bytes, Tier tier, int64_t device,
+                 std::string* error);
 
 // Copies between a state buffer and host memory; waits for the device first
 // when the buffer is on it.
 bool CopyStateToHost(void* host, const void* state, size_t bytes, Tier tier,
-                     std::string* error);
+                     int64_t device, std::string* error);
 bool CopyHostToState(void* state, const void* host, size_t bytes, Tier tier,
-                     std::string* error);
+                     int64_t device, std::string* error);
 
-// Free and total bytes of the current GPU; false without CUDA or a GPU.
-bool DeviceMemoryInfo(size_t* free_bytes, size_t* total_bytes);
+// A zeroed int32 that host code reads and, with `gpu`, kernels on `device`
+// write (pinned, mapped host memory). nullptr with `error` on failure.
+int32_t* AllocateStatusWord(bool gpu, int64_t device, std::string* error);
+void FreeStatusWord(int32_t* word, bool gpu);
+
+// Free and total bytes of GPU `device`; false without CUDA or that GPU.
+bool DeviceMemoryInfo(int64_t device, size_t* free_bytes, size_t* total_bytes);
 
 }  // namespace optax_paged
 

@@ -3,7 +3,11 @@
 //
 // Host tier: preferred location host, accessed-by the GPU, so the kernel
 // reads and writes the pages over the link in place, with no migration and
-// no eviction traffic (DESIGN.md, "Memory tiers").
+// no eviction traffic (the project's DESIGN.md, "Memory tiers").
+//
+// Every call makes the buffer's GPU current first and restores the caller's
+// device after: the current device is per thread and XLA's threads rely on
+// theirs.
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -22,12 +26,31 @@ bool Check(cudaError_t status, const char* what, std::string* error) {
   return false;
 }
 
-cudaMemLocation DeviceLocation() {
-  int device = 0;
-  cudaGetDevice(&device);
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int64_t device) {
+    cudaGetDevice(&previous_);
+    ok_ = cudaSetDevice(static_cast<int>(device)) == cudaSuccess;
+    if (!ok_) cudaGetLastError();
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+  bool ok(int64_t device, std::string* error) const {
+    if (!ok_) *error = "cannot use GPU " + std::to_string(device);
+    return ok_;
+  }
+
+ private:
+  int previous_ = 0;
+  bool ok_ = false;
+};
+
+cudaMemLocation DeviceLocation(int64_t device) {
   cudaMemLocation location{};
   location.type = cudaMemLocationTypeDevice;
-  location.id = device;
+  location.id = static_cast<int>(device);
   return location;
 }
 
@@ -38,10 +61,10 @@ cudaMemLocation HostLocation() {
   return location;
 }
 
-}  // namespace
-
-bool RetierCudaState(void* ptr, size_t bytes, Tier tier, std::string* error) {
-  const cudaMemLocation device = DeviceLocation();
+// With the buffer's device current.
+bool Retier(void* ptr, size_t bytes, Tier tier, int64_t device_ordinal,
+            std::string* error) {
+  const cudaMemLocation device = DeviceLocation(device_ordinal);
   if (tier == Tier::kManagedDevice) {
     return Check(cudaMemAdvise(ptr, bytes, cudaMemAdviseUnsetAccessedBy, device),
                  "cudaMemAdvise(unset accessed-by)", error) &&
@@ -66,7 +89,18 @@ bool RetierCudaState(void* ptr, size_t bytes, Tier tier, std::string* error) {
   return false;
 }
 
-void* AllocateCudaState(size_t bytes, Tier tier, std::string* error) {
+}  // namespace
+
+bool RetierCudaState(void* ptr, size_t bytes, Tier tier, int64_t device,
+                     std::string* error) {
+  DeviceGuard guard(device);
+  return guard.ok(device, error) && Retier(ptr, bytes, tier, device, error);
+}
+
+void* AllocateCudaState(size_t bytes, Tier tier, int64_t device,
+                        std::string* error) {
+  DeviceGuard guard(device);
+  if (!guard.ok(device, error)) return nullptr;
   void* ptr = nullptr;
   if (tier == Tier::kDevice) {
     if (!Check(cudaMalloc(&ptr, bytes), "cudaMalloc", error)) return nullptr;
@@ -86,23 +120,26 @@ void* AllocateCudaState(size_t bytes, Tier tier, std::string* error) {
   }
   // Zero on the host: the pages are born there and the host tier stays.
   std::memset(ptr, 0, bytes);
-  if (!RetierCudaState(ptr, bytes, tier, error)) {
+  if (!Retier(ptr, bytes, tier, device, error)) {
     cudaFree(ptr);
     return nullptr;
   }
   return ptr;
 }
 
-void FreeCudaState(void* ptr, Tier tier) {
+void FreeCudaState(void* ptr, Tier tier, int64_t device) {
   (void)tier;
+  DeviceGuard guard(device);
   // cudaFree waits for work on the device that may still use the buffer.
   cudaDeviceSynchronize();
   cudaFree(ptr);
 }
 
 bool CopyCudaState(void* dst, const void* src, size_t bytes, Tier tier,
-                   bool to_host, std::string* error) {
-  if (!Check(cudaDeviceSynchronize(), "waiting for the device", error)) {
+                   bool to_host, int64_t device, std::string* error) {
+  DeviceGuard guard(device);
+  if (!guard.ok(device, error) ||
+      !Check(cudaDeviceSynchronize(), "waiting for the device", error)) {
     return false;
   }
   if (IsManaged(tier)) {
@@ -115,13 +152,32 @@ bool CopyCudaState(void* dst, const void* src, size_t bytes, Tier tier,
                "cudaMemcpy", error);
 }
 
-bool CudaMemoryInfo(size_t* free_bytes, size_t* total_bytes) {
+int32_t* AllocateCudaStatusWord(int64_t device, std::string* error) {
+  DeviceGuard guard(device);
+  if (!guard.ok(device, error)) return nullptr;
+  void* word = nullptr;
+  // Mapped and portable: with unified addressing the host pointer is valid
+  // in kernels on every GPU.
+  if (!Check(cudaHostAlloc(&word, sizeof(int32_t),
+                           cudaHostAllocMapped | cudaHostAllocPortable),
+             "cudaHostAlloc(status word)", error)) {
+    return nullptr;
+  }
+  *static_cast<int32_t*>(word) = 0;
+  return static_cast<int32_t*>(word);
+}
+
+void FreeCudaStatusWord(int32_t* word) { cudaFreeHost(word); }
+
+bool CudaMemoryInfo(int64_t device, size_t* free_bytes, size_t* total_bytes) {
+  *free_bytes = *total_bytes = 0;
   int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 ||
+      device >= count) {
     cudaGetLastError();
-    *free_bytes = *total_bytes = 0;
     return false;
   }
+  DeviceGuard guard(device);
   if (cudaMemGetInfo(free_bytes, total_bytes) != cudaSuccess) {
     cudaGetLastError();
     *free_bytes = *total_bytes = 0;

@@ -14,9 +14,25 @@ size_t AlignUp(size_t bytes) {
   return (bytes + kAlignment - 1) / kAlignment * kAlignment;
 }
 
+struct GroupDevice {
+  int64_t group;
+  int64_t ordinal;
+  bool operator==(const GroupDevice& other) const {
+    return group == other.group && ordinal == other.ordinal;
+  }
+};
+
+struct GroupDeviceHash {
+  size_t operator()(const GroupDevice& key) const {
+    return std::hash<int64_t>()(key.group) * 31 +
+           std::hash<int64_t>()(key.ordinal);
+  }
+};
+
 struct GlobalRegistry {
   std::mutex mutex;
-  std::unordered_map<int64_t, std::weak_ptr<StateEntry>> entries;
+  std::unordered_map<GroupDevice, std::weak_ptr<StateEntry>, GroupDeviceHash>
+      entries;
   std::atomic<int64_t> next_id{1};
 };
 
@@ -49,13 +65,23 @@ size_t LayoutLeaf(LeafState* leaf, int num_moments, uint8_t* base) {
 
 }  // namespace
 
-StateEntry::StateEntry(int64_t id, Platform platform, int num_moments)
-    : id_(id), platform_(platform), num_moments_(num_moments) {}
+StateEntry::StateEntry(int64_t id, Placement placement, Platform platform,
+                       int num_moments)
+    : id_(id),
+      placement_(placement),
+      platform_(platform),
+      num_moments_(num_moments) {}
 
-StateEntry::~StateEntry() { FreeAll(); }
+StateEntry::~StateEntry() {
+  FreeAll();
+  FreeStatusWord(misrouted_, platform_ == Platform::kCuda);
+}
 
 bool StateEntry::Allocate(const std::vector<LeafSpec>& specs,
                           std::string* error) {
+  misrouted_ = AllocateStatusWord(platform_ == Platform::kCuda,
+                                  placement_.ordinal, error);
+  if (misrouted_ == nullptr) return false;
   leaves_.resize(specs.size());
   for (size_t i = 0; i < specs.size(); ++i) {
     LeafState& leaf = leaves_[i];
@@ -64,8 +90,9 @@ bool StateEntry::Allocate(const std::vector<LeafSpec>& specs,
     leaf.quantized = specs[i].quantized;
     leaf.decay = specs[i].decay;
     leaf.tier = specs[i].tier;
+    leaf.index_offset = specs[i].index_offset;
     leaf.bytes = LayoutLeaf(&leaf, num_moments_, nullptr);
-    void* base = AllocateState(leaf.bytes, leaf.tier, error);
+    void* base = AllocateState(leaf.bytes, leaf.tier, placement_.ordinal, error);
     if (base == nullptr) {
       *error = "leaf " + std::to_string(i) + ": " + *error;
       FreeAll();
@@ -79,7 +106,7 @@ bool StateEntry::Allocate(const std::vector<LeafSpec>& specs,
 
 void StateEntry::FreeAll() {
   for (LeafState& leaf : leaves_) {
-    FreeState(leaf.base, leaf.tier);
+    FreeState(leaf.base, leaf.tier, placement_.ordinal);
     leaf.base = nullptr;
     for (MomentBuffers& buffers : leaf.moments) buffers = MomentBuffers{};
   }
@@ -89,7 +116,7 @@ void StateEntry::Release() {
   {
     GlobalRegistry& global = Global();
     std::lock_guard<std::mutex> lock(global.mutex);
-    global.entries.erase(id_);
+    global.entries.erase(GroupDevice{placement_.group, placement_.ordinal});
   }
   std::unique_lock<std::shared_mutex> lock(mutex_);
   if (released_) return;
@@ -103,7 +130,10 @@ size_t StateEntry::total_bytes() const {
   return total;
 }
 
-std::shared_ptr<StateEntry> CreateStateEntry(Platform platform,
+int64_t NewGroupId() { return Global().next_id.fetch_add(1); }
+
+std::shared_ptr<StateEntry> CreateStateEntry(Placement placement,
+                                             Platform platform,
                                              int num_moments,
                                              const std::vector<LeafSpec>& specs,
                                              std::string* error) {
@@ -114,21 +144,38 @@ std::shared_ptr<StateEntry> CreateStateEntry(Platform platform,
   }
   GlobalRegistry& global = Global();
   const int64_t id = global.next_id.fetch_add(1);
-  auto entry = std::make_shared<StateEntry>(id, platform, num_moments);
+  auto entry =
+      std::make_shared<StateEntry>(id, placement, platform, num_moments);
   if (!entry->Allocate(specs, error)) return nullptr;
   std::lock_guard<std::mutex> lock(global.mutex);
-  global.entries[id] = entry;
+  auto& slot = global.entries[GroupDevice{placement.group, placement.ordinal}];
+  if (!slot.expired()) {
+    *error = "group " + std::to_string(placement.group) +
+             " already has an entry on device ordinal " +
+             std::to_string(placement.ordinal);
+    return nullptr;
+  }
+  slot = entry;
   return entry;
 }
 
-std::shared_ptr<StateEntry> FindStateEntry(int64_t id) {
+std::shared_ptr<StateEntry> FindStateEntry(int64_t group, int64_t ordinal) {
   GlobalRegistry& global = Global();
   std::lock_guard<std::mutex> lock(global.mutex);
-  auto it = global.entries.find(id);
+  auto it = global.entries.find(GroupDevice{group, ordinal});
   if (it == global.entries.end()) return nullptr;
   std::shared_ptr<StateEntry> entry = it->second.lock();
   if (entry == nullptr) global.entries.erase(it);
   return entry;
+}
+
+bool GroupIsLive(int64_t group) {
+  GlobalRegistry& global = Global();
+  std::lock_guard<std::mutex> lock(global.mutex);
+  for (auto& [key, weak] : global.entries) {
+    if (key.group == group && !weak.expired()) return true;
+  }
+  return false;
 }
 
 int64_t LiveStateCount() {

@@ -1,10 +1,13 @@
 // The C++ half of the state registry: optimizer state buffers by id.
 //
 // Python decides what a state holds (which leaves, 8-bit or fp32, which
-// tier); this side owns the memory and lets FFI handlers find it by the id
-// the compiled step carries. Handlers hold a shared lock on the entry while
-// they run, so a release waits for them and a step that arrives after a
-// release fails cleanly instead of touching freed memory.
+// tier); this side owns the memory and lets FFI handlers find it. A state
+// spread over several devices is a group of entries, one per device, each
+// holding that device's shard; the compiled step carries the group id and
+// every handler finds its own entry by (group, device ordinal). Handlers
+// hold a shared lock on the entry while they run, so a release waits for
+// them and a step that arrives after a release fails cleanly instead of
+// touching freed memory.
 #ifndef OPTAX_PAGED_FFI_STATE_REGISTRY_H_
 #define OPTAX_PAGED_FFI_STATE_REGISTRY_H_
 
@@ -27,6 +30,9 @@ struct LeafSpec {
   bool quantized;
   bool decay;
   Tier tier;
+  // Index of this shard's first element among the leaf's elements, for the
+  // random bits of stochastic rounding (0 on one device).
+  int64_t index_offset;
 };
 
 // One moment of one leaf: codes + absmax when quantized, else fp32 values.
@@ -42,14 +48,25 @@ struct LeafState {
   bool quantized = false;
   bool decay = false;
   Tier tier = Tier::kHost;
+  int64_t index_offset = 0;
   void* base = nullptr;
   size_t bytes = 0;
   MomentBuffers moments[kMaxMoments];
 };
 
+// Where an entry sits: its group, the device ordinal the handler sees, and
+// the device's linear position in the mesh, which each call passes as an
+// operand so that a shard reaching the wrong entry is refused.
+struct Placement {
+  int64_t group;
+  int64_t ordinal;
+  int32_t position;
+};
+
 class StateEntry {
  public:
-  StateEntry(int64_t id, Platform platform, int num_moments);
+  StateEntry(int64_t id, Placement placement, Platform platform,
+             int num_moments);
   ~StateEntry();
   StateEntry(const StateEntry&) = delete;
   StateEntry& operator=(const StateEntry&) = delete;
@@ -61,7 +78,11 @@ class StateEntry {
   void Release();
 
   int64_t id() const { return id_; }
+  const Placement& placement() const { return placement_; }
   Platform platform() const { return platform_; }
+  // Set (by the GPU kernel) when a call passed another device's position;
+  // later calls then fail, since the kernel cannot report it itself.
+  int32_t* misrouted() const { return misrouted_; }
   int num_moments() const { return num_moments_; }
   bool released() const { return released_; }
   const std::vector<LeafState>& leaves() const { return leaves_; }
@@ -75,21 +96,32 @@ class StateEntry {
   void FreeAll();
 
   const int64_t id_;
+  const Placement placement_;
   const Platform platform_;
+  int32_t* misrouted_ = nullptr;
   const int num_moments_;
   bool released_ = false;
   std::vector<LeafState> leaves_;
   std::shared_mutex mutex_;
 };
 
+// A fresh id for a group of entries (one per device of a state).
+int64_t NewGroupId();
+
 // Creates and registers an entry; returns nullptr with `error` on failure.
-std::shared_ptr<StateEntry> CreateStateEntry(Platform platform,
+std::shared_ptr<StateEntry> CreateStateEntry(Placement placement,
+                                             Platform platform,
                                              int num_moments,
                                              const std::vector<LeafSpec>& specs,
                                              std::string* error);
 
-// The live entry with this id, or nullptr if it was released or collected.
-std::shared_ptr<StateEntry> FindStateEntry(int64_t id);
+// The live entry of `group` on the device with this ordinal, or nullptr if
+// it was released or collected, or the group has no entry there.
+std::shared_ptr<StateEntry> FindStateEntry(int64_t group, int64_t ordinal);
+
+// Whether any live entry belongs to `group` (to tell "released" from
+// "not on this device").
+bool GroupIsLive(int64_t group);
 
 // Number of live entries and their bytes, for leak checks.
 int64_t LiveStateCount();

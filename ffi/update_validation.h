@@ -101,22 +101,47 @@ struct ElementTag {
 };
 
 // Runs `run(ElementTag<T>{}, entry)` for the gradients' element type T, with
-// the entry found, checked and held (shared lock) for the whole call.
+// this device's entry of the state found, checked and held (shared lock) for
+// the whole call. `host_position` is the mesh position the call was traced
+// for, when the handler can read it (CPU); GPU kernels check it themselves
+// and leave a mark in the entry that fails the next call.
 template <typename Optimizer, typename Run>
 xla::ffi::Error DispatchUpdate(std::string_view name, Platform platform,
-                               int64_t state_id, size_t num_hyperparams,
+                               int64_t state_id, int64_t ordinal,
+                               const int32_t* host_position,
+                               size_t num_hyperparams,
                                const xla::ffi::RemainingArgs& args,
                                const xla::ffi::RemainingRets& rets,
                                xla::ffi::Span<const int64_t> leaf_indices,
                                Run&& run) {
   namespace ffi = xla::ffi;
-  std::shared_ptr<StateEntry> entry = FindStateEntry(state_id);
+  const std::string prefix = std::string(name) + ": ";
+  std::shared_ptr<StateEntry> entry = FindStateEntry(state_id, ordinal);
   if (entry == nullptr) {
+    if (GroupIsLive(state_id)) {
+      return ffi::Error::InvalidArgument(
+          prefix + "optimizer state " + std::to_string(state_id) +
+          " has no shard on device ordinal " + std::to_string(ordinal) +
+          ": it was initialised for other devices (jax.pmap, or a mesh "
+          "other than the parameters' at init, runs the update there)");
+    }
     return ffi::Error::InvalidArgument(
-        std::string(name) + ": optimizer state " + std::to_string(state_id) +
+        prefix + "optimizer state " + std::to_string(state_id) +
         " was released; create a new one with tx.init(params)");
   }
   std::shared_lock<std::shared_mutex> lock(entry->mutex());
+  const int32_t expected = entry->placement().position;
+  const int32_t* misrouted = entry->misrouted();
+  if ((host_position != nullptr && *host_position != expected) ||
+      (misrouted != nullptr && *misrouted != 0)) {
+    return ffi::Error::InvalidArgument(
+        prefix + "device ordinal " + std::to_string(ordinal) +
+        " holds the state of mesh position " + std::to_string(expected) +
+        " but received the shard of another position: the devices were "
+        "ordered differently than at init (a shard_map over a permuted "
+        "mesh?). The state was not updated by that call; use the mesh the "
+        "parameters had at init.");
+  }
   if (ffi::Error error =
           ValidateUpdateCall(name, *entry, platform, Optimizer::kNumMoments,
                              num_hyperparams, args, rets, leaf_indices);

@@ -30,12 +30,14 @@ from optax_paged._src.paging import state_nbytes
 from optax_paged._src.registry import REGISTRY as state_registry
 from optax_paged._src.registry import StateBuffers
 from optax_paged._src.registry import StateRegistry
+from optax_paged._src.registry import allocate_state
 from optax_paged._src.registry import release
 from optax_paged._src.single_moment import adagrad8bit
 from optax_paged._src.single_moment import rmsprop8bit
 from optax_paged._src.single_moment import sgd8bit
 from optax_paged._src.transform import PagedOptimizerState
 from optax_paged._src.transform import apply_gradients
+from optax_paged._src.transform import shard_state_over
 
 __version__ = '0.1.0'
 
@@ -45,6 +47,7 @@ __all__ = [
     'adagrad8bit',
     'adam8bit',
     'adamw8bit',
+    'allocate_state',
     'ademamix8bit',
     'apply_gradients',
     'lion8bit',
@@ -65,6 +68,7 @@ __all__ = [
     'release',
     'rmsprop8bit',
     'set_device_budget',
+    'shard_state_over',
     'sgd8bit',
     'state_dict',
     'state_nbytes',

@@ -137,7 +137,7 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
           ([jnp.ones((5120,))], [3], 'out of range'),
       ]:
         try:
-          out = ffi.update_call('optax_paged_adamw', jnp.zeros(16), leaves,
+          out = ffi.update_call('optax_paged_adamw', jnp.zeros(16), 0, leaves,
                                 leaves, state_id=key, leaf_indices=indices)
           out[0].block_until_ready()
         except Exception as error:
@@ -145,33 +145,22 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
         else:
           raise SystemExit('bad operands were accepted')
       try:
-        ffi.update_call('optax_paged_adamw', jnp.zeros(16), [jnp.ones(5120)],
+        ffi.update_call('optax_paged_adamw', jnp.zeros(16), 0, [jnp.ones(5120)],
                         [jnp.ones(5120)], state_id=10**9,
                         leaf_indices=[0])[0].block_until_ready()
       except Exception as error:
         assert 'released' in str(error), error
       else:
         raise SystemExit('an unknown state id was accepted')
+      try:
+        ffi.update_call('optax_paged_adamw', jnp.zeros(16), 3, [jnp.ones(5120)],
+                        [jnp.ones(5120)], state_id=key,
+                        leaf_indices=[0])[0].block_until_ready()
+      except Exception as error:
+        assert 'mesh position 0' in str(error), error
+      else:
+        raise SystemExit('a call for another mesh position was accepted')
       print('ok')
   ''')
   assert result.returncode == 0, result.stderr
   assert 'ok' in result.stdout
-
-
-def test_sharded_parameters_are_refused_clearly(python_subprocess):
-  result = python_subprocess('''
-      import os
-      os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
-      import jax, jax.numpy as jnp, numpy as np, optax_paged
-      from jax.sharding import Mesh, NamedSharding, PartitionSpec
-      mesh = Mesh(np.array(jax.devices()[:2]), ('x',))
-      sharding = NamedSharding(mesh, PartitionSpec('x'))
-      w = jax.device_put(jnp.ones((64, 80)), sharding)
-      try:
-        optax_paged.paged_adamw8bit(1e-3).init({'w': w})
-      except NotImplementedError as error:
-        assert 'sharded' in str(error), error
-        print('refused')
-  ''')
-  assert result.returncode == 0, result.stderr
-  assert 'refused' in result.stdout

@@ -19,7 +19,7 @@ def test_state_bytes_are_what_the_layout_needs():
   state = optax_paged.paged_adamw8bit(1e-3).init(params)
   # w: 2 moments x (1 MiB codes + 4096 absmax floats); b: 2 x 4 KiB fp32.
   expected = 2 * (2**20 + 4096 * 4) + 2 * 4096
-  assert state.buffers.record().entry.total_bytes == expected
+  assert state.buffers.record().total_bytes == expected
   assert optax_paged.state_registry.total_bytes() >= expected
 
 

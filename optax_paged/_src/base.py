@@ -25,10 +25,10 @@ NO_PARAMS_MSG = (
 
 ABSTRACT_STATE_MSG = (
     'this optimizer state was made by tx.init under a JAX transformation '
-    '(jax.jit, jax.eval_shape, ...) and owns no buffers. tx.init allocates '
-    'the optimizer state in the registry, so call it outside jax.jit; use '
-    'jax.eval_shape(tx.init, params) only to get the structure (for example '
-    'as a restore target for load_state_dict).'
+    '(jax.jit, jax.eval_shape, ...) and owns no buffers yet. Allocate them '
+    'with opt_state = optax_paged.allocate_state(opt_state, params) (any '
+    'pytree holding the state, e.g. a Flax TrainState, with the concrete '
+    'parameters), or call tx.init outside jax.jit.'
 )
 
 RELEASED_STATE_MSG = (

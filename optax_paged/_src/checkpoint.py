@@ -19,6 +19,7 @@ import numpy as np
 from optax_paged._src import base
 from optax_paged._src import quantization
 from optax_paged._src import registry
+from optax_paged._src import sharded_checkpoint
 from optax_paged._src import transform
 
 
@@ -35,9 +36,25 @@ def _checksum(leaves: list[dict[str, Any]]) -> np.uint32:
   return np.uint32(crc)
 
 
+def _header(record: Any) -> dict[str, Any]:
+  return {
+      # 0-d arrays, not NumPy scalars: checkpointers store arrays.
+      'format_version': np.asarray(base.FORMAT_VERSION, np.int32),
+      'block_size': np.asarray(base.BLOCK_SIZE, np.int32),
+      'signed_map': quantization.tables(True).values.copy(),
+      'unsigned_map': quantization.tables(False).values.copy(),
+      # Names as bytes: checkpointers store numbers, not strings.
+      'optimizer': np.frombuffer(record.optimizer.encode(), np.uint8).copy(),
+  }
+
+
 def _export_paged(state: transform.PagedOptimizerState) -> dict[str, Any]:
   record = state.buffers.record()
-  entry = record.entry
+  if record.layout is not None:
+    # The count stays a global array on the mesh, as the moments are.
+    return {**_header(record), 'count': state.count,
+            **sharded_checkpoint.export(record)}
+  entry = record.entries[0]
   leaves = []
   for index, layout in enumerate(record.leaves):
     moments = []
@@ -55,13 +72,7 @@ def _export_paged(state: transform.PagedOptimizerState) -> dict[str, Any]:
         'moments': moments,
     })
   return {
-      # 0-d arrays, not NumPy scalars: checkpointers store arrays.
-      'format_version': np.asarray(base.FORMAT_VERSION, np.int32),
-      'block_size': np.asarray(base.BLOCK_SIZE, np.int32),
-      'signed_map': quantization.tables(True).values.copy(),
-      'unsigned_map': quantization.tables(False).values.copy(),
-      # Names as bytes: checkpointers store numbers, not strings.
-      'optimizer': np.frombuffer(record.optimizer.encode(), np.uint8).copy(),
+      **_header(record),
       'count': np.asarray(state.count, dtype=np.int32),
       'checksum': np.asarray(_checksum(leaves)),
       'leaves': leaves,
@@ -75,20 +86,29 @@ def state_dict(state: base.OptState) -> Any:
   (for example inside ``optax.chain``) becomes a dictionary holding the
   quantized moments, the step count, the format version, the block size, the
   quantization maps and a CRC32 checksum; every other leaf becomes a NumPy
-  array.
+  array. A state on a mesh exports its moments as global ``jax.Array``s
+  sharded like the parameters (see ``sharded_checkpoint``), so Orbax saves
+  and restores them from every process.
 
   Args:
     state: the state returned by ``tx.init`` / ``tx.update``.
 
   Returns:
-    A pytree of NumPy arrays, suitable for any checkpointing library.
+    A pytree of arrays, suitable for any checkpointing library.
   """
   jax.block_until_ready(state)
   return jax.tree.map(
-      lambda x: _export_paged(x) if _is_paged_state(x) else np.asarray(x),
+      lambda x: _export_paged(x) if _is_paged_state(x) else _host_leaf(x),
       state,
       is_leaf=_is_paged_state,
   )
+
+
+def _host_leaf(x: Any) -> Any:
+  # Arrays spread over processes stay global arrays (no process holds them).
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x
+  return np.asarray(x)
 
 
 def _refuse(message: str) -> ValueError:
@@ -143,6 +163,18 @@ def _import_paged(
     )
   record = state.buffers.record()
   _check_header(saved, record)
+  if record.layout is not None:
+    writes = sharded_checkpoint.check(record, saved, _refuse)
+    count = _checked_count(saved['count'])
+    sharded_checkpoint.write(record, writes)
+    return transform.PagedOptimizerState(
+        count=transform.zero_count(state.buffers) + count,
+        buffers=state.buffers)
+  if 'mesh_shape' in saved:
+    raise _refuse(
+        'the checkpoint was saved from a state on a mesh; restore it into a '
+        'state initialised with the parameters on the same mesh.'
+    )
   checked = []
   pairs = zip(record.leaves, saved['leaves'], strict=True)
   for index, (layout, leaf) in enumerate(pairs):
@@ -155,7 +187,7 @@ def _import_paged(
           f'(quantized={bool(leaf["quantized"])}), the state has '
           f'{layout.shape} (quantized={layout.quantized}).'
       )
-    if len(leaf['moments']) != record.entry.num_moments:
+    if len(leaf['moments']) != record.num_moments:
       raise _refuse(f'leaf {layout.path}: wrong number of moments.')
     for m, moment in enumerate(leaf['moments']):
       expected = _expected_arrays(layout)
@@ -174,14 +206,15 @@ def _import_paged(
   # Everything is checked before the first write: a refused checkpoint
   # leaves the state as it was.
   empty = np.zeros([0], np.uint8)
+  entry = record.entries[0]
   for index, m, moment in checked:
     if 'codes' in moment:
-      record.entry.write_moment(
+      entry.write_moment(
           index, m, np.ascontiguousarray(moment['codes']),
           np.ascontiguousarray(moment['absmax']).view(np.uint8),
       )
     else:
-      record.entry.write_moment(
+      entry.write_moment(
           index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
           empty,
       )
@@ -201,7 +234,8 @@ def _restore_tiers(record: Any, tiers: list[int]) -> None:
   if not all(tier in paged_tiers for tier in tiers):
     return  # saved from the CPU or an unpaged state: keep the init's tiers
   device = registry.TIER_CODES['device']
-  sizes = [record.entry.leaf_info(i)['bytes'] for i in range(len(tiers))]
+  sizes = [record.entries[0].leaf_info(i)['bytes']
+           for i in range(len(tiers))]
   budget = sum(n for n, tier in zip(sizes, tiers, strict=True)
                if tier == device)
   paging.apply_budget(record, budget)
@@ -252,23 +286,33 @@ def _restore_leaf(fresh: Any, stored: Any) -> Any:
   return jnp.asarray(stored)
 
 
+def _checked_count(count: Any) -> int:
+  """The saved step count of a sharded state, as a Python int."""
+  value = np.asarray(jax.device_get(count))
+  if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+    raise _refuse(f'count must be an integer scalar, got {value!r}.')
+  return int(value)
+
+
 def _empty_like(layout: dict[str, Any]) -> registry.StateBuffers:
   """Zeroed buffers of a record's layout (paged ones on the host tier)."""
   return registry.REGISTRY.create(
       layout['optimizer'], layout['num_moments'], layout['platform'],
-      layout['treedef'], layout['leaves'], paged=layout['paged'],
-      device_budget=0,
+      layout['treedef'], layout['leaves'], layout['devices'],
+      layout['mesh_layout'], paged=layout['paged'], device_budget=0,
   )
 
 
 def _layout_of(record: Any) -> dict[str, Any]:
   return {
       'optimizer': record.optimizer,
-      'num_moments': int(record.entry.num_moments),
+      'num_moments': record.num_moments,
       'platform': record.platform,
       'treedef': record.treedef,
       'leaves': record.leaves,
       'paged': record.paged,
+      'devices': record.devices,
+      'mesh_layout': record.layout,
   }
 
 
@@ -301,7 +345,17 @@ def reduce_state(state: transform.PagedOptimizerState) -> tuple[Any, ...]:
         'holds no buffers; pickle the state returned by tx.init outside jit.'
     )
   jax.block_until_ready(state.count)
-  layout = _layout_of(state.buffers.record())
+  record = state.buffers.record()
+  if record.layout is not None:
+    raise TypeError(
+        'pickle: this optimizer state is spread over a mesh; save it with '
+        'optax_paged.state_dict and a checkpointer such as Orbax, and '
+        'restore it with load_state_dict.'
+    )
+  layout = _layout_of(record)
+  devices = layout.pop('devices')
+  layout['device_id'] = devices[0].id
+  del layout['mesh_layout']
   return _unpickle_state, (layout, _export_paged(state))
 
 
@@ -315,6 +369,9 @@ def _unpickle_state(layout: dict[str, Any],
         'has no CUDA backend; save it with state_dict and restore it with '
         'load_state_dict into a state initialised on this machine.'
     )
+  device = {d.id: d for d in jax.local_devices()}.get(layout.pop('device_id'))
+  layout['devices'] = [device or jax.local_devices()[0]]
+  layout['mesh_layout'] = None
   fresh = transform.PagedOptimizerState(
       count=jnp.asarray(saved['count'], jnp.int32),
       buffers=_empty_like(layout),

@@ -80,23 +80,23 @@ def _keep_always(used_outputs, eqn):
   return [True] * len(eqn.invars), eqn
 
 
-def _abstract_eval(hyperparams, *operands, target, state_id, leaf_indices,
-                   output_mode):
-  del hyperparams, target, state_id, leaf_indices, output_mode
+def _abstract_eval(hyperparams, position, *operands, target, state_id,
+                   leaf_indices, output_mode):
+  del hyperparams, position, target, state_id, leaf_indices, output_mode
   params = operands[len(operands) // 2:]
   return [_ShapedArray(p.shape, p.dtype) for p in params]
 
 
-def _lowering(ctx, hyperparams, *operands, target, state_id, leaf_indices,
-              output_mode):
+def _lowering(ctx, hyperparams, position, *operands, target, state_id,
+              leaf_indices, output_mode):
   count = len(operands) // 2
   # Each result is written over an operand of its shape, so no new buffer is
-  # needed: the fused step's over parameter i (operand 1 + count + i), the
-  # update's over gradient i (operand 1 + i). Gradients computed in the same
+  # needed: the fused step's over parameter i (operand 2 + count + i), the
+  # update's over gradient i (operand 2 + i). Gradients computed in the same
   # jit are dead after the call and are reused in place, which saves a
   # parameter-sized buffer; XLA copies an operand that is still live or not
   # donated.
-  first = 1 + count if output_mode != OUTPUT_UPDATES else 1
+  first = 2 + count if output_mode != OUTPUT_UPDATES else 2
   aliases = {first + i: i for i in range(count)}
   rule = jax.ffi.ffi_lowering(
       target, has_side_effect=True, operand_output_aliases=aliases
@@ -104,6 +104,7 @@ def _lowering(ctx, hyperparams, *operands, target, state_id, leaf_indices,
   return rule(
       ctx,
       hyperparams,
+      position,
       *operands,
       state_id=np.int64(state_id),
       leaf_indices=np.asarray(leaf_indices, dtype=np.int64),
@@ -129,6 +130,7 @@ partial_eval.dce_rules[update_p] = _keep_always
 def update_call(
     target: str,
     hyperparams: jax.Array,
+    position: jax.Array,
     grads: Sequence[jax.Array],
     params: Sequence[jax.Array],
     *,
@@ -141,9 +143,13 @@ def update_call(
   Args:
     target: FFI target name, e.g. ``'optax_paged_adamw'``.
     hyperparams: float32 vector built by ``hyperparams``.
+    position: int32 scalar, the device's linear position in the mesh the
+      state was made for (0 on one device); the handler refuses a call whose
+      position differs from its entry's.
     grads: the group's gradients, in the parameters' dtype.
     params: the group's parameters.
-    state_id: the registry entry holding the moments.
+    state_id: the state's registry group; each device's handler finds its
+      own entry in it.
     leaf_indices: positions of these leaves in the registry entry.
     output_mode: ``OUTPUT_UPDATES`` for the updates, ``OUTPUT_PARAMS`` for
       the new parameters, ``OUTPUT_PARAMS_STOCHASTIC`` for new parameters
@@ -162,6 +168,7 @@ def update_call(
   grads, params = jax.lax.optimization_barrier((list(grads), list(params)))
   outputs = update_p.bind(
       jnp.asarray(hyperparams, jnp.float32),
+      jnp.asarray(position, jnp.int32).reshape([1]),
       *grads,
       *params,
       target=target,

@@ -31,26 +31,28 @@ _HEADROOM_BYTES = 512 * 2**20
 DeviceBudget = int | float | None
 
 
-def gpu_memory() -> tuple[int, int]:
-  """(free, total) bytes of the current GPU; (0, 0) without one."""
-  free, total = ffi.extension().gpu_memory_info()
+def gpu_memory(ordinal: int = 0) -> tuple[int, int]:
+  """(free, total) bytes of the GPU with this CUDA ordinal; (0, 0) without."""
+  free, total = ffi.extension().gpu_memory_info(ordinal)
   return int(free), int(total)
 
 
-def resolve_budget(device_budget: DeviceBudget, reclaimable: int = 0) -> int:
-  """Bytes the paged state may keep on the GPU.
+def resolve_budget(device_budget: DeviceBudget, reclaimable: int = 0,
+                   ordinal: int = 0) -> int:
+  """Bytes the paged state may keep on one GPU.
 
   Args:
     device_budget: bytes (an int), a fraction of the free GPU memory (a float
       in [0, 1]), or None for ``DEFAULT_DEVICE_FRACTION`` of it.
     reclaimable: bytes of this state already on the device, which count as
       free for it.
+    ordinal: the GPU's CUDA ordinal.
 
   Returns:
     The budget in bytes, never more than the free memory less some headroom;
     a warning says so when the request had to be cut.
   """
-  free, _ = gpu_memory()
+  free, _ = gpu_memory(ordinal)
   available = max(0, free + reclaimable - _HEADROOM_BYTES)
   if device_budget is None:
     return int(available * DEFAULT_DEVICE_FRACTION)
@@ -101,17 +103,32 @@ def check_budget(device_budget: DeviceBudget) -> None:
     )
 
 
+def device_bytes(entry: Any) -> int:
+  """Bytes of an entry's buffers in the device tier."""
+  return sum(
+      info['bytes']
+      for info in map(entry.leaf_info, range(entry.num_leaves))
+      if info['tier'] == 'device'
+  )
+
+
 def apply_budget(record: 'registry.StateRecord', device_budget: DeviceBudget,
-                 reclaimable: int = 0) -> None:
-  """Moves the leaves of a paged record to the tiers the budget gives."""
-  entry = record.entry
-  sizes = [entry.leaf_info(i)['bytes'] for i in range(len(record.leaves))]
-  target = place(sizes, resolve_budget(device_budget, reclaimable))
-  # Leaves leave the device first, so the move never needs more room.
-  for tier in ('host', 'device'):
-    for i, placed in enumerate(target):
-      if placed == tier:
-        entry.set_leaf_tier(i, registry.TIER_CODES[tier])
+                 reclaim: bool = False) -> None:
+  """Moves the leaves of a paged record to the tiers the budget gives.
+
+  The budget applies to each device on its own (a byte count is per device;
+  a fraction is of that device's free memory).
+  """
+  for entry in record.entries:
+    sizes = [entry.leaf_info(i)['bytes'] for i in range(len(record.leaves))]
+    reclaimable = device_bytes(entry) if reclaim else 0
+    target = place(sizes, resolve_budget(device_budget, reclaimable,
+                                         int(entry.ordinal)))
+    # Leaves leave the device first, so the move never needs more room.
+    for tier in ('host', 'device'):
+      for i, placed in enumerate(target):
+        if placed == tier:
+          entry.set_leaf_tier(i, registry.TIER_CODES[tier])
 
 
 def place(leaf_bytes: Sequence[int], budget: int) -> list[str]:
@@ -136,7 +153,8 @@ def set_device_budget(state: Any, device_budget: DeviceBudget) -> None:
   Args:
     state: an optimizer state, or any pytree containing one.
     device_budget: bytes, a fraction of the free GPU memory, or None (as for
-      the optimizer's ``device_budget``).
+      the optimizer's ``device_budget``); for a state on several GPUs it
+      applies to each GPU's share.
 
   Raises:
     ValueError: if ``state`` holds no paged GPU state.
@@ -153,24 +171,28 @@ def set_device_budget(state: Any, device_budget: DeviceBudget) -> None:
   check_budget(device_budget)
   registry.wait_for_pending(state)
   for buffers in paged:
-    record = buffers.record()
-    on_device = sum(
-        info['bytes']
-        for info in map(record.entry.leaf_info, range(len(record.leaves)))
-        if info['tier'] == 'device'
-    )
-    apply_budget(record, device_budget, reclaimable=on_device)
+    apply_budget(buffers.record(), device_budget, reclaim=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryRow:
-  """One state buffer: a parameter leaf's moments."""
+  """One state buffer: a parameter leaf's moments on one device.
+
+  ``shape`` is the parameter's global shape; ``bytes`` what this device
+  holds for it (its shard, or its ZeRO-1 chunk).
+  """
 
   path: str
   shape: tuple[int, ...]
   bits: int
   tier: str
   bytes: int
+  device: str = ''
+
+  @property
+  def label(self) -> str:
+    path = self.path or '<root>'
+    return f'{path} @ {self.device}' if self.device else path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,10 +212,19 @@ class MemoryReport:
   def total_bytes(self) -> int:
     return sum(row.bytes for row in self.rows)
 
+  @property
+  def per_device(self) -> dict[str, dict[str, int]]:
+    """Bytes per tier on each device (one entry for a one-device state)."""
+    out: dict[str, dict[str, int]] = {}
+    for row in self.rows:
+      tiers = out.setdefault(row.device, {})
+      tiers[row.tier] = tiers.get(row.tier, 0) + row.bytes
+    return out
+
   def __str__(self) -> str:
     header = ('leaf', 'shape', 'bits', 'tier', 'bytes')
     lines = [
-        (r.path or '<root>', 'x'.join(map(str, r.shape)) or 'scalar',
+        (r.label, 'x'.join(map(str, r.shape)) or 'scalar',
          str(r.bits), r.tier, f'{r.bytes:,}')
         for r in self.rows
     ]
@@ -219,8 +250,9 @@ def memory_report(state: Any) -> MemoryReport:
     state: an optimizer state, or any pytree containing one.
 
   Returns:
-    A ``MemoryReport``: ``rows`` (leaf path, shape, bits, tier, bytes) and
-    ``totals`` per tier; ``print`` it for a table.
+    A ``MemoryReport``: ``rows`` (leaf path, shape, bits, tier, bytes, and
+    the device for a state on a mesh), ``totals`` per tier and
+    ``per_device`` totals; ``print`` it for a table.
 
   Example:
     >>> import jax.numpy as jnp, optax_paged
@@ -231,15 +263,18 @@ def memory_report(state: Any) -> MemoryReport:
   rows = []
   for buffers in registry.find_buffers(state):
     record = buffers.record()
-    for i, layout in enumerate(record.leaves):
-      info = record.entry.leaf_info(i)
-      rows.append(MemoryRow(
-          path=layout.path,
-          shape=layout.shape,
-          bits=8 if layout.quantized else 32,
-          tier=info['tier'],
-          bytes=int(info['bytes']),
-      ))
+    sharded = record.layout is not None
+    for device, entry in zip(record.devices, record.entries, strict=True):
+      for i, layout in enumerate(record.leaves):
+        info = entry.leaf_info(i)
+        rows.append(MemoryRow(
+            path=layout.path,
+            shape=layout.shape,
+            bits=8 if layout.quantized else 32,
+            tier=info['tier'],
+            bytes=int(info['bytes']),
+            device=str(device) if sharded else '',
+        ))
   return MemoryReport(tuple(rows))
 
 
@@ -261,7 +296,7 @@ def state_nbytes(state: Any) -> int:
   total = 0
   for node in jax.tree.leaves(state, is_leaf=is_buffers):
     if is_buffers(node):
-      total += 0 if node.is_abstract else node.record().entry.total_bytes
+      total += 0 if node.is_abstract else node.record().total_bytes
     else:
       total += int(getattr(node, 'nbytes', 0))
   return total

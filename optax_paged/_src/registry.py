@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_paged._src import base
+from optax_paged._src import devices as devices_lib
 from optax_paged._src import ffi
+from optax_paged._src import sharding
 
 _PLATFORM_CODES = {'cpu': 0, 'cuda': 1}
 # Names as ffi/state_memory.cc's TierName gives them.
@@ -53,24 +55,56 @@ class DtypeGroup:
   indices: tuple[int, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingInit:
+  """What ``tx.init`` under a JAX transformation would have allocated.
+
+  It rides in the abstract state's tree structure, so a state built inside
+  ``jax.jit`` (``jax.jit(create_train_state)``) can be given its buffers
+  afterwards by ``allocate_state`` from the parameters' shardings.
+  """
+
+  optimizer: str
+  num_moments: int
+  leaves: tuple[LeafLayout, ...]
+  paged: bool
+  device_budget: Any
+  zero_axis: str | None
+  initial_values: tuple[float, ...]
+  signed: tuple[bool, ...]
+
+
 class StateRecord:
-  """A registry entry: the C++ buffers plus the layout they were made for."""
+  """A state's registry entries (one per device) and their layout.
+
+  Attributes:
+    entries: the C++ entries, one per addressable device that holds a shard
+      (one on a single device), in mesh order.
+    devices: the JAX device of each entry.
+    layout: the mesh layout, or None for a state on one device.
+  """
 
   def __init__(
       self,
-      entry: Any,
+      group: int,
+      entries: Sequence[Any],
+      devices: Sequence[jax.Device],
       optimizer: str,
       platform: str,
       treedef: jax.tree_util.PyTreeDef,
       leaves: Sequence[LeafLayout],
       paged: bool,
+      layout: 'sharding.MeshLayout | None' = None,
   ):
-    self.entry = entry
+    self.group = group
+    self.entries = tuple(entries)
+    self.devices = tuple(devices)
     self.optimizer = optimizer
     self.platform = platform
     self.paged = paged
     self.treedef = treedef
     self.leaves = tuple(leaves)
+    self.layout = layout
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, leaf in enumerate(self.leaves):
       by_dtype.setdefault(leaf.dtype, []).append(i)
@@ -80,14 +114,49 @@ class StateRecord:
 
   @property
   def key(self) -> int:
-    return int(self.entry.id)
+    return self.group
+
+  @property
+  def num_moments(self) -> int:
+    return int(self.entries[0].num_moments)
 
   @property
   def released(self) -> bool:
-    return bool(self.entry.released)
+    return any(entry.released for entry in self.entries)
 
-  def check_tree(self, name: str, kind: str, tree: Any) -> list[Any]:
-    """Leaves of ``tree`` if they match this layout; else a ValueError."""
+  @property
+  def total_bytes(self) -> int:
+    """Bytes of state this process holds for this record, all devices."""
+    return sum(int(entry.total_bytes) for entry in self.entries)
+
+  def release(self) -> None:
+    for entry in self.entries:
+      entry.release()
+
+  def check_misrouting(self) -> None:
+    """Raises if a GPU step received a shard meant for another device."""
+    for device, entry in zip(self.devices, self.entries, strict=True):
+      if entry.misrouted:
+        raise ValueError(
+            f'{self.optimizer}: a step on {device} received the shard of '
+            'another mesh position (devices ordered differently than at '
+            'init); that step left this state alone and returned NaN. Use '
+            'the mesh the parameters had at init.'
+        )
+
+  def check_tree(
+      self, name: str, kind: str, tree: Any,
+      shapes: Sequence[tuple[int, ...]] | None = None,
+  ) -> list[Any]:
+    """Leaves of ``tree`` if they match this layout; else a ValueError.
+
+    Args:
+      name: the optimizer, for messages.
+      kind: ``'updates'`` or ``'params'``, for messages.
+      tree: the tree to check.
+      shapes: the shape each leaf must have (local shapes inside a
+        ``shard_map``); the parameters' shapes if None.
+    """
     leaves, treedef = jax.tree.flatten(tree)
     # Containers may differ (Flax NNX initialises with Param-wrapped leaves
     # and updates with plain arrays); the leaves must correspond one to one,
@@ -97,12 +166,14 @@ class StateRecord:
           f'{name}: {kind} tree {treedef} does not match the parameter tree '
           f'the state was initialised with, {self.treedef}.'
       )
-    for leaf, layout in zip(leaves, self.leaves, strict=True):
+    if shapes is None:
+      shapes = [layout.shape for layout in self.leaves]
+    for leaf, layout, want in zip(leaves, self.leaves, shapes, strict=True):
       shape = tuple(np.shape(leaf))
-      if shape != layout.shape:
+      if shape != tuple(want):
         raise ValueError(
             f'{name}: {kind} at {layout.path} has shape {shape}; the state '
-            f'was initialised for shape {layout.shape}.'
+            f'was initialised for shape {tuple(want)} here.'
         )
       dtype = _dtype_of(leaf)
       if not jnp.issubdtype(dtype, jnp.floating):
@@ -127,18 +198,22 @@ class StateBuffers:
       which owns no buffers.
   """
 
-  __slots__ = ('key', '_record', '__weakref__')
+  __slots__ = ('key', '_record', 'pending', '__weakref__')
 
-  def __init__(self, key: int, record: StateRecord | None):
+  def __init__(self, key: int, record: StateRecord | None,
+               pending: PendingInit | None = None):
     self.key = key
     self._record = record
+    self.pending = pending
 
   def tree_flatten(self):
-    return (), self.key
+    return (), (self.key if self.pending is None else self.pending)
 
   @classmethod
   def tree_unflatten(cls, key, children):
     del children
+    if isinstance(key, PendingInit):
+      return StateBuffers(0, None, key)
     return REGISTRY.lookup(key)
 
   def __repr__(self) -> str:
@@ -149,7 +224,8 @@ class StateBuffers:
     return (
         f'StateBuffers(key={self.key}, {self._record.optimizer}, '
         f'{len(self._record.leaves)} leaves, '
-        f'{self._record.entry.total_bytes} bytes)'
+        f'{len(self._record.entries)} devices, '
+        f'{self._record.total_bytes} bytes)'
     )
 
   def __reduce__(self):
@@ -167,6 +243,8 @@ class StateBuffers:
     """The live record, or a clear error for abstract and released states."""
     if self.key == 0:
       raise ValueError(base.ABSTRACT_STATE_MSG)
+    if self._record is not None:
+      self._record.check_misrouting()
     if self._record is None or self._record.released:
       raise ValueError(base.RELEASED_STATE_MSG)
     return self._record
@@ -176,13 +254,21 @@ def _dtype_of(x: Any) -> np.dtype:
   return np.dtype(x.dtype) if hasattr(x, 'dtype') else np.asarray(x).dtype
 
 
-def _platform_of(leaves: Sequence[Any]) -> str:
-  for leaf in leaves:
-    if isinstance(leaf, jax.Array):
-      platform = next(iter(leaf.devices())).platform
-      return 'cuda' if platform == 'gpu' else platform
-  platform = jax.default_backend()
-  return 'cuda' if platform == 'gpu' else platform
+def _single_device_of(optimizer: str, leaves: Sequence[Any]) -> jax.Device:
+  """The one device the leaves live on (the default one for host arrays)."""
+  devices = {
+      d for leaf in leaves if isinstance(leaf, jax.Array)
+      for d in leaf.sharding.device_set
+  }
+  if len(devices) > 1:
+    raise ValueError(
+        f'{optimizer}: the parameters live on several devices '
+        f'({sorted(map(str, devices))}) without a common mesh; put them on '
+        'one device, or on one jax.sharding.Mesh with NamedShardings.'
+    )
+  if devices:
+    return devices.pop()
+  return next(iter(jnp.zeros(()).devices()))
 
 
 class StateRegistry:
@@ -217,7 +303,7 @@ class StateRegistry:
     if phase == 'start' and info.get('generation') == 2 and self._orphans:
       orphans, self._orphans = self._orphans, {}
       for record in orphans.values():
-        record.entry.release()
+        record.release()
 
   def allocate(
       self,
@@ -229,19 +315,25 @@ class StateRegistry:
       *,
       paged: bool,
       device_budget: Any = None,
+      zero_axis: str | None = None,
+      initial_values: tuple[float, ...] = (),
+      signed: tuple[bool, ...] = (),
+      paths: Sequence[str] | None = None,
   ) -> StateBuffers:
-    """Allocates zeroed state for ``params``; abstract under tracing.
+    """Allocates state for ``params``; abstract (pending) under tracing.
 
-    On a GPU, paged state starts in the host tier and moves to the device as
-    far as ``device_budget`` allows; unpaged state is plain device memory.
+    Parameters on a mesh get one entry per addressable device, holding that
+    device's shard. On a GPU, paged state starts in the host tier and moves
+    to the device as far as ``device_budget`` allows (per device); unpaged
+    state is plain device memory. Moments start at ``initial_values``
+    (zero where not given).
     """
     leaves, treedef = jax.tree.flatten(params)
-    if any(base.is_tracer(leaf) for leaf in leaves):
-      return StateBuffers(0, None)
-    paths = [
-        jax.tree_util.keystr(path)
-        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-    ]
+    if paths is None:
+      paths = [
+          jax.tree_util.keystr(path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+      ]
     layouts = []
     for path, leaf, q, d in zip(paths, leaves, quantized, decay, strict=True):
       dtype = _dtype_of(leaf)
@@ -253,25 +345,27 @@ class StateRegistry:
       layouts.append(
           LeafLayout(path, tuple(np.shape(leaf)), dtype, bool(q), bool(d))
       )
-    for path, leaf in zip(paths, leaves, strict=True):
-      if isinstance(leaf, jax.Array) and len(leaf.devices()) > 1:
-        raise NotImplementedError(
-            f'{optimizer}: parameter {path or "<root>"} is spread over '
-            f'{len(leaf.devices())} devices. optax_paged does not update '
-            'sharded parameters yet (each device would need its own state); '
-            'use one device per process, or the functional '
-            'optax_paged.reference optimizers, which shard like any optax '
-            'state.'
-        )
-    platform = _platform_of(leaves)
+    if any(base.is_tracer(leaf) for leaf in leaves):
+      return StateBuffers(0, None, PendingInit(
+          optimizer, num_moments, tuple(layouts), paged, device_budget,
+          zero_axis, tuple(initial_values), tuple(signed)))
+    mesh_layout = sharding.mesh_layout_of(optimizer, leaves, paths, zero_axis)
+    if mesh_layout is None:
+      devices = [_single_device_of(optimizer, leaves)]
+    else:
+      devices = mesh_layout.local_devices()
+    platform = devices_lib.platform_of(devices[0])
     if platform not in _PLATFORM_CODES:
       raise ValueError(
           f'{optimizer}: parameters live on platform {platform!r}; '
           'optax_paged supports cpu and cuda.'
       )
-    return self.create(optimizer, num_moments, platform, treedef, layouts,
-                       paged=paged and platform == 'cuda',
-                       device_budget=device_budget)
+    buffers = self.create(optimizer, num_moments, platform, treedef, layouts,
+                          devices, mesh_layout, paged=paged and
+                          platform == 'cuda', device_budget=device_budget)
+    if any(initial_values):
+      fill_moments(buffers.record(), initial_values, signed)
+    return buffers
 
   def create(
       self,
@@ -280,25 +374,47 @@ class StateRegistry:
       platform: str,
       treedef: jax.tree_util.PyTreeDef,
       layouts: Sequence[LeafLayout],
+      devices: Sequence[jax.Device],
+      mesh_layout: 'sharding.MeshLayout | None',
       *,
       paged: bool,
       device_budget: Any = None,
   ) -> StateBuffers:
-    """Allocates zeroed buffers for ``layouts`` on ``platform``."""
+    """Allocates zeroed buffers for ``layouts``, one entry per device."""
     if platform == 'cpu':
       tier = 'cpu'
     else:
       tier = 'host' if paged else 'device (unpaged)'
-    entry = ffi.extension().create_state(
-        _PLATFORM_CODES[platform],
-        num_moments,
-        [layout.size for layout in layouts],
-        [layout.quantized for layout in layouts],
-        [layout.decay for layout in layouts],
-        [TIER_CODES[tier]] * len(layouts),
-    )
-    record = StateRecord(entry, optimizer, platform, treedef, layouts,
-                         paged=paged)
+    extension = ffi.extension()
+    group = int(extension.new_group_id())
+    entries = []
+    try:
+      for device in devices:
+        if mesh_layout is None:
+          sizes = [layout.size for layout in layouts]
+          offsets, position = [0] * len(layouts), 0
+        else:
+          sizes = [mesh_layout.state_size(i) for i in range(len(layouts))]
+          offsets = mesh_layout.index_offsets(device)
+          position = mesh_layout.position(device)
+        entries.append(extension.create_state(
+            _PLATFORM_CODES[platform],
+            num_moments,
+            sizes,
+            [layout.quantized for layout in layouts],
+            [layout.decay for layout in layouts],
+            [TIER_CODES[tier]] * len(layouts),
+            offsets,
+            group,
+            devices_lib.ordinal_of(device),
+            position,
+        ))
+    except BaseException:
+      for entry in entries:
+        entry.release()
+      raise
+    record = StateRecord(group, entries, devices, optimizer, platform,
+                         treedef, layouts, paged=paged, layout=mesh_layout)
     if record.paged:
       from optax_paged._src import paging  # paging builds on the registry
       paging.apply_budget(record, device_budget)
@@ -319,7 +435,7 @@ class StateRegistry:
   def release(self, buffers: StateBuffers) -> None:
     """Frees the buffers now; later updates with this state fail clearly."""
     if buffers._record is not None:
-      buffers._record.entry.release()
+      buffers._record.release()
     self._live.pop(buffers.key, None)
     self._orphans.pop(buffers.key, None)
 
@@ -340,20 +456,108 @@ def fill_moments(
 ) -> None:
   """Sets every element of moment m of every leaf to ``values[m]``."""
   extension = ffi.extension()
-  for index, layout in enumerate(record.leaves):
-    for moment, value in enumerate(values):
-      if value == 0:
-        continue  # buffers start zeroed
-      full = np.full(layout.size, value, np.float32)
-      if layout.quantized:
-        codes, absmax = extension.quantize_blockwise(
-            full, signed=signed[moment]
+  for entry in record.entries:
+    for index in range(len(record.leaves)):
+      info = entry.leaf_info(index)
+      for moment, value in enumerate(values):
+        if value == 0:
+          continue  # buffers start zeroed
+        full = np.full(int(info['size']), value, np.float32)
+        if info['quantized']:
+          codes, absmax = extension.quantize_blockwise(
+              full, signed=signed[moment]
+          )
+          entry.write_moment(index, moment, codes, absmax.view(np.uint8))
+        else:
+          entry.write_moment(
+              index, moment, full.view(np.uint8), np.zeros([0], np.uint8)
+          )
+
+
+def allocate_state(state: Any, params: Any) -> Any:
+  """Allocates the buffers of states that ``tx.init`` made under tracing.
+
+  ``tx.init`` inside ``jax.jit`` (the common ``jax.jit(create_train_state)``
+  idiom, with or without ``out_shardings``) cannot allocate: it returns a
+  state that records what it would have allocated. Pass that state (or any
+  pytree holding it, such as a Flax ``TrainState``) with the concrete
+  parameters the jitted call returned; each abstract optax_paged state gets
+  zeroed buffers laid out for the parameters' shardings, exactly as
+  ``tx.init(params)`` outside ``jit`` would have made them.
+
+  Args:
+    state: a pytree holding optax_paged states (abstract ones are
+      allocated; live ones are kept as they are).
+    params: the parameters, with the tree ``tx.init`` was traced with (the
+      full tree for states inside ``optax.multi_transform``).
+
+  Returns:
+    ``state`` with every abstract optax_paged state allocated.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_paged
+    >>> tx = optax_paged.adamw8bit(1e-3)
+    >>> make = jax.jit(lambda: (p := {'w': jnp.ones((64, 64))}, tx.init(p)))
+    >>> params, opt_state = make()
+    >>> opt_state = optax_paged.allocate_state(opt_state, params)
+  """
+  by_path = {
+      jax.tree_util.keystr(path): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+
+  def allocate(node: Any) -> Any:
+    if not isinstance(node, StateBuffers) or node.pending is None:
+      return node
+    pending = node.pending
+    missing = [leaf.path for leaf in pending.leaves if leaf.path not in by_path]
+    if missing:
+      raise ValueError(
+          f'allocate_state: the state was traced for parameters at '
+          f'{missing[:3]}, which `params` does not have; pass the parameter '
+          'tree tx.init was called with.'
+      )
+    leaves = [by_path[leaf.path] for leaf in pending.leaves]
+    for leaf, layout in zip(leaves, pending.leaves, strict=True):
+      if tuple(np.shape(leaf)) != layout.shape:
+        raise ValueError(
+            f'allocate_state: parameter {layout.path} has shape '
+            f'{np.shape(leaf)}, the state was traced for {layout.shape}.'
         )
-        record.entry.write_moment(index, moment, codes, absmax.view(np.uint8))
-      else:
-        record.entry.write_moment(
-            index, moment, full.view(np.uint8), np.zeros([0], np.uint8)
-        )
+    return REGISTRY.allocate(
+        pending.optimizer, pending.num_moments, leaves,
+        [leaf.quantized for leaf in pending.leaves],
+        [leaf.decay for leaf in pending.leaves],
+        paged=pending.paged, device_budget=pending.device_budget,
+        zero_axis=pending.zero_axis, initial_values=pending.initial_values,
+        signed=pending.signed, paths=[leaf.path for leaf in pending.leaves],
+    )
+
+  allocated = jax.tree.map(
+      allocate, state, is_leaf=lambda x: isinstance(x, StateBuffers))
+  return _with_mesh_counts(allocated)
+
+
+def _with_mesh_counts(state: Any) -> Any:
+  """Counts of sharded states replicated over their mesh (as init makes)."""
+  from optax_paged._src import transform  # transform builds on the registry
+
+  def fix(node: Any) -> Any:
+    if not isinstance(node, transform.PagedOptimizerState):
+      return node
+    if node.buffers.is_abstract or node.buffers.record().layout is None:
+      return node
+    mesh = node.buffers.record().layout.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if getattr(node.count, 'sharding', None) == replicated:
+      return node
+    value = np.asarray(jax.device_get(node.count), np.int32)
+    count = jax.make_array_from_callback((), replicated, lambda _: value)
+    return node._replace(count=count)
+
+  return jax.tree.map(
+      fix, state,
+      is_leaf=lambda x: isinstance(x, transform.PagedOptimizerState))
 
 
 def find_buffers(state: Any) -> list[StateBuffers]:

@@ -21,6 +21,7 @@ from optax_paged._src import base
 from optax_paged._src import ffi
 from optax_paged._src import hyperparams
 from optax_paged._src import registry
+from optax_paged._src import spmd
 
 
 class PagedOptimizerState(NamedTuple):
@@ -49,7 +50,7 @@ class PagedOptimizerState(NamedTuple):
     return checkpoint.reduce_state(self)
 
 
-# (hyperparameter vector builder): count_after_step -> float32[12]
+# (count before the step, count after it) -> float32[16]
 HyperparamFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -70,6 +71,8 @@ class OptimizerSpec(NamedTuple):
 # update_fn of every optax_paged transformation -> its spec, so that
 # apply_gradients can run the fused step of a transformation it is handed.
 _SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# update_fn -> init taking a ZeRO-1 axis, for shard_state_over.
+_INITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_mask(mask: Any, params: Any, default: bool = True) -> list[bool]:
@@ -108,9 +111,11 @@ def make_transformation(
   if isinstance(min_8bit_size, int) and min_8bit_size < 0:
     raise ValueError(f'min_8bit_size must be >= 0, got {min_8bit_size}.')
 
-  def init_fn(params: base.Params) -> PagedOptimizerState:
+  def init_with(params: base.Params,
+                zero_axis: str | None) -> PagedOptimizerState:
     leaves = jax.tree.leaves(params)
     kept = resolve_mask(keep_32bit, params, default=False)
+    # Decided on the global leaf size, never on a shard.
     quantized = [
         quantize and np.size(leaf) >= min_8bit_size and not keep
         for leaf, keep in zip(leaves, kept, strict=True)
@@ -118,15 +123,13 @@ def make_transformation(
     decay = resolve_mask(weight_decay_mask, params)
     buffers = registry.REGISTRY.allocate(
         spec.name, spec.num_moments, params, quantized, decay,
-        paged=paged, device_budget=device_budget,
+        paged=paged, device_budget=device_budget, zero_axis=zero_axis,
+        initial_values=spec.initial_values, signed=spec.signed,
     )
-    if any(spec.initial_values) and not buffers.is_abstract:
-      registry.fill_moments(
-          buffers.record(), spec.initial_values, spec.signed
-      )
-    return PagedOptimizerState(
-        count=jnp.zeros([], jnp.int32), buffers=buffers
-    )
+    return PagedOptimizerState(count=zero_count(buffers), buffers=buffers)
+
+  def init_fn(params: base.Params) -> PagedOptimizerState:
+    return init_with(params, None)
 
   def update_fn(
       updates: base.Updates,
@@ -141,7 +144,63 @@ def make_transformation(
     return outputs, PagedOptimizerState(count=count, buffers=state.buffers)
 
   _SPECS[update_fn] = spec
+  _INITS[update_fn] = init_with
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def zero_count(buffers: registry.StateBuffers) -> jax.Array:
+  """A zero step count, replicated over the state's mesh if it has one."""
+  record = None if buffers.is_abstract else buffers.record()
+  if record is None or record.layout is None:
+    return jnp.zeros([], jnp.int32)
+  replicated = jax.sharding.NamedSharding(record.layout.mesh,
+                                          jax.sharding.PartitionSpec())
+  return jax.make_array_from_callback(
+      (), replicated, lambda _: np.zeros((), np.int32))
+
+
+def shard_state_over(
+    tx: optax.GradientTransformation, axis_name: str
+) -> optax.GradientTransformationExtraArgs:
+  """ZeRO-1: splits the state of replicated parameters over a mesh axis.
+
+  With data parallelism every device holds the whole state of a replicated
+  parameter. Wrapped in this, ``tx.init`` gives each device along
+  ``axis_name`` an equal, 256-aligned chunk of the flattened leaf's state
+  instead (per-device state bytes fall by the axis size); each device
+  updates its chunk and the results are gathered over the axis (the one
+  collective this adds). Chunks are whole quantization blocks, so the
+  result equals the unsplit update bit for bit. Leaves already split over
+  ``axis_name`` keep their per-shard state.
+
+  Args:
+    tx: an optax_paged optimizer, as returned by its factory.
+    axis_name: a mesh axis of the parameters' mesh, usually the data axis.
+
+  Returns:
+    The same optimizer with ZeRO-1 state; ``update`` and ``apply_gradients``
+    work as for ``tx``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_paged
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((jax.device_count(),), ('data',))
+    >>> params = jax.device_put({'w': jnp.ones((512, 64))},
+    ...                         NamedSharding(mesh, P()))
+    >>> tx = optax_paged.shard_state_over(optax_paged.adamw8bit(1e-3), 'data')
+    >>> state = tx.init(params)
+  """
+  init_with = _INITS.get(getattr(tx, 'update', None))
+  if init_with is None:
+    raise TypeError(
+        'shard_state_over needs an optax_paged optimizer as returned by its '
+        'factory (e.g. optax_paged.paged_adamw8bit(...)); chain other '
+        'transformations around the result.'
+    )
+  if not isinstance(axis_name, str):
+    raise TypeError(f'axis_name must be a mesh axis name, got {axis_name!r}.')
+  return optax.GradientTransformationExtraArgs(
+      lambda params: init_with(params, axis_name), tx.update)
 
 
 def apply_gradients(
@@ -241,29 +300,24 @@ def run_step(
     raise ValueError(
         f'{spec.name}: this state was made by {record.optimizer}.'
     )
-  grad_leaves = record.check_tree(spec.name, 'updates', grads)
-  param_leaves = record.check_tree(spec.name, 'params', params)
   count_inc = optax.safe_increment(state.count)
   hyper = hyperparams.with_seed(
       spec.hyperparams(state.count, count_inc), count_inc
   )
-  outputs: list[Any] = [None] * len(grad_leaves)
-  for group in record.groups:
-    group_params = [jnp.asarray(param_leaves[i]) for i in group.indices]
+  if record.layout is None:
+    grad_leaves = record.check_tree(spec.name, 'updates', grads)
+    param_leaves = record.check_tree(spec.name, 'params', params)
+    group_params = [jnp.asarray(p) for p in param_leaves]
     group_grads = [
-        jnp.asarray(grad_leaves[i]).astype(group.dtype) for i in group.indices
+        jnp.asarray(g).astype(leaf.dtype)
+        for g, leaf in zip(grad_leaves, record.leaves, strict=True)
     ]
-    results = ffi.update_call(
-        spec.target,
-        hyper,
-        group_grads,
-        group_params,
-        state_id=record.key,
-        leaf_indices=group.indices,
-        output_mode=output_mode,
-    )
-    for i, result in zip(group.indices, results, strict=True):
-      outputs[i] = result
+    outputs = spmd.single_device_update(
+        record, spec.target, hyper, group_grads, group_params, output_mode)
+  else:
+    outputs = spmd.mesh_update(
+        record, spec.target, hyper, jax.tree.leaves(grads),
+        jax.tree.leaves(params), output_mode)
   return jax.tree.unflatten(jax.tree.structure(grads), outputs), count_inc
 
 

@@ -1,0 +1,199 @@
+"""``state_dict`` of a state spread over a mesh: global ``jax.Array``s.
+
+Each moment of each leaf becomes global arrays assembled from the devices'
+own buffers (``jax.make_array_from_single_device_arrays``), so Orbax saves
+and restores them from every process and no process needs the whole state:
+
+- codes (or fp32 values) with the parameter's shape and sharding;
+- absmax as ``(*shard_grid, blocks_per_shard)``, each device holding its
+  shard's blocks;
+- a ZeRO-1 leaf's codes, absmax or values as ``(*shard_grid, chunks)``,
+  split over the ZeRO axis as well.
+
+A CRC32 per device (an array with one element per mesh position) covers the
+device's own buffers. Restoring needs the same mesh shape and the same
+layout: quantization blocks are local to a shard, and re-blocking for
+another mesh would re-quantize (lossy), so another mesh is refused.
+"""
+
+import math
+import zlib
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from optax_paged._src import base
+from optax_paged._src import registry
+from optax_paged._src import sharding
+
+
+def _grid(layout: sharding.MeshLayout, i: int) -> tuple[int, ...]:
+  sizes = layout.axis_sizes
+  return tuple(math.prod(sizes[a] for a in axes) for axes in layout.dims[i])
+
+
+def _array_specs(layout: sharding.MeshLayout, i: int, quantized: bool
+                 ) -> dict[str, tuple[tuple[int, ...], P, tuple[int, ...]]]:
+  """name -> (global shape, spec, local shape) of leaf i's saved arrays."""
+  grid = _grid(layout, i)
+  dims = [d if len(d) != 1 else d[0] for d in layout.dims[i]]
+  dims = [d if d else None for d in dims]
+  ones = (1,) * len(grid)
+  size = layout.state_size(i)
+  blocks = -(-size // base.BLOCK_SIZE)
+  if layout.chunks[i]:
+    n = layout.axis_sizes[layout.zero_axis]
+    spec = P(*dims, layout.zero_axis)
+    shapes = {'values' if not quantized else 'codes': size,
+              **({'absmax': blocks} if quantized else {})}
+    return {name: ((*grid, n * k), spec, (*ones, k))
+            for name, k in shapes.items()}
+  global_shape = tuple(g * n for g, n in zip(grid, layout.local_shapes[i],
+                                             strict=True))
+  data = (global_shape, P(*dims), layout.local_shapes[i])
+  if not quantized:
+    return {'values': data}
+  return {'codes': data,
+          'absmax': ((*grid, blocks), P(*dims, None), (*ones, blocks))}
+
+
+def _position_array(layout: sharding.MeshLayout,
+                    values: dict[jax.Device, np.ndarray], dtype) -> jax.Array:
+  """An array of one value per mesh position, each device holding its own."""
+  mesh = layout.mesh
+  spec = NamedSharding(mesh, P(*mesh.axis_names))
+  ones = (1,) * len(mesh.axis_names)
+  arrays = [jax.device_put(np.asarray(values[d], dtype).reshape(ones), d)
+            for d in layout.local_devices()]
+  return jax.make_array_from_single_device_arrays(
+      mesh.devices.shape, spec, arrays)
+
+
+def export(record: registry.StateRecord) -> dict[str, Any]:
+  """The per-leaf arrays and per-device checksums of a sharded record."""
+  layout = record.layout
+  crcs = {device: 0 for device in record.devices}
+  leaves = []
+  for i, leaf_layout in enumerate(record.leaves):
+    specs = _array_specs(layout, i, leaf_layout.quantized)
+    moments = []
+    for m in range(record.num_moments):
+      local: dict[str, list[jax.Array]] = {name: [] for name in specs}
+      for device, entry in zip(record.devices, record.entries, strict=True):
+        data, absmax = entry.read_moment(i, m)
+        parts = {'codes' if leaf_layout.quantized else 'values': data}
+        if leaf_layout.quantized:
+          parts['absmax'] = absmax
+        for name in sorted(parts):
+          crcs[device] = zlib.crc32(parts[name].tobytes(), crcs[device])
+        for name, array in parts.items():
+          local[name].append(jax.device_put(
+              array.reshape(specs[name][2]), device))
+      moments.append({
+          name: jax.make_array_from_single_device_arrays(
+              specs[name][0], NamedSharding(layout.mesh, specs[name][1]),
+              local[name])
+          for name in specs
+      })
+    leaves.append({
+        'shape': np.asarray(leaf_layout.shape, dtype=np.int64),
+        'quantized': np.asarray(leaf_layout.quantized),
+        'moments': moments,
+    })
+  return {
+      'mesh_shape': np.asarray(layout.mesh.devices.shape, np.int64),
+      'zero_chunks': np.asarray(layout.chunks, np.int64),
+      'device_checksums': _position_array(
+          layout, {d: np.uint32(c) for d, c in crcs.items()}, np.uint32),
+      'leaves': leaves,
+  }
+
+
+def _local(array: Any, device: jax.Device, sharding_: NamedSharding,
+           shape: tuple[int, ...]) -> np.ndarray:
+  """The block of a restored array that ``device`` holds, flattened."""
+  if isinstance(array, jax.Array):
+    for shard in array.addressable_shards:
+      if shard.device == device and tuple(shard.data.shape) == (
+          sharding_.shard_shape(shape)):
+        return np.asarray(shard.data).reshape(-1)
+    if not array.is_fully_addressable:
+      raise ValueError(
+          f'the checkpoint array for {device} is not on that device; restore '
+          'with a target from state_dict(tx.init(params)) on the same mesh.'
+      )
+  index = sharding_.devices_indices_map(shape)[device]
+  return np.asarray(array)[index].reshape(-1)
+
+
+def check(record: registry.StateRecord, saved: dict[str, Any],
+          refuse) -> list[tuple[int, int, int, dict[str, np.ndarray]]]:
+  """Validates a saved sharded state; returns the writes it implies.
+
+  Returns:
+    ``(entry index, leaf, moment, {name: flat array})`` for every write,
+    computed and checked (shapes, checksums) before anything is written.
+  """
+  layout = record.layout
+  for key in ('mesh_shape', 'zero_chunks', 'device_checksums'):
+    if key not in saved:
+      raise refuse(
+          f'the state lives on a mesh but the checkpoint has no {key!r}: it '
+          'was saved from a state on one device.'
+      )
+  mesh_shape = tuple(np.asarray(saved['mesh_shape']).tolist())
+  if mesh_shape != tuple(layout.mesh.devices.shape):
+    raise refuse(
+        f'checkpoint saved on a mesh of shape {mesh_shape}, the state is on '
+        f'{tuple(layout.mesh.devices.shape)}. 8-bit states are blocked per '
+        'shard, so moving them to another mesh would re-quantize them; '
+        'restore on the same mesh.'
+    )
+  if tuple(np.asarray(saved['zero_chunks']).tolist()) != layout.chunks:
+    raise refuse('checkpoint ZeRO-1 layout differs from the state\'s.')
+  mesh_axes = NamedSharding(layout.mesh, P(*layout.mesh.axis_names))
+  writes = []
+  crcs = {device: 0 for device in record.devices}
+  for i, leaf_layout in enumerate(record.leaves):
+    specs = _array_specs(layout, i, leaf_layout.quantized)
+    leaf = saved['leaves'][i]
+    for m, moment in enumerate(leaf['moments']):
+      if set(moment) != set(specs):
+        raise refuse(f'leaf {leaf_layout.path} moment {m}: wrong arrays.')
+      for name, (shape, _, _) in specs.items():
+        if tuple(np.shape(moment[name])) != shape:
+          raise refuse(
+              f'leaf {leaf_layout.path} moment {m} {name}: expected shape '
+              f'{shape}, got {tuple(np.shape(moment[name]))}.'
+          )
+      for e, device in enumerate(record.devices):
+        parts = {}
+        for name, (shape, spec, _) in specs.items():
+          dtype = np.uint8 if name == 'codes' else np.float32
+          parts[name] = np.ascontiguousarray(_local(
+              moment[name], device, NamedSharding(layout.mesh, spec), shape
+          )).astype(dtype, copy=False)
+        for name in sorted(parts):
+          crcs[device] = zlib.crc32(parts[name].tobytes(), crcs[device])
+        writes.append((e, i, m, parts))
+  for device in record.devices:
+    stored = _local(saved['device_checksums'], device, mesh_axes,
+                    tuple(layout.mesh.devices.shape))
+    if np.uint32(stored[0]) != np.uint32(crcs[device]):
+      raise refuse(
+          f'checksum mismatch on {device}: the checkpoint is corrupted.')
+  return writes
+
+
+def write(record: registry.StateRecord, writes) -> None:
+  """Writes what ``check`` accepted into the record's entries."""
+  empty = np.zeros([0], np.uint8)
+  for e, i, m, parts in writes:
+    entry = record.entries[e]
+    if 'codes' in parts:
+      entry.write_moment(i, m, parts['codes'], parts['absmax'].view(np.uint8))
+    else:
+      entry.write_moment(i, m, parts['values'].view(np.uint8), empty)

@@ -1,0 +1,194 @@
+"""Running the update on every device that holds a shard of the state.
+
+Three views, told apart by the axes that are manual where ``tx.update`` is
+traced:
+
+- global (``jax.jit``, no manual axes): the update is wrapped in a
+  ``jax.shard_map`` over the mesh and specs recorded at ``init``, so each
+  device's handler sees its own shards, with no collective;
+- inside the user's ``shard_map`` over every mesh axis: the operands are
+  already local shards and the update runs as is;
+- inside a ``shard_map`` over some axes: the remaining ones are mapped by a
+  nested ``shard_map``.
+
+Every call passes the device's linear mesh position (from ``axis_index``);
+the handler compares it with the position its entry was made for, so a
+shard that reaches another device's entry is refused, never applied.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from optax_paged._src import ffi
+from optax_paged._src import registry
+from optax_paged._src import sharding
+
+
+def manual_axes() -> tuple[str, ...]:
+  """The mesh axes that are manual where this is traced."""
+  return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def _traced_position(layout: sharding.MeshLayout) -> jax.Array:
+  sizes = layout.axis_sizes
+  position = jnp.zeros([], jnp.int32)
+  for name in layout.mesh.axis_names:
+    position = position * sizes[name] + jax.lax.axis_index(name)
+  return position.astype(jnp.int32)
+
+
+def _call_groups(
+    record: registry.StateRecord, target: str, hyper: jax.Array,
+    position: jax.Array, grads: Sequence[jax.Array],
+    params: Sequence[jax.Array], output_mode: int,
+) -> list[jax.Array]:
+  """One FFI call per dtype group over this device's operands."""
+  outputs: list[Any] = [None] * len(grads)
+  for group in record.groups:
+    results = ffi.update_call(
+        target,
+        hyper,
+        position,
+        [grads[i] for i in group.indices],
+        [params[i] for i in group.indices],
+        state_id=record.key,
+        leaf_indices=group.indices,
+        output_mode=output_mode,
+    )
+    for i, result in zip(group.indices, results, strict=True):
+      outputs[i] = result
+  return outputs
+
+
+def single_device_update(
+    record: registry.StateRecord, target: str, hyper: jax.Array,
+    grads: Sequence[jax.Array], params: Sequence[jax.Array],
+    output_mode: int,
+) -> list[jax.Array]:
+  """The update of a state that lives on one device."""
+  axes = manual_axes()
+  if axes:
+    if sharding.PMAP_AXIS in axes:
+      raise ValueError(sharding.PMAP_MSG)
+    raise ValueError(
+        f'{record.optimizer}: this state was initialised for parameters on '
+        f'one device, but the update runs inside a shard_map over {axes}. '
+        'Initialise it with the parameters on the mesh (NamedSharding): '
+        'tx.init then makes one entry per device.'
+    )
+  return _call_groups(record, target, hyper, jnp.zeros([], jnp.int32),
+                      grads, params, output_mode)
+
+
+def _local_step(
+    record: registry.StateRecord, target: str, output_mode: int,
+    hyper: jax.Array, grads: Sequence[jax.Array],
+    params: Sequence[jax.Array],
+) -> list[jax.Array]:
+  """The update on one device, every mesh axis manual."""
+  layout = record.layout
+  grads, params = list(grads), list(params)
+  for i, chunk in enumerate(layout.chunks):
+    if chunk:
+      grads[i], params[i] = (
+          _my_chunk(layout, x, chunk) for x in (grads[i], params[i])
+      )
+  outputs = _call_groups(record, target, hyper, _traced_position(layout),
+                         grads, params, output_mode)
+  for i, chunk in enumerate(layout.chunks):
+    if chunk:
+      gathered = jax.lax.all_gather(outputs[i], layout.zero_axis, tiled=True)
+      outputs[i] = gathered[:layout.local_size(i)].reshape(
+          layout.local_shapes[i])
+  return outputs
+
+
+def _my_chunk(layout: sharding.MeshLayout, x: jax.Array,
+              chunk: int) -> jax.Array:
+  """This device's ZeRO-1 chunk of the flattened shard ``x`` (zero-padded).
+
+  Padding elements have zero gradient and parameter: every optimizer keeps
+  their moments at their initial value, which never exceeds the block's
+  other elements, so the block's absmax, and every code, are unchanged.
+  """
+  n = layout.axis_sizes[layout.zero_axis]
+  flat = x.reshape(-1)
+  flat = jnp.pad(flat, (0, n * chunk - flat.size))
+  start = jax.lax.axis_index(layout.zero_axis) * chunk
+  return jax.lax.dynamic_slice(flat, (start,), (chunk,))
+
+
+def _conform(x: jax.Array, layout: sharding.MeshLayout, spec: P) -> jax.Array:
+  """``x`` resharded to ``spec`` where the mesh has explicit axes.
+
+  shard_map refuses an operand whose explicit sharding differs from its
+  in_spec; on an automatic mesh it reshards by itself.
+  """
+  explicit = jax.sharding.AxisType.Explicit
+  if explicit not in tuple(layout.mesh.axis_types):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(layout.mesh, spec))
+
+
+def mesh_update(
+    record: registry.StateRecord, target: str, hyper: jax.Array,
+    grads: Sequence[Any], params: Sequence[Any], output_mode: int,
+) -> list[jax.Array]:
+  """The update of a state spread over a mesh, in whatever view."""
+  layout = record.layout
+  name = record.optimizer
+  axes = manual_axes()
+  if sharding.PMAP_AXIS in axes:
+    raise ValueError(sharding.PMAP_MSG)
+  sizes = layout.axis_sizes
+  context = jax.sharding.get_abstract_mesh()
+  context_sizes = dict(zip(context.axis_names, context.axis_sizes,
+                           strict=True)) if axes else {}
+  for axis in axes:
+    if context_sizes.get(axis) != sizes.get(axis):
+      raise ValueError(
+          f'{name}: the update runs inside a shard_map over axis {axis!r} '
+          f'of size {context_sizes.get(axis)}, but the state was initialised '
+          f'on a mesh with axes {sizes}. Use the mesh the parameters had at '
+          'init.'
+      )
+  shapes = [layout.local_shape_in(i, axes) for i in range(len(record.leaves))]
+  grads = record.check_tree(name, 'updates', grads, shapes)
+  params = record.check_tree(name, 'params', params, shapes)
+  grads = [jnp.asarray(g).astype(leaf.dtype)
+           for g, leaf in zip(grads, record.leaves, strict=True)]
+  params = [jnp.asarray(p) for p in params]
+
+  def step(hyper, grads, params):
+    return _local_step(record, target, output_mode, hyper, grads, params)
+
+  if set(axes) == set(layout.mesh.axis_names):
+    return step(hyper, grads, params)
+  specs = [_restricted(layout.spec(i), axes) for i in range(len(grads))]
+  if not axes:
+    grads = [_conform(g, layout, s) for g, s in zip(grads, specs, strict=True)]
+    params = [_conform(p, layout, s)
+              for p, s in zip(params, specs, strict=True)]
+    hyper = _conform(hyper, layout, P())
+  mapped = jax.shard_map(
+      step,
+      mesh=layout.mesh if not axes else None,
+      in_specs=(P(), specs, specs),
+      out_specs=specs,
+      axis_names=frozenset(a for a in layout.mesh.axis_names if a not in axes),
+      check_vma=False,
+  )
+  return list(mapped(hyper, grads, params))
+
+
+def _restricted(spec: P, manual: Sequence[str]) -> P:
+  """``spec`` without the axes that are already manual."""
+  entries = []
+  for entry in spec:
+    kept = tuple(a for a in sharding.axes_of(entry) if a not in manual)
+    entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+  return P(*entries)
