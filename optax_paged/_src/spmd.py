@@ -16,6 +16,7 @@ the handler compares it with the position its entry was made for, so a
 shard that reaches another device's entry is refused, never applied.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,8 +81,25 @@ def single_device_update(
         'Initialise it with the parameters on the mesh (NamedSharding): '
         'tx.init then makes one entry per device.'
     )
+  for x in (*grads, *params):
+    mesh = _aval_mesh(x)
+    if mesh is not None and math.prod(mesh.axis_sizes) > 1:
+      raise ValueError(
+          f'{record.optimizer}: this state was initialised for parameters on '
+          f'one device, but the update gets operands on a mesh {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}. '
+          'Initialise it with the parameters on that mesh (NamedSharding): '
+          'tx.init then makes one entry per device.'
+      )
   return _call_groups(record, target, hyper, jnp.zeros([], jnp.int32),
                       grads, params, output_mode)
+
+
+def _aval_mesh(x: Any) -> Any:
+  """The (abstract) mesh JAX's types give ``x``, or None."""
+  mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
+  if mesh is None or not mesh.axis_names:
+    return None
+  return mesh
 
 
 def _local_step(
