@@ -26,3 +26,9 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.fixture
 def python_subprocess():
   return run_python
+
+# The multi-device suite needs forced host devices (or several GPUs) from
+# the start: tests/multi_device_test.py runs it in a session of its own.
+collect_ignore = (
+    [] if os.environ.get('OPTAX_PAGED_MESH_SUITE') else ['multi_device']
+)

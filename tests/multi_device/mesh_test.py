@@ -1,0 +1,390 @@
+"""Optimizer states on a 2x2 mesh: every view, every optimizer, bit for bit.
+
+References: a leaf split into contiguous 256-aligned row ranges, a
+replicated leaf and a ZeRO-1 state equal the one-device run; any other
+split equals running each shard as a leaf of its own.
+"""
+
+import gc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_paged
+from optax_paged._src import ffi
+from tests.helpers import assert_trees_equal
+from tests.helpers import update_and_apply
+
+SPECS = {
+    'rows': P('data', None),
+    'grid': P('data', 'model'),
+    'cols': P(None, 'model'),
+    'flat_rows': P(('data', 'model')),
+    'replicated': P(),
+}
+SHAPES = {
+    'rows': (1024, 48),
+    'grid': (512, 96),
+    'cols': (256, 40),
+    'flat_rows': (2048, 16),
+    'replicated': (3000,),
+}
+# Leaves whose shards are whole, contiguous blocks of the flattened leaf.
+EXACT = ('rows', 'flat_rows', 'replicated')
+
+FACTORIES = {
+    'adamw8bit': lambda: optax_paged.adamw8bit(1e-2, weight_decay=0.1,
+                                               min_8bit_size=256),
+    'paged_adamw': lambda: optax_paged.paged_adamw(1e-2, weight_decay=0.1),
+    'lion8bit': lambda: optax_paged.lion8bit(1e-3, min_8bit_size=256),
+    'ademamix8bit': lambda: optax_paged.ademamix8bit(1e-2, min_8bit_size=256),
+    'sgd8bit': lambda: optax_paged.sgd8bit(1e-2, momentum=0.9,
+                                           min_8bit_size=256),
+    'rmsprop8bit': lambda: optax_paged.rmsprop8bit(1e-2, min_8bit_size=256),
+    'adagrad8bit': lambda: optax_paged.adagrad8bit(1e-2, min_8bit_size=256),
+}
+
+
+def _mesh(axis_type=AxisType.Auto):
+  return jax.make_mesh((2, 2), ('data', 'model'), axis_types=(axis_type,) * 2)
+
+
+def _tree(seed, dtype, scale=1.0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(SHAPES))
+  return {
+      name: (jax.random.normal(k, shape) * scale).astype(dtype)
+      for k, (name, shape) in zip(keys, SHAPES.items(), strict=True)
+  }
+
+
+def _put(tree, mesh):
+  return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k]))
+          for k, v in tree.items()}
+
+
+def _fused(tx):
+  return lambda p, s, g: optax_paged.apply_gradients(tx, g, s, p)
+
+
+def _run(tx, params, grads_list, fused, jit=jax.jit):
+  state = tx.init(params)
+  step = jit(_fused(tx) if fused else update_and_apply(tx))
+  for grads in grads_list:
+    params, state = step(params, state, grads)
+  return params, state
+
+
+def _shards_as_leaves(tree, mesh):
+  """Each device-0..3 shard of each leaf as a leaf of its own."""
+  out = {}
+  for name, value in tree.items():
+    sharding = NamedSharding(mesh, SPECS[name])
+    seen = set()
+    for device, index in sharding.devices_indices_map(value.shape).items():
+      key = tuple((s.start, s.stop) for s in index)
+      if key in seen:
+        continue
+      seen.add(key)
+      out[(name, key)] = np.asarray(value)[index]
+  return out
+
+
+def _equal(a, b):
+  np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['update', 'fused'])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize('name', list(FACTORIES))
+def test_sharded_equals_one_device_and_per_shard_runs(name, dtype, fused):
+  mesh = _mesh()
+  params = _tree(0, dtype)
+  grads = [_tree(10 + i, dtype, 0.1) for i in range(3)]
+  make = FACTORIES[name]
+  p_mesh, _ = _run(make(), _put(params, mesh), [_put(g, mesh) for g in grads],
+                   fused)
+  p_one, _ = _run(make(), params, grads, fused)
+  for leaf in EXACT:
+    _equal(p_mesh[leaf], p_one[leaf])
+  # Every other split: the same algorithm run on each shard as a leaf.
+  p_shards, _ = _run(make(), {str(k): v for k, v in
+                              _shards_as_leaves(params, mesh).items()},
+                     [{str(k): v for k, v in
+                       _shards_as_leaves(g, mesh).items()} for g in grads],
+                     fused)
+  for key, value in _shards_as_leaves(p_mesh, mesh).items():
+    _equal(value, p_shards[str(key)])
+
+
+def test_every_view_gives_the_same_result():
+  mesh = _mesh()
+  params, grads = _tree(1, jnp.float32), [_tree(20 + i, jnp.float32, 0.1)
+                                          for i in range(3)]
+  make = FACTORIES['adamw8bit']
+  run = lambda jit: _run(make(), _put(params, mesh),  # noqa: E731
+                         [_put(g, mesh) for g in grads], False, jit)
+  reference, ref_state = run(jax.jit)
+  manual = lambda step: jax.jit(jax.shard_map(  # noqa: E731
+      step, mesh=mesh, in_specs=(SPECS, P(), SPECS),
+      out_specs=(SPECS, P()), check_vma=False))
+  partial_specs = {k: P(*[a if a == 'data' else None for a in spec])
+                   if spec else P() for k, spec in SPECS.items()}
+  partial_specs['flat_rows'] = P('data')
+  partial = lambda step: jax.jit(jax.shard_map(  # noqa: E731
+      step, mesh=mesh, in_specs=(partial_specs, P(), partial_specs),
+      out_specs=(partial_specs, P()), axis_names={'data'}, check_vma=False))
+  for jit in (manual, partial):
+    result, state = run(jit)
+    assert_trees_equal(result, reference)
+    assert_trees_equal(optax_paged.state_dict(state),
+                       optax_paged.state_dict(ref_state))
+
+
+def test_explicit_mesh_and_donation():
+  mesh = _mesh(AxisType.Explicit)
+  params, grads = _tree(2, jnp.float32), [_tree(30, jnp.float32, 0.1)]
+  # The one-device run first: device_put may share a buffer with the
+  # replicated leaf's shard on device 0, which the donated step deletes.
+  one, _ = _run(FACTORIES['adamw8bit'](), params, grads, False)
+  tx = FACTORIES['adamw8bit']()
+  donated = jax.jit(update_and_apply(tx), donate_argnums=(0, 1))
+  result, _ = _run(tx, _put(params, mesh), [_put(g, mesh) for g in grads],
+                   False, lambda f: donated)
+  for leaf in EXACT:
+    _equal(result[leaf], one[leaf])
+  assert result['grid'].sharding.spec == SPECS['grid']
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['update', 'fused'])
+def test_compiled_update_has_no_collectives(fused):
+  mesh = _mesh()
+  tx = FACTORIES['adamw8bit']()
+  params = _put(_tree(3, jnp.float32), mesh)
+  state = tx.init(params)
+  step = _fused(tx) if fused else update_and_apply(tx)
+  hlo = jax.jit(step).lower(params, state, params).compile().as_text()
+  for op in ('all-gather', 'all-reduce', 'collective-permute', 'all-to-all',
+             'reduce-scatter'):
+    assert op not in hlo, op
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['update', 'fused'])
+def test_zero1_is_bit_identical_and_splits_the_state(fused):
+  mesh = _mesh()
+  params = _tree(4, jnp.float32)
+  grads = [_tree(40 + i, jnp.float32, 0.1) for i in range(3)]
+  zero = optax_paged.shard_state_over(FACTORIES['adamw8bit'](), 'data')
+  p_zero, s_zero = _run(zero, _put(params, mesh),
+                        [_put(g, mesh) for g in grads], fused)
+  p_rep, s_rep = _run(FACTORIES['adamw8bit'](), _put(params, mesh),
+                      [_put(g, mesh) for g in grads], fused)
+  assert_trees_equal(p_zero, p_rep)
+  zero_bytes = optax_paged.memory_report(s_zero).per_device
+  rep_bytes = optax_paged.memory_report(s_rep).per_device
+  # The replicated leaf's state halves (data axis of 2); the rest keep
+  # their per-shard state.
+  rows = {r.path: r.bytes for r in optax_paged.memory_report(s_zero).rows}
+  rep_rows = {r.path: r.bytes for r in optax_paged.memory_report(s_rep).rows}
+  assert rows["['replicated']"] * 2 <= rep_rows["['replicated']"] + 2 * 256
+  assert sum(zero_bytes['cpu:0'].values()) < sum(rep_bytes['cpu:0'].values())
+  # The gathered result: one all-gather per ZeRO-1 leaf, nothing else.
+  step = _fused(zero) if fused else update_and_apply(zero)
+  hlo = jax.jit(step).lower(_put(params, mesh), s_zero,
+                            _put(params, mesh)).compile().as_text()
+  assert 'all-reduce' not in hlo
+
+
+def test_zero1_on_one_axis_mesh_equals_one_device():
+  mesh = jax.make_mesh((4,), ('data',), axis_types=(AxisType.Auto,))
+  params = {'w': jax.random.normal(jax.random.PRNGKey(5), (3000, 7))}
+  grads = [{'w': jax.random.normal(jax.random.PRNGKey(50 + i), (3000, 7))}
+           for i in range(3)]
+  replicated = NamedSharding(mesh, P())
+  zero = optax_paged.shard_state_over(FACTORIES['adamw8bit'](), 'data')
+  p_zero, s_zero = _run(zero, jax.device_put(params, replicated),
+                        [jax.device_put(g, replicated) for g in grads], True)
+  p_one, s_one = _run(FACTORIES['adamw8bit'](), params, grads, True)
+  assert_trees_equal(p_zero, p_one)
+  one = optax_paged.memory_report(s_one).total_bytes
+  per_device = optax_paged.memory_report(s_zero).per_device['cpu:0']['cpu']
+  assert per_device <= one / 4 + 2 * 256 * 2
+
+
+def test_stochastic_rounding_draws_by_global_index():
+  mesh = _mesh()
+  params = {'rows': _tree(6, jnp.bfloat16)['rows'],
+            'replicated': _tree(6, jnp.bfloat16)['replicated']}
+  grads = {k: (jax.random.normal(jax.random.PRNGKey(60), v.shape) * 1e-3)
+           .astype(jnp.bfloat16) for k, v in params.items()}
+
+  def run(p, g):
+    tx = optax_paged.adamw8bit(1e-4, min_8bit_size=256)
+    step = jax.jit(lambda p, s, g: optax_paged.apply_gradients(
+        tx, g, s, p, stochastic_rounding=True))
+    return step(p, tx.init(p), g)[0]
+
+  put = lambda t: {k: jax.device_put(v, NamedSharding(mesh, SPECS[k]))  # noqa
+                   for k, v in t.items()}
+  on_mesh, one = run(put(params), put(grads)), run(params, grads)
+  assert_trees_equal(on_mesh, one)
+  # Replicas of the replicated leaf agree.
+  shards = [np.asarray(s.data) for s in on_mesh['replicated'].addressable_shards]
+  for shard in shards[1:]:
+    np.testing.assert_array_equal(shard, shards[0])
+
+
+def test_under_scan_chain_inject_and_accumulation():
+  mesh = _mesh()
+  params = _put(_tree(7, jnp.float32), mesh)
+  grads = [_put(_tree(70 + i, jnp.float32, 0.1), mesh) for i in range(4)]
+  inner = lambda: optax_paged.adamw8bit(1e-2, min_8bit_size=256)  # noqa
+  tx = optax.chain(optax.clip_by_global_norm(1.0), inner())
+  ref = optax.chain(optax.clip_by_global_norm(1.0), inner())
+  stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+
+  @jax.jit
+  def scanned(p, s, stacked):
+    def body(carry, g):
+      return update_and_apply(tx)(*carry, g), None
+    return jax.lax.scan(body, (p, s), stacked)[0]
+
+  p_scan, _ = scanned(params, tx.init(params), stacked)
+  p_loop, _ = _run(ref, params, grads, False)
+  assert_trees_equal(p_scan, p_loop)
+
+  injected = lambda: optax.inject_hyperparams(optax_paged.adamw8bit)(  # noqa
+      learning_rate=1e-2, min_8bit_size=256)
+  p_inj, _ = _run(injected(), params, grads[:2], False)
+  one_device = [jax.tree.map(np.asarray, g) for g in grads[:2]]
+  p_one, _ = _run(injected(), jax.tree.map(np.asarray, params), one_device,
+                  False)
+  for leaf in EXACT:
+    _equal(p_inj[leaf], p_one[leaf])
+
+  acc = optax_paged.accumulate_gradients(inner(), every_k=2)
+  p_acc, s_acc = _run(acc, params, grads[:2], False)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, grads[0], grads[1])
+  p_mean, _ = _run(inner(), params, [mean], False)
+  assert_trees_equal(p_acc, p_mean)
+
+
+def test_jit_create_train_state_then_allocate_state():
+  mesh = _mesh()
+  shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+  tx = FACTORIES['adamw8bit']()
+
+  @jax.jit
+  def create(key):
+    params = {k: jax.random.normal(jax.random.fold_in(key, i), s)
+              for i, (k, s) in enumerate(SHAPES.items())}
+    return params, tx.init(params)
+
+  create = jax.jit(create, out_shardings=(shardings, None))
+  params, state = create(jax.random.PRNGKey(8))
+  grads = _put(_tree(80, jnp.float32, 0.1), mesh)
+  with pytest.raises(ValueError, match='allocate_state'):
+    jax.jit(update_and_apply(tx))(params, state, grads)
+  state = optax_paged.allocate_state(state, params)
+  assert len(state.buffers.record().entries) == 4
+  fresh = FACTORIES['adamw8bit']().init(params)
+  assert_trees_equal(optax_paged.state_dict(state),
+                     optax_paged.state_dict(fresh))
+  result, _ = jax.jit(update_and_apply(tx))(params, state, grads)
+  expected, _ = jax.jit(update_and_apply(FACTORIES['adamw8bit']()))(
+      params, fresh, grads)
+  assert_trees_equal(result, expected)
+
+
+def test_checkpoint_round_trip_and_other_mesh_refused():
+  mesh = _mesh()
+  params = _put(_tree(9, jnp.float32), mesh)
+  grads = [_put(_tree(90 + i, jnp.float32, 0.1), mesh) for i in range(4)]
+  tx = FACTORIES['adamw8bit']()
+  p_full, s_full = _run(tx, params, grads, False)
+  p_half, s_half = _run(tx, params, grads[:2], False)
+  saved = optax_paged.state_dict(s_half)
+  grid = sorted(SHAPES).index('grid')  # leaves in the tree's (sorted) order
+  assert saved['leaves'][grid]['moments'][0]['codes'].sharding.spec == SPECS[
+      'grid']
+  restored = optax_paged.load_state_dict(tx.init(p_half), saved)
+  step = jax.jit(update_and_apply(tx))
+  p, s = p_half, restored
+  for g in grads[2:]:
+    p, s = step(p, s, g)
+  assert_trees_equal(p, p_full)
+  assert_trees_equal(optax_paged.state_dict(s), optax_paged.state_dict(s_full))
+  other = jax.make_mesh((4, 1), ('data', 'model'),
+                        axis_types=(AxisType.Auto,) * 2)
+  target = tx.init(_put(_tree(9, jnp.float32), other))
+  with pytest.raises(ValueError, match='same mesh'):
+    optax_paged.load_state_dict(target, saved)
+
+
+def test_misrouted_shards_are_refused():
+  mesh = _mesh()
+  permuted = jax.sharding.Mesh(mesh.devices[::-1], mesh.axis_names,
+                               axis_types=(AxisType.Auto,) * 2)
+  tx = FACTORIES['adamw8bit']()
+  state = tx.init(_put(_tree(10, jnp.float32), mesh))
+  before = optax_paged.state_dict(state)
+  state = state._replace(
+      count=jax.device_put(state.count, NamedSharding(permuted, P())))
+  step = jax.jit(jax.shard_map(
+      update_and_apply(tx), mesh=permuted, in_specs=(SPECS, P(), SPECS),
+      out_specs=(SPECS, P()), check_vma=False))
+  with pytest.raises(Exception, match='mesh position'):
+    jax.block_until_ready(step(_put(_tree(10, jnp.float32), permuted), state,
+                               _put(_tree(11, jnp.float32), permuted)))
+  assert_trees_equal(optax_paged.state_dict(state), before)
+
+
+def test_clear_errors():
+  mesh = _mesh()
+  tx = FACTORIES['adamw8bit']()
+  one_device = tx.init({'w': jnp.ones((64, 64))})
+  with pytest.raises(ValueError, match='pmap'):
+    jax.pmap(lambda p, g: tx.update(g, one_device, p)[0])(
+        jnp.ones((4, 64, 64)), jnp.ones((4, 64, 64)))
+  on_mesh = jax.device_put(jnp.ones((64, 64)), NamedSharding(mesh, P()))
+  with pytest.raises(ValueError, match='on a mesh'):
+    jax.jit(update_and_apply(tx))({'w': on_mesh}, one_device, {'w': on_mesh})
+  other = jax.make_mesh((4,), ('x',))
+  with pytest.raises(ValueError, match='one mesh'):
+    tx.init({'a': on_mesh,
+             'b': jax.device_put(jnp.ones((8,)), NamedSharding(other, P()))})
+  with pytest.raises(ValueError, match='not on a mesh'):
+    tx.init({'a': on_mesh, 'b': np.ones((8,), np.float32)})
+  with pytest.raises(ValueError, match='axes'):
+    optax_paged.shard_state_over(tx, 'pipeline').init({'a': on_mesh})
+
+
+def test_min_8bit_size_is_decided_on_the_global_size():
+  mesh = jax.make_mesh((4,), ('data',), axis_types=(AxisType.Auto,))
+  # 8192 elements: 2048 per shard, under the default 4096, yet 8-bit.
+  w = jax.device_put(jnp.ones((8192,)), NamedSharding(mesh, P('data')))
+  state = optax_paged.adamw8bit(1e-3).init({'w': w})
+  assert all(row.bits == 8 for row in optax_paged.memory_report(state).rows)
+
+
+def test_entries_are_freed_on_release_and_collection():
+  mesh = _mesh()
+  # States orphaned during a full collection are freed at the next one.
+  gc.collect()
+  gc.collect()
+  baseline = ffi.extension().live_state_count()
+  tx = FACTORIES['adamw8bit']()
+  state = tx.init(_put(_tree(12, jnp.float32), mesh))
+  assert ffi.extension().live_state_count() == baseline + 4
+  optax_paged.release(state)
+  assert ffi.extension().live_state_count() == baseline
+  state = tx.init(_put(_tree(12, jnp.float32), mesh))
+  del state
+  gc.collect()
+  assert ffi.extension().live_state_count() == baseline

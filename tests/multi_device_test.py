@@ -1,0 +1,29 @@
+"""Runs the multi-device suite in a pytest session with 4 forced CPU devices.
+
+The rest of the tests keep one device; forcing host devices must happen
+before JAX starts, hence the separate session.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_multi_device_suite_on_four_cpu_devices():
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      OPTAX_PAGED_MESH_SUITE='1',
+      XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  )
+  result = subprocess.run(
+      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+       str(ROOT / 'tests' / 'multi_device')],
+      capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+  )
+  tail = result.stdout[-6000:] + result.stderr[-3000:]
+  assert result.returncode == 0, tail
+  assert ' passed' in result.stdout and 'skipped' not in result.stdout, tail
