@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for the GPU machine (no package registry
 # there: it builds against the image's packages). Logs go to $OUT (or ./gpu_logs).
-#   bash scripts/gpu_check.sh [tests|sanitizer|bench|all]...
+#   bash scripts/gpu_check.sh [tests|sanitizer|bench|mesh|shardbench|all]...
+# `mesh` and `shardbench` need two or more GPUs (the multi-device suite on
+# every GPU, two processes with one GPU each, compute-sanitizer over the
+# suite's kernels; the FSDP and ZeRO-1 benchmark). `all` runs what fits the
+# machine's GPU count.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_logs}"
@@ -9,7 +13,12 @@ mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONUNBUFFERED=1
 steps=("${@:-all}")
-want() { [[ " ${steps[*]} " == *" $1 "* || " ${steps[*]} " == *" all "* ]]; }
+gpus=$(nvidia-smi -L | wc -l)
+want() {
+  if [[ " ${steps[*]} " == *" $1 "* ]]; then return 0; fi
+  [[ " ${steps[*]} " == *" all "* ]] || return 1
+  case $1 in mesh|shardbench) (( gpus > 1 )) ;; *) true ;; esac
+}
 status=0
 
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -32,5 +41,23 @@ fi
 if want bench; then
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   timeout 500 python3 benchmarks/gpu_step.py --write "$OUT/RESULTS.md" 2>&1 | tee "$OUT/bench.log" | tail -30
+fi
+if want mesh; then
+  OPTAX_PAGED_MESH_SUITE=1 timeout 400 python3 -m pytest -q -p no:cacheprovider \
+    tests/multi_device 2>&1 | tee "$OUT/mesh_tests.log" | tail -8
+  status=$((status | ${PIPESTATUS[0]}))
+  OPTAX_PAGED_WORKER_GPU=1 timeout 200 python3 -m pytest -q -p no:cacheprovider \
+    tests/multi_process_test.py 2>&1 | tee "$OUT/multi_process.log" | tail -8
+  status=$((status | ${PIPESTATUS[0]}))
+  OPTAX_PAGED_MESH_SUITE=1 timeout 300 compute-sanitizer --tool memcheck \
+    --kernel-name kns=UpdateKernel python3 -m pytest -q -p no:cacheprovider \
+    tests/multi_device -k "zero1 or stochastic or every_view or misrouted" \
+    >"$OUT/sanitizer_mesh.log" 2>&1
+  echo "compute-sanitizer memcheck, mesh suite: exit $?; $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_mesh.log" | tail -1)"
+fi
+if want shardbench; then
+  [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  (cd benchmarks && timeout 500 python3 gpu_sharded_step.py --write "$OUT/RESULTS.md") \
+    2>&1 | tee "$OUT/shardbench.log" | tail -40
 fi
 exit $status

@@ -1,4 +1,7 @@
-"""Two processes under jax.distributed on localhost, two CPU devices each."""
+"""Two processes under jax.distributed on localhost, two CPU devices each.
+
+With OPTAX_PAGED_WORKER_GPU=1 (scripts/gpu_check.sh mesh), one GPU each.
+"""
 
 import os
 import socket
@@ -17,14 +20,21 @@ def _free_port() -> int:
 
 def test_two_processes_update_their_shards_and_resume_from_orbax(tmp_path):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  on_gpu = os.environ.get('OPTAX_PAGED_WORKER_GPU') == '1'
+  env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
+  if not on_gpu:
+    env['JAX_PLATFORMS'] = 'cpu'
+
+  def worker_env(i):
+    return dict(env, CUDA_VISIBLE_DEVICES=str(i)) if on_gpu else env
+
   workers = [
       subprocess.Popen(
           [sys.executable, '-m', 'tests.multi_process_worker', str(i),
            str(port), str(tmp_path)],
-          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          text=True)
+          cwd=ROOT, env=worker_env(i), stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE, text=True)
       for i in range(2)
   ]
   outputs = []

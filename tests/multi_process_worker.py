@@ -2,18 +2,22 @@
 
 Usage: python -m tests.multi_process_worker PROCESS_ID PORT CHECKPOINT_DIR
 
-Two CPU devices per process, a 'data' axis over all four. Checks that each
+Two CPU devices per process (or, with OPTAX_PAGED_WORKER_GPU=1, the one GPU
+CUDA_VISIBLE_DEVICES gives it), a 'data' axis over all of them. Checks that each
 process updates only its own shards, equal to one device, and that an Orbax
 checkpoint saved and restored from both processes resumes bit-identically.
 Prints OK on success.
 """
 
+import os
 import sys
 
 import jax
 import numpy as np
 
-jax.config.update('jax_num_cpu_devices', 2)
+ON_GPU = os.environ.get('OPTAX_PAGED_WORKER_GPU') == '1'
+if not ON_GPU:
+  jax.config.update('jax_num_cpu_devices', 2)
 
 import optax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
@@ -59,8 +63,10 @@ def _assert_local_equal(global_tree, host_tree):
 def main(process_id: int, port: int, directory: str) -> None:
   jax.distributed.initialize(f'localhost:{port}', num_processes=2,
                              process_id=process_id)
-  assert jax.device_count() == 4 and jax.local_device_count() == 2
-  mesh = jax.make_mesh((4,), ('data',), axis_types=(AxisType.Auto,))
+  local = 1 if ON_GPU else 2
+  assert jax.local_device_count() == local
+  assert jax.device_count() == 2 * local
+  mesh = jax.make_mesh((2 * local,), ('data',), axis_types=(AxisType.Auto,))
   make = lambda: optax_paged.adamw8bit(1e-2, min_8bit_size=256)  # noqa
   params0 = _host_tree(0, 1.0)
   grads = [_host_tree(1 + i, 0.1) for i in range(4)]
@@ -68,7 +74,8 @@ def main(process_id: int, port: int, directory: str) -> None:
   tx = make()
   params = _global(params0, mesh)
   state = tx.init(params)
-  assert len(state.buffers.record().entries) == 2  # this process's devices
+  # One entry for each of this process's devices.
+  assert len(state.buffers.record().entries) == local
   step = _step(tx)
   for g in grads[:2]:
     params, state = step(params, state, _global(g, mesh))
@@ -80,13 +87,13 @@ def main(process_id: int, port: int, directory: str) -> None:
 
   # The same run on one local device.
   one_tx = make()
-  local = jax.local_devices()[0]
-  one_params = jax.device_put(params0, local)
+  device = jax.local_devices()[0]
+  one_params = jax.device_put(params0, device)
   one_state = one_tx.init(one_params)
   one_step = _step(one_tx)
   for g in grads:
     one_params, one_state = one_step(one_params, one_state,
-                                     jax.device_put(g, local))
+                                     jax.device_put(g, device))
   _assert_local_equal(params, jax.device_get(one_params))
 
   # Resume from the checkpoint in fresh state buffers.

@@ -1,0 +1,179 @@
+"""Times the optimizer step of a model sharded over 1, 2, ... GPUs.
+
+The 308M llama-like model of ``gpu_step.py`` (168 fp32 leaves):
+
+- FSDP: every leaf split along its first dimension over a ``fsdp`` mesh axis
+  of 1, 2, 4, ... GPUs (every size up to the device count), against the same
+  model on one GPU without a mesh; per-device state bytes and step time.
+  Each device updates its own shard: the step has no communication, so its
+  time should fall as 1/N.
+- ZeRO-1: parameters replicated over every GPU (data parallel) with the
+  state replicated (the default) or split by ``shard_state_over('data')``;
+  the latter adds one all-gather of the updated parameters.
+
+Steps are the fused ``apply_gradients`` and update + ``apply_updates``,
+jitted with parameters and state donated; gradients are given, sharded like
+the parameters. A round dispatches ``--steps`` steps and waits once; the
+table gives the median per-step time over interleaved rounds.
+
+  python benchmarks/gpu_sharded_step.py [--write RESULTS.md]
+"""
+
+import argparse
+import datetime
+import pathlib
+import statistics
+import time
+
+import cpu_step
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_paged
+
+MARKS = ('<!-- gpu_sharded:begin -->', '<!-- gpu_sharded:end -->')
+HYPER = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
+
+
+class Runner:
+  """One configuration: its placed parameters, state and compiled step."""
+
+  def __init__(self, name, tx, params, grads, sharding, fused):
+    self.name = name
+    # A copy first: device_put may share the caller's buffers, which the
+    # donated step would delete.
+    def place(tree):
+      copy = jax.tree.map(jnp.copy, tree)
+      return jax.device_put(copy, sharding) if sharding else copy
+
+    self.params = place(params)
+    self.grads = [place(g) for g in grads]
+    self.state = tx.init(self.params)
+
+    def step(p, s, g):
+      if fused:
+        return optax_paged.apply_gradients(tx, g, s, p)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    self.step = jax.jit(step, donate_argnums=(0, 1))
+    self.times = []
+
+  def run(self, steps, timed):
+    start = time.perf_counter()
+    for i in range(steps):
+      self.params, self.state = self.step(
+          self.params, self.state, self.grads[i % len(self.grads)])
+    jax.block_until_ready(self.params)
+    if timed:
+      self.times.append((time.perf_counter() - start) / steps)
+
+  def state_bytes_per_device(self) -> int:
+    per_device = optax_paged.memory_report(self.state).per_device
+    return max(sum(tiers.values()) for tiers in per_device.values())
+
+  def release(self):
+    optax_paged.release(self.state)
+    self.params = self.grads = self.state = None
+
+
+def _mesh(n, name):
+  return jax.make_mesh((n,), (name,), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:n])
+
+
+def _measure(runners, rounds, steps):
+  for runner in runners:
+    runner.run(3, timed=False)
+  for r in range(rounds):
+    for runner in runners if r % 2 == 0 else runners[::-1]:
+      runner.run(steps, timed=True)
+
+
+def _rows(runners, baseline_name):
+  baseline = statistics.median(
+      next(r for r in runners if r.name == baseline_name).times)
+  base_bytes = next(
+      r for r in runners if r.name == baseline_name).state_bytes_per_device()
+  rows = []
+  for r in runners:
+    median = statistics.median(r.times)
+    nbytes = r.state_bytes_per_device()
+    rows.append(
+        f'| {r.name} | {1e3 * median:.2f} | {median / baseline:.2f}x '
+        f'| {nbytes / 2**20:.0f} | {nbytes / base_bytes:.3f} |')
+  return rows
+
+
+HEADER = ['| configuration | median step (ms) | vs baseline '
+          '| state per device (MiB) | vs baseline |',
+          '|---|---:|---:|---:|---:|']
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--layers', type=int, default=24)
+  parser.add_argument('--rounds', type=int, default=7)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--write', type=pathlib.Path, default=None)
+  args = parser.parse_args()
+  count = jax.device_count()
+  sizes = [n for n in (1, 2, 4, 8) if n <= count]
+  key = jax.random.key(0)
+  params = cpu_step.random_tree(key, args.layers, 0.02)
+  grads = [cpu_step.random_tree(jax.random.fold_in(key, i + 1), args.layers,
+                                1e-3) for i in range(2)]
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  now = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M')
+  lines = [f'## GPU: sharded AdamW step, {num_params / 1e6:.0f}M parameters, '
+           f'{count} GPUs', '',
+           f'- date (UTC): {now}',
+           f'- GPUs: {count} x {jax.devices()[0].device_kind}',
+           f'- jax: {jax.__version__}',
+           f'- timing: median per-step time over {args.rounds} interleaved '
+           f'rounds of {args.steps} steps, after 3 warm-up steps; params and '
+           'state donated; adamw8bit (fp32 parameters)']
+  for fused in (True, False):
+    mode = 'fused apply_gradients' if fused else 'update + apply_updates'
+    runners = [Runner('one GPU, no mesh', optax_paged.adamw8bit(**HYPER),
+                      params, grads, None, fused)]
+    for n in sizes:
+      runners.append(Runner(
+          f'FSDP over {n} GPU{"s" if n > 1 else ""}',
+          optax_paged.adamw8bit(**HYPER), params, grads,
+          NamedSharding(_mesh(n, 'fsdp'), P('fsdp')), fused))
+    _measure(runners, args.rounds, args.steps)
+    lines += ['', f'### FSDP, {mode}', '', *HEADER,
+              *_rows(runners, 'one GPU, no mesh')]
+    for runner in runners:
+      runner.release()
+  for n in sizes[1:]:
+    replicated = NamedSharding(_mesh(n, 'data'), P())
+    for fused in (True, False):
+      mode = 'fused apply_gradients' if fused else 'update + apply_updates'
+      runners = [
+          Runner(f'data parallel over {n}, state replicated',
+                 optax_paged.adamw8bit(**HYPER), params, grads, replicated,
+                 fused),
+          Runner(f'data parallel over {n}, ZeRO-1 state',
+                 optax_paged.shard_state_over(
+                     optax_paged.adamw8bit(**HYPER), 'data'),
+                 params, grads, replicated, fused),
+      ]
+      _measure(runners, args.rounds, args.steps)
+      lines += ['', f'### ZeRO-1 over {n} GPUs, {mode}', '', *HEADER,
+                *_rows(runners, runners[0].name)]
+      for runner in runners:
+        runner.release()
+  section = '\n'.join(lines)
+  print(section)
+  if args.write:
+    cpu_step.write_results(section, args.write, MARKS)
+
+
+if __name__ == '__main__':
+  main()
