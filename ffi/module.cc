@@ -334,6 +334,11 @@ NB_MODULE(_optax_paged_ext, m) {
       .def_prop_ro("misrouted", [](const StateEntry& e) {
         return e.misrouted() != nullptr && *e.misrouted() != 0;
       })
+      .def("clear_misrouted", [](StateEntry& e) {
+        if (e.misrouted() != nullptr) {
+          __atomic_store_n(e.misrouted(), 0, __ATOMIC_RELEASE);
+        }
+      })
       .def_prop_ro("num_leaves",
                    [](const StateEntry& e) { return e.leaves().size(); })
       .def_prop_ro("num_moments", &StateEntry::num_moments)

@@ -131,13 +131,17 @@ xla::ffi::Error DispatchUpdate(std::string_view name, Platform platform,
   }
   std::shared_lock<std::shared_mutex> lock(entry->mutex());
   const int32_t expected = entry->placement().position;
-  const int32_t* misrouted = entry->misrouted();
-  if ((host_position != nullptr && *host_position != expected) ||
-      (misrouted != nullptr && *misrouted != 0)) {
+  int32_t* misrouted = entry->misrouted();
+  // A mark left by an earlier GPU call is reported once, here or by Python.
+  const bool marked =
+      misrouted != nullptr &&
+      __atomic_exchange_n(misrouted, 0, __ATOMIC_ACQ_REL) != 0;
+  if ((host_position != nullptr && *host_position != expected) || marked) {
     return ffi::Error::InvalidArgument(
         prefix + "device ordinal " + std::to_string(ordinal) +
         " holds the state of mesh position " + std::to_string(expected) +
-        " but received the shard of another position: the devices were "
+        " but " + (marked ? "an earlier call" : "this call") +
+        " received the shard of another position: the devices were "
         "ordered differently than at init (a shard_map over a permuted "
         "mesh?). The state was not updated by that call; use the mesh the "
         "parameters had at init.");

@@ -3,6 +3,7 @@
 The rest of the suite runs on the GPU too when JAX's default device is one.
 """
 
+import functools
 import gc
 import warnings
 
@@ -235,3 +236,34 @@ def test_deepcopy_keeps_the_tiers_and_the_moments(factory):
   assert twin.buffers.record().platform == 'cuda'
   assert_trees_equal(optax_paged.state_dict(twin),
                      optax_paged.state_dict(state))
+
+
+def test_a_call_for_another_mesh_position_leaves_the_state_alone():
+  # The kernel cannot return an error: it writes NaN results, skips the
+  # state and marks the entry, so the next call and the export fail.
+  params = {'w': jnp.ones((64, 80))}
+  state = optax_paged.paged_adamw8bit(1e-3).init(params)
+  entry = state.buffers.record().entries[0]
+  before = [entry.read_moment(0, m) for m in range(2)]
+  out = ffi.update_call('optax_paged_adamw', jnp.zeros(16), 3,
+                        [jnp.ones(5120)], [jnp.ones(5120)],
+                        state_id=state.buffers.key, leaf_indices=[0])[0]
+  assert np.isnan(np.asarray(out)).all()
+  after = [entry.read_moment(0, m) for m in range(2)]
+  for (codes, absmax), (codes2, absmax2) in zip(before, after, strict=True):
+    np.testing.assert_array_equal(codes, codes2)
+    np.testing.assert_array_equal(absmax, absmax2)
+  # Reported once, by whichever comes first: the export here...
+  with pytest.raises(ValueError, match='another mesh position'):
+    optax_paged.state_dict(state)
+  right = functools.partial(
+      ffi.update_call, 'optax_paged_adamw', jnp.zeros(16), 0,
+      [jnp.ones(5120)], [jnp.ones(5120)], state_id=state.buffers.key,
+      leaf_indices=[0])
+  right()[0].block_until_ready()  # a well-routed call then runs
+  ffi.update_call('optax_paged_adamw', jnp.zeros(16), 3, [jnp.ones(5120)],
+                  [jnp.ones(5120)], state_id=state.buffers.key,
+                  leaf_indices=[0])[0].block_until_ready()
+  # ... or the next call on the device.
+  with pytest.raises(Exception, match='an earlier call'):
+    right()[0].block_until_ready()

@@ -134,9 +134,15 @@ class StateRecord:
       entry.release()
 
   def check_misrouting(self) -> None:
-    """Raises if a GPU step received a shard meant for another device."""
+    """Raises (once) if a GPU step received a shard meant for another device.
+
+    The kernel cannot fail a call: it leaves the state alone, returns NaN and
+    marks the entry. The mark is reported once, by the next call on that
+    device or here, whichever comes first.
+    """
     for device, entry in zip(self.devices, self.entries, strict=True):
       if entry.misrouted:
+        entry.clear_misrouted()
         raise ValueError(
             f'{self.optimizer}: a step on {device} received the shard of '
             'another mesh position (devices ordered differently than at '

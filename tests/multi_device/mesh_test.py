@@ -352,7 +352,10 @@ def test_misrouted_shards_are_refused():
   step = jax.jit(jax.shard_map(
       update_and_apply(tx), mesh=permuted, in_specs=(SPECS, P(), SPECS),
       out_specs=(SPECS, P()), check_vma=False))
-  with pytest.raises(Exception, match='mesh position'):
+  # XLA:GPU refuses to compile for a permuted device order ("only supports
+  # IOTA device assignment"); the CPU runs it and the handlers refuse it.
+  # tests/cuda_test.py covers the GPU kernel's own check.
+  with pytest.raises(Exception, match='mesh position|IOTA'):
     jax.block_until_ready(step(_put(_tree(10, jnp.float32), permuted), state,
                                _put(_tree(11, jnp.float32), permuted)))
   assert_trees_equal(optax_paged.state_dict(state), before)
