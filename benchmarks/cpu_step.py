@@ -62,24 +62,27 @@ class Result:
     return 1e3 * statistics.median(self.times_s)
 
 
-def layer_shapes() -> dict[str, tuple[int, int]]:
-  """Shapes of the weight matrices of one llama-like block."""
+def layer_shapes(width: int = 1) -> dict[str, tuple[int, int]]:
+  """Shapes of the weight matrices of one llama-like block (``width`` times
+  wider)."""
+  hidden, intermediate = HIDDEN * width, INTERMEDIATE * width
   return {
-      'wq': (HIDDEN, HIDDEN),
-      'wk': (HIDDEN, HIDDEN),
-      'wv': (HIDDEN, HIDDEN),
-      'wo': (HIDDEN, HIDDEN),
-      'w_gate': (HIDDEN, INTERMEDIATE),
-      'w_up': (HIDDEN, INTERMEDIATE),
-      'w_down': (INTERMEDIATE, HIDDEN),
+      'wq': (hidden, hidden),
+      'wk': (hidden, hidden),
+      'wv': (hidden, hidden),
+      'wo': (hidden, hidden),
+      'w_gate': (hidden, intermediate),
+      'w_up': (hidden, intermediate),
+      'w_down': (intermediate, hidden),
   }
 
 
-def random_tree(key: jax.Array, layers: int, scale: float) -> Params:
+def random_tree(key: jax.Array, layers: int, scale: float,
+                width: int = 1) -> Params:
   """Normal(0, scale) fp32 arrays in the shape of a ``layers``-deep model."""
   tree = {}
   for i in range(layers):
-    shapes = layer_shapes()
+    shapes = layer_shapes(width)
     keys = jax.random.split(jax.random.fold_in(key, i), len(shapes))
     tree[f'layer_{i}'] = {
         name: scale * jax.random.normal(k, shape, jnp.float32)

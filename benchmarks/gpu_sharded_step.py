@@ -4,9 +4,12 @@ The 308M llama-like model of ``gpu_step.py`` (168 fp32 leaves):
 
 - FSDP: every leaf split along its first dimension over a ``fsdp`` mesh axis
   of 1, 2, 4, ... GPUs (every size up to the device count), against the same
-  model on one GPU without a mesh; per-device state bytes and step time.
-  Each device updates its own shard: the step has no communication, so its
-  time should fall as 1/N.
+  model on one GPU without a mesh; per-device state bytes and step time,
+  with ``optax.adamw`` sharded the same way as the peer. Each device updates
+  its own shard: the step has no communication, so its device time falls
+  as 1/N, until the host's per-array dispatch cost sets the pace (the host
+  dispatch column); a model twice as wide (4x the parameters in the same
+  168 leaves) shows the scaling once the devices have more to do.
 - ZeRO-1: parameters replicated over every GPU (data parallel) with the
   state replicated (the default) or split by ``shard_state_over('data')``;
   the latter adds one all-gather of the updated parameters.
@@ -146,8 +149,8 @@ def main() -> None:
   parser.add_argument('--layers', type=int, default=24)
   parser.add_argument('--rounds', type=int, default=7)
   parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--large-layers', type=int, default=96,
-                      help='layers of the larger model (0: skip it)')
+  parser.add_argument('--large-width', type=int, default=2,
+                      help='width factor of the larger model (1: skip it)')
   parser.add_argument('--write', type=pathlib.Path, default=None)
   args = parser.parse_args()
   count = jax.device_count()
@@ -192,16 +195,21 @@ def main() -> None:
                 *_rows(runners)]
       for runner in runners:
         runner.release()
-  if args.large_layers and count > 1:
-    big = cpu_step.random_tree(key, args.large_layers, 0.02)
-    big_grads = [cpu_step.random_tree(jax.random.fold_in(key, 9),
-                                      args.large_layers, 1e-3)]
+  if args.large_width > 1 and count > 1:
+    # The same 168 leaves, each large_width**2 times larger: per-call host
+    # costs stay, device work grows.
     del params, grads
+    big = cpu_step.random_tree(key, args.layers, 0.02, args.large_width)
+    big_grads = [cpu_step.random_tree(jax.random.fold_in(key, 9),
+                                      args.layers, 1e-3, args.large_width)]
     big_params = sum(x.size for x in jax.tree.leaves(big))
-    runners = _fsdp_runners(big, big_grads, [count], True, peers=False)
+    runners = (_fsdp_runners(big, big_grads, sizes[1:], True, peers=False)
+               + _fsdp_runners(big, big_grads, sizes[-1:], False, peers=True)[-2:])
     _measure(runners, args.rounds, args.steps)
-    lines += ['', f'### FSDP, fused apply_gradients, {big_params / 1e9:.2f}B '
-              'parameters', '', *HEADER, *_rows(runners)]
+    lines += ['', f'### FSDP, {big_params / 1e9:.2f}B parameters in the same '
+              f'{len(jax.tree.leaves(big))} leaves (fused for adamw8bit, '
+              'update + apply_updates for optax.adamw)', '', *HEADER,
+              *_rows(runners)]
     for runner in runners:
       runner.release()
   section = '\n'.join(lines)
