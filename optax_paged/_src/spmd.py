@@ -84,9 +84,10 @@ def single_device_update(
   for x in (*grads, *params):
     mesh = _aval_mesh(x)
     if mesh is not None and math.prod(mesh.axis_sizes) > 1:
+      axes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
       raise ValueError(
           f'{record.optimizer}: this state was initialised for parameters on '
-          f'one device, but the update gets operands on a mesh {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}. '
+          f'one device, but the update gets operands on a mesh {axes}. '
           'Initialise it with the parameters on that mesh (NamedSharding): '
           'tx.init then makes one entry per device.'
       )

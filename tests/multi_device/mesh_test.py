@@ -92,7 +92,7 @@ def _shards_as_leaves(tree, mesh):
   for name, value in tree.items():
     sharding = NamedSharding(mesh, SPECS[name])
     seen = set()
-    for device, index in sharding.devices_indices_map(value.shape).items():
+    for index in sharding.devices_indices_map(value.shape).values():
       key = tuple((s.start, s.stop) for s in index)
       if key in seen:
         continue
@@ -245,7 +245,8 @@ def test_stochastic_rounding_draws_by_global_index():
   on_mesh, one = run(put(params), put(grads)), run(params, grads)
   assert_trees_equal(on_mesh, one)
   # Replicas of the replicated leaf agree.
-  shards = [np.asarray(s.data) for s in on_mesh['replicated'].addressable_shards]
+  shards = [np.asarray(shard.data)
+            for shard in on_mesh['replicated'].addressable_shards]
   for shard in shards[1:]:
     np.testing.assert_array_equal(shard, shards[0])
 
