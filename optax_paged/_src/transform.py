@@ -148,6 +148,18 @@ def make_transformation(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _registered(table: weakref.WeakKeyDictionary, tx: Any, caller: str,
+                advice: str) -> Any:
+  """What ``table`` holds for an optax_paged optimizer; else a TypeError."""
+  value = table.get(getattr(tx, 'update', None))
+  if value is None:
+    raise TypeError(
+        f'{caller} needs an optax_paged optimizer as returned by its factory '
+        f'(e.g. optax_paged.paged_adamw8bit(...)); {advice}.'
+    )
+  return value
+
+
 def zero_count(buffers: registry.StateBuffers) -> jax.Array:
   """A zero step count, replicated over the state's mesh if it has one."""
   record = None if buffers.is_abstract else buffers.record()
@@ -190,13 +202,8 @@ def shard_state_over(
     >>> tx = optax_paged.shard_state_over(optax_paged.adamw8bit(1e-3), 'data')
     >>> state = tx.init(params)
   """
-  init_with = _INITS.get(getattr(tx, 'update', None))
-  if init_with is None:
-    raise TypeError(
-        'shard_state_over needs an optax_paged optimizer as returned by its '
-        'factory (e.g. optax_paged.paged_adamw8bit(...)); chain other '
-        'transformations around the result.'
-    )
+  init_with = _registered(_INITS, tx, 'shard_state_over',
+                          'chain other transformations around the result')
   if not isinstance(axis_name, str):
     raise TypeError(f'axis_name must be a mesh axis name, got {axis_name!r}.')
   return optax.GradientTransformationExtraArgs(
@@ -243,13 +250,9 @@ def apply_gradients(
     ...                donate_argnums=(1, 2))
     >>> params, state = step({'w': jnp.ones((64, 64))}, state, params)
   """
-  spec = _SPECS.get(getattr(tx, 'update', None))
-  if spec is None:
-    raise TypeError(
-        'apply_gradients needs an optax_paged optimizer as returned by its '
-        'factory (e.g. optax_paged.paged_adamw8bit(...)); for a chain, apply '
-        'the earlier transformations to the gradients first.'
-    )
+  spec = _registered(
+      _SPECS, tx, 'apply_gradients',
+      'for a chain, apply the earlier transformations to the gradients first')
   mode = (
       ffi.OUTPUT_PARAMS_STOCHASTIC if stochastic_rounding
       else ffi.OUTPUT_PARAMS
