@@ -424,3 +424,33 @@ def test_entries_are_freed_on_release_and_collection():
   del state
   gc.collect()
   assert ffi.extension().live_state_count() == baseline
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != 'gpu',
+                    reason='memory tiers exist on GPUs only')
+def test_paged_tiers_and_budgets_are_per_device():
+  mesh = _mesh()
+  params = _tree(13, jnp.float32)
+  grads = [_put(_tree(130 + i, jnp.float32, 0.1), mesh) for i in range(4)]
+  make = lambda: optax_paged.paged_adamw8bit(  # noqa: E731
+      1e-2, min_8bit_size=256, device_budget=1.0)
+  stay, moved = make(), make()
+  p_stay = _put(params, mesh)
+  s_stay = stay.init(p_stay)
+  p_moved = _put(params, mesh)
+  s_moved = moved.init(p_moved)
+  report = optax_paged.memory_report(s_moved)
+  assert set(report.per_device) == {str(d) for d in mesh.devices.flat}
+  assert all(set(t) == {'device'} for t in report.per_device.values())
+  step_stay = jax.jit(update_and_apply(stay))
+  step_moved = jax.jit(update_and_apply(moved))
+  for i, g in enumerate(grads):
+    if i == 2:
+      optax_paged.set_device_budget(s_moved, 0)
+      tiers = optax_paged.memory_report(s_moved).per_device
+      assert all(set(t) == {'host'} for t in tiers.values())
+    p_stay, s_stay = step_stay(p_stay, s_stay, g)
+    p_moved, s_moved = step_moved(p_moved, s_moved, g)
+  assert_trees_equal(p_moved, p_stay)
+  assert_trees_equal(optax_paged.state_dict(s_moved),
+                     optax_paged.state_dict(s_stay))
