@@ -454,3 +454,24 @@ def test_paged_tiers_and_budgets_are_per_device():
   assert_trees_equal(p_moved, p_stay)
   assert_trees_equal(optax_paged.state_dict(s_moved),
                      optax_paged.state_dict(s_stay))
+
+
+def test_deepcopy_is_independent_and_pickle_is_refused():
+  import copy
+  import pickle
+
+  mesh = _mesh()
+  params = _put(_tree(14, jnp.float32), mesh)
+  grads = _put(_tree(140, jnp.float32, 0.1), mesh)
+  tx = FACTORIES['adamw8bit']()
+  step = jax.jit(update_and_apply(tx))
+  _, state = step(params, tx.init(params), grads)
+  twin = copy.deepcopy(state)
+  assert twin.buffers.key != state.buffers.key
+  assert_trees_equal(optax_paged.state_dict(twin),
+                     optax_paged.state_dict(state))
+  p_a, _ = step(params, state, grads)
+  p_b, _ = step(params, twin, grads)
+  assert_trees_equal(p_a, p_b)
+  with pytest.raises(TypeError, match='state_dict'):
+    pickle.dumps(state)
