@@ -168,6 +168,27 @@ def test_explicit_mesh_and_donation():
   assert result['grid'].sharding.spec == SPECS['grid']
 
 
+def test_jit_with_in_and_out_shardings_and_donation():
+  mesh = _mesh()
+  params, grads = _tree(15, jnp.float32), [_tree(150 + i, jnp.float32, 0.1)
+                                           for i in range(2)]
+  one, _ = _run(FACTORIES['adamw8bit'](), params, grads, True)
+  tx = FACTORIES['adamw8bit']()
+  shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+  p = _put(params, mesh)
+  state = tx.init(p)
+  state_shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+  step = jax.jit(_fused(tx), in_shardings=(shardings, state_shardings,
+                                           shardings),
+                 out_shardings=(shardings, state_shardings),
+                 donate_argnums=(0, 1))
+  for g in grads:
+    p, state = step(p, state, _put(g, mesh))
+  for leaf in EXACT:
+    _equal(p[leaf], one[leaf])
+  assert p['grid'].sharding == shardings['grid']
+
+
 @pytest.mark.parametrize('fused', [False, True], ids=['update', 'fused'])
 def test_compiled_update_has_no_collectives(fused):
   mesh = _mesh()
@@ -208,23 +229,25 @@ def test_zero1_is_bit_identical_and_splits_the_state(fused):
   assert 'all-reduce' not in hlo
 
 
-def test_zero1_on_one_axis_mesh_equals_one_device():
+@pytest.mark.parametrize('name', list(FACTORIES))
+def test_zero1_on_one_axis_mesh_equals_one_device(name):
   n = _devices()
   mesh = jax.make_mesh((n,), ('data',), axis_types=(AxisType.Auto,))
   params = {'w': jax.random.normal(jax.random.PRNGKey(5), (3000, 7))}
   grads = [{'w': jax.random.normal(jax.random.PRNGKey(50 + i), (3000, 7))}
            for i in range(3)]
   replicated = NamedSharding(mesh, P())
-  zero = optax_paged.shard_state_over(FACTORIES['adamw8bit'](), 'data')
+  zero = optax_paged.shard_state_over(FACTORIES[name](), 'data')
   p_zero, s_zero = _run(zero, jax.device_put(params, replicated),
                         [jax.device_put(g, replicated) for g in grads], True)
-  p_one, s_one = _run(FACTORIES['adamw8bit'](), params, grads, True)
+  p_one, s_one = _run(FACTORIES[name](), params, grads, True)
   assert_trees_equal(p_zero, p_one)
   one = optax_paged.memory_report(s_one).total_bytes
   first = str(jax.devices()[0])
   per_device = sum(
       optax_paged.memory_report(s_zero).per_device[first].values())
-  assert per_device <= one / n + 2 * 256 * 2
+  # Within a 256-element block per moment of 1/N (chunks are whole blocks).
+  assert per_device <= one / n + 3 * 256 * 4
 
 
 def test_stochastic_rounding_draws_by_global_index():
