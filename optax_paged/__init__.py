@@ -18,6 +18,7 @@ from optax_paged._src.adamw import paged_adamw8bit
 from optax_paged._src.ademamix import ademamix8bit
 from optax_paged._src.ademamix import paged_ademamix
 from optax_paged._src.ademamix import paged_ademamix8bit
+from optax_paged._src.allocation import allocate_state
 from optax_paged._src.checkpoint import load_state_dict
 from optax_paged._src.checkpoint import state_dict
 from optax_paged._src.lion import lion8bit
@@ -30,7 +31,6 @@ from optax_paged._src.paging import state_nbytes
 from optax_paged._src.registry import REGISTRY as state_registry
 from optax_paged._src.registry import StateBuffers
 from optax_paged._src.registry import StateRegistry
-from optax_paged._src.registry import allocate_state
 from optax_paged._src.registry import release
 from optax_paged._src.single_moment import adagrad8bit
 from optax_paged._src.single_moment import rmsprop8bit

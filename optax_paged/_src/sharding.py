@@ -160,7 +160,12 @@ def mesh_layout_of(
       ``NamedSharding``, a mesh leaf beside one that is not on it, or a
       ``zero_axis`` the mesh does not have.
   """
-  if not any(_is_multi_device(leaf) for leaf in leaves):
+  on_mesh = all(
+      isinstance(getattr(leaf, 'sharding', None), NamedSharding)
+      for leaf in leaves)
+  # A one-device mesh is a plain device, unless ZeRO-1 names one of its axes.
+  if not any(_is_multi_device(leaf) for leaf in leaves) and not (
+      zero_axis is not None and on_mesh):
     if zero_axis is not None:
       raise ValueError(
           f'{optimizer}: shard_state_over({zero_axis!r}) needs parameters '
