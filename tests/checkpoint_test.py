@@ -1,6 +1,7 @@
 """state_dict / load_state_dict: bit-identical resume, refused mismatches."""
 
 import copy
+import zlib
 
 import jax
 import numpy as np
@@ -68,7 +69,7 @@ def test_state_dict_is_numpy_with_the_format_recorded():
   saved = optax_paged.state_dict(state)[1]
   assert all(isinstance(x, np.ndarray) or np.isscalar(x)
              for x in jax.tree.leaves(saved))
-  assert int(saved['format_version']) == 1
+  assert int(saved['format_version']) == 2
   assert int(saved['block_size']) == 256
   np.testing.assert_array_equal(
       saved['signed_map'], optax_paged.quantization.dynamic_map(True)
@@ -94,8 +95,17 @@ def _corrupt(saved, edit):
 
 
 @pytest.mark.parametrize('edit, message', [
-    (lambda s: s.__setitem__('format_version', np.asarray(2, np.int32)),
+    (lambda s: s.__setitem__('format_version', np.asarray(99, np.int32)),
      'format version'),
+    (lambda s: s.pop('count'), "no 'count'"),
+    (lambda s: s.__setitem__('count', s['count'] ^ np.int32(4)), 'checksum'),
+    (lambda s: s.__setitem__('count', np.asarray(-5, np.int32)), 'outside'),
+    (lambda s: s.__setitem__('count', np.asarray([2, 2], np.int32)),
+     'integer scalar'),
+    (lambda s: s.__setitem__('count', np.asarray(2.0, np.float32)),
+     'integer scalar'),
+    (lambda s: s.__setitem__('checksum', 2**40), 'outside'),
+    (lambda s: s.__setitem__('checksum', -1), 'outside'),
     (lambda s: s.__setitem__('block_size', np.int32(128)), 'block size'),
     (lambda s: s['signed_map'].__setitem__(3, 0.5), 'signed_map'),
     (lambda s: s.__setitem__('optimizer', np.frombuffer(b'lion', np.uint8)),
@@ -141,4 +151,43 @@ def test_checkpoint_survives_a_generic_serialiser(tmp_path, saved_and_fresh):
     arrays = [data[f'arr_{i}'] for i in range(len(leaves))]
   loaded = jax.tree.unflatten(treedef, arrays)
   restored = optax_paged.load_state_dict(fresh, loaded)
+  _assert_equal(optax_paged.state_dict(restored), saved)
+
+
+def test_format_1_checkpoints_still_load(saved_and_fresh):
+  # Format 1: the same arrays, a checksum of the moments without the count.
+  saved, fresh = saved_and_fresh
+  old = copy.deepcopy(saved)
+  old[1]['format_version'] = np.asarray(1, np.int32)
+  crc = 0
+  for leaf in old[1]['leaves']:
+    for moment in leaf['moments']:
+      for name in sorted(moment):
+        crc = zlib.crc32(np.ascontiguousarray(moment[name]).tobytes(), crc)
+  old[1]['checksum'] = np.asarray(crc, np.uint32)
+  restored = optax_paged.load_state_dict(fresh, old)
+  _assert_equal(optax_paged.state_dict(restored), saved)
+
+
+def test_a_refused_second_state_leaves_the_first_untouched():
+  params = {'a': random_tree([(64, 80)], seed=4)['leaf0'],
+            'b': random_tree([(300, 20)], seed=5)['leaf0']}
+  def make():
+    return optax.multi_transform(
+        {'x': optax_paged.adamw8bit(1e-2, min_8bit_size=256),
+         'y': optax_paged.lion8bit(1e-3, min_8bit_size=256)},
+        {'a': 'x', 'b': 'y'})
+  tx = make()
+  _, trained = _steps(tx, params, tx.init(params), 0, 3)
+  saved = optax_paged.state_dict(trained)
+  fresh = tx.init(params)
+  _, fresh = _steps(tx, params, fresh, 10, 1)  # something to overwrite
+  before = optax_paged.state_dict(fresh)
+  bad = copy.deepcopy(saved)
+  parts = bad.inner_states
+  parts['y'].inner_state['leaves'][0]['moments'][0]['codes'][5] ^= 1
+  with pytest.raises(ValueError, match='checksum'):
+    optax_paged.load_state_dict(fresh, bad)
+  _assert_equal(optax_paged.state_dict(fresh), before)
+  restored = optax_paged.load_state_dict(fresh, saved)
   _assert_equal(optax_paged.state_dict(restored), saved)

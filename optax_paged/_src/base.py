@@ -16,7 +16,10 @@ BLOCK_SIZE = 256
 # bitsandbytes keeps fp32 state for tensors under 4096 elements.
 MIN_8BIT_SIZE = 4096
 # Version of the state_dict layout; bump when the stored arrays change.
-FORMAT_VERSION = 1
+# 2: the checksum covers the step count; states on a mesh.
+FORMAT_VERSION = 2
+# Versions load_state_dict still reads (1: the checksum skips the count).
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 NO_PARAMS_MSG = (
     'optax_paged optimizers need the parameters: call '

@@ -10,6 +10,7 @@ state go through the same export into new buffers of the same layout.
 """
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,13 +28,21 @@ def _is_paged_state(x: Any) -> bool:
   return isinstance(x, transform.PagedOptimizerState)
 
 
-def _checksum(leaves: list[dict[str, Any]]) -> np.uint32:
+def _checksum(leaves: list[dict[str, Any]], count: int | None) -> int:
+  """CRC32 of the moments and (format 2 on) the step count."""
   crc = 0
   for leaf in leaves:
     for moment in leaf['moments']:
       for name in sorted(moment):
         crc = zlib.crc32(np.ascontiguousarray(moment[name]).tobytes(), crc)
-  return np.uint32(crc)
+  if count is not None:
+    crc = zlib.crc32(count_bytes(count), crc)
+  return crc
+
+
+def count_bytes(count: int) -> bytes:
+  """The step count as the checksum covers it (int32, little endian)."""
+  return np.asarray(count, '<i4').tobytes()
 
 
 def _header(record: Any) -> dict[str, Any]:
@@ -52,8 +61,9 @@ def _export_paged(state: transform.PagedOptimizerState) -> dict[str, Any]:
   record = state.buffers.record()
   if record.layout is not None:
     # The count stays a global array on the mesh, as the moments are.
+    count = int(jax.device_get(state.count))
     return {**_header(record), 'count': state.count,
-            **sharded_checkpoint.export(record)}
+            **sharded_checkpoint.export(record, count_bytes(count))}
   entry = record.entries[0]
   leaves = []
   for index, layout in enumerate(record.leaves):
@@ -71,10 +81,11 @@ def _export_paged(state: transform.PagedOptimizerState) -> dict[str, Any]:
             registry.TIER_CODES[entry.leaf_info(index)['tier']], np.int32),
         'moments': moments,
     })
+  count = int(np.asarray(state.count))
   return {
       **_header(record),
-      'count': np.asarray(state.count, dtype=np.int32),
-      'checksum': np.asarray(_checksum(leaves)),
+      'count': np.asarray(count, dtype=np.int32),
+      'checksum': np.asarray(_checksum(leaves, count), np.uint32),
       'leaves': leaves,
   }
 
@@ -115,17 +126,31 @@ def _refuse(message: str) -> ValueError:
   return ValueError(f'load_state_dict: {message}')
 
 
-def _check_header(saved: dict[str, Any], record: Any) -> None:
-  version = int(saved['format_version'])
-  if version != base.FORMAT_VERSION:
+def _int_scalar(saved: dict[str, Any], name: str, low: int, high: int) -> int:
+  """``saved[name]`` as an int in [low, high]; else a refusal."""
+  if name not in saved:
+    raise _refuse(f'the checkpoint has no {name!r}.')
+  value = np.asarray(jax.device_get(saved[name]))
+  if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+    raise _refuse(f'{name} must be an integer scalar, got '
+                  f'{value.dtype}{list(value.shape)}.')
+  if not low <= int(value) <= high:
+    raise _refuse(f'{name} {int(value)} is outside [{low}, {high}].')
+  return int(value)
+
+
+def _check_header(saved: dict[str, Any], record: Any) -> int:
+  """Checks the fields every state dictionary has; returns its version."""
+  version = _int_scalar(saved, 'format_version', 0, 2**31 - 1)
+  if version not in base.READABLE_FORMAT_VERSIONS:
     raise _refuse(
         f'checkpoint format version {version}, this optax_paged reads '
-        f'version {base.FORMAT_VERSION}.'
+        f'versions {list(base.READABLE_FORMAT_VERSIONS)}.'
     )
-  if int(saved['block_size']) != base.BLOCK_SIZE:
+  block_size = _int_scalar(saved, 'block_size', 0, 2**31 - 1)
+  if block_size != base.BLOCK_SIZE:
     raise _refuse(
-        f'checkpoint block size {int(saved["block_size"])}, expected '
-        f'{base.BLOCK_SIZE}.'
+        f'checkpoint block size {block_size}, expected {base.BLOCK_SIZE}.'
     )
   for name, signed in (('signed_map', True), ('unsigned_map', False)):
     stored = np.asarray(saved[name], dtype=np.float32)
@@ -141,6 +166,7 @@ def _check_header(saved: dict[str, Any], record: Any) -> None:
         f'checkpoint has {len(saved["leaves"])} leaves, the state has '
         f'{len(record.leaves)}.'
     )
+  return version
 
 
 def _expected_arrays(layout: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -153,23 +179,35 @@ def _expected_arrays(layout: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
   return {'values': ((layout.size,), np.float32)}
 
 
-def _import_paged(
-    state: transform.PagedOptimizerState, saved: Any
-) -> transform.PagedOptimizerState:
+class _Planned:
+  """A state whose checkpoint passed every check, not yet written."""
+
+  def __init__(self, write: Callable[[], None],
+               result: Callable[[], transform.PagedOptimizerState]):
+    self.write = write
+    self.result = result
+
+
+def _plan_paged(state: transform.PagedOptimizerState, saved: Any) -> _Planned:
+  """Checks ``saved`` against ``state`` completely; writes nothing."""
   if not isinstance(saved, dict) or 'format_version' not in saved:
     raise _refuse(
         'expected an optax_paged state dictionary where the state has an '
         'optax_paged optimizer.'
     )
   record = state.buffers.record()
-  _check_header(saved, record)
+  version = _check_header(saved, record)
+  count = _int_scalar(saved, 'count', 0, 2**31 - 1)
   if record.layout is not None:
-    writes = sharded_checkpoint.check(record, saved, _refuse)
-    count = _checked_count(saved['count'])
-    sharded_checkpoint.write(record, writes)
-    return transform.PagedOptimizerState(
-        count=transform.zero_count(state.buffers) + count,
-        buffers=state.buffers)
+    if version < 2:
+      raise _refuse('states on a mesh need checkpoint format version 2.')
+    writes = sharded_checkpoint.check(record, saved, count_bytes(count),
+                                      _refuse)
+    return _Planned(
+        lambda: sharded_checkpoint.write(record, writes),
+        lambda: transform.PagedOptimizerState(
+            count=transform.zero_count(state.buffers) + count,
+            buffers=state.buffers))
   if 'mesh_shape' in saved:
     raise _refuse(
         'the checkpoint was saved from a state on a mesh; restore it into a '
@@ -201,29 +239,39 @@ def _import_paged(
               f'{list(shape)}, got {array.dtype}{list(array.shape)}.'
           )
       checked.append((index, m, moment))
-  if np.uint32(saved['checksum']) != _checksum(saved['leaves']):
+  stored = _int_scalar(saved, 'checksum', 0, 2**32 - 1)
+  # Format 1 checksums cover the moments only.
+  if stored != _checksum(saved['leaves'], count if version >= 2 else None):
     raise _refuse('checksum mismatch: the checkpoint is corrupted.')
-  # Everything is checked before the first write: a refused checkpoint
-  # leaves the state as it was.
-  empty = np.zeros([0], np.uint8)
-  entry = record.entries[0]
-  for index, m, moment in checked:
-    if 'codes' in moment:
-      entry.write_moment(
-          index, m, np.ascontiguousarray(moment['codes']),
-          np.ascontiguousarray(moment['absmax']).view(np.uint8),
-      )
-    else:
-      entry.write_moment(
-          index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
-          empty,
-      )
-  if record.paged:
-    _restore_tiers(record, [int(leaf['tier']) for leaf in saved['leaves']])
-  return transform.PagedOptimizerState(
-      count=jnp.asarray(saved['count'], dtype=jnp.int32),
-      buffers=state.buffers,
-  )
+  tiers = [int(np.asarray(leaf.get('tier', -1))) for leaf in saved['leaves']]
+
+  def write() -> None:
+    empty = np.zeros([0], np.uint8)
+    entry = record.entries[0]
+    for index, m, moment in checked:
+      if 'codes' in moment:
+        entry.write_moment(
+            index, m, np.ascontiguousarray(moment['codes']),
+            np.ascontiguousarray(moment['absmax']).view(np.uint8),
+        )
+      else:
+        entry.write_moment(
+            index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
+            empty,
+        )
+    if record.paged:
+      _restore_tiers(record, tiers)
+
+  return _Planned(write, lambda: transform.PagedOptimizerState(
+      count=jnp.asarray(count, dtype=jnp.int32), buffers=state.buffers))
+
+
+def _import_paged(
+    state: transform.PagedOptimizerState, saved: Any
+) -> transform.PagedOptimizerState:
+  planned = _plan_paged(state, saved)
+  planned.write()
+  return planned.result()
 
 
 def _restore_tiers(record: Any, tiers: list[int]) -> None:
@@ -255,14 +303,17 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
 
   Raises:
     ValueError: if the checkpoint has another format version, block size,
-      map, optimizer, tree, shape or dtype, or its checksum does not match.
-      Nothing is written in that case.
+      map, optimizer, tree, shape or dtype, a step count that is not a
+      non-negative int32 scalar, or its checksum (which covers the moments
+      and, from format 2, the count) does not match. Every optax_paged state
+      in the tree is checked before any is written: after a refusal every
+      state is as it was.
   """
   jax.block_until_ready(state)
   try:
-    return jax.tree.map(
+    planned = jax.tree.map(
         lambda fresh, stored: (
-            _import_paged(fresh, stored)
+            _plan_paged(fresh, stored)
             if _is_paged_state(fresh)
             else _restore_leaf(fresh, stored)
         ),
@@ -270,10 +321,17 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
         saved,
         is_leaf=_is_paged_state,
     )
-  except (KeyError, TypeError, ValueError) as error:
+  except (KeyError, TypeError, ValueError, OverflowError) as error:
     if str(error).startswith('load_state_dict:'):
       raise
     raise _refuse(f'checkpoint does not match the state: {error}') from None
+  # Every state in the tree passed every check: only now is anything written.
+  is_planned = lambda x: isinstance(x, _Planned)  # noqa: E731
+  for plan in jax.tree.leaves(planned, is_leaf=is_planned):
+    if is_planned(plan):
+      plan.write()
+  return jax.tree.map(lambda x: x.result() if is_planned(x) else x, planned,
+                      is_leaf=is_planned)
 
 
 def _restore_leaf(fresh: Any, stored: Any) -> Any:

@@ -72,8 +72,13 @@ def _position_array(layout: sharding.MeshLayout,
       mesh.devices.shape, spec, arrays)
 
 
-def export(record: registry.StateRecord) -> dict[str, Any]:
-  """The per-leaf arrays and per-device checksums of a sharded record."""
+def export(record: registry.StateRecord, count: bytes) -> dict[str, Any]:
+  """The per-leaf arrays and per-device checksums of a sharded record.
+
+  Args:
+    record: the state's record.
+    count: the step count's bytes, which every device's checksum covers.
+  """
   layout = record.layout
   crcs = {device: 0 for device in record.devices}
   leaves = []
@@ -103,6 +108,7 @@ def export(record: registry.StateRecord) -> dict[str, Any]:
         'quantized': np.asarray(leaf_layout.quantized),
         'moments': moments,
     })
+  crcs = {device: zlib.crc32(count, crc) for device, crc in crcs.items()}
   return {
       'mesh_shape': np.asarray(layout.mesh.devices.shape, np.int64),
       'zero_chunks': np.asarray(layout.chunks, np.int64),
@@ -129,9 +135,15 @@ def _local(array: Any, device: jax.Device, sharding_: NamedSharding,
   return np.asarray(array)[index].reshape(-1)
 
 
-def check(record: registry.StateRecord, saved: dict[str, Any],
+def check(record: registry.StateRecord, saved: dict[str, Any], count: bytes,
           refuse) -> list[tuple[int, int, int, dict[str, np.ndarray]]]:
   """Validates a saved sharded state; returns the writes it implies.
+
+  Args:
+    record: the state to restore into.
+    saved: the state dictionary.
+    count: the saved step count's bytes, covered by every device checksum.
+    refuse: makes the ValueError of a refusal from a message.
 
   Returns:
     ``(entry index, leaf, moment, {name: flat array})`` for every write,
@@ -182,7 +194,7 @@ def check(record: registry.StateRecord, saved: dict[str, Any],
   for device in record.devices:
     stored = _local(saved['device_checksums'], device, mesh_axes,
                     tuple(layout.mesh.devices.shape))
-    if np.uint32(stored[0]) != np.uint32(crcs[device]):
+    if int(stored[0]) != zlib.crc32(count, crcs[device]):
       raise refuse(
           f'checksum mismatch on {device}: the checkpoint is corrupted.')
   return writes
