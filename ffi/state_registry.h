@@ -5,7 +5,7 @@
 // spread over several devices is a group of entries, one per device, each
 // holding that device's shard; the compiled step carries the group id and
 // every handler finds its own entry by (group, device ordinal). Handlers
-// hold a shared lock on the entry while they run, so a release waits for
+// hold the entry's lock while they run, so a release waits for
 // them and a step that arrives after a release fails cleanly instead of
 // touching freed memory.
 #ifndef OPTAX_PAGED_FFI_STATE_REGISTRY_H_
@@ -89,7 +89,7 @@ class StateEntry {
   std::vector<LeafState>& mutable_leaves() { return leaves_; }
   size_t total_bytes() const;
 
-  // Handlers take it shared for a step; Release and host access exclusive.
+  // Held exclusively by a handler for its call, by Release and host access.
   std::shared_mutex& mutex() { return mutex_; }
 
  private:

@@ -101,8 +101,8 @@ struct ElementTag {
 };
 
 // Runs `run(ElementTag<T>{}, entry)` for the gradients' element type T, with
-// this device's entry of the state found, checked and held (shared lock) for
-// the whole call. `host_position` is the mesh position the call was traced
+// this device's entry of the state found, checked and held (exclusive lock)
+// for the whole call. `host_position` is the mesh position the call was traced
 // for, when the handler can read it (CPU); GPU kernels check it themselves
 // and leave a mark in the entry that fails the next call.
 template <typename Optimizer, typename Run>
@@ -129,7 +129,10 @@ xla::ffi::Error DispatchUpdate(std::string_view name, Platform platform,
         prefix + "optimizer state " + std::to_string(state_id) +
         " was released; create a new one with tx.init(params)");
   }
-  std::shared_lock<std::shared_mutex> lock(entry->mutex());
+  // Exclusive: two steps on one state (two threads, or two dtype groups of
+  // one step) take turns, so no block's read-update-write interleaves with
+  // another's and no update is lost.
+  std::unique_lock<std::shared_mutex> lock(entry->mutex());
   const int32_t expected = entry->placement().position;
   int32_t* misrouted = entry->misrouted();
   // A mark left by an earlier GPU call is reported once, here or by Python.

@@ -27,7 +27,7 @@ def test_update_without_params(setup):
 def test_wrong_tree(setup):
   tx, state, params, grads = setup
   del grads['leaf1']
-  with pytest.raises(ValueError, match='does not match the parameter tree'):
+  with pytest.raises(ValueError, match='does not match the parameter'):
     tx.update(grads, state, params)
 
 
@@ -47,7 +47,7 @@ def test_wrong_param_dtype(setup):
 
 def test_integer_parameters_are_refused_at_init():
   tx = optax_paged.paged_adamw8bit(1e-3)
-  with pytest.raises(TypeError, match='floating-point'):
+  with pytest.raises(TypeError, match='float32, bfloat16 and float16'):
     tx.init({'steps': jnp.zeros((5000,), jnp.int32)})
 
 
@@ -164,3 +164,32 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
   ''')
   assert result.returncode == 0, result.stderr
   assert 'ok' in result.stdout
+
+
+@pytest.mark.parametrize('make_grads', [
+    lambda g: (g['leaf0'], g['leaf1']),
+    lambda g: {'other0': g['leaf0'], 'other1': g['leaf1']},
+    lambda g: [g['leaf1'], g['leaf0']],
+], ids=['tuple', 'other keys', 'list'])
+def test_updates_of_another_tree_are_refused(setup, make_grads):
+  # Same leaf count and shapes would pair them by position; optax refuses.
+  tx, state, params, grads = setup
+  with pytest.raises(ValueError, match='does not match the parameters tree'):
+    tx.update(make_grads(grads), state, params)
+  with pytest.raises(ValueError, match='does not match the parameters tree'):
+    optax_paged.apply_gradients(tx, make_grads(grads), state, params)
+
+
+def test_float64_parameters_are_refused_at_init(python_subprocess):
+  result = python_subprocess('''
+      import jax
+      jax.config.update('jax_enable_x64', True)
+      import jax.numpy as jnp, optax_paged
+      try:
+        optax_paged.adamw8bit(1e-3).init({'w': jnp.ones((64, 64), jnp.float64)})
+      except TypeError as error:
+        assert 'float32' in str(error), error
+        print('refused')
+  ''')
+  assert result.returncode == 0, result.stderr
+  assert 'refused' in result.stdout

@@ -28,6 +28,9 @@ from optax_paged._src import ffi
 from optax_paged._src import sharding
 
 _PLATFORM_CODES = {'cpu': 0, 'cuda': 1}
+# What the kernels update (ffi/update_validation.h).
+_PARAM_DTYPES = frozenset(
+    np.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16))
 # Names as ffi/state_memory.cc's TierName gives them.
 TIER_CODES = {'cpu': 0, 'device': 1, 'host': 2, 'device (unpaged)': 3}
 
@@ -343,10 +346,11 @@ class StateRegistry:
     layouts = []
     for path, leaf, q, d in zip(paths, leaves, quantized, decay, strict=True):
       dtype = _dtype_of(leaf)
-      if not jnp.issubdtype(dtype, jnp.floating):
+      if dtype not in _PARAM_DTYPES:
         raise TypeError(
             f'{optimizer}: parameter {path or "<root>"} has dtype {dtype}; '
-            'optax_paged optimizes floating-point parameters only.'
+            'optax_paged optimizes float32, bfloat16 and float16 parameters '
+            '(cast float64 ones, e.g. with jax_enable_x64 on, to float32).'
         )
       layouts.append(
           LeafLayout(path, tuple(np.shape(leaf)), dtype, bool(q), bool(d))

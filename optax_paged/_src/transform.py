@@ -303,6 +303,7 @@ def run_step(
     raise ValueError(
         f'{spec.name}: this state was made by {record.optimizer}.'
     )
+  _check_structure(spec.name, grads, params)
   count_inc = optax.safe_increment(state.count)
   hyper = hyperparams.with_seed(
       spec.hyperparams(state.count, count_inc), count_inc
@@ -322,6 +323,22 @@ def run_step(
         record, spec.target, hyper, jax.tree.leaves(grads),
         jax.tree.leaves(params), output_mode)
   return jax.tree.unflatten(jax.tree.structure(grads), outputs), count_inc
+
+
+def _check_structure(name: str, grads: Any, params: Any) -> None:
+  """Refuses updates whose tree is not the parameters' (optax's rule).
+
+  optax maps over ``updates`` and ``params`` together, so their trees must
+  match; leaves alone could be paired by position (a tuple of gradients
+  for a dict of parameters) and applied to the wrong parameters.
+  """
+  try:
+    jax.tree.map(lambda *_: None, grads, params)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f'{name}: the updates tree {jax.tree.structure(grads)} does not match '
+        f'the parameters tree {jax.tree.structure(params)}: {error}'
+    ) from None
 
 
 def learning_rate_at(learning_rate: base.ScalarOrSchedule, count: jax.Array):
