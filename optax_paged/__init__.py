@@ -41,6 +41,11 @@ from optax_paged._src.transform import shard_state_over
 
 __version__ = '0.1.0'
 
+# Train states holding optax_paged states serialize with their moments.
+from optax_paged._src import flax_serialization as _flax_serialization  # noqa: E402,I001
+
+_flax_serialization.register()
+
 __all__ = [
     'accumulate_gradients',
     'AccumulateGradientsState',

@@ -374,6 +374,37 @@ def _layout_of(record: Any) -> dict[str, Any]:
   }
 
 
+def export_buffers(buffers: registry.StateBuffers) -> dict[str, Any]:
+  """The moments of ``buffers`` as a state dictionary (count 0).
+
+  For serializers that store a state's ``count`` and ``buffers`` fields
+  apart (Flax's, for named tuples): the dictionary's own count is 0.
+  """
+  registry.wait_for_devices(buffers.record())
+  return _export_paged(transform.PagedOptimizerState(
+      count=transform.zero_count(buffers), buffers=buffers))
+
+
+def restore_buffers(target: registry.StateBuffers,
+                    saved: Any) -> registry.StateBuffers:
+  """New buffers laid out as ``target``'s, holding the moments of ``saved``.
+
+  ``saved`` comes from ``export_buffers``; it is checked completely before
+  the new buffers are written, and ``target`` is never touched.
+  """
+  record = target.record()
+  fresh = transform.PagedOptimizerState(
+      count=transform.zero_count(target),
+      buffers=_empty_like(_layout_of(record)))
+  try:
+    planned = _plan_paged(fresh, saved)
+  except ValueError:
+    registry.REGISTRY.release(fresh.buffers)
+    raise
+  planned.write()
+  return fresh.buffers
+
+
 def copy_state(
     state: transform.PagedOptimizerState,
 ) -> transform.PagedOptimizerState:

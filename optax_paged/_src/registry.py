@@ -515,3 +515,18 @@ def wait_for_pending(state: Any) -> None:
   """Waits until computations that may touch ``state``'s buffers are done."""
   jax.effects_barrier()
   jax.block_until_ready(state)
+
+
+def wait_for_devices(record: StateRecord) -> None:
+  """Waits for the work dispatched to the record's devices.
+
+  For an export that holds the buffers but no array of the step that wrote
+  them (Flax serializes a state's ``count`` and ``buffers`` apart): every
+  step's outputs are live arrays until dropped, so waiting for all live
+  arrays on these devices waits for every step still running there.
+  """
+  devices = set(record.devices)
+  jax.block_until_ready([
+      x for x in jax.live_arrays() if not x.is_deleted()
+      and x.sharding.device_set & devices
+  ])

@@ -1,0 +1,152 @@
+"""Whole train states through flax.serialization and Orbax, resumed in a new
+process bit-identically (Linen TrainState and NNX Optimizer)."""
+
+import numpy as np
+import pytest
+
+COMMON = '''
+import sys
+import jax, jax.numpy as jnp, numpy as np, optax, optax_paged
+import orbax.checkpoint as ocp
+from flax import nnx, serialization
+from flax.training import train_state
+
+def tx():
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256))
+
+def batch(i):
+    key = jax.random.key(i)
+    return jax.random.normal(key, (8, 64)), jax.random.normal(key, (8, 16))
+
+def linen_state(seed):
+    params = {'w': jax.random.normal(jax.random.key(seed), (64, 16)) * 0.1,
+              'b': jnp.zeros((16,))}
+    apply = lambda p, x: x @ p['w'] + p['b']
+    return train_state.TrainState.create(apply_fn=apply, params=params, tx=tx())
+
+@jax.jit
+def linen_step(state, x, y):
+    loss = lambda p: jnp.mean((state.apply_fn(p, x) - y) ** 2)
+    return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+class Model(nnx.Module):
+    def __init__(self, seed):
+        self.linear = nnx.Linear(64, 16, rngs=nnx.Rngs(seed))
+    def __call__(self, x):
+        return self.linear(x)
+
+def nnx_pair(seed):
+    model = Model(seed)
+    return model, nnx.Optimizer(model, tx(), wrt=nnx.Param)
+
+@nnx.jit
+def nnx_step(model, optimizer, x, y):
+    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+
+path, mode = sys.argv[1], sys.argv[2]
+'''
+
+LINEN_START = '''
+def start():
+    state = linen_state(0)
+    for i in range(3):
+        state = linen_step(state, *batch(i))
+    return state
+'''
+
+LINEN_BYTES = LINEN_START + '''
+def save(state):
+    open(path + '/state.msgpack', 'wb').write(serialization.to_bytes(state))
+
+def restore():
+    return serialization.from_bytes(
+        linen_state(1), open(path + '/state.msgpack', 'rb').read())
+'''
+
+LINEN_ORBAX = LINEN_START + '''
+def save(state):
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path + '/ckpt', serialization.to_state_dict(state))
+
+def restore():
+    fresh = linen_state(1)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(path + '/ckpt',
+                                serialization.to_state_dict(fresh))
+    return serialization.from_state_dict(fresh, restored)
+'''
+
+LINEN_DRIVER = '''
+state = restore() if mode == 'resumed' else start()
+if mode == 'first':
+    save(state)
+else:
+    for i in range(3, 6):
+        state = linen_step(state, *batch(i))
+    np.save(path + '/' + mode + '.npy', np.asarray(state.params['w']))
+'''
+
+NNX_ORBAX = '''
+from flax.nnx.training.optimizer import to_opt_state
+
+def start():
+    model, optimizer = nnx_pair(0)
+    for i in range(3):
+        nnx_step(model, optimizer, *batch(i))
+    return model, optimizer
+
+def save(model, optimizer):
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path + '/ckpt', {
+            'model': nnx.to_pure_dict(nnx.state(model)),
+            'opt_state': optax_paged.state_dict(optimizer.opt_state),
+            'step': optimizer.step.get_value()})
+
+def restore():
+    model, optimizer = nnx_pair(1)
+    target = {'model': nnx.to_pure_dict(nnx.state(model)),
+              'opt_state': optax_paged.state_dict(optimizer.opt_state),
+              'step': optimizer.step.get_value()}
+    with ocp.StandardCheckpointer() as ckpt:
+        saved = ckpt.restore(path + '/ckpt', target)
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, saved['model'])
+    nnx.update(model, state)
+    restored = optax_paged.load_state_dict(optimizer.opt_state,
+                                           saved['opt_state'])
+    optimizer.opt_state = nnx.data(to_opt_state(restored))
+    optimizer.step.set_value(saved['step'])
+    return model, optimizer
+'''
+
+NNX_DRIVER = '''
+model, optimizer = restore() if mode == 'resumed' else start()
+if mode == 'first':
+    save(model, optimizer)
+else:
+    for i in range(3, 6):
+        nnx_step(model, optimizer, *batch(i))
+    np.save(path + '/' + mode + '.npy',
+            np.asarray(model.linear.kernel.get_value()))
+'''
+
+
+@pytest.mark.parametrize('recipe, driver', [
+    (LINEN_BYTES, LINEN_DRIVER),
+    (LINEN_ORBAX, LINEN_DRIVER),
+    (NNX_ORBAX, NNX_DRIVER),
+], ids=['linen-flax-bytes', 'linen-orbax', 'nnx-orbax'])
+def test_resume_in_a_new_process_is_bit_identical(tmp_path, recipe, driver,
+                                                  python_subprocess):
+  script = COMMON + recipe + driver
+  # 'first' trains 3 steps and saves; 'resumed' restores in a new process
+  # and trains 3 more; 'straight' trains all 6 without stopping.
+  for mode in ('first', 'resumed', 'straight'):
+    result = python_subprocess(
+        f'import sys; sys.argv = ["x", {str(tmp_path)!r}, {mode!r}]\n'
+        + script, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+  np.testing.assert_array_equal(np.load(tmp_path / 'resumed.npy'),
+                                np.load(tmp_path / 'straight.npy'))
