@@ -193,3 +193,21 @@ def test_float64_parameters_are_refused_at_init(python_subprocess):
   ''')
   assert result.returncode == 0, result.stderr
   assert 'refused' in result.stdout
+
+
+def test_reinitialising_inside_a_step_is_refused_clearly():
+  # optax.lookahead(reset_state=True) calls the fast optimizer's init
+  # inside its update; a state made there owns no buffers.
+  import optax
+  params = {'w': jnp.ones((64, 80))}
+  tx = optax.lookahead(optax_paged.adamw8bit(1e-3), sync_period=2,
+                       slow_step_size=0.5, reset_state=True)
+  lookahead_params = optax.LookaheadParams.init_synced(params)
+  state = tx.init(lookahead_params)
+  with pytest.raises(TypeError, match='lookahead'):
+    jax.jit(tx.update)(params, state, lookahead_params)
+  # Without the reset it runs.
+  tx = optax.lookahead(optax_paged.adamw8bit(1e-3), sync_period=2,
+                       slow_step_size=0.5)
+  state = tx.init(lookahead_params)
+  jax.jit(tx.update)(params, state, lookahead_params)

@@ -111,9 +111,15 @@ def make_transformation(
   if isinstance(min_8bit_size, int) and min_8bit_size < 0:
     raise ValueError(f'min_8bit_size must be >= 0, got {min_8bit_size}.')
 
+  # Traces in which this optimizer's update ran: an init in the same trace
+  # is a re-initialisation inside a step (optax.lookahead(reset_state=True)).
+  updated_in: weakref.WeakSet = weakref.WeakSet()
+
   def init_with(params: base.Params,
                 zero_axis: str | None) -> PagedOptimizerState:
     leaves = jax.tree.leaves(params)
+    if any(_trace_of(leaf) in updated_in for leaf in leaves):
+      raise TypeError(REINIT_MSG)
     kept = resolve_mask(keep_32bit, params, default=False)
     # Decided on the global leaf size, never on a shard.
     quantized = [
@@ -138,6 +144,9 @@ def make_transformation(
       **extra_args: Any,
   ) -> tuple[base.Updates, PagedOptimizerState]:
     del extra_args
+    for leaf in jax.tree.leaves(params):
+      if _trace_of(leaf) is not None:
+        updated_in.add(_trace_of(leaf))
     outputs, count = run_step(
         spec, updates, state, params, output_mode=ffi.OUTPUT_UPDATES
     )
@@ -259,6 +268,20 @@ def apply_gradients(
   )
   new_params, count = run_step(spec, grads, state, params, output_mode=mode)
   return new_params, PagedOptimizerState(count=count, buffers=state.buffers)
+
+
+REINIT_MSG = (
+    'optax_paged: tx.init was called inside a step that also ran tx.update '
+    '(optax.lookahead(reset_state=True) does this to reset the fast '
+    'optimizer). A state made inside a step owns no buffers and cannot '
+    'replace the live one. Use reset_state=False, or reset between steps '
+    'with a new tx.init(params) outside jax.jit.'
+)
+
+
+def _trace_of(leaf: Any) -> Any:
+  """The trace a tracer belongs to (None for concrete values)."""
+  return getattr(leaf, '_trace', None) if base.is_tracer(leaf) else None
 
 
 MULTISTEPS_MSG = (
