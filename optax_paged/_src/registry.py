@@ -14,6 +14,7 @@ the buffers.
 
 import dataclasses
 import gc
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -284,17 +285,24 @@ class StateRegistry:
   """Owns every optimizer state's buffers in this process.
 
   A state's buffers live while some ``StateBuffers`` object refers to them.
-  When the last one is collected the record becomes an orphan: a later
-  lookup of its key (a pytree rebuilt from a treedef, as Flax NNX does when
-  it swaps a module's state) revives it, and the next full garbage
-  collection (``gc.collect()``) frees it.
+  When the last one is collected the record becomes an orphan: a lookup of
+  its key soon after (a pytree rebuilt from a treedef, as Flax NNX does when
+  it merges a module back after ``nnx.jit``: it clears the module, dropping
+  every reference for a moment, then rebuilds it) revives it. An orphan is
+  freed by the next state allocation, by the first garbage collection of
+  any generation once ``ORPHAN_GRACE_SECONDS`` have passed, or by the next
+  full collection, whichever comes first.
   """
+
+  # Long enough for NNX to rebuild a module (microseconds to milliseconds),
+  # short next to a training run.
+  ORPHAN_GRACE_SECONDS = 0.5
 
   def __init__(self):
     self._live: weakref.WeakValueDictionary[int, StateBuffers] = (
         weakref.WeakValueDictionary()
     )
-    self._orphans: dict[int, StateRecord] = {}
+    self._orphans: dict[int, tuple[StateRecord, float]] = {}
     gc.callbacks.append(self._on_gc)
 
   def _adopt(self, record: StateRecord) -> StateBuffers:
@@ -305,13 +313,21 @@ class StateRegistry:
 
   def _orphan(self, record: StateRecord) -> None:
     if not record.released:
-      self._orphans[record.key] = record
+      self._orphans[record.key] = (record, time.monotonic())
 
   def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-    # Frees the records orphaned before this full collection began.
-    if phase == 'start' and info.get('generation') == 2 and self._orphans:
-      orphans, self._orphans = self._orphans, {}
-      for record in orphans.values():
+    if phase != 'start' or not self._orphans:
+      return
+    if info.get('generation') == 2:
+      self.free_orphans(0.0)
+    else:
+      self.free_orphans(self.ORPHAN_GRACE_SECONDS)
+
+  def free_orphans(self, older_than: float = 0.0) -> None:
+    """Frees the orphaned records dropped at least ``older_than`` s ago."""
+    now = time.monotonic()
+    for key, (record, since) in list(self._orphans.items()):
+      if now - since >= older_than and self._orphans.pop(key, None):
         record.release()
 
   def allocate(
@@ -391,6 +407,8 @@ class StateRegistry:
       device_budget: Any = None,
   ) -> StateBuffers:
     """Allocates zeroed buffers for ``layouts``, one entry per device."""
+    # Memory is asked for: what dropped states held goes back first.
+    self.free_orphans()
     if platform == 'cpu':
       tier = 'cpu'
     else:
@@ -437,9 +455,9 @@ class StateRegistry:
     buffers = self._live.get(key)
     if buffers is not None:
       return buffers
-    record = self._orphans.pop(key, None)
-    if record is not None and not record.released:
-      return self._adopt(record)
+    orphan = self._orphans.pop(key, None)
+    if orphan is not None and not orphan[0].released:
+      return self._adopt(orphan[0])
     return StateBuffers(key, None)
 
   def release(self, buffers: StateBuffers) -> None:
