@@ -150,3 +150,35 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path, recipe, driver,
     assert result.returncode == 0, result.stderr[-3000:]
   np.testing.assert_array_equal(np.load(tmp_path / 'resumed.npy'),
                                 np.load(tmp_path / 'straight.npy'))
+
+
+def test_orbax_on_a_raw_train_state_fails_loudly_at_restore(tmp_path):
+  # Orbax walks the pytree, which holds the count but not the moments: the
+  # save cannot see them, so the restore must not go on silently.
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import orbax.checkpoint as ocp
+  from flax.training import train_state
+
+  import optax_paged
+
+  def make():
+    params = {'w': jnp.ones((64, 80))}
+    return train_state.TrainState.create(
+        apply_fn=None, params=params,
+        tx=optax_paged.adamw8bit(1e-3, min_8bit_size=256))
+
+  state = make()
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  for _ in range(2):
+    state = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, grads)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'raw', state)
+  with ocp.StandardCheckpointer() as ckpt:
+    with pytest.raises(ValueError, match='restored its count without its'):
+      ckpt.restore(tmp_path / 'raw', make())
+  # A count set on purpose is not refused.
+  fresh = make()
+  fresh.opt_state._replace(count=jnp.asarray(5, jnp.int32))
+  del optax

@@ -203,8 +203,12 @@ def _plan_paged(state: transform.PagedOptimizerState, saved: Any) -> _Planned:
       raise _refuse('states on a mesh need checkpoint format version 2.')
     writes = sharded_checkpoint.check(record, saved, count_bytes(count),
                                       _refuse)
+    def write_sharded() -> None:
+      record.touched = True
+      sharded_checkpoint.write(record, writes)
+
     return _Planned(
-        lambda: sharded_checkpoint.write(record, writes),
+        write_sharded,
         lambda: transform.PagedOptimizerState(
             count=transform.zero_count(state.buffers) + count,
             buffers=state.buffers))
@@ -246,6 +250,7 @@ def _plan_paged(state: transform.PagedOptimizerState, saved: Any) -> _Planned:
   tiers = [int(np.asarray(leaf.get('tier', -1))) for leaf in saved['leaves']]
 
   def write() -> None:
+    record.touched = True
     empty = np.zeros([0], np.uint8)
     entry = record.entries[0]
     for index, m, moment in checked:
@@ -381,8 +386,8 @@ def export_buffers(buffers: registry.StateBuffers) -> dict[str, Any]:
   apart (Flax's, for named tuples): the dictionary's own count is 0.
   """
   registry.wait_for_devices(buffers.record())
-  return _export_paged(transform.PagedOptimizerState(
-      count=transform.zero_count(buffers), buffers=buffers))
+  return _export_paged(transform.PagedOptimizerState._make(
+      (transform.zero_count(buffers), buffers)))
 
 
 def restore_buffers(target: registry.StateBuffers,
@@ -393,9 +398,8 @@ def restore_buffers(target: registry.StateBuffers,
   the new buffers are written, and ``target`` is never touched.
   """
   record = target.record()
-  fresh = transform.PagedOptimizerState(
-      count=transform.zero_count(target),
-      buffers=_empty_like(_layout_of(record)))
+  fresh = transform.PagedOptimizerState._make(
+      (transform.zero_count(target), _empty_like(_layout_of(record))))
   try:
     planned = _plan_paged(fresh, saved)
   except ValueError:
@@ -415,14 +419,11 @@ def copy_state(
   leaves the copy's alive.
   """
   if state.buffers.is_abstract:
-    return transform.PagedOptimizerState(
-        count=state.count, buffers=state.buffers)
+    return transform.PagedOptimizerState._make(state)
   jax.block_until_ready(state.count)  # the step that made it has finished
   saved = _export_paged(state)
-  fresh = transform.PagedOptimizerState(
-      count=state.count,
-      buffers=_empty_like(_layout_of(state.buffers.record())),
-  )
+  fresh = transform.PagedOptimizerState._make(
+      (state.count, _empty_like(_layout_of(state.buffers.record()))))
   return _import_paged(fresh, saved)
 
 
@@ -461,8 +462,6 @@ def _unpickle_state(layout: dict[str, Any],
   device = {d.id: d for d in jax.local_devices()}.get(layout.pop('device_id'))
   layout['devices'] = [device or jax.local_devices()[0]]
   layout['mesh_layout'] = None
-  fresh = transform.PagedOptimizerState(
-      count=jnp.asarray(saved['count'], jnp.int32),
-      buffers=_empty_like(layout),
-  )
+  fresh = transform.PagedOptimizerState._make(
+      (jnp.asarray(saved['count'], jnp.int32), _empty_like(layout)))
   return _import_paged(fresh, saved)

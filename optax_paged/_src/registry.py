@@ -109,6 +109,9 @@ class StateRecord:
     self.treedef = treedef
     self.leaves = tuple(leaves)
     self.layout = layout
+    # Whether a step (traced) or a load has written the moments; see
+    # transform.PagedOptimizerState.
+    self.touched = False
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, leaf in enumerate(self.leaves):
       by_dtype.setdefault(leaf.dtype, []).append(i)

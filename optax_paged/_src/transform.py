@@ -24,19 +24,32 @@ from optax_paged._src import registry
 from optax_paged._src import spmd
 
 
-class PagedOptimizerState(NamedTuple):
+class _PagedOptimizerFields(NamedTuple):
+  count: jax.Array  # shape=(), dtype=jnp.int32
+  buffers: registry.StateBuffers
+
+
+class PagedOptimizerState(_PagedOptimizerFields):
   """State of an optax_paged optimizer.
 
   Attributes:
     count: number of updates applied so far, shape ``()``, int32.
     buffers: the registry-owned moments (quantized or fp32).
+
+  Building one (as pytree unflattening does) with a positive ``count`` on
+  buffers that no step and no load ever wrote raises: that is a state whose
+  count a checkpointer restored without its moments (Orbax on a raw train
+  state), which would otherwise train on silently from zeroed moments.
   """
 
-  count: jax.Array  # shape=(), dtype=jnp.int32
-  buffers: registry.StateBuffers
+  __slots__ = ()
+
+  def __new__(cls, count: Any, buffers: registry.StateBuffers):
+    _refuse_count_without_moments(count, buffers)
+    return super().__new__(cls, count, buffers)
 
   def __copy__(self) -> 'PagedOptimizerState':
-    return PagedOptimizerState(self.count, self.buffers)  # shares the buffers
+    return PagedOptimizerState._make(self)  # shares the buffers
 
   def __deepcopy__(self, memo: dict[int, Any]) -> 'PagedOptimizerState':
     del memo
@@ -48,6 +61,30 @@ class PagedOptimizerState(NamedTuple):
     from optax_paged._src import checkpoint
 
     return checkpoint.reduce_state(self)
+
+
+RESTORED_WITHOUT_MOMENTS_MSG = (
+    'optax_paged: this optimizer state is being rebuilt with step count {} '
+    'on buffers that no step and no load ever wrote: a checkpointer restored '
+    'its count without its moments (Orbax\'s StandardCheckpointer or '
+    'CheckpointManager given a raw train state saves only the count). '
+    'Training on would start from zeroed moments. Save and restore with '
+    'flax.serialization.to_state_dict / from_state_dict around Orbax, or '
+    'optax_paged.state_dict / load_state_dict (README, "Flax and Orbax"). '
+    'To set a count on purpose, use state._replace(count=...).'
+)
+
+
+def _refuse_count_without_moments(count: Any, buffers: Any) -> None:
+  record = getattr(buffers, '_record', None)
+  if record is None or record.touched or record.released:
+    return
+  if base.is_tracer(count) or not isinstance(
+      count, (jax.Array, np.ndarray, np.integer, int)):
+    return
+  value = np.asarray(jax.device_get(count))
+  if value.shape == () and value > 0:
+    raise ValueError(RESTORED_WITHOUT_MOMENTS_MSG.format(int(value)))
 
 
 # (count before the step, count after it) -> float32[16]
@@ -132,7 +169,7 @@ def make_transformation(
         paged=paged, device_budget=device_budget, zero_axis=zero_axis,
         initial_values=spec.initial_values, signed=spec.signed,
     )
-    return PagedOptimizerState(count=zero_count(buffers), buffers=buffers)
+    return PagedOptimizerState._make((zero_count(buffers), buffers))
 
   def init_fn(params: base.Params) -> PagedOptimizerState:
     return init_with(params, None)
@@ -327,6 +364,7 @@ def run_step(
         f'{spec.name}: this state was made by {record.optimizer}.'
     )
   _check_structure(spec.name, grads, params)
+  record.touched = True  # a step now writes the moments
   count_inc = optax.safe_increment(state.count)
   hyper = hyperparams.with_seed(
       spec.hyperparams(state.count, count_inc), count_inc
