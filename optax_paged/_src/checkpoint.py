@@ -315,21 +315,16 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
       state is as it was.
   """
   jax.block_until_ready(state)
-  try:
-    planned = jax.tree.map(
-        lambda fresh, stored: (
-            _plan_paged(fresh, stored)
-            if _is_paged_state(fresh)
-            else _restore_leaf(fresh, stored)
-        ),
-        state,
-        saved,
-        is_leaf=_is_paged_state,
-    )
-  except (KeyError, TypeError, ValueError, OverflowError) as error:
-    if str(error).startswith('load_state_dict:'):
-      raise
-    raise _refuse(f'checkpoint does not match the state: {error}') from None
+  planned = _checked(lambda: jax.tree.map(
+      lambda fresh, stored: (
+          _plan_paged(fresh, stored)
+          if _is_paged_state(fresh)
+          else _restore_leaf(fresh, stored)
+      ),
+      state,
+      saved,
+      is_leaf=_is_paged_state,
+  ))
   # Every state in the tree passed every check: only now is anything written.
   is_planned = lambda x: isinstance(x, _Planned)  # noqa: E731
   for plan in jax.tree.leaves(planned, is_leaf=is_planned):
@@ -337,6 +332,16 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
       plan.write()
   return jax.tree.map(lambda x: x.result() if is_planned(x) else x, planned,
                       is_leaf=is_planned)
+
+
+def _checked(plan: Callable[[], Any]) -> Any:
+  """``plan()``, with a malformed checkpoint's errors as refusals."""
+  try:
+    return plan()
+  except (KeyError, TypeError, ValueError, OverflowError) as error:
+    if str(error).startswith('load_state_dict:'):
+      raise
+    raise _refuse(f'checkpoint does not match the state: {error}') from None
 
 
 def _restore_leaf(fresh: Any, stored: Any) -> Any:
@@ -347,14 +352,6 @@ def _restore_leaf(fresh: Any, stored: Any) -> Any:
         f'expects {np.shape(fresh)} and {np.asarray(fresh).dtype}.'
     )
   return jnp.asarray(stored)
-
-
-def _checked_count(count: Any) -> int:
-  """The saved step count of a sharded state, as a Python int."""
-  value = np.asarray(jax.device_get(count))
-  if value.shape != () or not np.issubdtype(value.dtype, np.integer):
-    raise _refuse(f'count must be an integer scalar, got {value!r}.')
-  return int(value)
 
 
 def _empty_like(layout: dict[str, Any]) -> registry.StateBuffers:
@@ -401,8 +398,8 @@ def restore_buffers(target: registry.StateBuffers,
   fresh = transform.PagedOptimizerState._make(
       (transform.zero_count(target), _empty_like(_layout_of(record))))
   try:
-    planned = _plan_paged(fresh, saved)
-  except ValueError:
+    planned = _checked(lambda: _plan_paged(fresh, saved))
+  except BaseException:
     registry.REGISTRY.release(fresh.buffers)
     raise
   planned.write()

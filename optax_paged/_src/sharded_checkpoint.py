@@ -39,8 +39,7 @@ def _array_specs(layout: sharding.MeshLayout, i: int, quantized: bool
                  ) -> dict[str, tuple[tuple[int, ...], P, tuple[int, ...]]]:
   """name -> (global shape, spec, local shape) of leaf i's saved arrays."""
   grid = _grid(layout, i)
-  dims = [d if len(d) != 1 else d[0] for d in layout.dims[i]]
-  dims = [d if d else None for d in dims]
+  dims = list(layout.spec(i))
   ones = (1,) * len(grid)
   size = layout.state_size(i)
   blocks = -(-size // base.BLOCK_SIZE)

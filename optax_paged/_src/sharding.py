@@ -48,6 +48,13 @@ def axes_of(entry: Any) -> tuple[str, ...]:
   return tuple(entry)
 
 
+def spec_entry(axes: tuple[str, ...]) -> Any:
+  """The PartitionSpec entry for a dimension split over ``axes``."""
+  if not axes:
+    return None
+  return axes[0] if len(axes) == 1 else axes
+
+
 def normalized_spec(spec: P, ndim: int) -> tuple[tuple[str, ...], ...]:
   """The mesh axes each dimension is split over, one tuple per dimension."""
   entries = tuple(spec) + (None,) * (ndim - len(spec))
@@ -73,8 +80,10 @@ class MeshLayout:
   zero_axis: str | None
   chunks: tuple[int, ...]
 
-  def spec(self, i: int) -> P:
-    return P(*[d if len(d) != 1 else d[0] for d in self.dims[i]] or [])
+  def spec(self, i: int, without: Sequence[str] = ()) -> P:
+    """Leaf i's parameter spec, less the axes in ``without``."""
+    return P(*[spec_entry(tuple(a for a in axes if a not in without))
+               for axes in self.dims[i]])
 
   def local_size(self, i: int) -> int:
     return math.prod(self.local_shapes[i])

@@ -65,12 +65,35 @@ def _call_groups(
   return outputs
 
 
-def single_device_update(
+def update(
     record: registry.StateRecord, target: str, hyper: jax.Array,
-    grads: Sequence[jax.Array], params: Sequence[jax.Array],
-    output_mode: int,
+    grads: Any, params: Any, output_mode: int,
+) -> list[jax.Array]:
+  """The update's results (one per leaf) for ``grads`` and ``params``."""
+  if record.layout is None:
+    return _single_device_update(record, target, hyper, grads, params,
+                                 output_mode)
+  return _mesh_update(record, target, hyper, grads, params, output_mode)
+
+
+def _operands(
+    record: registry.StateRecord, grads: Any, params: Any,
+    shapes: Sequence[tuple[int, ...]] | None = None,
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Checked leaves; gradients in their parameter's dtype."""
+  grads = record.check_tree(record.optimizer, 'updates', grads, shapes)
+  params = record.check_tree(record.optimizer, 'params', params, shapes)
+  return ([jnp.asarray(g).astype(leaf.dtype)
+           for g, leaf in zip(grads, record.leaves, strict=True)],
+          [jnp.asarray(p) for p in params])
+
+
+def _single_device_update(
+    record: registry.StateRecord, target: str, hyper: jax.Array,
+    grads: Any, params: Any, output_mode: int,
 ) -> list[jax.Array]:
   """The update of a state that lives on one device."""
+  grads, params = _operands(record, grads, params)
   axes = manual_axes()
   if axes:
     if sharding.PMAP_AXIS in axes:
@@ -153,9 +176,9 @@ def _conform(x: jax.Array, layout: sharding.MeshLayout, spec: P) -> jax.Array:
   return jax.sharding.reshard(x, jax.sharding.NamedSharding(layout.mesh, spec))
 
 
-def mesh_update(
+def _mesh_update(
     record: registry.StateRecord, target: str, hyper: jax.Array,
-    grads: Sequence[Any], params: Sequence[Any], output_mode: int,
+    grads: Any, params: Any, output_mode: int,
 ) -> list[jax.Array]:
   """The update of a state spread over a mesh, in whatever view."""
   layout = record.layout
@@ -176,18 +199,14 @@ def mesh_update(
           'init.'
       )
   shapes = [layout.local_shape_in(i, axes) for i in range(len(record.leaves))]
-  grads = record.check_tree(name, 'updates', grads, shapes)
-  params = record.check_tree(name, 'params', params, shapes)
-  grads = [jnp.asarray(g).astype(leaf.dtype)
-           for g, leaf in zip(grads, record.leaves, strict=True)]
-  params = [jnp.asarray(p) for p in params]
+  grads, params = _operands(record, grads, params, shapes)
 
   def step(hyper, grads, params):
     return _local_step(record, target, output_mode, hyper, grads, params)
 
   if set(axes) == set(layout.mesh.axis_names):
     return step(hyper, grads, params)
-  specs = [_restricted(layout.spec(i), axes) for i in range(len(grads))]
+  specs = [layout.spec(i, without=axes) for i in range(len(grads))]
   if not axes:
     grads = [_conform(g, layout, s) for g, s in zip(grads, specs, strict=True)]
     params = [_conform(p, layout, s)
@@ -202,12 +221,3 @@ def mesh_update(
       check_vma=False,
   )
   return list(mapped(hyper, grads, params))
-
-
-def _restricted(spec: P, manual: Sequence[str]) -> P:
-  """``spec`` without the axes that are already manual."""
-  entries = []
-  for entry in spec:
-    kept = tuple(a for a in sharding.axes_of(entry) if a not in manual)
-    entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-  return P(*entries)

@@ -369,20 +369,8 @@ def run_step(
   hyper = hyperparams.with_seed(
       spec.hyperparams(state.count, count_inc), count_inc
   )
-  if record.layout is None:
-    grad_leaves = record.check_tree(spec.name, 'updates', grads)
-    param_leaves = record.check_tree(spec.name, 'params', params)
-    group_params = [jnp.asarray(p) for p in param_leaves]
-    group_grads = [
-        jnp.asarray(g).astype(leaf.dtype)
-        for g, leaf in zip(grad_leaves, record.leaves, strict=True)
-    ]
-    outputs = spmd.single_device_update(
-        record, spec.target, hyper, group_grads, group_params, output_mode)
-  else:
-    outputs = spmd.mesh_update(
-        record, spec.target, hyper, jax.tree.leaves(grads),
-        jax.tree.leaves(params), output_mode)
+  outputs = spmd.update(record, spec.target, hyper, grads, params,
+                        output_mode)
   return jax.tree.unflatten(jax.tree.structure(grads), outputs), count_inc
 
 
