@@ -119,18 +119,29 @@ def export(record: registry.StateRecord, count: bytes) -> dict[str, Any]:
 
 def _local(array: Any, device: jax.Device, sharding_: NamedSharding,
            shape: tuple[int, ...]) -> np.ndarray:
-  """The block of a restored array that ``device`` holds, flattened."""
+  """The region of a restored array that ``device`` holds under
+  ``sharding_`` (the state's layout), flattened.
+
+  The region, not whatever block the array happens to keep on that device:
+  an array saved with another layout keeps another region there.
+  """
+  index = sharding_.devices_indices_map(shape)[device]
+  region = tuple((s.start, s.stop) for s in
+                 (slice(*i.indices(n)[:2]) for i, n in zip(index, shape,
+                                                           strict=True)))
   if isinstance(array, jax.Array):
     for shard in array.addressable_shards:
-      if shard.device == device and tuple(shard.data.shape) == (
-          sharding_.shard_shape(shape)):
+      held = tuple((s.start, s.stop) for s in (
+          slice(*i.indices(n)[:2]) for i, n in zip(shard.index, shape,
+                                                   strict=True)))
+      if shard.device == device and held == region:
         return np.asarray(shard.data).reshape(-1)
     if not array.is_fully_addressable:
       raise ValueError(
-          f'the checkpoint array for {device} is not on that device; restore '
-          'with a target from state_dict(tx.init(params)) on the same mesh.'
+          f'the checkpoint array for {device} does not hold the region the '
+          'state keeps there; restore with a target from '
+          'state_dict(tx.init(params)) with the parameters sharded as saved.'
       )
-  index = sharding_.devices_indices_map(shape)[device]
   return np.asarray(array)[index].reshape(-1)
 
 
@@ -195,7 +206,10 @@ def check(record: registry.StateRecord, saved: dict[str, Any], count: bytes,
                     tuple(layout.mesh.devices.shape))
     if int(stored[0]) != zlib.crc32(count, crcs[device]):
       raise refuse(
-          f'checksum mismatch on {device}: the checkpoint is corrupted.')
+          f'checksum mismatch on {device}: the checkpoint is corrupted, or '
+          'was saved with the parameters sharded differently (another '
+          'PartitionSpec on the same mesh), whose quantization blocks are '
+          'other shards.')
   return writes
 
 

@@ -498,3 +498,26 @@ def test_deepcopy_is_independent_and_pickle_is_refused():
   assert_trees_equal(p_a, p_b)
   with pytest.raises(TypeError, match='state_dict'):
     pickle.dumps(state)
+
+
+def test_checkpoint_of_another_layout_on_the_same_mesh_is_refused():
+  # P('data', 'model') and P('model', 'data') give the same grid of shards,
+  # but each device holds another region: its saved blocks are not its own.
+  mesh = _mesh()
+  w = jax.random.normal(jax.random.PRNGKey(16), (512, 512))
+  tx = FACTORIES['adamw8bit']()
+  saved_params = {'w': jax.device_put(w, NamedSharding(mesh, P('data',
+                                                              'model')))}
+  state = tx.init(saved_params)
+  _, state = jax.jit(tx.update)(saved_params, state, saved_params)
+  saved = optax_paged.state_dict(state)
+  other = {'w': jax.device_put(w, NamedSharding(mesh, P('model', 'data')))}
+  target = tx.init(other)
+  before = optax_paged.state_dict(target)
+  if mesh.devices.shape[1] == 1:  # 2x1 mesh: the two layouts differ in grid
+    with pytest.raises(ValueError, match='load_state_dict'):
+      optax_paged.load_state_dict(target, saved)
+  else:
+    with pytest.raises(ValueError, match='sharded differently'):
+      optax_paged.load_state_dict(target, saved)
+  assert_trees_equal(optax_paged.state_dict(target), before)
