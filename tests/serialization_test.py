@@ -152,33 +152,88 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path, recipe, driver,
                                 np.load(tmp_path / 'straight.npy'))
 
 
-def test_orbax_on_a_raw_train_state_fails_loudly_at_restore(tmp_path):
-  # Orbax walks the pytree, which holds the count but not the moments: the
-  # save cannot see them, so the restore must not go on silently.
-  import jax
+def _linen_state():
   import jax.numpy as jnp
-  import optax
-  import orbax.checkpoint as ocp
   from flax.training import train_state
 
   import optax_paged
+  return train_state.TrainState.create(
+      apply_fn=None, params={'w': jnp.ones((64, 80))},
+      tx=optax_paged.adamw8bit(1e-3, min_8bit_size=256))
 
-  def make():
-    params = {'w': jnp.ones((64, 80))}
-    return train_state.TrainState.create(
-        apply_fn=None, params=params,
-        tx=optax_paged.adamw8bit(1e-3, min_8bit_size=256))
 
-  state = make()
+def _stepped(state, steps=2):
+  import jax
+  import jax.numpy as jnp
   grads = jax.tree.map(jnp.ones_like, state.params)
-  for _ in range(2):
-    state = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, grads)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / 'raw', state)
-  with ocp.StandardCheckpointer() as ckpt:
+  step = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+  for _ in range(steps):
+    state = step(state, grads)
+  return state
+
+
+def _orbax_saves():
+  import orbax.checkpoint as ocp
+
+  def standard(path, tree):
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(path, tree)
+
+  def pytree(path, tree):
+    with ocp.PyTreeCheckpointer() as ckpt:
+      ckpt.save(path, tree)
+
+  def manager(path, tree):
+    with ocp.CheckpointManager(path) as mngr:
+      mngr.save(1, args=ocp.args.StandardSave(tree))
+      mngr.wait_until_finished()
+
+  return {'standard': standard, 'pytree': pytree, 'manager': manager}
+
+
+@pytest.mark.parametrize('saver', ['standard', 'pytree', 'manager'])
+@pytest.mark.parametrize('tree', ['linen-train-state', 'plain-pytree'])
+def test_orbax_refuses_to_save_a_raw_state_and_commits_nothing(
+    tmp_path, saver, tree):
+  # Orbax walks the pytree, which holds the count but not the moments; it
+  # would save the count alone. The refusal comes before any array is
+  # written, and no checkpoint is committed.
+  import orbax.checkpoint as ocp
+
+  state = _stepped(_linen_state())
+  item = state if tree == 'linen-train-state' else {
+      'params': state.params, 'opt_state': state.opt_state}
+  with pytest.raises(TypeError, match='cannot checkpoint an optax_paged'):
+    _orbax_saves()[saver](tmp_path / 'ckpt', item)
+  assert not (tmp_path / 'ckpt').exists() or not list(
+      ocp.CheckpointManager(tmp_path / 'ckpt').all_steps())
+  committed = [p for p in tmp_path.rglob('*')
+               if 'orbax-checkpoint-tmp' not in str(p)
+               and p.name not in ('ckpt',)]
+  assert committed == []
+
+
+def test_orbax_restore_of_a_count_without_moments_fails_loudly(tmp_path):
+  # A checkpoint holding a raw train state can still exist (written before
+  # the save-time refusal, or through a handler with its own type registry):
+  # restoring it into a fresh state must not train on from zeroed moments.
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint import type_handlers
+
+  state = _stepped(_linen_state())
+  import jax
+  import numpy as np
+  unguarded = ocp.PyTreeCheckpointHandler(
+      type_handler_registry=type_handlers.create_type_handler_registry(
+          (jax.Array, type_handlers.ArrayHandler()),
+          (np.ndarray, type_handlers.NumpyHandler()),
+          (int, type_handlers.ScalarHandler())))
+  with ocp.Checkpointer(unguarded) as ckpt:
+    ckpt.save(tmp_path / 'raw', args=ocp.args.PyTreeSave(state))
+  with ocp.Checkpointer(unguarded) as ckpt:
     with pytest.raises(ValueError, match='restored its count without its'):
-      ckpt.restore(tmp_path / 'raw', make())
-  # A count set on purpose is not refused.
-  fresh = make()
-  fresh.opt_state._replace(count=jnp.asarray(5, jnp.int32))
-  del optax
+      ckpt.restore(tmp_path / 'raw', args=ocp.args.PyTreeRestore(
+          _linen_state()))
+  with ocp.StandardCheckpointer() as ckpt:
+    with pytest.raises(TypeError, match='cannot checkpoint an optax_paged'):
+      ckpt.restore(tmp_path / 'raw', _linen_state())

@@ -26,6 +26,7 @@ import numpy as np
 from optax_paged._src import base
 from optax_paged._src import devices as devices_lib
 from optax_paged._src import ffi
+from optax_paged._src import orbax_guard
 from optax_paged._src import sharding
 
 _PLATFORM_CODES = {'cpu': 0, 'cuda': 1}
@@ -309,6 +310,7 @@ class StateRegistry:
     gc.callbacks.append(self._on_gc)
 
   def _adopt(self, record: StateRecord) -> StateBuffers:
+    orbax_guard.register(StateBuffers)
     buffers = StateBuffers(record.key, record)
     self._live[record.key] = buffers
     weakref.finalize(buffers, self._orphan, record)
