@@ -225,7 +225,8 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, int32_t ordinal,
   }
   return DispatchUpdate<Optimizer>(
       name, Platform::kCpu, state_id, ordinal, position.typed_data(),
-      hyperparams.element_count(), args, rets, leaf_indices, [&](auto tag, const StateEntry& entry) {
+      hyperparams.typed_data(), hyperparams.element_count(), args, rets,
+      leaf_indices, [&](auto tag, const StateEntry& entry) {
         using T = typename decltype(tag)::type;
         return RunGroup<Optimizer, T>(pool, hyperparams.typed_data(), args,
                                       rets, entry, leaf_indices,

@@ -22,6 +22,7 @@
 #include "optimizer_math.h"
 #include "quantization.h"
 #include "state_registry.h"
+#include "step_stamps.h"
 #include "update_validation.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -63,11 +64,14 @@ struct LaunchArgs {
   int32_t output_mode;
   // The mesh position the call was traced for (device memory) and the one
   // the entry holds; on a mismatch the kernel writes NaN results, leaves
-  // the state alone and sets `misrouted` (host memory), which fails the
-  // next call on the host.
+  // the state alone and sets a status word (host memory), which fails the
+  // next call on the host. A count that is not the moments' step (the
+  // entry's stamps, device memory) is refused the same way.
   const int32_t* position;
   int32_t expected_position;
-  int32_t* misrouted;
+  int32_t* status;
+  uint64_t* stamps;
+  uint32_t launch;
 };
 static_assert(sizeof(LaunchArgs) <= 32000, "kernel parameters over 32 KB");
 
@@ -128,7 +132,35 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const typename Optimizer::Scalars scalars = Optimizer::Load(hyperparams);
   const uint32_t seed = FloatBits(hyperparams[kSeedIndex]);
   const bool misrouted = *args.position != args.expected_position;
-  if (misrouted && blockIdx.x == 0 && threadIdx.x == 0) *args.misrouted = 1;
+  if (misrouted && blockIdx.x == 0 && threadIdx.x == 0) {
+    args.status[kStatusMisrouted] = 1;
+  }
+  // Every block checks every leaf's stamp before any block of this launch
+  // could write one; see StampAccepts. L1 is not coherent across SMs, so
+  // the stamps are read from L2.
+  const int32_t step = static_cast<int32_t>(seed) - 1;
+  bool stale = false;
+  for (int k = threadIdx.x; k < args.num_leaves; k += blockDim.x) {
+    const uint64_t stamp = __ldcg(
+        reinterpret_cast<const unsigned long long*>(args.stamps) +
+        args.leaves[k].id);
+    if (!StampAccepts(stamp, step, args.launch)) {
+      stale = true;
+      args.status[kStatusStaleCount] = step;
+      args.status[kStatusStaleStep] = StampStep(stamp);
+      __threadfence_system();
+      args.status[kStatusStale] = 1;
+    }
+  }
+  stale = __syncthreads_or(stale);
+  const bool refused = misrouted || stale;
+  if (!refused) {
+    for (int k = threadIdx.x; k < args.num_leaves; k += blockDim.x) {
+      __stcg(reinterpret_cast<unsigned long long*>(args.stamps) +
+                 args.leaves[k].id,
+             static_cast<unsigned long long>(MakeStamp(step + 1, args.launch)));
+    }
+  }
   __syncthreads();
 
   const int lane = threadIdx.x % kWarpSize;
@@ -144,7 +176,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     const T* grad = static_cast<const T*>(leaf.grad) + first;
     const T* param = static_cast<const T*>(leaf.param) + first;
     T* out = static_cast<T*>(leaf.out) + first;
-    if (misrouted) {
+    if (refused) {
       for (int i = 0; i < count; ++i) out[i] = FromFloat<T>(BitsToFloat(0x7fc00000u));
       continue;
     }
@@ -289,7 +321,7 @@ template <typename Optimizer, typename T>
 ffi::Error LaunchGroup(cudaStream_t stream, int device,
                        const float* hyperparams, const int32_t* position,
                        ffi::RemainingArgs& args, ffi::RemainingRets& rets,
-                       const StateEntry& entry,
+                       StateEntry& entry,
                        ffi::Span<const int64_t> leaf_indices,
                        int output_mode) {
   const size_t count = leaf_indices.size();
@@ -299,7 +331,9 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     launch->output_mode = output_mode;
     launch->position = position;
     launch->expected_position = entry.placement().position;
-    launch->misrouted = entry.misrouted();
+    launch->status = entry.status();
+    launch->stamps = entry.stamps();
+    launch->launch = entry.NextLaunch();
     int64_t blocks = 0;
     int num_leaves = 0;
     for (size_t k = start; k < stop; ++k) {
@@ -353,8 +387,8 @@ ffi::Error UpdateImpl(cudaStream_t stream, int32_t ordinal,
   }
   return DispatchUpdate<Optimizer>(
       name, Platform::kCuda, state_id, ordinal, /*host_position=*/nullptr,
-      hyperparams.element_count(), args, rets, leaf_indices,
-      [&](auto tag, const StateEntry& entry) {
+      /*host_hyperparams=*/nullptr, hyperparams.element_count(), args, rets,
+      leaf_indices, [&](auto tag, StateEntry& entry) {
         using T = typename decltype(tag)::type;
         if (cudaError_t status = EnsureDeviceTables(ordinal);
             status != cudaSuccess) {

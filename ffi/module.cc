@@ -273,6 +273,40 @@ void SetLeafTier(StateEntry& entry, int64_t leaf, int tier) {
   state.tier = target;
 }
 
+nb::tuple TakeMarks(StateEntry& entry) {
+  int32_t* status = entry.status();
+  const bool misrouted =
+      __atomic_exchange_n(&status[kStatusMisrouted], 0, __ATOMIC_ACQ_REL) != 0;
+  if (__atomic_exchange_n(&status[kStatusStale], 0, __ATOMIC_ACQ_REL) == 0) {
+    return nb::make_tuple(misrouted, nb::none());
+  }
+  return nb::make_tuple(
+      misrouted,
+      nb::make_tuple(
+          __atomic_load_n(&status[kStatusStaleCount], __ATOMIC_ACQUIRE),
+          __atomic_load_n(&status[kStatusStaleStep], __ATOMIC_ACQUIRE)));
+}
+
+std::vector<int32_t> MomentsSteps(StateEntry& entry) {
+  std::unique_lock<std::shared_mutex> lock(entry.mutex());
+  if (entry.released()) throw std::runtime_error("optimizer state was released");
+  std::vector<int32_t> steps;
+  std::string error;
+  if (!entry.ReadSteps(&steps, &error)) {
+    throw std::runtime_error("reading step stamps: " + error);
+  }
+  return steps;
+}
+
+void SetMomentsStep(StateEntry& entry, int32_t step) {
+  std::unique_lock<std::shared_mutex> lock(entry.mutex());
+  if (entry.released()) throw std::runtime_error("optimizer state was released");
+  std::string error;
+  if (!entry.WriteSteps(step, &error)) {
+    throw std::runtime_error("writing step stamps: " + error);
+  }
+}
+
 nb::dict LeafInfo(const StateEntry& entry, int64_t leaf) {
   if (leaf < 0 || leaf >= static_cast<int64_t>(entry.leaves().size())) {
     throw std::out_of_range("leaf index out of range");
@@ -331,14 +365,14 @@ NB_MODULE(_optax_paged_ext, m) {
                    [](const StateEntry& e) { return e.placement().ordinal; })
       .def_prop_ro("position",
                    [](const StateEntry& e) { return e.placement().position; })
-      .def_prop_ro("misrouted", [](const StateEntry& e) {
-        return e.misrouted() != nullptr && *e.misrouted() != 0;
-      })
-      .def("clear_misrouted", [](StateEntry& e) {
-        if (e.misrouted() != nullptr) {
-          __atomic_store_n(e.misrouted(), 0, __ATOMIC_RELEASE);
-        }
-      })
+      .def("take_marks", &TakeMarks,
+           "Clears and returns the marks GPU kernels left: (misrouted, "
+           "(count, step) of a stale call or None).")
+      .def("moments_steps", &MomentsSteps,
+           "The step each non-empty leaf's moments are at.",
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("set_moments_step", &SetMomentsStep, nb::arg("step"),
+           nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("num_leaves",
                    [](const StateEntry& e) { return e.leaves().size(); })
       .def_prop_ro("num_moments", &StateEntry::num_moments)

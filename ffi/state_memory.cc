@@ -16,8 +16,8 @@ bool RetierCudaState(void* ptr, size_t bytes, Tier tier, int64_t device,
                      std::string* error);
 bool CopyCudaState(void* dst, const void* src, size_t bytes, Tier tier,
                    bool to_host, int64_t device, std::string* error);
-int32_t* AllocateCudaStatusWord(int64_t device, std::string* error);
-void FreeCudaStatusWord(int32_t* word);
+int32_t* AllocateCudaStatusWords(int64_t device, int count, std::string* error);
+void FreeCudaStatusWords(int32_t* words);
 bool CudaMemoryInfo(int64_t device, size_t* free_bytes, size_t* total_bytes);
 #endif
 
@@ -132,14 +132,15 @@ bool CopyHostToState(void* state, const void* host, size_t bytes, Tier tier,
 #endif
 }
 
-int32_t* AllocateStatusWord(bool gpu, int64_t device, std::string* error) {
+int32_t* AllocateStatusWords(bool gpu, int64_t device, int count,
+                             std::string* error) {
   if (!gpu) {
-    auto* word = static_cast<int32_t*>(std::calloc(1, sizeof(int32_t)));
-    if (word == nullptr) *error = "could not allocate a status word";
-    return word;
+    auto* words = static_cast<int32_t*>(std::calloc(count, sizeof(int32_t)));
+    if (words == nullptr) *error = "could not allocate status words";
+    return words;
   }
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  return AllocateCudaStatusWord(device, error);
+  return AllocateCudaStatusWords(device, count, error);
 #else
   (void)device;
   *error = NoCuda(Tier::kDevice);
@@ -147,14 +148,14 @@ int32_t* AllocateStatusWord(bool gpu, int64_t device, std::string* error) {
 #endif
 }
 
-void FreeStatusWord(int32_t* word, bool gpu) {
-  if (word == nullptr) return;
+void FreeStatusWords(int32_t* words, bool gpu) {
+  if (words == nullptr) return;
   if (!gpu) {
-    std::free(word);
+    std::free(words);
     return;
   }
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  FreeCudaStatusWord(word);
+  FreeCudaStatusWords(words);
 #endif
 }
 

@@ -48,10 +48,12 @@ bool CopyStateToHost(void* host, const void* state, size_t bytes, Tier tier,
 bool CopyHostToState(void* state, const void* host, size_t bytes, Tier tier,
                      int64_t device, std::string* error);
 
-// A zeroed int32 that host code reads and, with `gpu`, kernels on `device`
-// write (pinned, mapped host memory). nullptr with `error` on failure.
-int32_t* AllocateStatusWord(bool gpu, int64_t device, std::string* error);
-void FreeStatusWord(int32_t* word, bool gpu);
+// `count` zeroed int32s that host code reads and, with `gpu`, kernels on
+// `device` write (pinned, mapped host memory). nullptr with `error` on
+// failure.
+int32_t* AllocateStatusWords(bool gpu, int64_t device, int count,
+                             std::string* error);
+void FreeStatusWords(int32_t* words, bool gpu);
 
 // Free and total bytes of GPU `device`; false without CUDA or that GPU.
 bool DeviceMemoryInfo(int64_t device, size_t* free_bytes, size_t* total_bytes);

@@ -152,22 +152,23 @@ bool CopyCudaState(void* dst, const void* src, size_t bytes, Tier tier,
                "cudaMemcpy", error);
 }
 
-int32_t* AllocateCudaStatusWord(int64_t device, std::string* error) {
+int32_t* AllocateCudaStatusWords(int64_t device, int count,
+                                 std::string* error) {
   DeviceGuard guard(device);
   if (!guard.ok(device, error)) return nullptr;
-  void* word = nullptr;
+  void* words = nullptr;
   // Mapped and portable: with unified addressing the host pointer is valid
   // in kernels on every GPU.
-  if (!Check(cudaHostAlloc(&word, sizeof(int32_t),
+  if (!Check(cudaHostAlloc(&words, count * sizeof(int32_t),
                            cudaHostAllocMapped | cudaHostAllocPortable),
-             "cudaHostAlloc(status word)", error)) {
+             "cudaHostAlloc(status words)", error)) {
     return nullptr;
   }
-  *static_cast<int32_t*>(word) = 0;
-  return static_cast<int32_t*>(word);
+  std::memset(words, 0, count * sizeof(int32_t));
+  return static_cast<int32_t*>(words);
 }
 
-void FreeCudaStatusWord(int32_t* word) { cudaFreeHost(word); }
+void FreeCudaStatusWords(int32_t* words) { cudaFreeHost(words); }
 
 bool CudaMemoryInfo(int64_t device, size_t* free_bytes, size_t* total_bytes) {
   *free_bytes = *total_bytes = 0;

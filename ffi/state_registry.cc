@@ -1,5 +1,6 @@
 #include "state_registry.h"
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <unordered_map>
@@ -74,14 +75,24 @@ StateEntry::StateEntry(int64_t id, Placement placement, Platform platform,
 
 StateEntry::~StateEntry() {
   FreeAll();
-  FreeStatusWord(misrouted_, platform_ == Platform::kCuda);
+  FreeState(stamps_, StampTier(), placement_.ordinal);
+  FreeStatusWords(status_, platform_ == Platform::kCuda);
+}
+
+Tier StateEntry::StampTier() const {
+  return platform_ == Platform::kCuda ? Tier::kDevice : Tier::kHost;
 }
 
 bool StateEntry::Allocate(const std::vector<LeafSpec>& specs,
                           std::string* error) {
-  misrouted_ = AllocateStatusWord(platform_ == Platform::kCuda,
-                                  placement_.ordinal, error);
-  if (misrouted_ == nullptr) return false;
+  status_ = AllocateStatusWords(platform_ == Platform::kCuda,
+                                placement_.ordinal, kNumStatusWords, error);
+  if (status_ == nullptr) return false;
+  // Zeroed: fresh moments are at step 0.
+  stamps_ = static_cast<uint64_t*>(
+      AllocateState(std::max<size_t>(specs.size(), 1) * sizeof(uint64_t),
+                    StampTier(), placement_.ordinal, error));
+  if (stamps_ == nullptr) return false;
   leaves_.resize(specs.size());
   for (size_t i = 0; i < specs.size(); ++i) {
     LeafState& leaf = leaves_[i];
@@ -122,6 +133,29 @@ void StateEntry::Release() {
   if (released_) return;
   released_ = true;
   FreeAll();
+}
+
+bool StateEntry::ReadSteps(std::vector<int32_t>* steps,
+                           std::string* error) const {
+  std::vector<uint64_t> stamps(leaves_.size());
+  if (!stamps.empty() &&
+      !CopyStateToHost(stamps.data(), stamps_, stamps.size() * sizeof(uint64_t),
+                       StampTier(), placement_.ordinal, error)) {
+    return false;
+  }
+  steps->clear();
+  for (size_t i = 0; i < leaves_.size(); ++i) {
+    if (leaves_[i].size > 0) steps->push_back(StampStep(stamps[i]));
+  }
+  return true;
+}
+
+bool StateEntry::WriteSteps(int32_t step, std::string* error) {
+  const std::vector<uint64_t> stamps(leaves_.size(), MakeStamp(step, 0));
+  return stamps.empty() ||
+         CopyHostToState(stamps_, stamps.data(),
+                         stamps.size() * sizeof(uint64_t), StampTier(),
+                         placement_.ordinal, error);
 }
 
 size_t StateEntry::total_bytes() const {

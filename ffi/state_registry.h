@@ -19,6 +19,7 @@
 
 #include "optimizer_math.h"
 #include "state_memory.h"
+#include "step_stamps.h"
 
 namespace optax_paged {
 
@@ -80,9 +81,22 @@ class StateEntry {
   int64_t id() const { return id_; }
   const Placement& placement() const { return placement_; }
   Platform platform() const { return platform_; }
-  // Set (by the GPU kernel) when a call passed another device's position;
-  // later calls then fail, since the kernel cannot report it itself.
-  int32_t* misrouted() const { return misrouted_; }
+  // Words the GPU kernel sets for the host (see StatusWord): a call that
+  // passed another device's position, or a count that was not its moments'
+  // step; later calls then fail, since the kernel cannot report it itself.
+  int32_t* status() const { return status_; }
+  // One step stamp per leaf (see step_stamps.h), in device memory on a GPU
+  // and host memory on the CPU.
+  uint64_t* stamps() const { return stamps_; }
+  // A fresh, non-zero number for a GPU launch on this entry.
+  uint32_t NextLaunch() {
+    if (++launches_ == 0) ++launches_;
+    return launches_;
+  }
+  // The step of each non-empty leaf's moments (waits for the device).
+  bool ReadSteps(std::vector<int32_t>* steps, std::string* error) const;
+  // Stamps every leaf with `step` (after a load wrote the moments).
+  bool WriteSteps(int32_t step, std::string* error);
   int num_moments() const { return num_moments_; }
   bool released() const { return released_; }
   const std::vector<LeafState>& leaves() const { return leaves_; }
@@ -94,11 +108,14 @@ class StateEntry {
 
  private:
   void FreeAll();
+  Tier StampTier() const;
 
   const int64_t id_;
   const Placement placement_;
   const Platform platform_;
-  int32_t* misrouted_ = nullptr;
+  int32_t* status_ = nullptr;
+  uint64_t* stamps_ = nullptr;
+  uint32_t launches_ = 0;
   const int num_moments_;
   bool released_ = false;
   std::vector<LeafState> leaves_;

@@ -14,6 +14,7 @@
 #include "element_types.h"
 #include "optimizer_math.h"
 #include "state_registry.h"
+#include "step_stamps.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace optax_paged {
@@ -100,15 +101,39 @@ struct ElementTag {
   using type = T;
 };
 
+// The step a call starts from: the hyperparameters' seed slot carries the
+// count after it.
+inline int32_t StepBefore(const float* hyperparams) {
+  return static_cast<int32_t>(FloatBits(hyperparams[kSeedIndex])) - 1;
+}
+
+inline std::string StaleMessage(std::string_view prefix, int32_t count,
+                                int32_t step, bool earlier) {
+  return std::string(prefix) + (earlier ? "an earlier call" : "this call") +
+         " was given a state whose count is " + std::to_string(count) +
+         " while its moments are at step " + std::to_string(step) +
+         ": the count and the moments come from different points of "
+         "training (a count restored without its moments, e.g. by "
+         "nnx.update or Orbax on nnx.state(optimizer); a state reset with "
+         "jax.tree.map, which resets only the count; or an older copy of a "
+         "state stepped again after a newer one). The moments were not "
+         "changed by that call. Restore with optax_paged.load_state_dict, "
+         "reset with tx.init(params), and step the state the last step "
+         "returned.";
+}
+
 // Runs `run(ElementTag<T>{}, entry)` for the gradients' element type T, with
 // this device's entry of the state found, checked and held (exclusive lock)
-// for the whole call. `host_position` is the mesh position the call was traced
-// for, when the handler can read it (CPU); GPU kernels check it themselves
-// and leave a mark in the entry that fails the next call.
+// for the whole call. `host_position` and `host_hyperparams` are the
+// operands when the handler can read them (CPU): the mesh position the call
+// was traced for, and the count, checked against the leaves' step stamps
+// (which a successful call then advances). GPU kernels check both themselves
+// and leave marks in the entry that fail the next call.
 template <typename Optimizer, typename Run>
 xla::ffi::Error DispatchUpdate(std::string_view name, Platform platform,
                                int64_t state_id, int64_t ordinal,
                                const int32_t* host_position,
+                               const float* host_hyperparams,
                                size_t num_hyperparams,
                                const xla::ffi::RemainingArgs& args,
                                const xla::ffi::RemainingRets& rets,
@@ -134,11 +159,10 @@ xla::ffi::Error DispatchUpdate(std::string_view name, Platform platform,
   // another's and no update is lost.
   std::unique_lock<std::shared_mutex> lock(entry->mutex());
   const int32_t expected = entry->placement().position;
-  int32_t* misrouted = entry->misrouted();
-  // A mark left by an earlier GPU call is reported once, here or by Python.
+  int32_t* status = entry->status();
+  // Marks left by an earlier GPU call are reported once, here or by Python.
   const bool marked =
-      misrouted != nullptr &&
-      __atomic_exchange_n(misrouted, 0, __ATOMIC_ACQ_REL) != 0;
+      __atomic_exchange_n(&status[kStatusMisrouted], 0, __ATOMIC_ACQ_REL) != 0;
   if ((host_position != nullptr && *host_position != expected) || marked) {
     return ffi::Error::InvalidArgument(
         prefix + "device ordinal " + std::to_string(ordinal) +
@@ -149,6 +173,11 @@ xla::ffi::Error DispatchUpdate(std::string_view name, Platform platform,
         "mesh?). The state was not updated by that call; use the mesh the "
         "parameters had at init.");
   }
+  if (__atomic_exchange_n(&status[kStatusStale], 0, __ATOMIC_ACQ_REL) != 0) {
+    return ffi::Error::InvalidArgument(StaleMessage(
+        prefix, __atomic_load_n(&status[kStatusStaleCount], __ATOMIC_ACQUIRE),
+        __atomic_load_n(&status[kStatusStaleStep], __ATOMIC_ACQUIRE), true));
+  }
   if (ffi::Error error =
           ValidateUpdateCall(name, *entry, platform, Optimizer::kNumMoments,
                              num_hyperparams, args, rets, leaf_indices);
@@ -156,18 +185,39 @@ xla::ffi::Error DispatchUpdate(std::string_view name, Platform platform,
     return error;
   }
   if (leaf_indices.size() == 0) return ffi::Error::Success();
+  const int32_t step =
+      host_hyperparams != nullptr ? StepBefore(host_hyperparams) : 0;
+  if (host_hyperparams != nullptr) {
+    for (const int64_t index : leaf_indices) {
+      const int32_t at = StampStep(entry->stamps()[index]);
+      if (entry->leaves()[index].size > 0 && at != step) {
+        return ffi::Error::InvalidArgument(
+            StaleMessage(prefix, step, at, false));
+      }
+    }
+  }
+  ffi::Error result = ffi::Error::Success();
   switch (args.get<ffi::AnyBuffer>(0).value().element_type()) {
     case ffi::F32:
-      return run(ElementTag<float>{}, *entry);
+      result = run(ElementTag<float>{}, *entry);
+      break;
     case ffi::BF16:
-      return run(ElementTag<BFloat16>{}, *entry);
+      result = run(ElementTag<BFloat16>{}, *entry);
+      break;
     case ffi::F16:
-      return run(ElementTag<Half>{}, *entry);
+      result = run(ElementTag<Half>{}, *entry);
+      break;
     default:
       return ffi::Error::InvalidArgument(
           std::string(name) +
           ": gradients must be float32, bfloat16 or float16");
   }
+  if (host_hyperparams != nullptr && !result.failure()) {
+    for (const int64_t index : leaf_indices) {
+      entry->stamps()[index] = MakeStamp(step + 1, 0);
+    }
+  }
+  return result;
 }
 
 }  // namespace optax_paged

@@ -1,54 +1,64 @@
-"""Steps on one state from several threads take turns: no update is lost."""
+"""Steps on one state from several threads: each count is applied once.
+
+The handler checks the count against the moments' step and advances it under
+the state's lock, so threads racing to step the same state object (the same
+count) cannot both apply their update: exactly one does, the others are
+refused with the state left as that one step made it.
+"""
 
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import optax_paged
 from tests.helpers import moments_of
 from tests.helpers import update_and_apply
 
+PARAMS = {'w': jnp.ones((1024, 1024)), 'b': jnp.ones((4096,))}
+GRADS = jax.tree.map(lambda p: jnp.full_like(p, 0.01), PARAMS)
 
-def test_two_threads_stepping_one_state_lose_no_update():
-  # The moments' update does not depend on the step count, so with the same
-  # gradients every step, any order of the 2k steps gives the same moments.
-  params = {'w': jnp.ones((1024, 1024)), 'b': jnp.ones((4096,))}
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
-  steps = 6
 
-  def run_threads():
-    tx = optax_paged.adamw8bit(1e-3)
-    state = tx.init(params)
-    step = jax.jit(update_and_apply(tx))
-    step(params, state, grads)  # compile first; this is step 1
-    barrier = threading.Barrier(2)
+def _assert_same_moments(ours, theirs):
+  for (_, a_leaf), (_, b_leaf) in zip(ours, theirs, strict=True):
+    for a, b in zip(a_leaf, b_leaf, strict=True):
+      for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
 
-    def worker():
-      barrier.wait()
-      for _ in range(steps):
-        jax.block_until_ready(step(params, state, grads))
 
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-    return state
+@pytest.mark.parametrize('threads', [2, 4])
+def test_threads_stepping_one_state_apply_its_step_once(threads):
+  tx = optax_paged.adamw8bit(1e-3)
+  step = jax.jit(update_and_apply(tx))
+  serial = tx.init(PARAMS)
+  _, serial_next = step(PARAMS, serial, GRADS)
+  _, serial_next = step(PARAMS, serial_next, GRADS)
+  expected = moments_of(serial_next)
 
-  def run_serial():
-    tx = optax_paged.adamw8bit(1e-3)
-    state = tx.init(params)
-    step = jax.jit(update_and_apply(tx))
-    for _ in range(2 * steps + 1):
-      jax.block_until_ready(step(params, state, grads))
-    return state
-
-  serial = moments_of(run_serial())
   for _ in range(3):
-    threaded = moments_of(run_threads())
-    for (_, ours), (_, theirs) in zip(threaded, serial, strict=True):
-      for a, b in zip(ours, theirs, strict=True):
-        for name in a:
-          np.testing.assert_array_equal(a[name], b[name])
+    state = tx.init(PARAMS)
+    _, state = step(PARAMS, state, GRADS)  # compiled; step 1
+    barrier = threading.Barrier(threads)
+    outcomes = []
+
+    def worker(state=state, outcomes=outcomes, barrier=barrier):
+      barrier.wait()
+      try:
+        outcomes.append(jax.block_until_ready(step(PARAMS, state, GRADS))[1])
+      except Exception as error:  # noqa: BLE001 - the refusal is the point
+        assert 'moments are at step 2' in str(error), error
+        outcomes.append('refused')
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in workers:
+      t.start()
+    for t in workers:
+      t.join()
+    stepped = [o for o in outcomes if not isinstance(o, str)]
+    assert outcomes.count('refused') == threads - 1 and len(stepped) == 1
+    _assert_same_moments(moments_of(stepped[0]), expected)
+    # The state the threads shared is now behind its moments: refused too.
+    with pytest.raises(ValueError, match='moments are at step 2'):
+      optax_paged.state_dict(state)

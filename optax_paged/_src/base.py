@@ -17,9 +17,10 @@ BLOCK_SIZE = 256
 MIN_8BIT_SIZE = 4096
 # Version of the state_dict layout; bump when the stored arrays change.
 # 2: the checksum covers the step count; states on a mesh.
-FORMAT_VERSION = 2
+# 3: Flax's export of the buffers field carries the moments' step (it was 0).
+FORMAT_VERSION = 3
 # Versions load_state_dict still reads (1: the checksum skips the count).
-READABLE_FORMAT_VERSIONS = (1, 2)
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 NO_PARAMS_MSG = (
     'optax_paged optimizers need the parameters: call '
@@ -32,6 +33,17 @@ ABSTRACT_STATE_MSG = (
     'with opt_state = optax_paged.allocate_state(opt_state, params) (any '
     'pytree holding the state, e.g. a Flax TrainState, with the concrete '
     'parameters), or call tx.init outside jax.jit.'
+)
+
+STALE_STATE_MSG = (
+    '{name}: this state\'s count is {count} but its moments are at step '
+    '{step}: the count and the moments come from different points of '
+    'training (a count restored without its moments, e.g. by nnx.update or '
+    'Orbax on nnx.state(optimizer); a state reset with jax.tree.map, which '
+    'resets only the count; or an older copy of a state stepped again after '
+    'a newer one). The moments were left as they were. Restore with '
+    'optax_paged.load_state_dict, reset with tx.init(params), and step the '
+    'state the last step returned.'
 )
 
 RELEASED_STATE_MSG = (

@@ -59,9 +59,12 @@ def _header(record: Any) -> dict[str, Any]:
 
 def _export_paged(state: transform.PagedOptimizerState) -> dict[str, Any]:
   record = state.buffers.record()
+  count = int(np.asarray(jax.device_get(state.count)))
+  # A count from another point of training than the moments (a stale copy,
+  # a reset count) would make a checkpoint that resumes wrongly.
+  record.check_count(count)
   if record.layout is not None:
     # The count stays a global array on the mesh, as the moments are.
-    count = int(jax.device_get(state.count))
     return {**_header(record), 'count': state.count,
             **sharded_checkpoint.export(record, count_bytes(count))}
   entry = record.entries[0]
@@ -81,7 +84,6 @@ def _export_paged(state: transform.PagedOptimizerState) -> dict[str, Any]:
             registry.TIER_CODES[entry.leaf_info(index)['tier']], np.int32),
         'moments': moments,
     })
-  count = int(np.asarray(state.count))
   return {
       **_header(record),
       'count': np.asarray(count, dtype=np.int32),
@@ -206,6 +208,7 @@ def _plan_paged(state: transform.PagedOptimizerState, saved: Any) -> _Planned:
     def write_sharded() -> None:
       record.touched = True
       sharded_checkpoint.write(record, writes)
+      record.set_moments_step(count)
 
     return _Planned(
         write_sharded,
@@ -264,6 +267,7 @@ def _plan_paged(state: transform.PagedOptimizerState, saved: Any) -> _Planned:
             index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
             empty,
         )
+    record.set_moments_step(count)
     if record.paged:
       _restore_tiers(record, tiers)
 
@@ -377,14 +381,21 @@ def _layout_of(record: Any) -> dict[str, Any]:
 
 
 def export_buffers(buffers: registry.StateBuffers) -> dict[str, Any]:
-  """The moments of ``buffers`` as a state dictionary (count 0).
+  """The moments of ``buffers`` as a state dictionary.
 
   For serializers that store a state's ``count`` and ``buffers`` fields
-  apart (Flax's, for named tuples): the dictionary's own count is 0.
+  apart (Flax's, for named tuples): the dictionary's count is the step the
+  moments are at, which the state's own count must equal.
   """
-  registry.wait_for_devices(buffers.record())
+  record = buffers.record()
+  registry.wait_for_devices(record)
+  step = record.moments_step()
+  if step is None:
+    raise ValueError(
+        f'{record.optimizer}: the leaves of this state are at different '
+        'steps; it cannot be exported.')
   return _export_paged(transform.PagedOptimizerState._make(
-      (transform.zero_count(buffers), buffers)))
+      (transform.zero_count(buffers) + step, buffers)))
 
 
 def restore_buffers(target: registry.StateBuffers,
@@ -403,6 +414,10 @@ def restore_buffers(target: registry.StateBuffers,
     registry.REGISTRY.release(fresh.buffers)
     raise
   planned.write()
+  if int(np.asarray(saved['format_version'])) < 3:
+    # Before format 3 the export's count was 0, not the moments' step: the
+    # state's own count, restored beside it, says which step they are at.
+    fresh.buffers.record().adopt_count = True
   return fresh.buffers
 
 

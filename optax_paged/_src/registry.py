@@ -113,6 +113,9 @@ class StateRecord:
     # Whether a step (traced) or a load has written the moments; see
     # transform.PagedOptimizerState.
     self.touched = False
+    # Restored from a Flax export older than format 3, whose moments' step
+    # is the count the state is rebuilt with; see transform.PagedOptimizerState.
+    self.adopt_count = False
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, leaf in enumerate(self.leaves):
       by_dtype.setdefault(leaf.dtype, []).append(i)
@@ -141,22 +144,47 @@ class StateRecord:
     for entry in self.entries:
       entry.release()
 
-  def check_misrouting(self) -> None:
-    """Raises (once) if a GPU step received a shard meant for another device.
+  def check_device_marks(self) -> None:
+    """Raises (once) for a GPU step the kernel refused.
 
-    The kernel cannot fail a call: it leaves the state alone, returns NaN and
-    marks the entry. The mark is reported once, by the next call on that
-    device or here, whichever comes first.
+    The kernel cannot fail a call: given a shard meant for another device,
+    or a count that is not its moments' step, it leaves the state alone,
+    returns NaN and marks the entry. The mark is reported once, by the next
+    call on that device or here, whichever comes first.
     """
     for device, entry in zip(self.devices, self.entries, strict=True):
-      if entry.misrouted:
-        entry.clear_misrouted()
+      misrouted, stale = entry.take_marks()
+      if misrouted:
         raise ValueError(
             f'{self.optimizer}: a step on {device} received the shard of '
             'another mesh position (devices ordered differently than at '
             'init); that step left this state alone and returned NaN. Use '
             'the mesh the parameters had at init.'
         )
+      if stale is not None:
+        raise ValueError(base.STALE_STATE_MSG.format(
+            name=self.optimizer, count=stale[0], step=stale[1]) +
+            ' That step returned NaN.')
+
+  def moments_step(self) -> int | None:
+    """The step every leaf's moments are at; None if they disagree."""
+    steps = {s for entry in self.entries for s in entry.moments_steps()}
+    if len(steps) > 1:
+      return None
+    return steps.pop() if steps else 0
+
+  def set_moments_step(self, step: int) -> None:
+    """Stamps the moments with ``step`` (after a load wrote them)."""
+    for entry in self.entries:
+      entry.set_moments_step(step)
+
+  def check_count(self, count: int) -> None:
+    """Refuses a concrete ``count`` that is not the moments' step."""
+    step = self.moments_step()
+    if step != count:
+      raise ValueError(base.STALE_STATE_MSG.format(
+          name=self.optimizer, count=count,
+          step='different steps' if step is None else step))
 
   def check_tree(
       self, name: str, kind: str, tree: Any,
@@ -258,7 +286,7 @@ class StateBuffers:
     if self.key == 0:
       raise ValueError(base.ABSTRACT_STATE_MSG)
     if self._record is not None:
-      self._record.check_misrouting()
+      self._record.check_device_marks()
     if self._record is None or self._record.released:
       raise ValueError(base.RELEASED_STATE_MSG)
     return self._record

@@ -70,20 +70,25 @@ RESTORED_WITHOUT_MOMENTS_MSG = (
     'CheckpointManager given a raw train state saves only the count). '
     'Training on would start from zeroed moments. Save and restore with '
     'flax.serialization.to_state_dict / from_state_dict around Orbax, or '
-    'optax_paged.state_dict / load_state_dict (README, "Flax and Orbax"). '
-    'To set a count on purpose, use state._replace(count=...).'
+    'optax_paged.state_dict / load_state_dict (README, "Flax and Orbax").'
 )
 
 
 def _refuse_count_without_moments(count: Any, buffers: Any) -> None:
   record = getattr(buffers, '_record', None)
-  if record is None or record.touched or record.released:
+  if record is None or record.released or not (
+      record.adopt_count or not record.touched):
     return
   if base.is_tracer(count) or not isinstance(
       count, (jax.Array, np.ndarray, np.integer, int)):
     return
   value = np.asarray(jax.device_get(count))
-  if value.shape == () and value > 0:
+  if value.shape != ():
+    return
+  if record.adopt_count:
+    record.adopt_count = False
+    record.set_moments_step(int(value))
+  elif value > 0:
     raise ValueError(RESTORED_WITHOUT_MOMENTS_MSG.format(int(value)))
 
 

@@ -521,3 +521,27 @@ def test_checkpoint_of_another_layout_on_the_same_mesh_is_refused():
     with pytest.raises(ValueError, match='sharded differently'):
       optax_paged.load_state_dict(target, saved)
   assert_trees_equal(optax_paged.state_dict(target), before)
+
+
+def test_a_stale_count_on_a_mesh_is_refused():
+  # A state reset with jax.tree.map keeps its moments at step 1: every
+  # device's handler (or kernel) refuses the step and the moments stay.
+  mesh = _mesh()
+  tx = FACTORIES['adamw8bit']()
+  params = _put(_tree(12, jnp.float32), mesh)
+  step = jax.jit(update_and_apply(tx))
+  _, state = step(params, tx.init(params), _put(_tree(13, jnp.float32), mesh))
+  before = optax_paged.state_dict(state)
+  reset = jax.tree.map(jnp.zeros_like, state)
+  try:
+    out, _ = step(params, reset, _put(_tree(14, jnp.float32), mesh))
+    jax.block_until_ready(out)
+  except Exception as error:  # noqa: BLE001 - the CPU handlers refuse it
+    assert 'moments are at step 1' in str(error), error
+  else:
+    for leaf in jax.tree.leaves(out):
+      assert np.isnan(np.asarray(leaf)).all()
+    with pytest.raises(ValueError, match='moments are at step 1'):
+      optax_paged.state_dict(reset)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      np.asarray(a), np.asarray(b)), optax_paged.state_dict(state), before)

@@ -1,0 +1,137 @@
+"""A state's count and its moments' step must agree, or the step is refused.
+
+The moments know the step they are at; a count from another point of
+training (restored without its moments, reset by ``jax.tree.map``, an older
+copy of the state) is refused by the step, before any moment changes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from flax import serialization
+
+import optax_paged
+from optax_paged._src import checkpoint
+from tests.helpers import assert_trees_equal
+from tests.helpers import jitted_step
+
+PARAMS = {'w': jnp.ones((64, 80)), 'b': jnp.zeros((80,))}
+GRADS = jax.tree.map(lambda p: jnp.full_like(p, 0.1), PARAMS)
+STALE = 'moments are at step'
+
+
+def _stepped(steps=2, tx=None):
+  tx = tx or optax_paged.adamw8bit(1e-3, min_8bit_size=256)
+  step = jitted_step(tx)
+  state = tx.init(PARAMS)
+  for _ in range(steps):
+    _, state = step(PARAMS, state, GRADS)
+  return tx, step, state
+
+
+@pytest.mark.parametrize('jit', [True, False], ids=['jit', 'eager'])
+def test_a_state_reset_by_tree_map_is_refused_and_changes_nothing(jit):
+  tx, step, state = _stepped()
+  before = optax_paged.state_dict(state)
+  reset = jax.tree.map(jnp.zeros_like, state)  # resets only the count
+  run = step if jit else lambda p, s, g: tx.update(g, s, p)
+  with pytest.raises(Exception, match=STALE):
+    jax.block_until_ready(run(PARAMS, reset, GRADS))
+  assert_trees_equal(optax_paged.state_dict(state), before)
+
+
+def test_an_older_copy_stepped_again_is_refused():
+  _, step, older = _stepped(1)
+  _, newer = step(PARAMS, older, GRADS)
+  with pytest.raises(Exception, match='count is 1 while its moments are at'):
+    jax.block_until_ready(step(PARAMS, older, GRADS))
+  _, newest = step(PARAMS, newer, GRADS)  # the newer one steps on
+  assert int(optax_paged.state_dict(newest)['count']) == 3
+
+
+def test_exporting_a_state_behind_its_moments_is_refused():
+  tx, step, older = _stepped(1)
+  step(PARAMS, older, GRADS)
+  with pytest.raises(ValueError, match=STALE):
+    optax_paged.state_dict(older)
+  # Flax exports the count and the moments as separate fields, so the
+  # mismatch travels with the export and the first step refuses it.
+  exported = serialization.to_state_dict(older)
+  restored = serialization.from_state_dict(tx.init(PARAMS), exported)
+  with pytest.raises(Exception, match='count is 1 while its moments are at'):
+    jax.block_until_ready(step(PARAMS, restored, GRADS))
+
+
+class _Model(nnx.Module):
+
+  def __init__(self):
+    self.linear = nnx.Linear(64, 80, rngs=nnx.Rngs(0))
+
+  def __call__(self, x):
+    return self.linear(x)
+
+
+@nnx.jit
+def _nnx_step(model, optimizer, x):
+  grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+  optimizer.update(model, grads)
+
+
+def _nnx_pair():
+  model = _Model()
+  tx = optax_paged.adamw8bit(1e-3, min_8bit_size=256)
+  return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def test_nnx_update_with_an_older_optimizer_state_is_refused():
+  # nnx.state / nnx.update round trips carry the count, never the moments.
+  model, optimizer = _nnx_pair()
+  x = jnp.ones((4, 64))
+  _nnx_step(model, optimizer, x)
+  older = nnx.clone(nnx.state(optimizer))
+  _nnx_step(model, optimizer, x)
+  nnx.update(optimizer, older)
+  with pytest.raises(Exception, match='count is 1 while its moments are at'):
+    _nnx_step(model, optimizer, x)
+    jax.block_until_ready(nnx.state(model))
+
+
+def test_nnx_state_saved_by_orbax_then_restored_is_refused(tmp_path):
+  # Orbax cannot see the moments in nnx.state(optimizer); the restored count
+  # then disagrees with the fresh optimizer's moments.
+  import orbax.checkpoint as ocp
+
+  model, optimizer = _nnx_pair()
+  x = jnp.ones((4, 64))
+  for _ in range(3):
+    _nnx_step(model, optimizer, x)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'nnx', nnx.to_pure_dict(nnx.state(optimizer)))
+  fresh_model, fresh = _nnx_pair()
+  target = nnx.state(fresh)
+  with ocp.StandardCheckpointer() as ckpt:
+    nnx.replace_by_pure_dict(
+        target, ckpt.restore(tmp_path / 'nnx', nnx.to_pure_dict(target)))
+  nnx.update(fresh, target)
+  with pytest.raises(Exception, match='count is 3 while its moments are at'):
+    _nnx_step(fresh_model, fresh, x)
+    jax.block_until_ready(nnx.state(fresh_model))
+
+
+def test_a_flax_export_of_format_2_still_resumes():
+  # Format 2 stored the buffers field with count 0; the state's own count,
+  # restored beside it, says which step the moments are at.
+  tx, step, state = _stepped(2)
+  exported = serialization.to_state_dict(state)
+  old = exported['1']['buffers'] if '1' in exported else exported['buffers']
+  assert int(old['count']) == 2
+  old['format_version'] = np.asarray(2, np.int32)
+  old['count'] = np.asarray(0, np.int32)
+  old['checksum'] = np.asarray(
+      checkpoint._checksum(old['leaves'], 0), np.uint32)
+  restored = serialization.from_state_dict(tx.init(PARAMS), exported)
+  p_restored, _ = step(PARAMS, restored, GRADS)
+  p_straight, _ = step(PARAMS, state, GRADS)
+  assert_trees_equal(p_restored, p_straight)
