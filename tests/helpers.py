@@ -76,3 +76,24 @@ def assert_trees_equal(a, b):
       lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
       a, b,
   )
+
+
+def refusal_of(run, report):
+  """The message with which ``run()`` was refused, on any backend.
+
+  The CPU handler raises at the call. A GPU kernel cannot fail its call: it
+  returns NaN results and marks the state, and ``report()`` (for example
+  ``optax_paged.state_dict`` of a state sharing the buffers) raises it.
+  """
+  try:
+    outputs = jax.block_until_ready(run())
+  except Exception as error:  # noqa: BLE001 - XlaRuntimeError or ValueError
+    return str(error)
+  floats = [x for x in jax.tree.leaves(outputs)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  assert floats and all(np.isnan(np.asarray(x)).all() for x in floats)
+  try:
+    report()
+  except ValueError as error:
+    return str(error)
+  raise AssertionError('the call was neither refused nor reported')

@@ -1,9 +1,10 @@
 """Steps on one state from several threads: each count is applied once.
 
 The handler checks the count against the moments' step and advances it under
-the state's lock, so threads racing to step the same state object (the same
-count) cannot both apply their update: exactly one does, the others are
-refused with the state left as that one step made it.
+the state's lock (on a GPU, in the kernel), so threads racing to step the
+same state object (the same count) cannot both apply their update: exactly
+one does, the others are refused (on a GPU: NaN results and a mark) with the
+state left as that one step made it.
 """
 
 import threading
@@ -46,10 +47,14 @@ def test_threads_stepping_one_state_apply_its_step_once(threads):
     def worker(state=state, outcomes=outcomes, barrier=barrier):
       barrier.wait()
       try:
-        outcomes.append(jax.block_until_ready(step(PARAMS, state, GRADS))[1])
+        params, new_state = jax.block_until_ready(step(PARAMS, state, GRADS))
       except Exception as error:  # noqa: BLE001 - the refusal is the point
         assert 'moments are at step 2' in str(error), error
         outcomes.append('refused')
+      else:
+        leaves = jax.tree.leaves(params)
+        nan = all(np.isnan(np.asarray(x)).all() for x in leaves)
+        outcomes.append('refused' if nan else new_state)
 
     workers = [threading.Thread(target=worker) for _ in range(threads)]
     for t in workers:
@@ -58,6 +63,10 @@ def test_threads_stepping_one_state_apply_its_step_once(threads):
       t.join()
     stepped = [o for o in outcomes if not isinstance(o, str)]
     assert outcomes.count('refused') == threads - 1 and len(stepped) == 1
+    try:  # a GPU's refusals also left a mark; take it
+      state.buffers.record().check_device_marks()
+    except ValueError as error:
+      assert 'moments are at step 2' in str(error)
     _assert_same_moments(moments_of(stepped[0]), expected)
     # The state the threads shared is now behind its moments: refused too.
     with pytest.raises(ValueError, match='moments are at step 2'):
