@@ -236,10 +236,10 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, int32_t ordinal,
 
 }  // namespace
 
-// One handler per optimizer; all share the binding below.
-#define OPTAX_PAGED_CPU_HANDLER(symbol, Optimizer, name)                   \
+// One handler per optimizer of the table; all share the binding below.
+#define OPTAX_PAGED_CPU_HANDLER(Optimizer)                                 \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                           \
-      symbol,                                                              \
+      k##Optimizer##UpdateCpu,                                             \
       ([](ffi::ThreadPool pool, int32_t ordinal,                           \
           ffi::Buffer<ffi::F32> hyperparams, ffi::Buffer<ffi::S32> position, \
           ffi::RemainingArgs args, ffi::RemainingRets rets,                \
@@ -247,7 +247,8 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, int32_t ordinal,
           int64_t output_mode) {                                           \
         return UpdateImpl<Optimizer>(pool, ordinal, hyperparams, position, \
                                      args, rets, state_id, leaf_indices,   \
-                                     output_mode, name);                   \
+                                     output_mode,                          \
+                                     TargetName<Optimizer>());             \
       }),                                                                  \
       ffi::Ffi::Bind()                                                     \
           .Ctx<ffi::ThreadPool>()                    /* intra-op pool */   \
@@ -258,14 +259,9 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, int32_t ordinal,
           .RemainingRets()                           /* updates/params */  \
           .Attr<int64_t>("state_id")                 /* registry entry */  \
           .Attr<ffi::Span<const int64_t>>("leaf_indices")                  \
-          .Attr<int64_t>("output_mode"))             /* OutputMode */
+          .Attr<int64_t>("output_mode"));            /* OutputMode */
 
-OPTAX_PAGED_CPU_HANDLER(kAdamWUpdateCpu, AdamW, "optax_paged_adamw");
-OPTAX_PAGED_CPU_HANDLER(kLionUpdateCpu, Lion, "optax_paged_lion");
-OPTAX_PAGED_CPU_HANDLER(kAdEMAMixUpdateCpu, AdEMAMix, "optax_paged_ademamix");
-OPTAX_PAGED_CPU_HANDLER(kSgdUpdateCpu, SgdMomentum, "optax_paged_sgd");
-OPTAX_PAGED_CPU_HANDLER(kRmsPropUpdateCpu, RmsProp, "optax_paged_rmsprop");
-OPTAX_PAGED_CPU_HANDLER(kAdagradUpdateCpu, Adagrad, "optax_paged_adagrad");
+OPTAX_PAGED_OPTIMIZERS(OPTAX_PAGED_CPU_HANDLER)
 
 // The device ordinal this handler sees, so Python can learn the mapping
 // from JAX devices to the ordinals the update handlers look entries up by.

@@ -2,16 +2,20 @@
 #ifndef OPTAX_PAGED_FFI_CPU_UPDATE_H_
 #define OPTAX_PAGED_FFI_CPU_UPDATE_H_
 
+#include "optimizer_math.h"
 #include "xla/ffi/api/api.h"
 
 namespace optax_paged {
 
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdamWUpdateCpu);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kLionUpdateCpu);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdEMAMixUpdateCpu);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kSgdUpdateCpu);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kRmsPropUpdateCpu);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kAdagradUpdateCpu);
+// The target of the probe that tells Python a device's ordinal.
+inline constexpr const char* kDeviceOrdinalTarget =
+    "optax_paged_device_ordinal";
+
+// k<Optimizer>UpdateCpu for every optimizer of the table.
+#define OPTAX_PAGED_DECLARE_CPU_HANDLER(Optimizer) \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(k##Optimizer##UpdateCpu);
+OPTAX_PAGED_OPTIMIZERS(OPTAX_PAGED_DECLARE_CPU_HANDLER)
+#undef OPTAX_PAGED_DECLARE_CPU_HANDLER
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kDeviceOrdinalCpu);
 
 }  // namespace optax_paged

@@ -409,9 +409,9 @@ __global__ void WriteOrdinalKernel(int32_t* out, int32_t ordinal) {
 
 // Not command-buffer compatible: each call looks the state up in the
 // registry on the host, which a replayed CUDA graph would skip.
-#define OPTAX_PAGED_CUDA_HANDLER(symbol, Optimizer, name)                  \
+#define OPTAX_PAGED_CUDA_HANDLER(Optimizer)                                \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                           \
-      symbol,                                                              \
+      k##Optimizer##UpdateCuda,                                            \
       ([](cudaStream_t stream, int32_t ordinal,                            \
           ffi::Buffer<ffi::F32> hyperparams, ffi::Buffer<ffi::S32> position, \
           ffi::RemainingArgs args, ffi::RemainingRets rets,                \
@@ -419,7 +419,8 @@ __global__ void WriteOrdinalKernel(int32_t* out, int32_t ordinal) {
           int64_t output_mode) {                                           \
         return UpdateImpl<Optimizer>(stream, ordinal, hyperparams,         \
                                      position, args, rets, state_id,       \
-                                     leaf_indices, output_mode, name);     \
+                                     leaf_indices, output_mode,            \
+                                     TargetName<Optimizer>());             \
       }),                                                                  \
       ffi::Ffi::Bind()                                                     \
           .Ctx<ffi::PlatformStream<cudaStream_t>>()  /* XLA's stream */    \
@@ -430,14 +431,9 @@ __global__ void WriteOrdinalKernel(int32_t* out, int32_t ordinal) {
           .RemainingRets()                           /* updates/params */  \
           .Attr<int64_t>("state_id")                 /* registry entry */  \
           .Attr<ffi::Span<const int64_t>>("leaf_indices")                  \
-          .Attr<int64_t>("output_mode"))             /* OutputMode */
+          .Attr<int64_t>("output_mode"));            /* OutputMode */
 
-OPTAX_PAGED_CUDA_HANDLER(kAdamWUpdateCuda, AdamW, "optax_paged_adamw");
-OPTAX_PAGED_CUDA_HANDLER(kLionUpdateCuda, Lion, "optax_paged_lion");
-OPTAX_PAGED_CUDA_HANDLER(kAdEMAMixUpdateCuda, AdEMAMix, "optax_paged_ademamix");
-OPTAX_PAGED_CUDA_HANDLER(kSgdUpdateCuda, SgdMomentum, "optax_paged_sgd");
-OPTAX_PAGED_CUDA_HANDLER(kRmsPropUpdateCuda, RmsProp, "optax_paged_rmsprop");
-OPTAX_PAGED_CUDA_HANDLER(kAdagradUpdateCuda, Adagrad, "optax_paged_adagrad");
+OPTAX_PAGED_OPTIMIZERS(OPTAX_PAGED_CUDA_HANDLER)
 
 // The device ordinal this handler sees (see kDeviceOrdinalCpu).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -19,6 +19,7 @@
 
 #include "cpu_codec.h"
 #include "cpu_update.h"
+#include "element_types.h"
 #include "quantization.h"
 #include "state_memory.h"
 #include "state_registry.h"
@@ -58,28 +59,49 @@ nb::capsule Capsule(Fn* fn) {
 
 nb::dict CpuRegistrations() {
   nb::dict targets;
-  targets["optax_paged_adamw"] = Capsule(kAdamWUpdateCpu);
-  targets["optax_paged_lion"] = Capsule(kLionUpdateCpu);
-  targets["optax_paged_ademamix"] = Capsule(kAdEMAMixUpdateCpu);
-  targets["optax_paged_sgd"] = Capsule(kSgdUpdateCpu);
-  targets["optax_paged_rmsprop"] = Capsule(kRmsPropUpdateCpu);
-  targets["optax_paged_adagrad"] = Capsule(kAdagradUpdateCpu);
-  targets["optax_paged_device_ordinal"] = Capsule(kDeviceOrdinalCpu);
+#define OPTAX_PAGED_REGISTER(Optimizer) \
+  targets[TargetName<Optimizer>().c_str()] = Capsule(k##Optimizer##UpdateCpu);
+  OPTAX_PAGED_OPTIMIZERS(OPTAX_PAGED_REGISTER)
+#undef OPTAX_PAGED_REGISTER
+  targets[kDeviceOrdinalTarget] = Capsule(kDeviceOrdinalCpu);
   return targets;
 }
 
 nb::dict CudaRegistrations() {
   nb::dict targets;
 #if defined(OPTAX_PAGED_WITH_CUDA)
-  targets["optax_paged_adamw"] = Capsule(kAdamWUpdateCuda);
-  targets["optax_paged_lion"] = Capsule(kLionUpdateCuda);
-  targets["optax_paged_ademamix"] = Capsule(kAdEMAMixUpdateCuda);
-  targets["optax_paged_sgd"] = Capsule(kSgdUpdateCuda);
-  targets["optax_paged_rmsprop"] = Capsule(kRmsPropUpdateCuda);
-  targets["optax_paged_adagrad"] = Capsule(kAdagradUpdateCuda);
-  targets["optax_paged_device_ordinal"] = Capsule(kDeviceOrdinalCuda);
+#define OPTAX_PAGED_REGISTER(Optimizer) \
+  targets[TargetName<Optimizer>().c_str()] = Capsule(k##Optimizer##UpdateCuda);
+  OPTAX_PAGED_OPTIMIZERS(OPTAX_PAGED_REGISTER)
+#undef OPTAX_PAGED_REGISTER
+  targets[kDeviceOrdinalTarget] = Capsule(kDeviceOrdinalCuda);
 #endif
   return targets;
+}
+
+// The optimizer table, for Python: name -> target, moments, maps, slots.
+template <typename Optimizer>
+nb::dict TableEntry() {
+  nb::dict entry;
+  entry["target"] = TargetName<Optimizer>();
+  entry["num_moments"] = Optimizer::kNumMoments;
+  nb::list signed_moments, slots;
+  for (int m = 0; m < Optimizer::kNumMoments; ++m) {
+    signed_moments.append(Optimizer::IsSigned(m));
+  }
+  for (const char* slot : Optimizer::kSlots) slots.append(slot);
+  entry["signed"] = nb::tuple(signed_moments);
+  entry["slots"] = nb::tuple(slots);
+  return entry;
+}
+
+nb::dict OptimizerTable() {
+  nb::dict table;
+#define OPTAX_PAGED_TABLE_ENTRY(Optimizer) \
+  table[Optimizer::kName] = TableEntry<Optimizer>();
+  OPTAX_PAGED_OPTIMIZERS(OPTAX_PAGED_TABLE_ENTRY)
+#undef OPTAX_PAGED_TABLE_ENTRY
+  return table;
 }
 
 nb::tuple GpuMemoryInfo(int64_t device) {
@@ -338,6 +360,20 @@ NB_MODULE(_optax_paged_ext, m) {
   m.attr("WITH_CUDA") = false;
 #endif
   m.def("cpu_registrations", &CpuRegistrations);
+  m.def("optimizer_table", &OptimizerTable,
+        "name -> {target, num_moments, signed, slots} for every optimizer.");
+  m.attr("SEED_INDEX") = kSeedIndex;
+  m.attr("MAX_MOMENTS") = kMaxMoments;
+  m.attr("DEVICE_ORDINAL_TARGET") = kDeviceOrdinalTarget;
+  m.attr("OUTPUT_MODES") = nb::make_tuple(
+      static_cast<int>(kOutputUpdates), static_cast<int>(kOutputParams),
+      static_cast<int>(kOutputParamsStochastic));
+  nb::dict tiers;
+  for (Tier tier : {Tier::kHost, Tier::kManagedDevice, Tier::kManagedHost,
+                    Tier::kDevice}) {
+    tiers[TierName(tier)] = static_cast<int>(tier);
+  }
+  m.attr("TIER_CODES") = tiers;
   m.def("cuda_registrations", &CudaRegistrations);
   m.def("gpu_memory_info", &GpuMemoryInfo, nb::arg("device"),
         "(free, total) bytes of GPU `device`; (0, 0) without it.");

@@ -1,14 +1,20 @@
-// Element-wise optimizer maths, shared by the CPU and CUDA paths.
+// Element-wise optimizer maths, shared by the CPU and CUDA paths, and the
+// optimizer table (OPTAX_PAGED_OPTIMIZERS, at the end) that every handler,
+// FFI target and the Python side are generated from.
 //
-// Each optimizer is a struct with the number of moments it keeps, whether
-// each moment is signed (which quantization map it uses), its scalars read
-// from the hyperparameter vector, and an Update that advances the moments of
-// one element in fp32 registers and returns the parameter update. It knows
+// Each optimizer is a struct with its name (its FFI target is
+// "optax_paged_" + name), the number of moments it keeps, whether each
+// moment is signed (which quantization map it uses), the names of its
+// hyperparameter slots in the order Load reads them (Python packs the
+// vector by these names), and an Update that advances the moments of one
+// element in fp32 registers and returns the parameter update. It knows
 // nothing of quantization or of where the state lives.
 #ifndef OPTAX_PAGED_FFI_OPTIMIZER_MATH_H_
 #define OPTAX_PAGED_FFI_OPTIMIZER_MATH_H_
 
+#include <array>
 #include <cmath>
+#include <string>
 
 #include "quantization.h"
 
@@ -31,6 +37,7 @@ inline constexpr int kSeedIndex = kNumHyperparams - 1;
 // instructions (results move by at most an ulp). Plain Adam is AdamW with
 // wd = 0.
 struct AdamW {
+  static constexpr const char* kName = "adamw";
   static constexpr int kNumMoments = 2;
   // The first moment is signed, the second (of squares) is not.
   OPTAX_PAGED_HD static constexpr bool IsSigned(int moment) {
@@ -42,28 +49,14 @@ struct AdamW {
     float inverse_bc1, inverse_bc2;
   };
 
-  enum Index {
-    kLearningRate = 0,
-    kB1,
-    kOneMinusB1,
-    kB2,
-    kOneMinusB2,
-    kEps,
-    kWeightDecay,
-    kBiasCorrection1,
-    kBiasCorrection2,
-  };
+  static constexpr std::array kSlots = {
+      "learning_rate", "b1",  "one_minus_b1", "b2",
+      "one_minus_b2",  "eps", "weight_decay", "bias_correction1",
+      "bias_correction2"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
-    return Scalars{h[kLearningRate],
-                   h[kB1],
-                   h[kOneMinusB1],
-                   h[kB2],
-                   h[kOneMinusB2],
-                   h[kEps],
-                   h[kWeightDecay],
-                   1.0f / h[kBiasCorrection1],
-                   1.0f / h[kBiasCorrection2]};
+    return Scalars{h[0], h[1], h[2], h[3], h[4], h[5], h[6],
+                   1.0f / h[7], 1.0f / h[8]};
   }
 
   OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
@@ -82,12 +75,16 @@ struct AdamW {
 // Lion (Chen et al., 2023), as optax.lion:
 //   u = -lr (sign((1 - b1) g + b1 m) + wd p),  m = (1 - b2) g + b2 m.
 struct Lion {
+  static constexpr const char* kName = "lion";
   static constexpr int kNumMoments = 1;
   OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return true; }
 
   struct Scalars {
     float lr, b1, one_minus_b1, b2, one_minus_b2, weight_decay;
   };
+
+  static constexpr std::array kSlots = {"learning_rate", "b1", "one_minus_b1",
+                                        "b2", "one_minus_b2", "weight_decay"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
     return Scalars{h[0], h[1], h[2], h[3], h[4], h[5]};
@@ -109,6 +106,7 @@ struct Lion {
 //   u = -lr ((m1 / bc1 + alpha m2) / (sqrt(v / bc2) + eps) + wd p).
 // b3 and alpha arrive per step, so their warm-up schedules cost nothing.
 struct AdEMAMix {
+  static constexpr const char* kName = "ademamix";
   static constexpr int kNumMoments = 3;
   OPTAX_PAGED_HD static constexpr bool IsSigned(int moment) {
     return moment < 2;
@@ -118,6 +116,11 @@ struct AdEMAMix {
     float lr, b1, one_minus_b1, b2, one_minus_b2, eps, weight_decay;
     float inverse_bc1, inverse_bc2, b3, one_minus_b3, alpha;
   };
+
+  static constexpr std::array kSlots = {
+      "learning_rate",    "b1",  "one_minus_b1", "b2",
+      "one_minus_b2",     "eps", "weight_decay", "bias_correction1",
+      "bias_correction2", "b3",  "one_minus_b3", "alpha"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
     return Scalars{h[0], h[1], h[2], h[3], h[4], h[5], h[6],
@@ -143,12 +146,16 @@ struct AdEMAMix {
 //   m = g' + momentum m,  u = -lr m,  with g' = g + wd p (coupled L2, as
 // PyTorch and bitsandbytes apply weight decay in SGD).
 struct SgdMomentum {
+  static constexpr const char* kName = "sgd";
   static constexpr int kNumMoments = 1;
   OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return true; }
 
   struct Scalars {
     float lr, momentum, weight_decay;
   };
+
+  static constexpr std::array kSlots = {"learning_rate", "momentum",
+                                        "weight_decay"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
     return Scalars{h[0], h[1], h[2]};
@@ -165,12 +172,16 @@ struct SgdMomentum {
 // RMSprop, as optax.rmsprop (eps inside the square root):
 //   v = (1 - decay) g^2 + decay v,  u = -lr g / sqrt(v + eps).
 struct RmsProp {
+  static constexpr const char* kName = "rmsprop";
   static constexpr int kNumMoments = 1;
   OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return false; }
 
   struct Scalars {
     float lr, decay, one_minus_decay, eps;
   };
+
+  static constexpr std::array kSlots = {"learning_rate", "decay",
+                                        "one_minus_decay", "eps"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
     return Scalars{h[0], h[1], h[2], h[3]};
@@ -187,12 +198,15 @@ struct RmsProp {
 // Adagrad, as optax.adagrad: s = s + g^2 (s starts at the initial
 // accumulator value), u = -lr g / sqrt(s + eps), zero where s is zero.
 struct Adagrad {
+  static constexpr const char* kName = "adagrad";
   static constexpr int kNumMoments = 1;
   OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return false; }
 
   struct Scalars {
     float lr, eps;
   };
+
+  static constexpr std::array kSlots = {"learning_rate", "eps"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
     return Scalars{h[0], h[1]};
@@ -207,6 +221,43 @@ struct Adagrad {
     return -s.lr * (scale * g);
   }
 };
+
+// The optimizer table: X(Struct) for every optimizer the extension builds.
+// The CPU and CUDA handlers, their FFI targets and the table the extension
+// exports to Python (optimizer_table()) are all generated from this list;
+// adding an optimizer is a struct above plus a line here.
+#define OPTAX_PAGED_OPTIMIZERS(X) \
+  X(AdamW)                        \
+  X(Lion)                         \
+  X(AdEMAMix)                     \
+  X(SgdMomentum)                  \
+  X(RmsProp)                      \
+  X(Adagrad)
+
+// What the table promises each struct provides, checked at compile time.
+template <typename Optimizer>
+constexpr bool CheckOptimizer() {
+  static_assert(Optimizer::kNumMoments >= 1 &&
+                    Optimizer::kNumMoments <= kMaxMoments,
+                "kNumMoments out of range");
+  static_assert(Optimizer::kSlots.size() <= kSeedIndex,
+                "hyperparameter slots overlap the seed slot");
+  static_assert(sizeof(typename Optimizer::Scalars) > 0, "Scalars");
+  return true;
+}
+#define OPTAX_PAGED_CHECK_OPTIMIZER(Optimizer) \
+  static_assert(CheckOptimizer<Optimizer>());
+OPTAX_PAGED_OPTIMIZERS(OPTAX_PAGED_CHECK_OPTIMIZER)
+#undef OPTAX_PAGED_CHECK_OPTIMIZER
+
+// "optax_paged_" + the optimizer's name: its FFI target, and the prefix of
+// its handler's messages.
+template <typename Optimizer>
+const std::string& TargetName() {
+  static const std::string name =
+      std::string("optax_paged_") + Optimizer::kName;
+  return name;
+}
 
 }  // namespace optax_paged
 

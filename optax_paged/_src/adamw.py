@@ -20,10 +20,7 @@ def _adamw_spec(learning_rate, b1, b2, eps, weight_decay):
         count_inc,
     )
 
-  return transform.OptimizerSpec(
-      name='adamw', target='optax_paged_adamw', num_moments=2,
-      hyperparams=vector, signed=(True, False),
-  )
+  return transform.OptimizerSpec(name='adamw', hyperparams=vector)
 
 
 def _check_hyperparams(b1, b2, eps) -> None:

@@ -13,18 +13,19 @@ def ademamix_spec(learning_rate, b1, b2, b3, alpha, eps,
                   weight_decay) -> transform.OptimizerSpec:
   def vector(count, count_inc):
     # optax evaluates the b3 and alpha schedules at the count before the step.
-    return hyperparams.ademamix(
-        transform.learning_rate_at(learning_rate, count),
-        b1, b2,
-        b3(count) if callable(b3) else b3,
-        alpha(count) if callable(alpha) else alpha,
-        eps, weight_decay, count_inc,
-    )
+    b3_now = b3(count) if callable(b3) else b3
+    return hyperparams.pack(
+        'ademamix',
+        learning_rate=transform.learning_rate_at(learning_rate, count),
+        b1=b1, one_minus_b1=hyperparams.one_minus(b1),
+        b2=b2, one_minus_b2=hyperparams.one_minus(b2), eps=eps,
+        weight_decay=weight_decay,
+        bias_correction1=hyperparams.bias_correction(b1, count_inc),
+        bias_correction2=hyperparams.bias_correction(b2, count_inc),
+        b3=b3_now, one_minus_b3=hyperparams.one_minus(b3_now),
+        alpha=alpha(count) if callable(alpha) else alpha)
 
-  return transform.OptimizerSpec(
-      name='ademamix', target='optax_paged_ademamix', num_moments=3,
-      hyperparams=vector, signed=(True, True, False),
-  )
+  return transform.OptimizerSpec(name='ademamix', hyperparams=vector)
 
 
 def _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask, *,

@@ -16,7 +16,7 @@ import numpy as np
 
 from optax_paged._src import ffi
 
-PROBE_TARGET = 'optax_paged_device_ordinal'
+PROBE_TARGET = ffi.extension().DEVICE_ORDINAL_TARGET
 
 
 def platform_of(device: jax.Device) -> str:

@@ -22,10 +22,9 @@ from jax.interpreters import mlir
 
 from optax_paged import _optax_paged_ext
 
-# OutputMode of ffi/element_types.h.
-OUTPUT_UPDATES = 0
-OUTPUT_PARAMS = 1
-OUTPUT_PARAMS_STOCHASTIC = 2
+# OutputMode of ffi/element_types.h, as the extension exports it.
+OUTPUT_UPDATES, OUTPUT_PARAMS, OUTPUT_PARAMS_STOCHASTIC = (
+    _optax_paged_ext.OUTPUT_MODES)
 
 VMAP_MSG = (
     'optax_paged updates change optimizer state in place and cannot be '

@@ -2,8 +2,9 @@
 
 Hyperparameters reach the kernel as one float32 device vector (never as
 compile-time attributes), so learning-rate schedules and
-``optax.inject_hyperparams`` change values without recompiling. The layout
-mirrors the ``Index`` enums of ``ffi/optimizer_math.h``.
+``optax.inject_hyperparams`` change values without recompiling. Each
+optimizer's slots are named in the optimizer table (``kSlots`` in
+``ffi/optimizer_math.h``), and ``pack`` lays values out by those names.
 """
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_paged._src import ffi
+from optax_paged._src import optimizer_table
 
 NUM_HYPERPARAMS = 16
 # The last slot carries the step count's bits: the seed of stochastic rounding.
@@ -21,21 +23,37 @@ def _f32(x) -> jax.Array:
   return jnp.asarray(x, dtype=jnp.float32)
 
 
-def _one_minus(x) -> jax.Array:
-  # 1 - b in float64 when b is a Python number, as optax computes it.
+def one_minus(x) -> jax.Array:
+  """1 - x: in float64 when x is a Python number, as optax computes it."""
   if isinstance(x, (int, float, np.floating)):
     return _f32(1.0 - float(x))
   return 1.0 - _f32(x)
 
 
-def _bias_correction(decay, count) -> jax.Array:
-  # Exactly optax's expression (float decay, int32 count), then float32.
+def bias_correction(decay, count) -> jax.Array:
+  """Exactly optax's ``1 - decay**count`` (float decay, int32 count)."""
   return _f32(1 - decay**count)
 
 
-def _pack(values: list[jax.Array]) -> jax.Array:
-  padding = [_f32(0.0)] * (NUM_HYPERPARAMS - len(values))
-  return jnp.stack([_f32(v) for v in values] + padding)
+def pack(optimizer: str, **values) -> jax.Array:
+  """The hyperparameter vector of ``optimizer`` from its slots, by name.
+
+  Args:
+    optimizer: the optimizer's name in the table.
+    **values: one value per slot the table names for it (scalars or traced
+      scalars), no more and no fewer.
+
+  Returns:
+    float32[NUM_HYPERPARAMS], the slots in the kernel's order, zero padded.
+  """
+  slots = optimizer_table.info(optimizer).slots
+  if set(values) != set(slots):
+    raise TypeError(
+        f'{optimizer}: hyperparameters {sorted(values)} do not match the '
+        f'slots of the compiled optimizer {list(slots)}.'
+    )
+  padding = [_f32(0.0)] * (NUM_HYPERPARAMS - len(slots))
+  return jnp.stack([_f32(values[name]) for name in slots] + padding)
 
 
 def with_seed(vector: jax.Array, count: jax.Array) -> jax.Array:
@@ -46,52 +64,20 @@ def with_seed(vector: jax.Array, count: jax.Array) -> jax.Array:
 
 def adamw(learning_rate, b1, b2, eps, weight_decay, count) -> jax.Array:
   """AdamW's vector; ``count`` is the step number after this step (>= 1)."""
-  return _pack([
-      learning_rate,
-      b1,
-      _one_minus(b1),
-      b2,
-      _one_minus(b2),
-      eps,
-      weight_decay,
-      _bias_correction(b1, count),
-      _bias_correction(b2, count),
-  ])
-
-
-def lion(learning_rate, b1, b2, weight_decay) -> jax.Array:
-  """Lion's vector (``Lion::Load`` in ffi/optimizer_math.h)."""
-  return _pack([learning_rate, b1, _one_minus(b1), b2, _one_minus(b2),
-                weight_decay])
-
-
-def ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay,
-             count) -> jax.Array:
-  """AdEMAMix's vector; ``b3`` and ``alpha`` already evaluated this step."""
-  return _pack([
-      learning_rate, b1, _one_minus(b1), b2, _one_minus(b2), eps,
-      weight_decay, _bias_correction(b1, count), _bias_correction(b2, count),
-      b3, _one_minus(b3), alpha,
-  ])
-
-
-def sgd(learning_rate, momentum, weight_decay) -> jax.Array:
-  return _pack([learning_rate, momentum, weight_decay])
-
-
-def rmsprop(learning_rate, decay, eps) -> jax.Array:
-  return _pack([learning_rate, decay, _one_minus(decay), eps])
-
-
-def adagrad(learning_rate, eps) -> jax.Array:
-  return _pack([learning_rate, eps])
+  return pack(
+      'adamw', learning_rate=learning_rate, b1=b1, one_minus_b1=one_minus(b1),
+      b2=b2, one_minus_b2=one_minus(b2), eps=eps, weight_decay=weight_decay,
+      bias_correction1=bias_correction(b1, count),
+      bias_correction2=bias_correction(b2, count))
 
 
 def _check_layout() -> None:
-  if ffi.extension().NUM_HYPERPARAMS != NUM_HYPERPARAMS:
+  extension = ffi.extension()
+  if (extension.NUM_HYPERPARAMS, extension.SEED_INDEX) != (
+      NUM_HYPERPARAMS, SEED_INDEX):
     raise ImportError(
         'optax_paged: the compiled extension expects '
-        f'{ffi.extension().NUM_HYPERPARAMS} hyperparameters, Python packs '
+        f'{extension.NUM_HYPERPARAMS} hyperparameters, Python packs '
         f'{NUM_HYPERPARAMS}; rebuild the package.'
     )
 

@@ -12,15 +12,13 @@ from optax_paged._src import transform
 def lion_spec(learning_rate, b1, b2, weight_decay) -> transform.OptimizerSpec:
   def vector(count, count_inc):
     del count_inc
-    return hyperparams.lion(
-        transform.learning_rate_at(learning_rate, count), b1, b2,
-        weight_decay,
-    )
+    return hyperparams.pack(
+        'lion', learning_rate=transform.learning_rate_at(learning_rate, count),
+        b1=b1, one_minus_b1=hyperparams.one_minus(b1),
+        b2=b2, one_minus_b2=hyperparams.one_minus(b2),
+        weight_decay=weight_decay)
 
-  return transform.OptimizerSpec(
-      name='lion', target='optax_paged_lion', num_moments=1,
-      hyperparams=vector, signed=(True,),
-  )
+  return transform.OptimizerSpec(name='lion', hyperparams=vector)
 
 
 def _lion(learning_rate, b1, b2, weight_decay, mask, *, quantize, paged,

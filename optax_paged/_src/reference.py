@@ -264,9 +264,7 @@ def adamw8bit(
         b1, b2, eps, weight_decay, count_inc,
     )
 
-  spec = transform.OptimizerSpec(
-      'adamw', 'reference', 2, vector, signed=(True, False)
-  )
+  spec = transform.OptimizerSpec('adamw', vector)
   return reference_transformation(
       spec,
       quantize=quantize,

@@ -34,7 +34,8 @@ _PLATFORM_CODES = {'cpu': 0, 'cuda': 1}
 _PARAM_DTYPES = frozenset(
     np.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16))
 # Names as ffi/state_memory.cc's TierName gives them.
-TIER_CODES = {'cpu': 0, 'device': 1, 'host': 2, 'device (unpaged)': 3}
+# Tier of ffi/state_memory.h by name, as the extension exports it.
+TIER_CODES = dict(ffi.extension().TIER_CODES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,41 +12,35 @@ from optax_paged._src import transform
 def sgd_spec(learning_rate, momentum, weight_decay) -> transform.OptimizerSpec:
   def vector(count, count_inc):
     del count_inc
-    return hyperparams.sgd(
-        transform.learning_rate_at(learning_rate, count), momentum,
-        weight_decay,
-    )
+    return hyperparams.pack(
+        'sgd', learning_rate=transform.learning_rate_at(learning_rate, count),
+        momentum=momentum, weight_decay=weight_decay)
 
-  return transform.OptimizerSpec(
-      name='sgd', target='optax_paged_sgd', num_moments=1,
-      hyperparams=vector, signed=(True,),
-  )
+  return transform.OptimizerSpec(name='sgd', hyperparams=vector)
 
 
 def rmsprop_spec(learning_rate, decay, eps) -> transform.OptimizerSpec:
   def vector(count, count_inc):
     del count_inc
-    return hyperparams.rmsprop(
-        transform.learning_rate_at(learning_rate, count), decay, eps
-    )
+    return hyperparams.pack(
+        'rmsprop',
+        learning_rate=transform.learning_rate_at(learning_rate, count),
+        decay=decay, one_minus_decay=hyperparams.one_minus(decay), eps=eps)
 
-  return transform.OptimizerSpec(
-      name='rmsprop', target='optax_paged_rmsprop', num_moments=1,
-      hyperparams=vector, signed=(False,),
-  )
+  return transform.OptimizerSpec(name='rmsprop', hyperparams=vector)
 
 
 def adagrad_spec(learning_rate, initial_accumulator_value,
                  eps) -> transform.OptimizerSpec:
   def vector(count, count_inc):
     del count_inc
-    return hyperparams.adagrad(
-        transform.learning_rate_at(learning_rate, count), eps
-    )
+    return hyperparams.pack(
+        'adagrad',
+        learning_rate=transform.learning_rate_at(learning_rate, count),
+        eps=eps)
 
   return transform.OptimizerSpec(
-      name='adagrad', target='optax_paged_adagrad', num_moments=1,
-      hyperparams=vector, signed=(False,),
+      name='adagrad', hyperparams=vector,
       initial_values=(float(initial_accumulator_value),),
   )
 

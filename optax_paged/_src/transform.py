@@ -20,6 +20,7 @@ import optax
 from optax_paged._src import base
 from optax_paged._src import ffi
 from optax_paged._src import hyperparams
+from optax_paged._src import optimizer_table
 from optax_paged._src import registry
 from optax_paged._src import spmd
 
@@ -97,17 +98,28 @@ HyperparamFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class OptimizerSpec(NamedTuple):
-  """What distinguishes one optimizer of the family from another."""
+  """What distinguishes one optimizer of the family from another.
+
+  Its FFI target, moments and maps come from the optimizer table.
+  """
 
   name: str
-  target: str
-  num_moments: int
   # (count before the step, count after it) -> hyperparameter vector.
   hyperparams: HyperparamFn
-  # Which moments use the signed map (first moments) or the unsigned one.
-  signed: tuple[bool, ...] = ()
   # Value every element of each moment starts from (Adagrad's accumulator).
   initial_values: tuple[float, ...] = ()
+
+  @property
+  def target(self) -> str:
+    return optimizer_table.info(self.name).target
+
+  @property
+  def num_moments(self) -> int:
+    return optimizer_table.info(self.name).num_moments
+
+  @property
+  def signed(self) -> tuple[bool, ...]:
+    return optimizer_table.info(self.name).signed
 
 
 # update_fn of every optax_paged transformation -> its spec, so that
