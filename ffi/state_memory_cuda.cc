@@ -3,7 +3,7 @@
 //
 // Host tier: preferred location host, accessed-by the GPU, so the kernel
 // reads and writes the pages over the link in place, with no migration and
-// no eviction traffic (the project's DESIGN.md, "Memory tiers").
+// no eviction traffic (README, "On the GPU: memory tiers").
 //
 // Every call makes the buffer's GPU current first and restores the caller's
 // device after: the current device is per thread and XLA's threads rely on

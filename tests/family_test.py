@@ -15,13 +15,13 @@ from optax_paged._src import ademamix
 from optax_paged._src import lion
 from optax_paged._src import reference
 from optax_paged._src import single_moment
-from tests.adamw_test import DTYPES
-from tests.adamw_test import _compare_one_step
-from tests.adamw_test import _teacher_problem
-from tests.adamw_test import _train
+from tests.helpers import DTYPES
+from tests.helpers import compare_one_step
 from tests.helpers import jitted_step
 from tests.helpers import random_tree
 from tests.helpers import reference_state_from
+from tests.helpers import teacher_problem
+from tests.helpers import train
 
 LR = 1e-3
 # name: (8-bit factory, spec of the same hyperparameters, 32-bit paged
@@ -89,7 +89,7 @@ def test_kernel_step_equals_reference(name, dtype):
   step = jax.jit(tx.update)
   for i in range(3):
     _, state = step(_grads(params, i), state, params)
-  _compare_one_step(state, reference_state_from(state, params), params,
+  compare_one_step(state, reference_state_from(state, params), params,
                     _grads(params, 9), tx, ref)
 
 
@@ -163,7 +163,7 @@ def test_stays_close_to_fp32_state_over_50_steps(name, sync_every):
 @pytest.mark.parametrize('name', NAMES)
 def test_8bit_trains_as_well_as_optax(name):
   factory, _, _, _ = FAMILY[name]
-  params, loss_fn = _teacher_problem()
+  params, loss_fn = teacher_problem()
   lr = 3e-4 if name == 'lion' else 3e-3
   lr = 3e-2 if name in ('sgd', 'adagrad') else lr
   spec_kwargs = {'learning_rate': lr}
@@ -177,9 +177,9 @@ def test_8bit_trains_as_well_as_optax(name):
   }
   ours_factory = factory.func
   kwargs = dict(factory.keywords, **spec_kwargs)
-  ours, first = _train(ours_factory(min_8bit_size=1024, **kwargs), params,
+  ours, first = train(ours_factory(min_8bit_size=1024, **kwargs), params,
                        loss_fn, 300)
-  theirs, _ = _train(counterparts[name], params, loss_fn, 300)
+  theirs, _ = train(counterparts[name], params, loss_fn, 300)
   assert ours < 0.8 * first, (ours, first)
   # Lion steps by the sign of its momentum mix, so quantization error near
   # zero flips whole steps: 8-bit Lion ended 6.0% above optax.lion here

@@ -19,7 +19,7 @@ import optax_paged
 from optax_paged._src import reference
 from optax_paged._src import single_moment
 from optax_paged._src.adamw import _adamw_spec
-from tests.adamw_test import _compare_one_step
+from tests.helpers import compare_one_step
 from tests.helpers import reference_state_from
 
 pytestmark = pytest.mark.fuzz
@@ -60,7 +60,7 @@ def test_random_trees_follow_the_reference(shapes, dtype, name, lr, wd, seed):
   state = tx.init(params)
   # A first step, so the moments are not all zero; then one compared step.
   _, state = jax.jit(tx.update)(grads, state, params)
-  _compare_one_step(state, reference_state_from(state, params), params,
+  compare_one_step(state, reference_state_from(state, params), params,
                     grads, tx, ref)
 
 

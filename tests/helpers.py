@@ -97,3 +97,86 @@ def refusal_of(run, report):
   except ValueError as error:
     return str(error)
   raise AssertionError('the call was neither refused nor reported')
+
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _ulp(x: np.ndarray, dtype) -> np.ndarray:
+  """The spacing of ``dtype`` at each value of ``x``, subnormals included."""
+  info = jnp.finfo(dtype)
+  exponent = np.floor(np.log2(np.maximum(np.abs(x), float(info.tiny))))
+  return np.exp2(exponent - info.nmant)
+
+
+def compare_one_step(state, ref_state, params, grads, ffi_tx, ref_tx):
+  """One step of both from the same moments: updates and moments agree."""
+  updates, state = jax.jit(ffi_tx.update)(grads, state, params)
+  ref_updates, ref_state = jax.jit(ref_tx.update)(grads, ref_state, params)
+  for name in params:
+    expected = as_f32(ref_updates[name])
+    if params[name].dtype == jnp.float32:
+      np.testing.assert_allclose(
+          as_f32(updates[name]), expected, rtol=1e-5,
+          atol=1e-6 * float(np.max(np.abs(expected), initial=0.0)),
+          err_msg=name,
+      )
+    else:
+      # fp32 results an ulp apart may round to neighbouring 16-bit values;
+      # updates near zero come from terms that cancel, whose ulps remain.
+      slack = _ulp(expected, params[name].dtype) + 1e-6 * float(
+          np.max(np.abs(expected), initial=0.0)
+      )
+      assert np.all(np.abs(as_f32(updates[name]) - expected) <= slack), name
+    assert updates[name].dtype == params[name].dtype
+  after = reference_state_from(state, params)
+  for name in params:
+    ours, theirs = after.moments[name], ref_state.moments[name]
+    for m, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+      if isinstance(a, reference.QuantizedMoment):
+        np.testing.assert_allclose(a.absmax, b.absmax, rtol=1e-6)
+        diff = np.abs(np.asarray(a.codes, np.int32) - np.asarray(b.codes))
+        # A moment that lands on a rounding boundary may take the other
+        # neighbour after an ulp of difference; nothing else may differ.
+        assert diff.max(initial=0) <= 1, (name, m)
+        assert np.mean(diff) < 1e-3, (name, m)
+      else:
+        # Absolute slack of a few ulps of the terms that cancel into m.
+        scale = float(np.max(np.abs(b), initial=0.0))
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * scale)
+  return state, updates
+
+
+def teacher_problem():
+  """A 2-layer MLP fitting a noisy random teacher network."""
+  k = jax.random.split(jax.random.PRNGKey(42), 5)
+  x = jax.random.normal(k[0], (2048, 32))
+  teacher = jax.random.normal(k[1], (32, 8))
+  y = jnp.sin(x @ teacher) + 0.1 * jax.random.normal(k[4], (2048, 8))
+  params = {
+      'w1': jax.random.normal(k[2], (32, 128)) * 0.2,
+      'b1': jnp.zeros((128,)),
+      'w2': jax.random.normal(k[3], (128, 8)) * 0.1,
+      'b2': jnp.zeros((8,)),
+  }
+
+  def loss_fn(p):
+    hidden = jax.nn.gelu(x @ p['w1'] + p['b1'])
+    return jnp.mean((hidden @ p['w2'] + p['b2'] - y) ** 2)
+
+  return params, loss_fn
+
+
+def train(tx, params, loss_fn, steps):
+  @jax.jit
+  def step(p, s):
+    loss, g = jax.value_and_grad(loss_fn)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  state = tx.init(params)
+  losses = []
+  for _ in range(steps):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  return float(np.mean(losses[-10:])), losses[0]

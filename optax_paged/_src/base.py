@@ -9,7 +9,6 @@ Params = optax.Params
 Updates = optax.Updates
 OptState = optax.OptState
 ScalarOrSchedule = optax.ScalarOrSchedule
-PyTree = Any
 
 # bitsandbytes >= 0.44 blockwise optimizers: blocks of 256, fp32 absmax.
 BLOCK_SIZE = 256

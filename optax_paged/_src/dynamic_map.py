@@ -40,12 +40,15 @@ def create_dynamic_map(
     signed: whether the map covers [-1, 1] (first moments) or [0, 1] (second
       moments).
     max_exponent_bits: the number of decades the map spans.
-    total_bits: bits of a code; the map has ``2 ** total_bits`` entries.
+    total_bits: bits of a code (1 to 8); the map's non-zero values fill
+      ``2 ** total_bits`` entries at most.
 
   Returns:
-    A sorted float32 array of ``2 ** total_bits`` values, identical to
+    A sorted float32 array of 256 values, identical to
     ``bitsandbytes.functional.create_dynamic_map(signed, max_exponent_bits,
-    total_bits)``.
+    total_bits)``: like bitsandbytes, maps of fewer than 8 bits are padded
+    with zeros to 256 entries (and so sort their padding among the
+    values).
 
   Example:
     >>> from optax_paged.quantization import create_dynamic_map

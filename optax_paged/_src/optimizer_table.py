@@ -10,6 +10,7 @@ from the extension, so nothing about an optimizer is written twice.
 import functools
 from typing import NamedTuple
 
+from optax_paged._src import base
 from optax_paged._src import ffi
 
 
@@ -45,3 +46,22 @@ def info(name: str) -> OptimizerInfo:
         f'optax_paged: the compiled extension has no optimizer {name!r} '
         f'(it has {sorted(table())}); rebuild the package.'
     ) from None
+
+
+def _check_extension() -> None:
+  """Refuses an extension built from other sources than this Python code."""
+  extension = ffi.extension()
+  if extension.BLOCK_SIZE != base.BLOCK_SIZE:
+    raise ImportError(
+        f'optax_paged: the compiled extension quantizes blocks of '
+        f'{extension.BLOCK_SIZE}, Python expects {base.BLOCK_SIZE}; rebuild '
+        'the package.')
+  for row in table().values():
+    if (len(row.signed) != row.num_moments
+        or not 1 <= row.num_moments <= extension.MAX_MOMENTS
+        or len(row.slots) > extension.SEED_INDEX
+        or len(set(row.slots)) != len(row.slots)):
+      raise ImportError(f'optax_paged: malformed optimizer table row {row}.')
+
+
+_check_extension()
