@@ -13,12 +13,10 @@ import jax
 import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
-from jax._src import dispatch
-from jax._src.core import ShapedArray as _ShapedArray
-from jax._src.interpreters import partial_eval
 from jax.interpreters import ad
 from jax.interpreters import batching
 from jax.interpreters import mlir
+from jax.interpreters import partial_eval
 
 from optax_paged import _optax_paged_ext
 
@@ -83,7 +81,7 @@ def _abstract_eval(hyperparams, position, *operands, target, state_id,
                    leaf_indices, output_mode):
   del hyperparams, position, target, state_id, leaf_indices, output_mode
   params = operands[len(operands) // 2:]
-  return [_ShapedArray(p.shape, p.dtype) for p in params]
+  return [jax.core.ShapedArray(p.shape, p.dtype) for p in params]
 
 
 def _lowering(ctx, hyperparams, position, *operands, target, state_id,
@@ -119,7 +117,18 @@ def _lowering(ctx, hyperparams, position, *operands, target, state_id,
 update_p = jax_core.Primitive('optax_paged_update')
 update_p.multiple_results = True
 update_p.def_abstract_eval(_abstract_eval)
-update_p.def_impl(functools.partial(dispatch.apply_primitive, update_p))
+@functools.lru_cache(maxsize=256)
+def _jitted_update(**params):
+  return jax.jit(functools.partial(update_p.bind, **params))
+
+
+def _eager_update(*operands, **params):
+  # An eager call (tx.update outside jax.jit) runs the primitive compiled,
+  # as JAX runs its own primitives; one compiled call per set of params.
+  return _jitted_update(**params)(*operands)
+
+
+update_p.def_impl(_eager_update)
 mlir.register_lowering(update_p, _lowering)
 batching.primitive_batchers[update_p] = _refuse_vmap
 ad.primitive_jvps[update_p] = _refuse_jvp
