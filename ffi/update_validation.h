@@ -115,11 +115,13 @@ inline std::string StaleMessage(std::string_view prefix, int32_t count,
          ": the count and the moments come from different points of "
          "training (a count restored without its moments, e.g. by "
          "nnx.update or Orbax on nnx.state(optimizer); a state reset with "
-         "jax.tree.map, which resets only the count; or an older copy of a "
-         "state stepped again after a newer one). The moments were not "
-         "changed by that call. Restore with optax_paged.load_state_dict, "
-         "reset with tx.init(params), and step the state the last step "
-         "returned.";
+         "jax.tree.map, which resets only the count; an older copy of a "
+         "state stepped again after a newer one; or a wrapper that runs the "
+         "update and discards its result, as optax.MultiSteps does). The "
+         "moments were not changed by that call. Restore with "
+         "optax_paged.load_state_dict, reset with tx.init(params), use "
+         "optax_paged.accumulate_gradients for accumulation, and step the "
+         "state the last step returned.";
 }
 
 // Runs `run(ElementTag<T>{}, entry)` for the gradients' element type T, with

@@ -7,9 +7,11 @@ import optax
 import pytest
 
 import optax_paged
+from optax_paged._src import transform
 from tests.helpers import assert_trees_equal
 from tests.helpers import jitted_step
 from tests.helpers import random_tree
+from tests.helpers import refusal_of
 
 SHAPES = [(64, 80), (300,)]
 
@@ -60,6 +62,23 @@ def test_optax_multisteps_is_refused_with_a_pointer_to_the_fix():
   with pytest.raises(TypeError, match='accumulate_gradients'):
     jax.jit(tx.update)(_grads(params, 0), state, params)
   assert_trees_equal(optax_paged.state_dict(state.inner_opt_state), before)
+
+
+def test_any_wrapper_that_discards_an_update_is_refused_by_the_step_stamps(
+    monkeypatch):
+  # The trace-time check recognises optax.MultiSteps by its code; without it
+  # (a future optax, or any wrapper that runs the update and keeps the old
+  # state) the moments' step stamp refuses the next micro-step.
+  monkeypatch.setattr(transform, '_inside_optax_multisteps', lambda: False)
+  params = random_tree(SHAPES, seed=1)
+  tx = optax.MultiSteps(optax_paged.paged_adamw8bit(1e-3), every_k_schedule=2)
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  _, state = step(_grads(params, 0), state, params)  # micro-step 1 runs
+  message = refusal_of(
+      lambda: step(_grads(params, 1), state, params)[0],
+      lambda: optax_paged.state_dict(state.inner_opt_state))
+  assert 'discards its result' in message
 
 
 def test_apply_if_finite_skips_non_finite_steps_without_touching_state():

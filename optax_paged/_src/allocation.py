@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from optax_paged._src import paging
 from optax_paged._src import registry
 from optax_paged._src import transform
 
@@ -68,14 +69,14 @@ def allocate_state(state: Any, params: Any) -> Any:
             f'allocate_state: parameter {layout.path} has shape '
             f'{np.shape(leaf)}, the state was traced for {layout.shape}.'
         )
-    return registry.REGISTRY.allocate(
+    return paging.place_new_state(registry.REGISTRY.allocate(
         pending.optimizer, pending.num_moments, leaves,
         [leaf.quantized for leaf in pending.leaves],
         [leaf.decay for leaf in pending.leaves],
         paged=pending.paged, device_budget=pending.device_budget,
         zero_axis=pending.zero_axis, initial_values=pending.initial_values,
         signed=pending.signed, paths=[leaf.path for leaf in pending.leaves],
-    )
+    ), pending.device_budget)
 
   allocated = jax.tree.map(
       allocate, state, is_leaf=lambda x: isinstance(x, registry.StateBuffers))

@@ -39,10 +39,12 @@ STALE_STATE_MSG = (
     '{step}: the count and the moments come from different points of '
     'training (a count restored without its moments, e.g. by nnx.update or '
     'Orbax on nnx.state(optimizer); a state reset with jax.tree.map, which '
-    'resets only the count; or an older copy of a state stepped again after '
-    'a newer one). The moments were left as they were. Restore with '
-    'optax_paged.load_state_dict, reset with tx.init(params), and step the '
-    'state the last step returned.'
+    'resets only the count; an older copy of a state stepped again after a '
+    'newer one; or a wrapper that runs the update and discards its result, '
+    'as optax.MultiSteps does). The moments were left as they were. Restore '
+    'with optax_paged.load_state_dict, reset with tx.init(params), '
+    'accumulate with optax_paged.accumulate_gradients, and step the state '
+    'the last step returned.'
 )
 
 RELEASED_STATE_MSG = (

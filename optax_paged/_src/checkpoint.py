@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_paged._src import base
+from optax_paged._src import ffi
+from optax_paged._src import paging
 from optax_paged._src import quantization
 from optax_paged._src import registry
 from optax_paged._src import sharded_checkpoint
@@ -285,7 +287,6 @@ def _import_paged(
 
 def _restore_tiers(record: Any, tiers: list[int]) -> None:
   """Puts each leaf back in its saved tier, as far as the GPU has room."""
-  from optax_paged._src import paging  # only paged GPU states get here
 
   paged_tiers = {registry.TIER_CODES['device'], registry.TIER_CODES['host']}
   if not all(tier in paged_tiers for tier in tiers):
@@ -363,7 +364,7 @@ def _empty_like(layout: dict[str, Any]) -> registry.StateBuffers:
   return registry.REGISTRY.create(
       layout['optimizer'], layout['num_moments'], layout['platform'],
       layout['treedef'], layout['leaves'], layout['devices'],
-      layout['mesh_layout'], paged=layout['paged'], device_budget=0,
+      layout['mesh_layout'], paged=layout['paged'],
   )
 
 
@@ -463,8 +464,6 @@ def reduce_state(state: transform.PagedOptimizerState) -> tuple[Any, ...]:
 
 def _unpickle_state(layout: dict[str, Any],
                     saved: dict[str, Any]) -> transform.PagedOptimizerState:
-  from optax_paged._src import ffi  # only needed to unpickle GPU states
-
   if layout['platform'] == 'cuda' and not ffi.has_cuda_backend():
     raise ValueError(
         'unpickling an optax_paged state saved on a GPU, but this process '

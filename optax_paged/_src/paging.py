@@ -131,6 +131,14 @@ def apply_budget(record: 'registry.StateRecord', device_budget: DeviceBudget,
           entry.set_leaf_tier(i, registry.TIER_CODES[tier])
 
 
+def place_new_state(buffers: 'registry.StateBuffers',
+                    device_budget: DeviceBudget) -> 'registry.StateBuffers':
+  """Applies the budget to freshly allocated buffers (no-op unless paged)."""
+  if not buffers.is_abstract and buffers.record().paged:
+    apply_budget(buffers.record(), device_budget)
+  return buffers
+
+
 def place(leaf_bytes: Sequence[int], budget: int) -> list[str]:
   """Tier of each leaf: ``device`` while the budget lasts, then ``host``."""
   tiers = []

@@ -382,10 +382,11 @@ class StateRegistry:
     """Allocates state for ``params``; abstract (pending) under tracing.
 
     Parameters on a mesh get one entry per addressable device, holding that
-    device's shard. On a GPU, paged state starts in the host tier and moves
-    to the device as far as ``device_budget`` allows (per device); unpaged
-    state is plain device memory. Moments start at ``initial_values``
-    (zero where not given).
+    device's shard. On a GPU, paged state starts in the host tier (the
+    caller applies ``device_budget`` with ``paging.apply_budget``; it is
+    kept here for an allocation still pending); unpaged state is plain
+    device memory. Moments start at ``initial_values`` (zero where not
+    given).
     """
     leaves, treedef = jax.tree.flatten(params)
     if paths is None:
@@ -421,8 +422,8 @@ class StateRegistry:
           'optax_paged supports cpu and cuda.'
       )
     buffers = self.create(optimizer, num_moments, platform, treedef, layouts,
-                          devices, mesh_layout, paged=paged and
-                          platform == 'cuda', device_budget=device_budget)
+                          devices, mesh_layout,
+                          paged=paged and platform == 'cuda')
     if any(initial_values):
       fill_moments(buffers.record(), initial_values, signed)
     return buffers
@@ -438,9 +439,11 @@ class StateRegistry:
       mesh_layout: 'sharding.MeshLayout | None',
       *,
       paged: bool,
-      device_budget: Any = None,
   ) -> StateBuffers:
-    """Allocates zeroed buffers for ``layouts``, one entry per device."""
+    """Allocates zeroed buffers for ``layouts``, one entry per device.
+
+    Paged buffers start in the host tier; ``paging.apply_budget`` moves them.
+    """
     # Memory is asked for: what dropped states held goes back first.
     self.free_orphans()
     if platform == 'cpu':
@@ -477,9 +480,6 @@ class StateRegistry:
       raise
     record = StateRecord(group, entries, devices, optimizer, platform,
                          treedef, layouts, paged=paged, layout=mesh_layout)
-    if record.paged:
-      from optax_paged._src import paging  # paging builds on the registry
-      paging.apply_budget(record, device_budget)
     return self._adopt(record)
 
   def lookup(self, key: int) -> StateBuffers:

@@ -21,6 +21,7 @@ from optax_paged._src import base
 from optax_paged._src import ffi
 from optax_paged._src import hyperparams
 from optax_paged._src import optimizer_table
+from optax_paged._src import paging
 from optax_paged._src import registry
 from optax_paged._src import spmd
 
@@ -158,7 +159,6 @@ def make_transformation(
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the optax transformation for ``spec``."""
   if paged:
-    from optax_paged._src import paging  # only paged optimizers need it
     paging.check_budget(device_budget)
   # optax.inject_hyperparams passes numbers as arrays; only plain ints are
   # checked here (init reads the value concretely either way).
@@ -181,11 +181,11 @@ def make_transformation(
         for leaf, keep in zip(leaves, kept, strict=True)
     ]
     decay = resolve_mask(weight_decay_mask, params)
-    buffers = registry.REGISTRY.allocate(
+    buffers = paging.place_new_state(registry.REGISTRY.allocate(
         spec.name, spec.num_moments, params, quantized, decay,
         paged=paged, device_budget=device_budget, zero_axis=zero_axis,
         initial_values=spec.initial_values, signed=spec.signed,
-    )
+    ), device_budget)
     return PagedOptimizerState._make((zero_count(buffers), buffers))
 
   def init_fn(params: base.Params) -> PagedOptimizerState:
