@@ -81,6 +81,16 @@ def _nnx_step(model, optimizer, x):
   optimizer.update(model, grads)
 
 
+def _nnx_refusal(model, optimizer, x):
+  """How the next NNX step on ``optimizer`` is refused (any backend)."""
+
+  def run():
+    _nnx_step(model, optimizer, x)
+    return nnx.state(model)
+
+  return refusal_of(run, lambda: optax_paged.state_dict(optimizer.opt_state))
+
+
 def _nnx_pair():
   model = _Model()
   tx = optax_paged.adamw8bit(1e-3, min_8bit_size=256)
@@ -95,13 +105,7 @@ def test_nnx_update_with_an_older_optimizer_state_is_refused():
   older = nnx.clone(nnx.state(optimizer))
   _nnx_step(model, optimizer, x)
   nnx.update(optimizer, older)
-
-  def run():
-    _nnx_step(model, optimizer, x)
-    return nnx.state(model)
-
-  assert 'count is 1' in refusal_of(
-      run, lambda: optax_paged.state_dict(optimizer.opt_state))
+  assert 'count is 1' in _nnx_refusal(model, optimizer, x)
 
 
 def test_nnx_state_saved_by_orbax_then_restored_is_refused(tmp_path):
@@ -121,13 +125,7 @@ def test_nnx_state_saved_by_orbax_then_restored_is_refused(tmp_path):
     nnx.replace_by_pure_dict(
         target, ckpt.restore(tmp_path / 'nnx', nnx.to_pure_dict(target)))
   nnx.update(fresh, target)
-
-  def run():
-    _nnx_step(fresh_model, fresh, x)
-    return nnx.state(fresh_model)
-
-  assert 'count is 3' in refusal_of(
-      run, lambda: optax_paged.state_dict(fresh.opt_state))
+  assert 'count is 3' in _nnx_refusal(fresh_model, fresh, x)
 
 
 def test_a_flax_export_of_format_2_still_resumes():
