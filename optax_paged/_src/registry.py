@@ -153,8 +153,11 @@ class StateRecord:
     returns NaN and marks the entry. The mark is reported once, by the next
     call on that device or here, whichever comes first.
     """
-    for device, entry in zip(self.devices, self.entries, strict=True):
-      misrouted, stale = entry.take_marks()
+    # Every device's marks are taken, so that one refused step is reported
+    # once, not once per device.
+    marks = [(device, *entry.take_marks())
+             for device, entry in zip(self.devices, self.entries, strict=True)]
+    for device, misrouted, stale in marks:
       if misrouted:
         raise ValueError(
             f'{self.optimizer}: a step on {device} received the shard of '
