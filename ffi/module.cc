@@ -356,8 +356,12 @@ NB_MODULE(_optax_paged_ext, m) {
   m.attr("NUM_HYPERPARAMS") = kNumHyperparams;
 #if defined(OPTAX_PAGED_WITH_CUDA)
   m.attr("WITH_CUDA") = true;
+  m.attr("CUDA_VERSION") = OPTAX_PAGED_CUDA_VERSION;
+  m.attr("CUDA_ARCHITECTURES") = OPTAX_PAGED_CUDA_ARCHITECTURES;
 #else
   m.attr("WITH_CUDA") = false;
+  m.attr("CUDA_VERSION") = nb::none();
+  m.attr("CUDA_ARCHITECTURES") = nb::none();
 #endif
   m.def("cpu_registrations", &CpuRegistrations);
   m.def("optimizer_table", &OptimizerTable,

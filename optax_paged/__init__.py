@@ -19,6 +19,7 @@ from optax_paged._src.ademamix import ademamix8bit
 from optax_paged._src.ademamix import paged_ademamix
 from optax_paged._src.ademamix import paged_ademamix8bit
 from optax_paged._src.allocation import allocate_state
+from optax_paged._src.build_info import build_info
 from optax_paged._src.checkpoint import load_state_dict
 from optax_paged._src.checkpoint import state_dict
 from optax_paged._src.lion import lion8bit
@@ -55,6 +56,7 @@ __all__ = [
     'allocate_state',
     'ademamix8bit',
     'apply_gradients',
+    'build_info',
     'lion8bit',
     'load_state_dict',
     'memory_report',
