@@ -13,7 +13,7 @@ from flax import nnx
 from flax import serialization
 
 import optax_paged
-from optax_paged._src import checkpoint
+from optax_paged._src import state_io
 from tests.helpers import assert_trees_equal
 from tests.helpers import jitted_step
 from tests.helpers import refusal_of
@@ -138,7 +138,7 @@ def test_a_flax_export_of_format_2_still_resumes():
   old['format_version'] = np.asarray(2, np.int32)
   old['count'] = np.asarray(0, np.int32)
   old['checksum'] = np.asarray(
-      checkpoint._checksum(old['leaves'], 0), np.uint32)
+      state_io._checksum(old['leaves'], 0), np.uint32)
   restored = serialization.from_state_dict(tx.init(PARAMS), exported)
   p_restored, _ = step(PARAMS, restored, GRADS)
   p_straight, _ = step(PARAMS, state, GRADS)

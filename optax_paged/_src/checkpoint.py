@@ -5,12 +5,10 @@ checkpointers cannot see them. ``state_dict`` turns every optax_paged state
 inside a (possibly chained) optimizer state into a dictionary of arrays,
 recording the format version, block size and quantization maps with a CRC32
 of the contents; ``load_state_dict`` checks all of it and writes the arrays
-back into a freshly initialised state. ``copy.deepcopy`` and ``pickle`` of a
-state go through the same export into new buffers of the same layout.
+back into a freshly initialised state. One state's export and import live in
+``state_io``.
 """
 
-import zlib
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,80 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_paged._src import base
-from optax_paged._src import ffi
-from optax_paged._src import paging
-from optax_paged._src import quantization
-from optax_paged._src import registry
-from optax_paged._src import sharded_checkpoint
+from optax_paged._src import state_io
 from optax_paged._src import transform
 
 
 def _is_paged_state(x: Any) -> bool:
   return isinstance(x, transform.PagedOptimizerState)
-
-
-def _checksum(leaves: list[dict[str, Any]], count: int | None) -> int:
-  """CRC32 of the moments and (format 2 on) the step count."""
-  crc = 0
-  for leaf in leaves:
-    for moment in leaf['moments']:
-      for name in sorted(moment):
-        crc = zlib.crc32(np.ascontiguousarray(moment[name]).tobytes(), crc)
-  if count is not None:
-    crc = zlib.crc32(count_bytes(count), crc)
-  return crc
-
-
-def count_bytes(count: int) -> bytes:
-  """The step count as the checksum covers it (int32, little endian)."""
-  return np.asarray(count, '<i4').tobytes()
-
-
-def _header(record: Any) -> dict[str, Any]:
-  return {
-      # 0-d arrays, not NumPy scalars: checkpointers store arrays.
-      'format_version': np.asarray(base.FORMAT_VERSION, np.int32),
-      'block_size': np.asarray(base.BLOCK_SIZE, np.int32),
-      'signed_map': quantization.tables(True).values.copy(),
-      'unsigned_map': quantization.tables(False).values.copy(),
-      # Names as bytes: checkpointers store numbers, not strings.
-      'optimizer': np.frombuffer(record.optimizer.encode(), np.uint8).copy(),
-  }
-
-
-def _export_paged(state: transform.PagedOptimizerState) -> dict[str, Any]:
-  record = state.buffers.record()
-  count = int(np.asarray(jax.device_get(state.count)))
-  # A count from another point of training than the moments (a stale copy,
-  # a reset count) would make a checkpoint that resumes wrongly.
-  record.check_count(count)
-  if record.layout is not None:
-    # The count stays a global array on the mesh, as the moments are.
-    return {**_header(record), 'count': state.count,
-            **sharded_checkpoint.export(record, count_bytes(count))}
-  entry = record.entries[0]
-  leaves = []
-  for index, layout in enumerate(record.leaves):
-    moments = []
-    for m in range(entry.num_moments):
-      data, absmax = entry.read_moment(index, m)
-      if layout.quantized:
-        moments.append({'codes': data, 'absmax': absmax})
-      else:
-        moments.append({'values': data})
-    leaves.append({
-        'shape': np.asarray(layout.shape, dtype=np.int64),
-        'quantized': np.asarray(layout.quantized),
-        'tier': np.asarray(
-            registry.TIER_CODES[entry.leaf_info(index)['tier']], np.int32),
-        'moments': moments,
-    })
-  return {
-      **_header(record),
-      'count': np.asarray(count, dtype=np.int32),
-      'checksum': np.asarray(_checksum(leaves, count), np.uint32),
-      'leaves': leaves,
-  }
 
 
 def state_dict(state: base.OptState) -> Any:
@@ -113,7 +43,8 @@ def state_dict(state: base.OptState) -> Any:
   """
   jax.block_until_ready(state)
   return jax.tree.map(
-      lambda x: _export_paged(x) if _is_paged_state(x) else _host_leaf(x),
+      lambda x: (state_io.export_paged(x) if _is_paged_state(x)
+                 else _host_leaf(x)),
       state,
       is_leaf=_is_paged_state,
   )
@@ -124,179 +55,6 @@ def _host_leaf(x: Any) -> Any:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return x
   return np.asarray(x)
-
-
-def _refuse(message: str) -> ValueError:
-  return ValueError(f'load_state_dict: {message}')
-
-
-def _int_scalar(saved: dict[str, Any], name: str, low: int, high: int) -> int:
-  """``saved[name]`` as an int in [low, high]; else a refusal."""
-  if name not in saved:
-    raise _refuse(f'the checkpoint has no {name!r}.')
-  value = np.asarray(jax.device_get(saved[name]))
-  if value.shape != () or not np.issubdtype(value.dtype, np.integer):
-    raise _refuse(f'{name} must be an integer scalar, got '
-                  f'{value.dtype}{list(value.shape)}.')
-  if not low <= int(value) <= high:
-    raise _refuse(f'{name} {int(value)} is outside [{low}, {high}].')
-  return int(value)
-
-
-def _check_header(saved: dict[str, Any], record: Any) -> int:
-  """Checks the fields every state dictionary has; returns its version."""
-  version = _int_scalar(saved, 'format_version', 0, 2**31 - 1)
-  if version not in base.READABLE_FORMAT_VERSIONS:
-    raise _refuse(
-        f'checkpoint format version {version}, this optax_paged reads '
-        f'versions {list(base.READABLE_FORMAT_VERSIONS)}.'
-    )
-  block_size = _int_scalar(saved, 'block_size', 0, 2**31 - 1)
-  if block_size != base.BLOCK_SIZE:
-    raise _refuse(
-        f'checkpoint block size {block_size}, expected {base.BLOCK_SIZE}.'
-    )
-  for name, signed in (('signed_map', True), ('unsigned_map', False)):
-    stored = np.asarray(saved[name], dtype=np.float32)
-    if not np.array_equal(stored, quantization.tables(signed).values):
-      raise _refuse(f'checkpoint {name} differs from this build\'s map.')
-  optimizer = np.asarray(saved['optimizer'], np.uint8).tobytes().decode()
-  if optimizer != record.optimizer:
-    raise _refuse(
-        f'checkpoint is for {optimizer}, the state is for {record.optimizer}.'
-    )
-  if len(saved['leaves']) != len(record.leaves):
-    raise _refuse(
-        f'checkpoint has {len(saved["leaves"])} leaves, the state has '
-        f'{len(record.leaves)}.'
-    )
-  return version
-
-
-def _expected_arrays(layout: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
-  if layout.quantized:
-    blocks = -(-layout.size // base.BLOCK_SIZE)
-    return {
-        'codes': ((layout.size,), np.uint8),
-        'absmax': ((blocks,), np.float32),
-    }
-  return {'values': ((layout.size,), np.float32)}
-
-
-class _Planned:
-  """A state whose checkpoint passed every check, not yet written."""
-
-  def __init__(self, write: Callable[[], None],
-               result: Callable[[], transform.PagedOptimizerState]):
-    self.write = write
-    self.result = result
-
-
-def _plan_paged(state: transform.PagedOptimizerState, saved: Any) -> _Planned:
-  """Checks ``saved`` against ``state`` completely; writes nothing."""
-  if not isinstance(saved, dict) or 'format_version' not in saved:
-    raise _refuse(
-        'expected an optax_paged state dictionary where the state has an '
-        'optax_paged optimizer.'
-    )
-  record = state.buffers.record()
-  version = _check_header(saved, record)
-  count = _int_scalar(saved, 'count', 0, 2**31 - 1)
-  if record.layout is not None:
-    if version < 2:
-      raise _refuse('states on a mesh need checkpoint format version 2.')
-    writes = sharded_checkpoint.check(record, saved, count_bytes(count),
-                                      _refuse)
-    def write_sharded() -> None:
-      record.touched = True
-      sharded_checkpoint.write(record, writes)
-      record.set_moments_step(count)
-
-    return _Planned(
-        write_sharded,
-        lambda: transform.PagedOptimizerState(
-            count=transform.zero_count(state.buffers) + count,
-            buffers=state.buffers))
-  if 'mesh_shape' in saved:
-    raise _refuse(
-        'the checkpoint was saved from a state on a mesh; restore it into a '
-        'state initialised with the parameters on the same mesh.'
-    )
-  checked = []
-  pairs = zip(record.leaves, saved['leaves'], strict=True)
-  for index, (layout, leaf) in enumerate(pairs):
-    if tuple(np.asarray(leaf['shape']).tolist()) != layout.shape or bool(
-        leaf['quantized']
-    ) != layout.quantized:
-      raise _refuse(
-          f'leaf {layout.path}: checkpoint has shape '
-          f'{tuple(np.asarray(leaf["shape"]).tolist())} '
-          f'(quantized={bool(leaf["quantized"])}), the state has '
-          f'{layout.shape} (quantized={layout.quantized}).'
-      )
-    if len(leaf['moments']) != record.num_moments:
-      raise _refuse(f'leaf {layout.path}: wrong number of moments.')
-    for m, moment in enumerate(leaf['moments']):
-      expected = _expected_arrays(layout)
-      if set(moment) != set(expected):
-        raise _refuse(f'leaf {layout.path} moment {m}: wrong arrays.')
-      for name, (shape, dtype) in expected.items():
-        array = np.asarray(moment[name])
-        if array.shape != shape or array.dtype != dtype:
-          raise _refuse(
-              f'leaf {layout.path} moment {m} {name}: expected {dtype.__name__}'
-              f'{list(shape)}, got {array.dtype}{list(array.shape)}.'
-          )
-      checked.append((index, m, moment))
-  stored = _int_scalar(saved, 'checksum', 0, 2**32 - 1)
-  # Format 1 checksums cover the moments only.
-  if stored != _checksum(saved['leaves'], count if version >= 2 else None):
-    raise _refuse('checksum mismatch: the checkpoint is corrupted.')
-  tiers = [int(np.asarray(leaf.get('tier', -1))) for leaf in saved['leaves']]
-
-  def write() -> None:
-    record.touched = True
-    empty = np.zeros([0], np.uint8)
-    entry = record.entries[0]
-    for index, m, moment in checked:
-      if 'codes' in moment:
-        entry.write_moment(
-            index, m, np.ascontiguousarray(moment['codes']),
-            np.ascontiguousarray(moment['absmax']).view(np.uint8),
-        )
-      else:
-        entry.write_moment(
-            index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
-            empty,
-        )
-    record.set_moments_step(count)
-    if record.paged:
-      _restore_tiers(record, tiers)
-
-  return _Planned(write, lambda: transform.PagedOptimizerState(
-      count=jnp.asarray(count, dtype=jnp.int32), buffers=state.buffers))
-
-
-def _import_paged(
-    state: transform.PagedOptimizerState, saved: Any
-) -> transform.PagedOptimizerState:
-  planned = _plan_paged(state, saved)
-  planned.write()
-  return planned.result()
-
-
-def _restore_tiers(record: Any, tiers: list[int]) -> None:
-  """Puts each leaf back in its saved tier, as far as the GPU has room."""
-
-  paged_tiers = {registry.TIER_CODES['device'], registry.TIER_CODES['host']}
-  if not all(tier in paged_tiers for tier in tiers):
-    return  # saved from the CPU or an unpaged state: keep the init's tiers
-  device = registry.TIER_CODES['device']
-  sizes = [record.entries[0].leaf_info(i)['bytes']
-           for i in range(len(tiers))]
-  budget = sum(n for n, tier in zip(sizes, tiers, strict=True)
-               if tier == device)
-  paging.apply_budget(record, budget)
 
 
 def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
@@ -320,9 +78,9 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
       state is as it was.
   """
   jax.block_until_ready(state)
-  planned = _checked(lambda: jax.tree.map(
+  planned = state_io.checked(lambda: jax.tree.map(
       lambda fresh, stored: (
-          _plan_paged(fresh, stored)
+          state_io.plan_paged(fresh, stored)
           if _is_paged_state(fresh)
           else _restore_leaf(fresh, stored)
       ),
@@ -331,7 +89,7 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
       is_leaf=_is_paged_state,
   ))
   # Every state in the tree passed every check: only now is anything written.
-  is_planned = lambda x: isinstance(x, _Planned)  # noqa: E731
+  is_planned = lambda x: isinstance(x, state_io.Planned)  # noqa: E731
   for plan in jax.tree.leaves(planned, is_leaf=is_planned):
     if is_planned(plan):
       plan.write()
@@ -339,140 +97,16 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
                       is_leaf=is_planned)
 
 
-def _checked(plan: Callable[[], Any]) -> Any:
-  """``plan()``, with a malformed checkpoint's errors as refusals."""
-  try:
-    return plan()
-  except (KeyError, TypeError, ValueError, OverflowError) as error:
-    if str(error).startswith('load_state_dict:'):
-      raise
-    raise _refuse(f'checkpoint does not match the state: {error}') from None
-
-
 def _restore_leaf(fresh: Any, stored: Any) -> Any:
   stored = np.asarray(stored)
   if stored.shape != np.shape(fresh) or stored.dtype != np.asarray(fresh).dtype:
-    raise _refuse(
+    raise state_io.refuse(
         f'a leaf has shape {stored.shape} and dtype {stored.dtype}, the state '
         f'expects {np.shape(fresh)} and {np.asarray(fresh).dtype}.'
     )
   return jnp.asarray(stored)
 
 
-def _empty_like(layout: dict[str, Any]) -> registry.StateBuffers:
-  """Zeroed buffers of a record's layout (paged ones on the host tier)."""
-  return registry.REGISTRY.create(
-      layout['optimizer'], layout['num_moments'], layout['platform'],
-      layout['treedef'], layout['leaves'], layout['devices'],
-      layout['mesh_layout'], paged=layout['paged'],
-  )
-
-
-def _layout_of(record: Any) -> dict[str, Any]:
-  return {
-      'optimizer': record.optimizer,
-      'num_moments': record.num_moments,
-      'platform': record.platform,
-      'treedef': record.treedef,
-      'leaves': record.leaves,
-      'paged': record.paged,
-      'devices': record.devices,
-      'mesh_layout': record.layout,
-  }
-
-
-def export_buffers(buffers: registry.StateBuffers) -> dict[str, Any]:
-  """The moments of ``buffers`` as a state dictionary.
-
-  For serializers that store a state's ``count`` and ``buffers`` fields
-  apart (Flax's, for named tuples): the dictionary's count is the step the
-  moments are at, which the state's own count must equal.
-  """
-  record = buffers.record()
-  registry.wait_for_devices(record)
-  step = record.moments_step()
-  if step is None:
-    raise ValueError(
-        f'{record.optimizer}: the leaves of this state are at different '
-        'steps; it cannot be exported.')
-  return _export_paged(transform.PagedOptimizerState._make(
-      (transform.zero_count(buffers) + step, buffers)))
-
-
-def restore_buffers(target: registry.StateBuffers,
-                    saved: Any) -> registry.StateBuffers:
-  """New buffers laid out as ``target``'s, holding the moments of ``saved``.
-
-  ``saved`` comes from ``export_buffers``; it is checked completely before
-  the new buffers are written, and ``target`` is never touched.
-  """
-  record = target.record()
-  fresh = transform.PagedOptimizerState._make(
-      (transform.zero_count(target), _empty_like(_layout_of(record))))
-  try:
-    planned = _checked(lambda: _plan_paged(fresh, saved))
-  except BaseException:
-    registry.REGISTRY.release(fresh.buffers)
-    raise
-  planned.write()
-  if int(np.asarray(saved['format_version'])) < 3:
-    # Before format 3 the export's count was 0, not the moments' step: the
-    # state's own count, restored beside it, says which step they are at.
-    fresh.buffers.record().adopt_count = True
-  return fresh.buffers
-
-
-def copy_state(
-    state: transform.PagedOptimizerState,
-) -> transform.PagedOptimizerState:
-  """``copy.deepcopy`` of a state: new buffers, same moments and tiers.
-
-  Later updates of either state leave the other alone. The count is a new
-  array too (the import makes it), so donating the original's to a step
-  leaves the copy's alive.
-  """
-  if state.buffers.is_abstract:
-    return transform.PagedOptimizerState._make(state)
-  jax.block_until_ready(state.count)  # the step that made it has finished
-  saved = _export_paged(state)
-  fresh = transform.PagedOptimizerState._make(
-      (state.count, _empty_like(_layout_of(state.buffers.record()))))
-  return _import_paged(fresh, saved)
-
-
-def reduce_state(state: transform.PagedOptimizerState) -> tuple[Any, ...]:
-  """``pickle`` support: the layout and the exported moments, by value."""
-  if state.buffers.is_abstract:
-    raise TypeError(
-        'pickle: this optimizer state was made under a JAX transformation and '
-        'holds no buffers; pickle the state returned by tx.init outside jit.'
-    )
-  jax.block_until_ready(state.count)
-  record = state.buffers.record()
-  if record.layout is not None:
-    raise TypeError(
-        'pickle: this optimizer state is spread over a mesh; save it with '
-        'optax_paged.state_dict and a checkpointer such as Orbax, and '
-        'restore it with load_state_dict.'
-    )
-  layout = _layout_of(record)
-  devices = layout.pop('devices')
-  layout['device_id'] = devices[0].id
-  del layout['mesh_layout']
-  return _unpickle_state, (layout, _export_paged(state))
-
-
-def _unpickle_state(layout: dict[str, Any],
-                    saved: dict[str, Any]) -> transform.PagedOptimizerState:
-  if layout['platform'] == 'cuda' and not ffi.has_cuda_backend():
-    raise ValueError(
-        'unpickling an optax_paged state saved on a GPU, but this process '
-        'has no CUDA backend; save it with state_dict and restore it with '
-        'load_state_dict into a state initialised on this machine.'
-    )
-  device = {d.id: d for d in jax.local_devices()}.get(layout.pop('device_id'))
-  layout['devices'] = [device or jax.local_devices()[0]]
-  layout['mesh_layout'] = None
-  fresh = transform.PagedOptimizerState._make(
-      (jnp.asarray(saved['count'], jnp.int32), _empty_like(layout)))
-  return _import_paged(fresh, saved)
+def _unpickle_state(layout: dict[str, Any], saved: dict[str, Any]) -> Any:
+  # Pickles made before state_io existed name this function.
+  return state_io.unpickle_state(transform.PagedOptimizerState, layout, saved)

@@ -16,18 +16,18 @@ Registration happens when optax_paged is imported and Flax is installed.
 
 from typing import Any
 
-from optax_paged._src import checkpoint
 from optax_paged._src import registry
+from optax_paged._src import state_io
 
 
 def _to_state_dict(buffers: registry.StateBuffers) -> dict[str, Any]:
-  return checkpoint.export_buffers(buffers)
+  return state_io.export_buffers(buffers)
 
 
 def _from_state_dict(target: registry.StateBuffers, saved: Any,
                      name: str = '.') -> registry.StateBuffers:
   del name  # Flax's path, for its own messages
-  return checkpoint.restore_buffers(target, _lists_restored(saved))
+  return state_io.restore_buffers(target, _lists_restored(saved))
 
 
 def _lists_restored(saved: Any) -> Any:

@@ -13,7 +13,6 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -24,6 +23,7 @@ from optax_paged._src import optimizer_table
 from optax_paged._src import paging
 from optax_paged._src import registry
 from optax_paged._src import spmd
+from optax_paged._src import state_io
 
 
 class _PagedOptimizerFields(NamedTuple):
@@ -55,14 +55,10 @@ class PagedOptimizerState(_PagedOptimizerFields):
 
   def __deepcopy__(self, memo: dict[int, Any]) -> 'PagedOptimizerState':
     del memo
-    from optax_paged._src import checkpoint  # checkpoint builds on this module
-
-    return checkpoint.copy_state(self)
+    return state_io.copy_state(self)
 
   def __reduce__(self) -> tuple[Any, ...]:
-    from optax_paged._src import checkpoint
-
-    return checkpoint.reduce_state(self)
+    return state_io.reduce_state(self)
 
 
 RESTORED_WITHOUT_MOMENTS_MSG = (
@@ -186,7 +182,7 @@ def make_transformation(
         paged=paged, device_budget=device_budget, zero_axis=zero_axis,
         initial_values=spec.initial_values, signed=spec.signed,
     ), device_budget)
-    return PagedOptimizerState._make((zero_count(buffers), buffers))
+    return PagedOptimizerState._make((state_io.zero_count(buffers), buffers))
 
   def init_fn(params: base.Params) -> PagedOptimizerState:
     return init_with(params, None)
@@ -221,17 +217,6 @@ def _registered(table: weakref.WeakKeyDictionary, tx: Any, caller: str,
         f'(e.g. optax_paged.paged_adamw8bit(...)); {advice}.'
     )
   return value
-
-
-def zero_count(buffers: registry.StateBuffers) -> jax.Array:
-  """A zero step count, replicated over the state's mesh if it has one."""
-  record = None if buffers.is_abstract else buffers.record()
-  if record is None or record.layout is None:
-    return jnp.zeros([], jnp.int32)
-  replicated = jax.sharding.NamedSharding(record.layout.mesh,
-                                          jax.sharding.PartitionSpec())
-  return jax.make_array_from_callback(
-      (), replicated, lambda _: np.zeros((), np.int32))
 
 
 def shard_state_over(
