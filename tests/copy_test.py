@@ -113,3 +113,15 @@ def test_abstract_state_is_refused_by_pickle():
   assert copy.deepcopy(abstract).buffers.is_abstract
   with pytest.raises(TypeError, match='holds no buffers'):
     pickle.dumps(abstract)
+
+
+def test_pickles_naming_the_old_entry_point_still_load():
+  # Pickles made before state_io name checkpoint._unpickle_state(layout,
+  # saved); it must keep building the same state.
+  from optax_paged._src import checkpoint
+
+  params = random_tree(SHAPES, seed=4)
+  state = _trained_state(optax_paged.adamw8bit(1e-3, min_8bit_size=256),
+                         params)
+  _, (_, layout, saved) = state.__reduce__()
+  _assert_same_state(checkpoint._unpickle_state(layout, saved), state)
