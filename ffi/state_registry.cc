@@ -127,7 +127,14 @@ void StateEntry::Release() {
   {
     GlobalRegistry& global = Global();
     std::lock_guard<std::mutex> lock(global.mutex);
-    global.entries.erase(GroupDevice{placement_.group, placement_.ordinal});
+    // The key may already name a newer entry (keys are reused once their
+    // state is gone): only this entry's own slot is cleared.
+    auto it =
+        global.entries.find(GroupDevice{placement_.group, placement_.ordinal});
+    if (it != global.entries.end()) {
+      std::shared_ptr<StateEntry> current = it->second.lock();
+      if (current == nullptr || current.get() == this) global.entries.erase(it);
+    }
   }
   std::unique_lock<std::shared_mutex> lock(mutex_);
   if (released_) return;

@@ -184,7 +184,12 @@ def _orbax_saves():
       ckpt.save(path, tree)
 
   def manager(path, tree):
-    with ocp.CheckpointManager(path) as mngr:
+    # Directories made synchronously: after a refused save, Orbax's thread
+    # that signals their asynchronous creation waits out its 300 s barrier
+    # timeout at interpreter exit.
+    options = ocp.CheckpointManagerOptions(async_options=ocp.AsyncOptions(
+        create_directories_asynchronously=False))
+    with ocp.CheckpointManager(path, options=options) as mngr:
       mngr.save(1, args=ocp.args.StandardSave(tree))
       mngr.wait_until_finished()
 

@@ -9,7 +9,8 @@ without copying them through XLA.
 Lifetime: the ``StateBuffers`` object for a key is unique while any state
 refers to it; when the last one is garbage collected, the buffers are freed.
 ``release`` frees them at once. JAX caches hold only the integer key, never
-the buffers.
+the buffers; a key freed that way serves a later state of the same
+structure, and so do the steps compiled for it (``state_keys``).
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ from optax_paged._src import devices as devices_lib
 from optax_paged._src import ffi
 from optax_paged._src import orbax_guard
 from optax_paged._src import sharding
+from optax_paged._src import state_keys
 
 _PLATFORM_CODES = {'cpu': 0, 'cuda': 1}
 # What the kernels update (ffi/update_validation.h).
@@ -111,12 +113,15 @@ class StateRecord:
     self.treedef = treedef
     self.leaves = tuple(leaves)
     self.layout = layout
-    # Whether a step (traced) or a load has written the moments; see
+    # Whether a step (traced) or a load has written the moments, as far as
+    # Python saw; a step compiled for an earlier state with the same key
+    # runs unseen, so False is checked against the stamps. See
     # transform.PagedOptimizerState.
     self.touched = False
     # Restored from a Flax export older than format 3, whose moments' step
     # is the count the state is rebuilt with; see transform.PagedOptimizerState.
     self.adopt_count = False
+    self._key_returned = False
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, leaf in enumerate(self.leaves):
       by_dtype.setdefault(leaf.dtype, []).append(i)
@@ -144,6 +149,9 @@ class StateRecord:
   def release(self) -> None:
     for entry in self.entries:
       entry.release()
+    if not self._key_returned:
+      self._key_returned = True
+      state_keys.KEYS.released(self.group)
 
   def check_device_marks(self) -> None:
     """Raises (once) for a GPU step the kernel refused.
@@ -251,6 +259,9 @@ class StateBuffers:
     self.key = key
     self._record = record
     self.pending = pending
+    if key:
+      state_keys.KEYS.hold(key)
+      weakref.finalize(self, state_keys.KEYS.drop, key)
 
   def tree_flatten(self):
     return (), (self.key if self.pending is None else self.pending)
@@ -454,7 +465,10 @@ class StateRegistry:
     else:
       tier = 'host' if paged else 'device (unpaged)'
     extension = ffi.extension()
-    group = int(extension.new_group_id())
+    # All a compiled step reads from the record besides its key.
+    signature = (optimizer, platform, treedef, tuple(layouts), paged,
+                 tuple(devices), mesh_layout)
+    group = state_keys.KEYS.take(signature)
     entries = []
     try:
       for device in devices:
@@ -480,6 +494,7 @@ class StateRegistry:
     except BaseException:
       for entry in entries:
         entry.release()
+      state_keys.KEYS.give_back(group)
       raise
     record = StateRecord(group, entries, devices, optimizer, platform,
                          treedef, layouts, paged=paged, layout=mesh_layout)

@@ -87,7 +87,11 @@ def _refuse_count_without_moments(count: Any, buffers: Any) -> None:
     record.adopt_count = False
     record.set_moments_step(int(value))
   elif value > 0:
-    raise ValueError(RESTORED_WITHOUT_MOMENTS_MSG.format(int(value)))
+    # A step compiled for an earlier state with this key (state_keys) runs
+    # without tracing, so it never sets ``touched``: the stamps tell.
+    if record.moments_step() == 0:
+      raise ValueError(RESTORED_WITHOUT_MOMENTS_MSG.format(int(value)))
+    record.touched = True
 
 
 # (count before the step, count after it) -> float32[16]
