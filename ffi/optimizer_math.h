@@ -30,12 +30,14 @@ inline constexpr int kSeedIndex = kNumHyperparams - 1;
 
 // AdamW with optax's convention (Loshchilov & Hutter, 2019):
 //   m = (1 - b1) g + b1 m,  v = (1 - b2) g^2 + b2 v,
-//   u = -lr (m / bc1 / (sqrt(v / bc2) + eps) + wd p),
+//   u = -lr (m / bc1 / (sqrt(v / bc2 + eps_root) + eps) + wd p),
 // with bias corrections bc = 1 - b^t computed by the caller. The divisions
 // by bc1 and bc2 are multiplications by their reciprocals, computed once per
 // call: two IEEE divisions per element were a third of the GPU kernel's
 // instructions (results move by at most an ulp). Plain Adam is AdamW with
-// wd = 0.
+// wd = 0. With nesterov (optax's adamw(nesterov=True), NAdam's look-ahead)
+// m / bc1 becomes b1 m / (1 - b1^(t+1)) + (1 - b1) g / bc1. Both options are
+// uniform branches, so the default step runs the same instructions as before.
 struct AdamW {
   static constexpr const char* kName = "adamw";
   static constexpr int kNumMoments = 2;
@@ -46,17 +48,22 @@ struct AdamW {
 
   struct Scalars {
     float lr, b1, one_minus_b1, b2, one_minus_b2, eps, weight_decay;
-    float inverse_bc1, inverse_bc2;
+    float inverse_bc1, inverse_bc2, eps_root, inverse_bc1_next;
+    bool nesterov;
   };
 
   static constexpr std::array kSlots = {
-      "learning_rate", "b1",  "one_minus_b1", "b2",
-      "one_minus_b2",  "eps", "weight_decay", "bias_correction1",
-      "bias_correction2"};
+      "learning_rate",    "b1",
+      "one_minus_b1",     "b2",
+      "one_minus_b2",     "eps",
+      "weight_decay",     "bias_correction1",
+      "bias_correction2", "eps_root",
+      "nesterov",         "bias_correction1_next"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
-    return Scalars{h[0], h[1], h[2], h[3], h[4], h[5], h[6],
-                   1.0f / h[7], 1.0f / h[8]};
+    return Scalars{h[0], h[1], h[2],        h[3],        h[4],
+                   h[5], h[6], 1.0f / h[7], 1.0f / h[8], h[9],
+                   1.0f / h[11], h[10] != 0.0f};
   }
 
   OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
@@ -65,8 +72,14 @@ struct AdamW {
     const float v = s.one_minus_b2 * (g * g) + s.b2 * moments[1];
     moments[0] = m;
     moments[1] = v;
-    float direction =
-        (m * s.inverse_bc1) / (sqrtf(v * s.inverse_bc2) + s.eps);
+    float m_hat = m * s.inverse_bc1;
+    if (s.nesterov) {
+      m_hat = s.b1 * (m * s.inverse_bc1_next) +
+              s.one_minus_b1 * (g * s.inverse_bc1);
+    }
+    float v_hat = v * s.inverse_bc2;
+    if (s.eps_root != 0.0f) v_hat = v_hat + s.eps_root;
+    float direction = m_hat / (sqrtf(v_hat) + s.eps);
     if (decay) direction = direction + s.weight_decay * p;
     return -s.lr * direction;
   }
@@ -152,20 +165,24 @@ struct SgdMomentum {
 
   struct Scalars {
     float lr, momentum, weight_decay;
+    bool nesterov;
   };
 
   static constexpr std::array kSlots = {"learning_rate", "momentum",
-                                        "weight_decay"};
+                                        "weight_decay", "nesterov"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
-    return Scalars{h[0], h[1], h[2]};
+    return Scalars{h[0], h[1], h[2], h[3] != 0.0f};
   }
 
   OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
                                      bool decay, float* moments) {
     if (decay) g = g + s.weight_decay * p;
     moments[0] = g + s.momentum * moments[0];
-    return -s.lr * moments[0];
+    // optax.sgd(nesterov=True): the update looks one momentum step ahead.
+    const float direction =
+        s.nesterov ? g + s.momentum * moments[0] : moments[0];
+    return -s.lr * direction;
   }
 };
 

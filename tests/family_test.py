@@ -63,6 +63,32 @@ FAMILY = {
         functools.partial(optax_paged.paged_adam, LR),
         optax.adam(LR),
     ),
+    # optax's options, through the same kernels.
+    'adamw-nesterov': (
+        functools.partial(optax_paged.adamw8bit, LR, weight_decay=0.01,
+                          nesterov=True),
+        optax_paged._src.adamw._adamw_spec(LR, 0.9, 0.999, 1e-8, 0.01,
+                                           nesterov=True),
+        functools.partial(optax_paged.paged_adamw, LR, weight_decay=0.01,
+                          nesterov=True),
+        optax.adamw(LR, weight_decay=0.01, nesterov=True),
+    ),
+    'adamw-eps-root': (
+        functools.partial(optax_paged.adamw8bit, LR, weight_decay=0.01,
+                          eps_root=1e-8),
+        optax_paged._src.adamw._adamw_spec(LR, 0.9, 0.999, 1e-8, 0.01,
+                                           eps_root=1e-8),
+        functools.partial(optax_paged.paged_adamw, LR, weight_decay=0.01,
+                          eps_root=1e-8),
+        optax.adamw(LR, weight_decay=0.01, eps_root=1e-8),
+    ),
+    'sgd-nesterov': (
+        functools.partial(optax_paged.sgd8bit, LR, momentum=0.9,
+                          nesterov=True),
+        single_moment.sgd_spec(LR, 0.9, 0.0, nesterov=True),
+        None,
+        optax.sgd(LR, momentum=0.9, nesterov=True),
+    ),
 }
 NAMES = sorted(FAMILY)
 # Every block boundary case in one tree: below min_8bit_size, one element
@@ -165,15 +191,18 @@ def test_8bit_trains_as_well_as_optax(name):
   factory, _, _, _ = FAMILY[name]
   params, loss_fn = teacher_problem()
   lr = 3e-4 if name == 'lion' else 3e-3
-  lr = 3e-2 if name in ('sgd', 'adagrad') else lr
+  lr = 3e-2 if name in ('sgd', 'sgd-nesterov', 'adagrad') else lr
   spec_kwargs = {'learning_rate': lr}
   counterparts = {
       'lion': optax.lion(lr, weight_decay=0.01),
       'ademamix': contrib.ademamix(lr, weight_decay=0.01),
       'sgd': optax.sgd(lr, momentum=0.9),
+      'sgd-nesterov': optax.sgd(lr, momentum=0.9, nesterov=True),
       'rmsprop': optax.rmsprop(lr),
       'adagrad': optax.adagrad(lr),
       'adam': optax.adam(lr),
+      'adamw-nesterov': optax.adamw(lr, weight_decay=0.01, nesterov=True),
+      'adamw-eps-root': optax.adamw(lr, weight_decay=0.01, eps_root=1e-8),
   }
   ours_factory = factory.func
   kwargs = dict(factory.keywords, **spec_kwargs)

@@ -37,7 +37,7 @@ def test_pack_refuses_missing_or_unknown_slots():
     hyperparams.pack('sgd', learning_rate=1.0, momentum=0.9)
   with pytest.raises(TypeError, match='do not match the slots'):
     hyperparams.pack('sgd', learning_rate=1.0, momentum=0.9,
-                     weight_decay=0.0, nesterov=1.0)
+                     weight_decay=0.0, nesterov=0.0, dampening=0.0)
 
 
 def test_an_optimizer_missing_from_the_build_is_a_clear_error():

@@ -9,34 +9,45 @@ from optax_paged._src import hyperparams
 from optax_paged._src import transform
 
 
-def _adamw_spec(learning_rate, b1, b2, eps, weight_decay):
+def _adamw_spec(learning_rate, b1, b2, eps, weight_decay, eps_root=0.0,
+                nesterov=False):
   def vector(count, count_inc):
     return hyperparams.adamw(
-        transform.learning_rate_at(learning_rate, count),
+        transform.value_at(learning_rate, count),
         b1,
         b2,
         eps,
-        weight_decay,
+        transform.value_at(weight_decay, count),
         count_inc,
+        eps_root=eps_root,
+        nesterov=nesterov,
     )
 
   return transform.OptimizerSpec(name='adamw', hyperparams=vector)
 
 
-def _check_hyperparams(b1, b2, eps) -> None:
+def _check_hyperparams(b1, b2, eps, eps_root, mu_dtype) -> None:
   for name, value in (('b1', b1), ('b2', b2)):
     if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
       raise ValueError(f'{name} must be in [0, 1), got {value}.')
-  if isinstance(eps, (int, float)) and eps < 0:
-    raise ValueError(f'eps must be >= 0, got {eps}.')
+  for name, value in (('eps', eps), ('eps_root', eps_root)):
+    if isinstance(value, (int, float)) and value < 0:
+      raise ValueError(f'{name} must be >= 0, got {value}.')
+  if mu_dtype is not None:
+    raise ValueError(
+        f'mu_dtype={mu_dtype!r}: optax_paged stores the first moment blockwise '
+        'in 8 bits (or fp32 for small leaves and the fp32 optimizers) and '
+        'computes in fp32; a first-moment dtype does not apply. Leave it None.'
+    )
 
 
 def _adam(learning_rate, b1, b2, eps, weight_decay, mask, *, quantize, paged,
           min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None,
-          keep_32bit=None):
-  _check_hyperparams(b1, b2, eps)
+          keep_32bit=None, eps_root=0.0, mu_dtype=None, nesterov=False):
+  _check_hyperparams(b1, b2, eps, eps_root, mu_dtype)
   return transform.make_transformation(
-      _adamw_spec(learning_rate, b1, b2, eps, weight_decay),
+      _adamw_spec(learning_rate, b1, b2, eps, weight_decay, eps_root,
+                  bool(nesterov)),
       quantize=quantize,
       min_8bit_size=min_8bit_size,
       keep_32bit=keep_32bit,
@@ -51,9 +62,12 @@ def adamw8bit(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    weight_decay: base.ScalarOrSchedule = 1e-4,
     mask: Any = None,
     *,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -74,7 +88,8 @@ def adamw8bit(
     b1: exponential decay rate of the first moment.
     b2: exponential decay rate of the second moment.
     eps: added to the denominator for numerical stability.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay: a tree of booleans with the
       structure of the parameters (or a prefix of it), or a callable that
       returns one given the parameters; as ``optax.adamw``'s ``mask``.
@@ -83,6 +98,11 @@ def adamw8bit(
     keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
       embeddings): a tree of booleans with the structure of the parameters
       (or a prefix of it), or a callable returning one given the parameters.
+    eps_root: added to the bias-corrected second moment inside the square
+      root, as ``optax.adamw``'s ``eps_root``.
+    mu_dtype: must be None: the first moment's storage is the optimizer's
+      (8-bit blockwise or fp32), not a dtype; accepted for optax's spelling.
+    nesterov: Nesterov momentum (NAdam's look-ahead), as ``optax.adamw``'s.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``params``.
@@ -104,7 +124,8 @@ def adamw8bit(
   """
   return _adam(learning_rate, b1, b2, eps, weight_decay, mask, quantize=True,
                paged=False, min_8bit_size=min_8bit_size,
-               keep_32bit=keep_32bit)
+               keep_32bit=keep_32bit,
+               eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
 
 
 def paged_adamw8bit(
@@ -112,9 +133,12 @@ def paged_adamw8bit(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    weight_decay: base.ScalarOrSchedule = 1e-4,
     mask: Any = None,
     *,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
     device_budget: int | float | None = None,
@@ -134,7 +158,8 @@ def paged_adamw8bit(
     b1: exponential decay rate of the first moment.
     b2: exponential decay rate of the second moment.
     eps: added to the denominator for numerical stability.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
@@ -143,6 +168,11 @@ def paged_adamw8bit(
     device_budget: GPU bytes the state may occupy (an int), a fraction of
       the GPU memory free at init (a float in [0, 1]), or None for half of
       it. 0 keeps every buffer in host RAM.
+    eps_root: added to the bias-corrected second moment inside the square
+      root, as ``optax.adamw``'s ``eps_root``.
+    mu_dtype: must be None: the first moment's storage is the optimizer's
+      (8-bit blockwise or fp32), not a dtype; accepted for optax's spelling.
+    nesterov: Nesterov momentum (NAdam's look-ahead), as ``optax.adamw``'s.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``params``.
@@ -162,7 +192,8 @@ def paged_adamw8bit(
   return _adam(learning_rate, b1, b2, eps, weight_decay, mask, quantize=True,
                paged=True, min_8bit_size=min_8bit_size,
                keep_32bit=keep_32bit,
-               device_budget=device_budget)
+               device_budget=device_budget,
+               eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
 
 
 def adam8bit(
@@ -171,6 +202,9 @@ def adam8bit(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -185,13 +219,19 @@ def adam8bit(
     keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
       embeddings): a tree of booleans with the structure of the parameters
       (or a prefix of it), or a callable returning one given the parameters.
+    eps_root: added to the bias-corrected second moment inside the square
+      root, as ``optax.adamw``'s ``eps_root``.
+    mu_dtype: must be None: the first moment's storage is the optimizer's
+      (8-bit blockwise or fp32), not a dtype; accepted for optax's spelling.
+    nesterov: Nesterov momentum (NAdam's look-ahead), as ``optax.adamw``'s.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; matches ``optax.adam``.
   """
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
                paged=False, min_8bit_size=min_8bit_size,
-               keep_32bit=keep_32bit)
+               keep_32bit=keep_32bit,
+               eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
 
 
 def paged_adam8bit(
@@ -200,6 +240,9 @@ def paged_adam8bit(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
     device_budget: int | float | None = None,
@@ -217,6 +260,11 @@ def paged_adam8bit(
       (or a prefix of it), or a callable returning one given the parameters.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
       state may occupy; None for half of the free memory.
+    eps_root: added to the bias-corrected second moment inside the square
+      root, as ``optax.adamw``'s ``eps_root``.
+    mu_dtype: must be None: the first moment's storage is the optimizer's
+      (8-bit blockwise or fp32), not a dtype; accepted for optax's spelling.
+    nesterov: Nesterov momentum (NAdam's look-ahead), as ``optax.adamw``'s.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; matches ``optax.adam``.
@@ -224,7 +272,8 @@ def paged_adam8bit(
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
                paged=True, min_8bit_size=min_8bit_size,
                keep_32bit=keep_32bit,
-               device_budget=device_budget)
+               device_budget=device_budget,
+               eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
 
 
 def paged_adam(
@@ -233,6 +282,9 @@ def paged_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     device_budget: int | float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with fp32 state in paged memory (bitsandbytes' ``PagedAdam``).
@@ -244,13 +296,19 @@ def paged_adam(
     eps: added to the denominator for numerical stability.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
       state may occupy; None for half of the free memory.
+    eps_root: added to the bias-corrected second moment inside the square
+      root, as ``optax.adamw``'s ``eps_root``.
+    mu_dtype: must be None: the first moment's storage is the optimizer's
+      (8-bit blockwise or fp32), not a dtype; accepted for optax's spelling.
+    nesterov: Nesterov momentum (NAdam's look-ahead), as ``optax.adamw``'s.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; equals ``optax.adam`` to
     float rounding.
   """
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=False,
-               paged=True, device_budget=device_budget)
+               paged=True, device_budget=device_budget,
+               eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
 
 
 def paged_adamw(
@@ -258,9 +316,12 @@ def paged_adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    weight_decay: base.ScalarOrSchedule = 1e-4,
     mask: Any = None,
     *,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     device_budget: int | float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW with fp32 state in paged memory (bitsandbytes' ``PagedAdamW``).
@@ -270,14 +331,21 @@ def paged_adamw(
     b1: exponential decay rate of the first moment.
     b2: exponential decay rate of the second moment.
     eps: added to the denominator for numerical stability.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
       state may occupy; None for half of the free memory.
+    eps_root: added to the bias-corrected second moment inside the square
+      root, as ``optax.adamw``'s ``eps_root``.
+    mu_dtype: must be None: the first moment's storage is the optimizer's
+      (8-bit blockwise or fp32), not a dtype; accepted for optax's spelling.
+    nesterov: Nesterov momentum (NAdam's look-ahead), as ``optax.adamw``'s.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; equals ``optax.adamw`` to
     float rounding.
   """
   return _adam(learning_rate, b1, b2, eps, weight_decay, mask,
-               quantize=False, paged=True, device_budget=device_budget)
+               quantize=False, paged=True, device_budget=device_budget,
+               eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov)

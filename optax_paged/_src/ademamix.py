@@ -16,10 +16,10 @@ def ademamix_spec(learning_rate, b1, b2, b3, alpha, eps,
     b3_now = b3(count) if callable(b3) else b3
     return hyperparams.pack(
         'ademamix',
-        learning_rate=transform.learning_rate_at(learning_rate, count),
+        learning_rate=transform.value_at(learning_rate, count),
         b1=b1, one_minus_b1=hyperparams.one_minus(b1),
         b2=b2, one_minus_b2=hyperparams.one_minus(b2), eps=eps,
-        weight_decay=weight_decay,
+        weight_decay=transform.value_at(weight_decay, count),
         bias_correction1=hyperparams.bias_correction(b1, count_inc),
         bias_correction2=hyperparams.bias_correction(b2, count_inc),
         b3=b3_now, one_minus_b3=hyperparams.one_minus(b3_now),
@@ -49,7 +49,7 @@ def ademamix8bit(
     b3: base.ScalarOrSchedule = 0.9999,
     alpha: base.ScalarOrSchedule = 5.0,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: base.ScalarOrSchedule = 0.0,
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
@@ -71,7 +71,8 @@ def ademamix8bit(
     b3: decay rate of the slow EMA, or a schedule of it.
     alpha: weight of the slow EMA, or a schedule of it.
     eps: added to the denominator for numerical stability.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
@@ -97,7 +98,7 @@ def paged_ademamix8bit(
     b3: base.ScalarOrSchedule = 0.9999,
     alpha: base.ScalarOrSchedule = 5.0,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: base.ScalarOrSchedule = 0.0,
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
@@ -113,7 +114,8 @@ def paged_ademamix8bit(
     b3: decay rate of the slow EMA, or a schedule of it.
     alpha: weight of the slow EMA, or a schedule of it.
     eps: added to the denominator for numerical stability.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
@@ -138,7 +140,7 @@ def paged_ademamix(
     b3: base.ScalarOrSchedule = 0.9999,
     alpha: base.ScalarOrSchedule = 5.0,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: base.ScalarOrSchedule = 0.0,
     mask: Any = None,
     *,
     device_budget: int | float | None = None,
@@ -153,7 +155,8 @@ def paged_ademamix(
     b3: decay rate of the slow EMA, or a schedule of it.
     alpha: weight of the slow EMA, or a schedule of it.
     eps: added to the denominator for numerical stability.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
       state may occupy; None for half of the free memory.

@@ -10,6 +10,7 @@ optimizer's slots are named in the optimizer table (``kSlots`` in
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optax_paged._src import ffi
 from optax_paged._src import optimizer_table
@@ -62,13 +63,19 @@ def with_seed(vector: jax.Array, count: jax.Array) -> jax.Array:
   return vector.at[SEED_INDEX].set(seed)
 
 
-def adamw(learning_rate, b1, b2, eps, weight_decay, count) -> jax.Array:
+def adamw(learning_rate, b1, b2, eps, weight_decay, count, *, eps_root=0.0,
+          nesterov=False) -> jax.Array:
   """AdamW's vector; ``count`` is the step number after this step (>= 1)."""
+  # Nesterov's look-ahead corrects the new moment by the next step's factor.
+  bias_correction1_next = (
+      bias_correction(b1, optax.safe_increment(count)) if nesterov else 1.0)
   return pack(
       'adamw', learning_rate=learning_rate, b1=b1, one_minus_b1=one_minus(b1),
       b2=b2, one_minus_b2=one_minus(b2), eps=eps, weight_decay=weight_decay,
       bias_correction1=bias_correction(b1, count),
-      bias_correction2=bias_correction(b2, count))
+      bias_correction2=bias_correction(b2, count), eps_root=eps_root,
+      nesterov=1.0 if nesterov else 0.0,
+      bias_correction1_next=bias_correction1_next)
 
 
 def _check_layout() -> None:

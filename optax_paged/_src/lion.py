@@ -13,10 +13,10 @@ def lion_spec(learning_rate, b1, b2, weight_decay) -> transform.OptimizerSpec:
   def vector(count, count_inc):
     del count_inc
     return hyperparams.pack(
-        'lion', learning_rate=transform.learning_rate_at(learning_rate, count),
+        'lion', learning_rate=transform.value_at(learning_rate, count),
         b1=b1, one_minus_b1=hyperparams.one_minus(b1),
         b2=b2, one_minus_b2=hyperparams.one_minus(b2),
-        weight_decay=weight_decay)
+        weight_decay=transform.value_at(weight_decay, count))
 
   return transform.OptimizerSpec(name='lion', hyperparams=vector)
 
@@ -39,7 +39,7 @@ def lion8bit(
     learning_rate: base.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.99,
-    weight_decay: float = 1e-3,
+    weight_decay: base.ScalarOrSchedule = 1e-3,
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
@@ -54,7 +54,8 @@ def lion8bit(
     learning_rate: a scalar or an optax schedule of the step count.
     b1: rate combining the gradient and the momentum for the update.
     b2: decay rate of the momentum.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay, as ``optax.lion``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
@@ -77,7 +78,7 @@ def paged_lion8bit(
     learning_rate: base.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.99,
-    weight_decay: float = 1e-3,
+    weight_decay: base.ScalarOrSchedule = 1e-3,
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
@@ -90,7 +91,8 @@ def paged_lion8bit(
     learning_rate: a scalar or an optax schedule of the step count.
     b1: rate combining the gradient and the momentum for the update.
     b2: decay rate of the momentum.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay, as ``optax.lion``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
@@ -112,7 +114,7 @@ def paged_lion(
     learning_rate: base.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.99,
-    weight_decay: float = 1e-3,
+    weight_decay: base.ScalarOrSchedule = 1e-3,
     mask: Any = None,
     *,
     device_budget: int | float | None = None,
@@ -123,7 +125,8 @@ def paged_lion(
     learning_rate: a scalar or an optax schedule of the step count.
     b1: rate combining the gradient and the momentum for the update.
     b2: decay rate of the momentum.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay, as ``optax.lion``'s ``mask``.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
       state may occupy; None for half of the free memory.

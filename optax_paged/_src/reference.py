@@ -80,10 +80,17 @@ def encode_moments(values, like, signed: tuple[bool, ...]):
 
 def adamw_element_update(h: jax.Array, g, p, decay: bool, moments):
   """``AdamW::Update`` of ``ffi/optimizer_math.h`` on whole arrays."""
-  lr, b1, omb1, b2, omb2, eps, wd, bc1, bc2 = (h[i] for i in range(9))
+  lr, b1, omb1, b2, omb2, eps, wd, bc1, bc2, eps_root, nesterov, bc1_next = (
+      h[i] for i in range(12))
   m = omb1 * g + b1 * moments[0]
   v = omb2 * (g * g) + b2 * moments[1]
-  direction = (m * (1 / bc1)) / (jnp.sqrt(v * (1 / bc2)) + eps)
+  m_hat = jnp.where(
+      nesterov != 0,
+      b1 * (m * (1 / bc1_next)) + omb1 * (g * (1 / bc1)),
+      m * (1 / bc1))
+  v_hat = v * (1 / bc2)
+  v_hat = jnp.where(eps_root != 0, v_hat + eps_root, v_hat)
+  direction = m_hat / (jnp.sqrt(v_hat) + eps)
   if decay:
     direction = direction + wd * p
   return -lr * direction, [m, v]
@@ -114,11 +121,11 @@ def ademamix_element_update(h: jax.Array, g, p, decay: bool, moments):
 
 def sgd_element_update(h: jax.Array, g, p, decay: bool, moments):
   """``SgdMomentum::Update``."""
-  lr, momentum, wd = h[0], h[1], h[2]
+  lr, momentum, wd, nesterov = h[0], h[1], h[2], h[3]
   if decay:
     g = g + wd * p
   m = g + momentum * moments[0]
-  return -lr * m, [m]
+  return -lr * jnp.where(nesterov != 0, g + momentum * m, m), [m]
 
 
 def rmsprop_element_update(h: jax.Array, g, p, decay: bool, moments):
@@ -183,6 +190,8 @@ def reference_transformation(
   Args:
     spec: the optimizer, as its module's ``*_spec`` function builds it.
     quantize: ``False`` keeps every moment in fp32.
+    eps_root: added inside the square root, as ``optax.adamw``'s.
+    nesterov: Nesterov momentum, as ``optax.adamw``'s.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     weight_decay_mask: as the optimizers' ``mask``.
 
@@ -235,11 +244,13 @@ def adamw8bit(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    weight_decay: base.ScalarOrSchedule = 1e-4,
     mask: Any = None,
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     quantize: bool = True,
+    eps_root: float = 0.0,
+    nesterov: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Pure-JAX :func:`optax_paged.adamw8bit` with a functional state.
 
@@ -248,7 +259,8 @@ def adamw8bit(
     b1: exponential decay rate of the first moment.
     b2: exponential decay rate of the second moment.
     eps: added to the denominator for numerical stability.
-    weight_decay: decoupled weight decay strength.
+    weight_decay: decoupled weight decay strength, a scalar or a schedule
+      of the step count.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     quantize: ``False`` keeps every moment in fp32.
@@ -260,8 +272,9 @@ def adamw8bit(
 
   def vector(count, count_inc):
     return hyperparams.adamw(
-        transform.learning_rate_at(learning_rate, count),
-        b1, b2, eps, weight_decay, count_inc,
+        transform.value_at(learning_rate, count),
+        b1, b2, eps, transform.value_at(weight_decay, count), count_inc,
+        eps_root=eps_root, nesterov=nesterov,
     )
 
   spec = transform.OptimizerSpec('adamw', vector)

@@ -9,12 +9,15 @@ from optax_paged._src import hyperparams
 from optax_paged._src import transform
 
 
-def sgd_spec(learning_rate, momentum, weight_decay) -> transform.OptimizerSpec:
+def sgd_spec(learning_rate, momentum, weight_decay,
+             nesterov=False) -> transform.OptimizerSpec:
   def vector(count, count_inc):
     del count_inc
     return hyperparams.pack(
-        'sgd', learning_rate=transform.learning_rate_at(learning_rate, count),
-        momentum=momentum, weight_decay=weight_decay)
+        'sgd', learning_rate=transform.value_at(learning_rate, count),
+        momentum=0.0 if momentum is None else momentum,
+        weight_decay=transform.value_at(weight_decay, count),
+        nesterov=1.0 if nesterov else 0.0)
 
   return transform.OptimizerSpec(name='sgd', hyperparams=vector)
 
@@ -24,7 +27,7 @@ def rmsprop_spec(learning_rate, decay, eps) -> transform.OptimizerSpec:
     del count_inc
     return hyperparams.pack(
         'rmsprop',
-        learning_rate=transform.learning_rate_at(learning_rate, count),
+        learning_rate=transform.value_at(learning_rate, count),
         decay=decay, one_minus_decay=hyperparams.one_minus(decay), eps=eps)
 
   return transform.OptimizerSpec(name='rmsprop', hyperparams=vector)
@@ -36,12 +39,12 @@ def adagrad_spec(learning_rate, initial_accumulator_value,
     del count_inc
     return hyperparams.pack(
         'adagrad',
-        learning_rate=transform.learning_rate_at(learning_rate, count),
+        learning_rate=transform.value_at(learning_rate, count),
         eps=eps)
 
   return transform.OptimizerSpec(
       name='adagrad', hyperparams=vector,
-      initial_values=(float(initial_accumulator_value),),
+      initial_values=(initial_accumulator_value,),
   )
 
 
@@ -55,22 +58,33 @@ def _make(spec, min_8bit_size, keep_32bit):
 
 def sgd8bit(
     learning_rate: base.ScalarOrSchedule,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    momentum: float | None = None,
+    weight_decay: base.ScalarOrSchedule = 0.0,
     *,
+    nesterov: bool = False,
+    accumulator_dtype: Any = None,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with heavy-ball momentum stored blockwise in 8 bits.
 
-  :math:`m \leftarrow g + \lambda p + \mu m`, :math:`u = -\eta m`: with
-  ``weight_decay=0`` this is ``optax.sgd(learning_rate, momentum)``; weight
-  decay is added to the gradient, as PyTorch and bitsandbytes do for SGD.
+  :math:`m \leftarrow g + \lambda p + \mu m`, :math:`u = -\eta m` (with
+  ``nesterov``, :math:`u = -\eta (g + \lambda p + \mu m)` after the moment's
+  update): with ``weight_decay=0`` this is ``optax.sgd(learning_rate,
+  momentum, nesterov)``; weight decay is added to the gradient, as PyTorch and
+  bitsandbytes do for SGD. ``momentum=None`` (optax's default) is plain SGD;
+  the state still holds its one moment (1 byte a parameter), which then
+  carries nothing: without momentum ``optax.sgd`` needs no state at all.
 
   Args:
     learning_rate: a scalar or an optax schedule of the step count.
-    momentum: the momentum decay rate.
-    weight_decay: L2 weight decay, added to the gradient.
+    momentum: the momentum decay rate, or None for none (optax's default;
+      bitsandbytes' ``SGD8bit`` requires one, e.g. 0.9).
+    weight_decay: L2 weight decay added to the gradient, a scalar or a
+      schedule of the step count.
+    nesterov: Nesterov momentum, as ``optax.sgd``'s.
+    accumulator_dtype: must be None: the momentum's storage is 8-bit
+      blockwise (fp32 for small leaves); accepted for optax's spelling.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     keep_32bit: parameters whose state stays fp32 whatever their size (e.g.
       embeddings): a tree of booleans with the structure of the parameters
@@ -81,8 +95,12 @@ def sgd8bit(
   """
   if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
     raise ValueError(f'momentum must be in [0, 1), got {momentum}.')
-  return _make(sgd_spec(learning_rate, momentum, weight_decay), min_8bit_size,
-               keep_32bit)
+  if accumulator_dtype is not None:
+    raise ValueError(
+        f'accumulator_dtype={accumulator_dtype!r}: optax_paged stores the '
+        'momentum blockwise in 8 bits and computes in fp32; leave it None.')
+  return _make(sgd_spec(learning_rate, momentum, weight_decay, bool(nesterov)),
+               min_8bit_size, keep_32bit)
 
 
 def rmsprop8bit(
@@ -141,7 +159,8 @@ def adagrad8bit(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  if initial_accumulator_value < 0:
+  if (isinstance(initial_accumulator_value, (int, float))
+      and initial_accumulator_value < 0):
     raise ValueError('initial_accumulator_value must be >= 0.')
   return _make(
       adagrad_spec(learning_rate, initial_accumulator_value, eps),

@@ -107,8 +107,9 @@ class OptimizerSpec(NamedTuple):
   name: str
   # (count before the step, count after it) -> hyperparameter vector.
   hyperparams: HyperparamFn
-  # Value every element of each moment starts from (Adagrad's accumulator).
-  initial_values: tuple[float, ...] = ()
+  # Value every element of each moment starts from (Adagrad's accumulator);
+  # read at init only, so an injected (traced) one does not stop an update.
+  initial_values: tuple[Any, ...] = ()
 
   @property
   def target(self) -> str:
@@ -184,7 +185,8 @@ def make_transformation(
     buffers = paging.place_new_state(registry.REGISTRY.allocate(
         spec.name, spec.num_moments, params, quantized, decay,
         paged=paged, device_budget=device_budget, zero_axis=zero_axis,
-        initial_values=spec.initial_values, signed=spec.signed,
+        initial_values=tuple(map(float, spec.initial_values)),
+        signed=spec.signed,
     ), device_budget)
     return PagedOptimizerState._make((state_io.zero_count(buffers), buffers))
 
@@ -396,6 +398,9 @@ def _check_structure(name: str, grads: Any, params: Any) -> None:
     ) from None
 
 
-def learning_rate_at(learning_rate: base.ScalarOrSchedule, count: jax.Array):
-  """The learning rate for the step that starts at ``count``, as optax does."""
-  return learning_rate(count) if callable(learning_rate) else learning_rate
+def value_at(value: base.ScalarOrSchedule, count: jax.Array):
+  """A scalar's or schedule's value for the step that starts at ``count``.
+
+  As optax evaluates its learning rate and weight decay schedules.
+  """
+  return value(count) if callable(value) else value
