@@ -49,7 +49,9 @@ namespace {
 
 [[maybe_unused]] std::string NoCuda(Tier tier) {
   return std::string("tier '") + TierName(tier) +
-         "' needs CUDA, but optax_paged was built without it";
+         "' needs CUDA, but optax_paged was built without it (no CUDA 12 or "
+         "13 nvcc at install time; optax_paged.build_info() says so): "
+         "reinstall with nvcc on PATH, see the README's Install section";
 }
 
 }  // namespace

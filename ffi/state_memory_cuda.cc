@@ -47,42 +47,64 @@ class DeviceGuard {
   bool ok_ = false;
 };
 
-cudaMemLocation DeviceLocation(int64_t device) {
+// Where managed memory is advised to live or prefetched to. CUDA 13 names a
+// place by a cudaMemLocation; CUDA 12 by a device number (cudaCpuDeviceId for
+// the host) and has no cudaMemLocation overloads of these calls, so both
+// spellings are kept, chosen by the toolkit's runtime version.
+#if CUDART_VERSION >= 13000
+using Place = cudaMemLocation;
+
+Place DevicePlace(int64_t device) {
   cudaMemLocation location{};
   location.type = cudaMemLocationTypeDevice;
   location.id = static_cast<int>(device);
   return location;
 }
 
-cudaMemLocation HostLocation() {
+Place HostPlace() {
   cudaMemLocation location{};
   location.type = cudaMemLocationTypeHost;
   location.id = 0;
   return location;
 }
 
+cudaError_t Prefetch(void* ptr, size_t bytes, Place place) {
+  return cudaMemPrefetchAsync(ptr, bytes, place, 0, nullptr);
+}
+#else
+using Place = int;
+
+Place DevicePlace(int64_t device) { return static_cast<int>(device); }
+
+Place HostPlace() { return cudaCpuDeviceId; }
+
+cudaError_t Prefetch(void* ptr, size_t bytes, Place place) {
+  return cudaMemPrefetchAsync(ptr, bytes, place, nullptr);
+}
+#endif
+
 // With the buffer's device current.
 bool Retier(void* ptr, size_t bytes, Tier tier, int64_t device_ordinal,
             std::string* error) {
-  const cudaMemLocation device = DeviceLocation(device_ordinal);
+  const Place device = DevicePlace(device_ordinal);
   if (tier == Tier::kManagedDevice) {
     return Check(cudaMemAdvise(ptr, bytes, cudaMemAdviseUnsetAccessedBy, device),
                  "cudaMemAdvise(unset accessed-by)", error) &&
            Check(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetPreferredLocation,
                                device),
                  "cudaMemAdvise(preferred location device)", error) &&
-           Check(cudaMemPrefetchAsync(ptr, bytes, device, 0, nullptr),
-                 "cudaMemPrefetchAsync(device)", error) &&
+           Check(Prefetch(ptr, bytes, device), "cudaMemPrefetchAsync(device)",
+                 error) &&
            Check(cudaStreamSynchronize(nullptr), "prefetch to device", error);
   }
   if (tier == Tier::kManagedHost) {
     return Check(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetPreferredLocation,
-                               HostLocation()),
+                               HostPlace()),
                  "cudaMemAdvise(preferred location host)", error) &&
            Check(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetAccessedBy, device),
                  "cudaMemAdvise(accessed-by device)", error) &&
-           Check(cudaMemPrefetchAsync(ptr, bytes, HostLocation(), 0, nullptr),
-                 "cudaMemPrefetchAsync(host)", error) &&
+           Check(Prefetch(ptr, bytes, HostPlace()), "cudaMemPrefetchAsync(host)",
+                 error) &&
            Check(cudaStreamSynchronize(nullptr), "prefetch to host", error);
   }
   *error = std::string("cannot move a buffer to tier '") + TierName(tier) + "'";
