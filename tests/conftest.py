@@ -32,3 +32,6 @@ def python_subprocess():
 collect_ignore = (
     [] if os.environ.get('OPTAX_PAGED_MESH_SUITE') else ['multi_device']
 )
+# A script its test runs in a subprocess; importing it here (for doctests)
+# would configure this process's devices.
+collect_ignore.append('multi_process_worker.py')

@@ -227,6 +227,15 @@ def adam8bit(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; matches ``optax.adam``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.adam8bit(learning_rate=1e-3)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
                paged=False, min_8bit_size=min_8bit_size,
@@ -268,6 +277,15 @@ def paged_adam8bit(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; matches ``optax.adam``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.paged_adam8bit(learning_rate=1e-3)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=True,
                paged=True, min_8bit_size=min_8bit_size,
@@ -305,6 +323,15 @@ def paged_adam(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; equals ``optax.adam`` to
     float rounding.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.paged_adam(learning_rate=1e-3)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   return _adam(learning_rate, b1, b2, eps, 0.0, None, quantize=False,
                paged=True, device_budget=device_budget,
@@ -345,6 +372,15 @@ def paged_adamw(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; equals ``optax.adamw`` to
     float rounding.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.paged_adamw(learning_rate=1e-3, nesterov=True)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   return _adam(learning_rate, b1, b2, eps, weight_decay, mask,
                quantize=False, paged=True, device_budget=device_budget,

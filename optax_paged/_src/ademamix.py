@@ -82,6 +82,16 @@ def ademamix8bit(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.ademamix8bit(
+    ...     learning_rate=1e-3, alpha=optax.linear_schedule(0.0, 5.0, 1000))
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
   References:
     Pagliardini et al., `The AdEMAMix Optimizer: Better, Faster, Older
     <https://arxiv.org/abs/2409.03137>`_, 2024.
@@ -126,6 +136,15 @@ def paged_ademamix8bit(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.paged_ademamix8bit(learning_rate=1e-3)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   return _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask,
                    quantize=True, paged=True, min_8bit_size=min_8bit_size,
@@ -163,6 +182,15 @@ def paged_ademamix(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.paged_ademamix(learning_rate=1e-3)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   return _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask,
                    quantize=False, paged=True, device_budget=device_budget)

@@ -65,6 +65,15 @@ def lion8bit(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.lion8bit(learning_rate=1e-4, weight_decay=0.1)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
   References:
     Chen et al., `Symbolic Discovery of Optimization Algorithms
     <https://arxiv.org/abs/2302.06675>`_, 2023.
@@ -103,6 +112,15 @@ def paged_lion8bit(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.paged_lion8bit(learning_rate=1e-4)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   return _lion(learning_rate, b1, b2, weight_decay, mask, quantize=True,
                paged=True, min_8bit_size=min_8bit_size,
@@ -133,6 +151,15 @@ def paged_lion(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.paged_lion(learning_rate=1e-4)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   return _lion(learning_rate, b1, b2, weight_decay, mask, quantize=False,
                paged=True, device_budget=device_budget)

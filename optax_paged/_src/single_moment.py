@@ -92,6 +92,15 @@ def sgd8bit(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.sgd8bit(learning_rate=1e-2, momentum=0.9)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
     raise ValueError(f'momentum must be in [0, 1), got {momentum}.')
@@ -127,6 +136,15 @@ def rmsprop8bit(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.rmsprop8bit(learning_rate=1e-3)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   if isinstance(decay, (int, float)) and not 0.0 <= decay < 1.0:
     raise ValueError(f'decay must be in [0, 1), got {decay}.')
@@ -158,6 +176,15 @@ def adagrad8bit(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.adagrad8bit(learning_rate=1e-2)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((64, 64), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
   """
   if (isinstance(initial_accumulator_value, (int, float))
       and initial_accumulator_value < 0):
