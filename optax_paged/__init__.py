@@ -29,6 +29,8 @@ from optax_paged._src.paging import MemoryReport
 from optax_paged._src.paging import memory_report
 from optax_paged._src.paging import set_device_budget
 from optax_paged._src.paging import state_nbytes
+from optax_paged._src.percentile_clipping import PercentileClippingState
+from optax_paged._src.percentile_clipping import percentile_clipping
 from optax_paged._src.registry import REGISTRY as state_registry
 from optax_paged._src.registry import StateBuffers
 from optax_paged._src.registry import StateRegistry
@@ -70,6 +72,8 @@ __all__ = [
     'paged_lion',
     'paged_lion8bit',
     'PagedOptimizerState',
+    'percentile_clipping',
+    'PercentileClippingState',
     'quantization',
     'reference',
     'release',
