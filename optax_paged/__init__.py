@@ -22,6 +22,12 @@ from optax_paged._src.allocation import allocate_state
 from optax_paged._src.build_info import build_info
 from optax_paged._src.checkpoint import load_state_dict
 from optax_paged._src.checkpoint import state_dict
+from optax_paged._src.lamb import lamb8bit
+from optax_paged._src.lamb import paged_lamb
+from optax_paged._src.lamb import paged_lamb8bit
+from optax_paged._src.lars import lars8bit
+from optax_paged._src.lars import paged_lars
+from optax_paged._src.lars import paged_lars8bit
 from optax_paged._src.lion import lion8bit
 from optax_paged._src.lion import paged_lion
 from optax_paged._src.lion import paged_lion8bit
@@ -59,6 +65,8 @@ __all__ = [
     'ademamix8bit',
     'apply_gradients',
     'build_info',
+    'lamb8bit',
+    'lars8bit',
     'lion8bit',
     'load_state_dict',
     'memory_report',
@@ -69,6 +77,10 @@ __all__ = [
     'paged_adamw8bit',
     'paged_ademamix',
     'paged_ademamix8bit',
+    'paged_lamb',
+    'paged_lamb8bit',
+    'paged_lars',
+    'paged_lars8bit',
     'paged_lion',
     'paged_lion8bit',
     'PagedOptimizerState',

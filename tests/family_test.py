@@ -12,10 +12,14 @@ from optax import contrib
 
 import optax_paged
 from optax_paged._src import ademamix
+from optax_paged._src import lamb
+from optax_paged._src import lars
 from optax_paged._src import lion
 from optax_paged._src import reference
 from optax_paged._src import single_moment
 from tests.helpers import DTYPES
+from tests.helpers import bnb_lamb
+from tests.helpers import bnb_lars
 from tests.helpers import compare_one_step
 from tests.helpers import jitted_step
 from tests.helpers import random_tree
@@ -81,6 +85,19 @@ FAMILY = {
         functools.partial(optax_paged.paged_adamw, LR, weight_decay=0.01,
                           eps_root=1e-8),
         optax.adamw(LR, weight_decay=0.01, eps_root=1e-8),
+    ),
+    # bitsandbytes' LAMB and LARS: the counterparts are its maths in jnp.
+    'lamb': (
+        functools.partial(optax_paged.lamb8bit, LR, weight_decay=0.01),
+        lamb.lamb_spec(LR, 0.9, 0.999, 1e-8, 0.01, 1.0),
+        functools.partial(optax_paged.paged_lamb, LR, weight_decay=0.01),
+        bnb_lamb(LR, weight_decay=0.01),
+    ),
+    'lars': (
+        functools.partial(optax_paged.lars8bit, LR, weight_decay=0.01),
+        lars.lars_spec(LR, 0.9, 0.01, 0.02),
+        functools.partial(optax_paged.paged_lars, LR, weight_decay=0.01),
+        bnb_lars(LR, weight_decay=0.01),
     ),
     'sgd-nesterov': (
         functools.partial(optax_paged.sgd8bit, LR, momentum=0.9,
@@ -192,6 +209,7 @@ def test_8bit_trains_as_well_as_optax(name):
   params, loss_fn = teacher_problem()
   lr = 3e-4 if name == 'lion' else 3e-3
   lr = 3e-2 if name in ('sgd', 'sgd-nesterov', 'adagrad') else lr
+  lr = 0.3 if name == 'lars' else lr
   spec_kwargs = {'learning_rate': lr}
   counterparts = {
       'lion': optax.lion(lr, weight_decay=0.01),
@@ -203,6 +221,8 @@ def test_8bit_trains_as_well_as_optax(name):
       'adam': optax.adam(lr),
       'adamw-nesterov': optax.adamw(lr, weight_decay=0.01, nesterov=True),
       'adamw-eps-root': optax.adamw(lr, weight_decay=0.01, eps_root=1e-8),
+      'lamb': bnb_lamb(lr, weight_decay=0.01),
+      'lars': bnb_lars(lr, weight_decay=0.01),
   }
   ours_factory = factory.func
   kwargs = dict(factory.keywords, **spec_kwargs)

@@ -180,3 +180,79 @@ def train(tx, params, loss_fn, steps):
     params, state, loss = step(params, state)
     losses.append(float(loss))
   return float(np.mean(losses[-10:])), losses[0]
+
+
+def _bnb_scale(update, param, max_unorm):
+  """bitsandbytes' update_scale, except that a zero-norm tensor moves."""
+  unorm = jnp.sqrt(jnp.sum(jnp.square(update)))
+  pnorm = jnp.sqrt(jnp.sum(jnp.square(param)))
+  clip = (max_unorm > 0) & (pnorm > 0) & (unorm > max_unorm * pnorm)
+  return jnp.where(clip, max_unorm * pnorm / unorm, 1.0)
+
+
+def bnb_lamb(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+             max_unorm=1.0):
+  """bitsandbytes' 32-bit LAMB (Adam kernel with max_unorm), in jnp.
+
+  Its preconditioning pass takes the norm of m_hat / (sqrt(v_hat) + eps);
+  its update adds step_size * m / (sqrt(v) + eps * c2) scaled by the clip,
+  step_size = -lr c2 / c1, c1 = 1 - b1^t, c2 = sqrt(1 - b2^t); then it
+  multiplies the parameter by 1 - lr * weight_decay.
+  """
+
+  def init(params):
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return (jnp.zeros([], jnp.int32), zeros, zeros)
+
+  def update(grads, state, params):
+    t, m, v = state
+    t = t + 1
+    c1 = 1 - b1 ** t.astype(jnp.float32)
+    c2 = jnp.sqrt(1 - b2 ** t.astype(jnp.float32))
+
+    def leaf(g, p, m, v):
+      g, p = g.astype(jnp.float32), p.astype(jnp.float32)
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+      direction = (m / c1) / (jnp.sqrt(v / (c2 * c2)) + eps)
+      scale = _bnb_scale(direction, p, max_unorm)
+      new_p = p + scale * (-lr * c2 / c1) * (m / (jnp.sqrt(v) + eps * c2))
+      new_p = new_p * (1 - lr * weight_decay)
+      return new_p - p, m, v
+
+    out = jax.tree.map(leaf, grads, params, m, v)
+    first = lambda i: jax.tree.map(  # noqa: E731
+        lambda x: x[i], out, is_leaf=lambda x: isinstance(x, tuple))
+    return first(0), (t, first(1), first(2))
+
+  return optax.GradientTransformationExtraArgs(
+      init, lambda g, s, p=None, **_: update(g, s, p))
+
+
+def bnb_lars(lr, momentum=0.9, weight_decay=0.0, max_unorm=0.02):
+  """bitsandbytes' 32-bit LARS (momentum kernel with max_unorm), in jnp.
+
+  g += weight_decay * p; m = g on the first step, else momentum * m + g;
+  the step -lr * m is scaled by the clip of |m| against max_unorm |p|.
+  """
+
+  def init(params):
+    return (jnp.zeros([], jnp.int32),
+            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+  def update(grads, state, params):
+    t, m = state
+
+    def leaf(g, p, m):
+      g, p = g.astype(jnp.float32), p.astype(jnp.float32)
+      g = g + weight_decay * p
+      m = jnp.where(t == 0, g, momentum * m + g)
+      return -lr * _bnb_scale(m, p, max_unorm) * m, m
+
+    out = jax.tree.map(leaf, grads, params, m)
+    first = lambda i: jax.tree.map(  # noqa: E731
+        lambda x: x[i], out, is_leaf=lambda x: isinstance(x, tuple))
+    return first(0), (t + 1, first(1))
+
+  return optax.GradientTransformationExtraArgs(
+      init, lambda g, s, p=None, **_: update(g, s, p))

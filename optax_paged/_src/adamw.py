@@ -13,11 +13,11 @@ def _adamw_spec(learning_rate, b1, b2, eps, weight_decay, eps_root=0.0,
                 nesterov=False):
   def vector(count, count_inc):
     return hyperparams.adamw(
-        transform.value_at(learning_rate, count),
+        base.value_at(learning_rate, count),
         b1,
         b2,
         eps,
-        transform.value_at(weight_decay, count),
+        base.value_at(weight_decay, count),
         count_inc,
         eps_root=eps_root,
         nesterov=nesterov,

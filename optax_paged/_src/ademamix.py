@@ -16,10 +16,10 @@ def ademamix_spec(learning_rate, b1, b2, b3, alpha, eps,
     b3_now = b3(count) if callable(b3) else b3
     return hyperparams.pack(
         'ademamix',
-        learning_rate=transform.value_at(learning_rate, count),
+        learning_rate=base.value_at(learning_rate, count),
         b1=b1, one_minus_b1=hyperparams.one_minus(b1),
         b2=b2, one_minus_b2=hyperparams.one_minus(b2), eps=eps,
-        weight_decay=transform.value_at(weight_decay, count),
+        weight_decay=base.value_at(weight_decay, count),
         bias_correction1=hyperparams.bias_correction(b1, count_inc),
         bias_correction2=hyperparams.bias_correction(b2, count_inc),
         b3=b3_now, one_minus_b3=hyperparams.one_minus(b3_now),

@@ -56,3 +56,11 @@ RELEASED_STATE_MSG = (
 
 def is_tracer(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
+
+
+def value_at(value: ScalarOrSchedule, count: jax.Array) -> Any:
+  """A scalar's or schedule's value for the step that starts at ``count``.
+
+  As optax evaluates its learning rate and weight decay schedules.
+  """
+  return value(count) if callable(value) else value

@@ -13,10 +13,10 @@ def lion_spec(learning_rate, b1, b2, weight_decay) -> transform.OptimizerSpec:
   def vector(count, count_inc):
     del count_inc
     return hyperparams.pack(
-        'lion', learning_rate=transform.value_at(learning_rate, count),
+        'lion', learning_rate=base.value_at(learning_rate, count),
         b1=b1, one_minus_b1=hyperparams.one_minus(b1),
         b2=b2, one_minus_b2=hyperparams.one_minus(b2),
-        weight_decay=transform.value_at(weight_decay, count))
+        weight_decay=base.value_at(weight_decay, count))
 
   return transform.OptimizerSpec(name='lion', hyperparams=vector)
 

@@ -19,6 +19,7 @@ from optax_paged._src import base
 from optax_paged._src import hyperparams
 from optax_paged._src import quantization
 from optax_paged._src import transform
+from optax_paged._src import trust_ratio
 
 
 class QuantizedMoment(NamedTuple):
@@ -190,8 +191,6 @@ def reference_transformation(
   Args:
     spec: the optimizer, as its module's ``*_spec`` function builds it.
     quantize: ``False`` keeps every moment in fp32.
-    eps_root: added inside the square root, as ``optax.adamw``'s.
-    nesterov: Nesterov momentum, as ``optax.adamw``'s.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     weight_decay_mask: as the optimizers' ``mask``.
 
@@ -232,7 +231,11 @@ def reference_transformation(
             grads, param_leaves, moment_leaves, decay, strict=True
         )
     ]
-    new_updates = treedef.unflatten([r[0] for r in results])
+    outputs = [r[0] for r in results]
+    if spec.trust_ratio is not None:
+      outputs = trust_ratio.apply(spec.trust_ratio, outputs, param_leaves,
+                                  decay, state.count)
+    new_updates = treedef.unflatten(outputs)
     new_moments = treedef.unflatten([r[1] for r in results])
     return new_updates, ReferenceState(count=count_inc, moments=new_moments)
 
@@ -264,6 +267,8 @@ def adamw8bit(
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     quantize: ``False`` keeps every moment in fp32.
+    eps_root: added inside the square root, as ``optax.adamw``'s.
+    nesterov: Nesterov momentum, as ``optax.adamw``'s.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state holds the codes
@@ -272,8 +277,8 @@ def adamw8bit(
 
   def vector(count, count_inc):
     return hyperparams.adamw(
-        transform.value_at(learning_rate, count),
-        b1, b2, eps, transform.value_at(weight_decay, count), count_inc,
+        base.value_at(learning_rate, count),
+        b1, b2, eps, base.value_at(weight_decay, count), count_inc,
         eps_root=eps_root, nesterov=nesterov,
     )
 

@@ -14,9 +14,9 @@ def sgd_spec(learning_rate, momentum, weight_decay,
   def vector(count, count_inc):
     del count_inc
     return hyperparams.pack(
-        'sgd', learning_rate=transform.value_at(learning_rate, count),
+        'sgd', learning_rate=base.value_at(learning_rate, count),
         momentum=0.0 if momentum is None else momentum,
-        weight_decay=transform.value_at(weight_decay, count),
+        weight_decay=base.value_at(weight_decay, count),
         nesterov=1.0 if nesterov else 0.0)
 
   return transform.OptimizerSpec(name='sgd', hyperparams=vector)
@@ -27,7 +27,7 @@ def rmsprop_spec(learning_rate, decay, eps) -> transform.OptimizerSpec:
     del count_inc
     return hyperparams.pack(
         'rmsprop',
-        learning_rate=transform.value_at(learning_rate, count),
+        learning_rate=base.value_at(learning_rate, count),
         decay=decay, one_minus_decay=hyperparams.one_minus(decay), eps=eps)
 
   return transform.OptimizerSpec(name='rmsprop', hyperparams=vector)
@@ -39,7 +39,7 @@ def adagrad_spec(learning_rate, initial_accumulator_value,
     del count_inc
     return hyperparams.pack(
         'adagrad',
-        learning_rate=transform.value_at(learning_rate, count),
+        learning_rate=base.value_at(learning_rate, count),
         eps=eps)
 
   return transform.OptimizerSpec(

@@ -34,6 +34,20 @@ def manual_axes() -> tuple[str, ...]:
   return tuple(jax.sharding.get_abstract_mesh().manual_axes)
 
 
+def norm_axes(
+    record: registry.StateRecord) -> list[tuple[str, ...]] | None:
+  """Per leaf, the manual axes its shards are spread over, where traced.
+
+  A whole leaf's norm is the sum of its shards' over these; None where every
+  operand is a whole leaf (one device, or the global view).
+  """
+  manual = set(manual_axes())
+  if record.layout is None or not manual:
+    return None
+  return [tuple(a for axes in dims for a in axes if a in manual)
+          for dims in record.layout.dims]
+
+
 def _traced_position(layout: sharding.MeshLayout) -> jax.Array:
   sizes = layout.axis_sizes
   position = jnp.zeros([], jnp.int32)

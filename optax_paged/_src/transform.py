@@ -13,6 +13,7 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -24,6 +25,7 @@ from optax_paged._src import paging
 from optax_paged._src import registry
 from optax_paged._src import spmd
 from optax_paged._src import state_io
+from optax_paged._src import trust_ratio as trust_ratio_lib
 
 
 class _PagedOptimizerFields(NamedTuple):
@@ -110,6 +112,9 @@ class OptimizerSpec(NamedTuple):
   # Value every element of each moment starts from (Adagrad's accumulator);
   # read at init only, so an injected (traced) one does not stop an update.
   initial_values: tuple[Any, ...] = ()
+  # Per-tensor update-norm clipping after the kernel (LAMB, LARS); the
+  # hyperparameter vector then carries learning rate 1 and no decoupled decay.
+  trust_ratio: trust_ratio_lib.TrustRatio | None = None
 
   @property
   def target(self) -> str:
@@ -377,9 +382,39 @@ def run_step(
   hyper = hyperparams.with_seed(
       spec.hyperparams(state.count, count_inc), count_inc
   )
-  outputs = spmd.update(record, spec.target, hyper, grads, params,
-                        output_mode)
+  if spec.trust_ratio is None:
+    outputs = spmd.update(record, spec.target, hyper, grads, params,
+                          output_mode)
+  else:
+    outputs = _trust_ratio_step(record, spec, hyper, grads, params,
+                                state.count, output_mode)
   return jax.tree.unflatten(jax.tree.structure(grads), outputs), count_inc
+
+
+TRUST_RATIO_STOCHASTIC_MSG = (
+    '{}: stochastic_rounding is not available with a trust ratio (LAMB, '
+    'LARS): the update is scaled after the kernel, so the new parameters are '
+    'rounded by XLA. Use apply_gradients without it, or tx.update.'
+)
+
+
+def _trust_ratio_step(record, spec, hyper, grads, params, count,
+                      output_mode) -> list[jax.Array]:
+  """The kernel's unscaled directions, scaled per leaf (trust_ratio)."""
+  if output_mode == ffi.OUTPUT_PARAMS_STOCHASTIC:
+    raise ValueError(TRUST_RATIO_STOCHASTIC_MSG.format(spec.name))
+  directions = spmd.update(record, spec.target, hyper, grads, params,
+                           ffi.OUTPUT_UPDATES)
+  param_leaves = jax.tree.leaves(params)
+  updates = trust_ratio_lib.apply(
+      spec.trust_ratio, directions, param_leaves,
+      [leaf.decay for leaf in record.leaves], count,
+      spmd.norm_axes(record))
+  if output_mode == ffi.OUTPUT_UPDATES:
+    return updates
+  # As optax.apply_updates.
+  return [jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+          for p, u in zip(param_leaves, updates, strict=True)]
 
 
 def _check_structure(name: str, grads: Any, params: Any) -> None:
@@ -396,11 +431,3 @@ def _check_structure(name: str, grads: Any, params: Any) -> None:
         f'{name}: the updates tree {jax.tree.structure(grads)} does not match '
         f'the parameters tree {jax.tree.structure(params)}: {error}'
     ) from None
-
-
-def value_at(value: base.ScalarOrSchedule, count: jax.Array):
-  """A scalar's or schedule's value for the step that starts at ``count``.
-
-  As optax evaluates its learning rate and weight decay schedules.
-  """
-  return value(count) if callable(value) else value

@@ -154,6 +154,56 @@ def test_every_view_gives_the_same_result():
                        optax_paged.state_dict(ref_state))
 
 
+@pytest.mark.parametrize('name', ['lamb', 'lars'])
+@pytest.mark.parametrize('bits', [8, 32])
+def test_trust_ratio_uses_whole_leaf_norms_in_every_view(name, bits):
+  # LAMB and LARS scale each leaf's update by its norm: on a mesh that is
+  # the norm of the whole leaf, never of a shard. Sums over shards run in
+  # another order than on one device, so results agree to float rounding.
+  # 8-bit moments of a leaf split into non-contiguous shards are quantized
+  # in other blocks than on one device (see above): those leaves are
+  # compared with fp32 state only.
+  mesh = _mesh()
+  small = 256 if bits == 8 else 10**9
+  make = {'lamb': lambda: optax_paged.lamb8bit(
+              1e-2, weight_decay=0.1, min_8bit_size=small),
+          'lars': lambda: optax_paged.lars8bit(
+              1e-1, weight_decay=0.01, min_8bit_size=small)}[name]
+  params, grads = _tree(4, jnp.float32), [_tree(40 + i, jnp.float32, 0.1)
+                                          for i in range(3)]
+  p_one, s_one = _run(make(), params, grads, False)
+  manual = lambda step: jax.jit(jax.shard_map(  # noqa: E731
+      step, mesh=mesh, in_specs=(SPECS, P(), SPECS),
+      out_specs=(SPECS, P()), check_vma=False))
+  compared = EXACT if bits == 8 else tuple(SHAPES)
+  for fused, jit in ((False, jax.jit), (True, jax.jit), (False, manual)):
+    p_mesh, s_mesh = _run(make(), _put(params, mesh),
+                          [_put(g, mesh) for g in grads], fused, jit)
+    for leaf in compared:
+      np.testing.assert_allclose(np.asarray(p_mesh[leaf]),
+                                 np.asarray(p_one[leaf]), rtol=2e-6,
+                                 atol=1e-7, err_msg=leaf)
+    # The moments never see the scale.
+    mesh_leaves = optax_paged.state_dict(s_mesh)['leaves']
+    one_leaves = optax_paged.state_dict(s_one)['leaves']
+    names = sorted(SHAPES)
+    for leaf in EXACT:
+      jax.tree.map(
+          lambda a, b: np.testing.assert_array_equal(np.ravel(a),
+                                                     np.ravel(b)),
+          mesh_leaves[names.index(leaf)]['moments'],
+          one_leaves[names.index(leaf)]['moments'])
+  # A shard's own norm would have scaled differently: the whole-leaf norm
+  # is what matters (a control that the comparison can fail).
+  halves = {k: v[: v.shape[0] // 2] for k, v in params.items()}
+  p_half, _ = _run(make(), halves, [{k: v[: v.shape[0] // 2]
+                                     for k, v in g.items()} for g in grads],
+                   False)
+  assert not np.allclose(np.asarray(p_half['rows']),
+                         np.asarray(p_one['rows'])[:512], rtol=2e-6,
+                         atol=1e-7)
+
+
 def test_explicit_mesh_and_donation():
   mesh = _mesh(AxisType.Explicit)
   params, grads = _tree(2, jnp.float32), [_tree(30, jnp.float32, 0.1)]
