@@ -225,8 +225,12 @@ def reference_transformation(
     grads, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
     moment_leaves = treedef.flatten_up_to(state.moments)
+    # A trust ratio scales the kernel's float32 output before rounding it.
+    as_computed = ((lambda x: x.astype(jnp.float32))
+                   if spec.trust_ratio is not None else (lambda x: x))
     results = [
-        leaf_step(element_update, signed, hyper, g, p, m, d)
+        leaf_step(element_update, signed, hyper, as_computed(g),
+                  as_computed(p), m, d)
         for g, p, m, d in zip(
             grads, param_leaves, moment_leaves, decay, strict=True
         )

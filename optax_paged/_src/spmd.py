@@ -81,33 +81,43 @@ def _call_groups(
 
 def update(
     record: registry.StateRecord, target: str, hyper: jax.Array,
-    grads: Any, params: Any, output_mode: int,
+    grads: Any, params: Any, output_mode: int, *, in_float32: bool = False,
 ) -> list[jax.Array]:
-  """The update's results (one per leaf) for ``grads`` and ``params``."""
+  """The update's results (one per leaf) for ``grads`` and ``params``.
+
+  With ``in_float32`` the kernel runs on float32 copies of 16-bit operands
+  and returns float32 results (for a result that is scaled further before
+  it is rounded once to the parameter's dtype).
+  """
   if record.layout is None:
     return _single_device_update(record, target, hyper, grads, params,
-                                 output_mode)
-  return _mesh_update(record, target, hyper, grads, params, output_mode)
+                                 output_mode, in_float32)
+  return _mesh_update(record, target, hyper, grads, params, output_mode,
+                      in_float32)
 
 
 def _operands(
     record: registry.StateRecord, grads: Any, params: Any,
     shapes: Sequence[tuple[int, ...]] | None = None,
+    in_float32: bool = False,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Checked leaves; gradients in their parameter's dtype."""
+  """Checked leaves; gradients in their parameter's dtype (or float32)."""
   grads = record.check_tree(record.optimizer, 'updates', grads, shapes)
   params = record.check_tree(record.optimizer, 'params', params, shapes)
-  return ([jnp.asarray(g).astype(leaf.dtype)
-           for g, leaf in zip(grads, record.leaves, strict=True)],
-          [jnp.asarray(p) for p in params])
+  dtypes = [jnp.float32 if in_float32 else leaf.dtype
+            for leaf in record.leaves]
+  return ([jnp.asarray(g).astype(d) for g, d in zip(grads, dtypes,
+                                                    strict=True)],
+          [jnp.asarray(p).astype(d) for p, d in zip(params, dtypes,
+                                                    strict=True)])
 
 
 def _single_device_update(
     record: registry.StateRecord, target: str, hyper: jax.Array,
-    grads: Any, params: Any, output_mode: int,
+    grads: Any, params: Any, output_mode: int, in_float32: bool,
 ) -> list[jax.Array]:
   """The update of a state that lives on one device."""
-  grads, params = _operands(record, grads, params)
+  grads, params = _operands(record, grads, params, in_float32=in_float32)
   axes = manual_axes()
   if axes:
     if sharding.PMAP_AXIS in axes:
@@ -192,7 +202,7 @@ def _conform(x: jax.Array, layout: sharding.MeshLayout, spec: P) -> jax.Array:
 
 def _mesh_update(
     record: registry.StateRecord, target: str, hyper: jax.Array,
-    grads: Any, params: Any, output_mode: int,
+    grads: Any, params: Any, output_mode: int, in_float32: bool,
 ) -> list[jax.Array]:
   """The update of a state spread over a mesh, in whatever view."""
   layout = record.layout
@@ -213,7 +223,7 @@ def _mesh_update(
           'init.'
       )
   shapes = [layout.local_shape_in(i, axes) for i in range(len(record.leaves))]
-  grads, params = _operands(record, grads, params, shapes)
+  grads, params = _operands(record, grads, params, shapes, in_float32)
 
   def step(hyper, grads, params):
     return _local_step(record, target, output_mode, hyper, grads, params)

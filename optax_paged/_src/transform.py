@@ -403,8 +403,10 @@ def _trust_ratio_step(record, spec, hyper, grads, params, count,
   """The kernel's unscaled directions, scaled per leaf (trust_ratio)."""
   if output_mode == ffi.OUTPUT_PARAMS_STOCHASTIC:
     raise ValueError(TRUST_RATIO_STOCHASTIC_MSG.format(spec.name))
+  # In float32, so that a 16-bit parameter's update is rounded once, after
+  # the scaling, not also before it.
   directions = spmd.update(record, spec.target, hyper, grads, params,
-                           ffi.OUTPUT_UPDATES)
+                           ffi.OUTPUT_UPDATES, in_float32=True)
   param_leaves = jax.tree.leaves(params)
   updates = trust_ratio_lib.apply(
       spec.trust_ratio, directions, param_leaves,
