@@ -19,6 +19,7 @@ from optax_paged._src.ademamix import ademamix8bit
 from optax_paged._src.ademamix import paged_ademamix
 from optax_paged._src.ademamix import paged_ademamix8bit
 from optax_paged._src.allocation import allocate_state
+from optax_paged._src.auto_budget import AutoBudget
 from optax_paged._src.build_info import build_info
 from optax_paged._src.checkpoint import load_state_dict
 from optax_paged._src.checkpoint import state_dict
@@ -38,6 +39,7 @@ from optax_paged._src.paging import state_nbytes
 from optax_paged._src.percentile_clipping import PercentileClippingState
 from optax_paged._src.percentile_clipping import percentile_clipping
 from optax_paged._src.registry import REGISTRY as state_registry
+from optax_paged._src.registry import MoveStats
 from optax_paged._src.registry import StateBuffers
 from optax_paged._src.registry import StateRegistry
 from optax_paged._src.registry import release
@@ -58,6 +60,7 @@ _flax_serialization.register()
 __all__ = [
     'accumulate_gradients',
     'AccumulateGradientsState',
+    'AutoBudget',
     'adagrad8bit',
     'adam8bit',
     'adamw8bit',
@@ -71,6 +74,7 @@ __all__ = [
     'load_state_dict',
     'memory_report',
     'MemoryReport',
+    'MoveStats',
     'paged_adam',
     'paged_adam8bit',
     'paged_adamw',

@@ -114,6 +114,45 @@ def test_set_device_budget_moves_buffers_and_keeps_results():
                      _without_tiers(optax_paged.state_dict(s_ref)))
 
 
+def test_auto_budget_gives_way_to_xla_and_comes_back_counting_moves():
+  params = random_tree(SHAPES, seed=5)
+  p_ref, s_ref = _run(optax_paged.paged_adamw8bit(1e-3, device_budget=1.0),
+                      params, 6, fused=True)
+  tx = optax_paged.paged_adamw8bit(1e-3, device_budget='auto')
+  step = jax.jit(lambda p, s, g: optax_paged.apply_gradients(tx, g, s, p))
+  p, s = params, tx.init(params)
+  assert set(_tiers(s)) == {'device'}  # a small state, a roomy GPU
+  sizes = [row.bytes for row in optax_paged.memory_report(s).rows]
+  moved = []
+  for i in range(6):
+    jax.block_until_ready(p)
+    if i == 2:
+      # As if an evaluation pass held all but half the state's bytes: a
+      # margin that leaves that much room next to XLA's reserve.
+      free, _ = paging.gpu_memory()
+      on_device = optax_paged.memory_report(s).totals['device']
+      reserve = paging.auto_budget.xla_reserve(
+          jax.devices()[0].memory_stats())
+      margin = max(0, free + on_device - reserve - sum(sizes) // 2)
+      optax_paged.set_device_budget(s, optax_paged.AutoBudget(margin=margin))
+      report = optax_paged.memory_report(s)
+      assert 0 < report.totals['host']
+      assert report.totals.get('device', 0) <= sum(sizes) // 2
+      assert _tiers(s) == paging.place(sizes, report.totals.get('device', 0))
+      moved.append(report.moves.count)
+    if i == 4:
+      optax_paged.set_device_budget(s, 'auto')  # the pass is over
+      assert set(_tiers(s)) == {'device'}
+      moved.append(optax_paged.memory_report(s).moves.count)
+    p, s = step(p, s, _grads(p, i))
+  # Out and back: every host leaf moved twice, nothing else moved.
+  assert moved[0] > 0 and moved[1] == 2 * moved[0]
+  assert str(jax.devices()[0]) in optax_paged.memory_report(s).free
+  assert_trees_equal(p, p_ref)
+  assert_trees_equal(_without_tiers(optax_paged.state_dict(s)),
+                     _without_tiers(optax_paged.state_dict(s_ref)))
+
+
 def test_unpaged_optimizer_uses_plain_device_memory():
   params = random_tree(SHAPES, seed=4)
   state = optax_paged.adamw8bit(1e-3).init(params)

@@ -141,7 +141,7 @@ def paged_adamw8bit(
     nesterov: bool = False,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with blockwise 8-bit state in paged (managed) memory.
 
@@ -166,8 +166,9 @@ def paged_adamw8bit(
       embeddings): a tree of booleans with the structure of the parameters
       (or a prefix of it), or a callable returning one given the parameters.
     device_budget: GPU bytes the state may occupy (an int), a fraction of
-      the GPU memory free at init (a float in [0, 1]), or None for half of
-      it. 0 keeps every buffer in host RAM.
+      the GPU memory free at init (a float in [0, 1]), None for half of it,
+      or ``'auto'`` (an ``AutoBudget``) for what fits next to XLA's next
+      step (see ``set_device_budget``). 0 keeps every buffer in host RAM.
     eps_root: added to the bias-corrected second moment inside the square
       root, as ``optax.adamw``'s ``eps_root``.
     mu_dtype: must be None: the first moment's storage is the optimizer's
@@ -254,7 +255,7 @@ def paged_adam8bit(
     nesterov: bool = False,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with blockwise 8-bit state in paged memory (see ``paged_adamw8bit``).
 
@@ -268,7 +269,8 @@ def paged_adam8bit(
       embeddings): a tree of booleans with the structure of the parameters
       (or a prefix of it), or a callable returning one given the parameters.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
     eps_root: added to the bias-corrected second moment inside the square
       root, as ``optax.adamw``'s ``eps_root``.
     mu_dtype: must be None: the first moment's storage is the optimizer's
@@ -303,7 +305,7 @@ def paged_adam(
     eps_root: float = 0.0,
     mu_dtype: Any = None,
     nesterov: bool = False,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with fp32 state in paged memory (bitsandbytes' ``PagedAdam``).
 
@@ -313,7 +315,8 @@ def paged_adam(
     b2: exponential decay rate of the second moment.
     eps: added to the denominator for numerical stability.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
     eps_root: added to the bias-corrected second moment inside the square
       root, as ``optax.adamw``'s ``eps_root``.
     mu_dtype: must be None: the first moment's storage is the optimizer's
@@ -349,7 +352,7 @@ def paged_adamw(
     eps_root: float = 0.0,
     mu_dtype: Any = None,
     nesterov: bool = False,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW with fp32 state in paged memory (bitsandbytes' ``PagedAdamW``).
 
@@ -362,7 +365,8 @@ def paged_adamw(
       of the step count.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
     eps_root: added to the bias-corrected second moment inside the square
       root, as ``optax.adamw``'s ``eps_root``.
     mu_dtype: must be None: the first moment's storage is the optimizer's

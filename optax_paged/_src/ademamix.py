@@ -113,7 +113,7 @@ def paged_ademamix8bit(
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`ademamix8bit` with its state in paged memory.
 
@@ -132,7 +132,8 @@ def paged_ademamix8bit(
       embeddings): a tree of booleans with the structure of the parameters
       (or a prefix of it), or a callable returning one given the parameters.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -162,7 +163,7 @@ def paged_ademamix(
     weight_decay: base.ScalarOrSchedule = 0.0,
     mask: Any = None,
     *,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdEMAMix with fp32 state in paged memory; equals
   ``optax.contrib.ademamix``.
@@ -178,7 +179,8 @@ def paged_ademamix(
       of the step count.
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -108,7 +108,7 @@ def paged_lamb8bit(
     max_unorm: float = 1.0,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`lamb8bit` with its state in paged memory (see ``paged_adamw8bit``).
 
@@ -124,7 +124,8 @@ def paged_lamb8bit(
     min_8bit_size: leaves with fewer elements keep fp32 state.
     keep_32bit: parameters whose state stays fp32 whatever their size.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -151,7 +152,7 @@ def paged_lamb(
     mask: Any = None,
     *,
     max_unorm: float = 1.0,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`lamb8bit` with fp32 state in paged memory (bitsandbytes' ``LAMB``).
 
@@ -165,7 +166,8 @@ def paged_lamb(
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     max_unorm: the largest update norm, relative to the parameter norm.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -95,7 +95,7 @@ def paged_lars8bit(
     max_unorm: float = 0.02,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`lars8bit` with its state in paged memory (see ``paged_adamw8bit``).
 
@@ -109,7 +109,8 @@ def paged_lars8bit(
     min_8bit_size: leaves with fewer elements keep fp32 state.
     keep_32bit: parameters whose state stays fp32 whatever their size.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -134,7 +135,7 @@ def paged_lars(
     mask: Any = None,
     *,
     max_unorm: float = 0.02,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`lars8bit` with fp32 state in paged memory (bitsandbytes' ``LARS``).
 
@@ -146,7 +147,8 @@ def paged_lars(
     mask: which parameters get weight decay, as ``optax.adamw``'s ``mask``.
     max_unorm: the largest update norm, relative to the parameter norm.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -92,7 +92,7 @@ def paged_lion8bit(
     *,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`lion8bit` with its state in paged memory.
 
@@ -108,7 +108,8 @@ def paged_lion8bit(
       embeddings): a tree of booleans with the structure of the parameters
       (or a prefix of it), or a callable returning one given the parameters.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -135,7 +136,7 @@ def paged_lion(
     weight_decay: base.ScalarOrSchedule = 1e-3,
     mask: Any = None,
     *,
-    device_budget: int | float | None = None,
+    device_budget: int | float | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Lion with fp32 state in paged memory; equals ``optax.lion``.
 
@@ -147,7 +148,8 @@ def paged_lion(
       of the step count.
     mask: which parameters get weight decay, as ``optax.lion``'s ``mask``.
     device_budget: GPU bytes (int) or fraction of free memory (float) the
-      state may occupy; None for half of the free memory.
+      state may occupy; None for half of the free memory; ``'auto'`` for
+      what fits next to XLA (see ``set_device_budget``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

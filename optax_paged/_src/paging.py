@@ -14,21 +14,35 @@ tier is plain host memory.
 """
 
 import dataclasses
+import logging
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 
+from optax_paged._src import auto_budget
 from optax_paged._src import ffi
 from optax_paged._src import registry
+
+logger = logging.getLogger('optax_paged')
 
 # Default device budget: this fraction of the GPU memory free at init.
 DEFAULT_DEVICE_FRACTION = 0.5
 # Room left for XLA and the CUDA context when capping a budget.
 _HEADROOM_BYTES = 512 * 2**20
 
-DeviceBudget = int | float | None
+DeviceBudget = int | float | str | auto_budget.AutoBudget | None
+
+
+def _auto_policy(device_budget: DeviceBudget) -> auto_budget.AutoBudget | None:
+  """The automatic budget's policy, or None for a fixed budget."""
+  if isinstance(device_budget, auto_budget.AutoBudget):
+    return device_budget
+  if device_budget == 'auto':
+    return auto_budget.AutoBudget()
+  return None
 
 
 def gpu_memory(ordinal: int = 0) -> tuple[int, int]:
@@ -85,8 +99,11 @@ def resolve_budget(device_budget: DeviceBudget, reclaimable: int = 0,
 
 def check_budget(device_budget: DeviceBudget) -> None:
   """Raises for a budget that can never be valid, before any allocation."""
-  if device_budget is None:
+  if device_budget is None or _auto_policy(device_budget) is not None:
     return
+  if isinstance(device_budget, str):
+    raise ValueError(
+        f"device_budget {device_budget!r}: the one name it takes is 'auto'.")
   if isinstance(device_budget, bool) or not isinstance(
       device_budget, (int, float)
   ):
@@ -112,23 +129,66 @@ def device_bytes(entry: Any) -> int:
   )
 
 
+def _xla_stats(device: jax.Device) -> dict[str, Any] | None:
+  try:
+    return device.memory_stats()
+  except Exception:  # noqa: BLE001 - a backend without stats: plan without
+    return None
+
+
+def _budget_for(device_budget: DeviceBudget, device: jax.Device, entry: Any,
+                reclaim: bool) -> int:
+  on_device = device_bytes(entry)
+  policy = _auto_policy(device_budget)
+  ordinal = int(entry.ordinal)
+  if policy is None:
+    return resolve_budget(device_budget, on_device if reclaim else 0,
+                          ordinal)
+  observation = auto_budget.Observation(
+      free=gpu_memory(ordinal)[0], state_on_device=on_device,
+      xla_stats=_xla_stats(device))
+  return auto_budget.next_budget(observation, policy, current=on_device)
+
+
+def move_leaves(entry: Any, target: Sequence[str],
+                moves: 'registry.MoveStats') -> None:
+  """Moves an entry's leaves to the ``target`` tiers; counts into ``moves``.
+
+  Leaves leave the device first, so the move never needs more room.
+  """
+  infos = [entry.leaf_info(i) for i in range(len(target))]
+  moved = {'host': [0, 0], 'device': [0, 0]}
+  start = time.perf_counter()
+  for tier in ('host', 'device'):
+    for i, (placed, info) in enumerate(zip(target, infos, strict=True)):
+      if placed == tier and info['tier'] != tier:
+        entry.set_leaf_tier(i, registry.TIER_CODES[tier])
+        moved[tier][0] += 1
+        moved[tier][1] += int(info['bytes'])
+  seconds = time.perf_counter() - start
+  count = moved['host'][0] + moved['device'][0]
+  if count:
+    moves.add(registry.MoveStats(count, moved['host'][1] + moved['device'][1],
+                        seconds))
+    logger.info(
+        'optax_paged: moved %d buffers (%d bytes) to the host and %d '
+        '(%d bytes) to GPU %d in %.1f ms', moved['host'][0],
+        moved['host'][1], moved['device'][0], moved['device'][1],
+        int(entry.ordinal), seconds * 1e3)
+
+
 def apply_budget(record: 'registry.StateRecord', device_budget: DeviceBudget,
                  reclaim: bool = False) -> None:
   """Moves the leaves of a paged record to the tiers the budget gives.
 
   The budget applies to each device on its own (a byte count is per device;
-  a fraction is of that device's free memory).
+  a fraction is of that device's free memory; ``'auto'`` is what fits next
+  to XLA's next step there, see ``auto_budget``).
   """
-  for entry in record.entries:
+  for device, entry in zip(record.devices, record.entries, strict=True):
     sizes = [entry.leaf_info(i)['bytes'] for i in range(len(record.leaves))]
-    reclaimable = device_bytes(entry) if reclaim else 0
-    target = place(sizes, resolve_budget(device_budget, reclaimable,
-                                         int(entry.ordinal)))
-    # Leaves leave the device first, so the move never needs more room.
-    for tier in ('host', 'device'):
-      for i, placed in enumerate(target):
-        if placed == tier:
-          entry.set_leaf_tier(i, registry.TIER_CODES[tier])
+    budget = _budget_for(device_budget, device, entry, reclaim)
+    move_leaves(entry, place(sizes, budget), record.moves)
 
 
 def place_new_state(buffers: 'registry.StateBuffers',
@@ -156,13 +216,18 @@ def set_device_budget(state: Any, device_budget: DeviceBudget) -> None:
   """Moves the buffers of every paged state in ``state`` to a new budget.
 
   Call it between steps. Leaves leave the device first, so the move never
-  needs more device memory than the new budget.
+  needs more device memory than the new budget. Only leaves whose tier
+  changes move; ``memory_report`` counts them, and each move is logged at
+  INFO level to the ``optax_paged`` logger.
 
   Args:
     state: an optimizer state, or any pytree containing one.
     device_budget: bytes, a fraction of the free GPU memory, or None (as for
-      the optimizer's ``device_budget``); for a state on several GPUs it
-      applies to each GPU's share.
+      the optimizer's ``device_budget``); ``'auto'`` (or an ``AutoBudget``)
+      measures now what fits next to XLA's next step (its peak so far) and
+      moves leaves out or back with hysteresis, e.g. around an evaluation
+      pass that needs memory; for a state on several GPUs it applies to
+      each GPU's share.
 
   Raises:
     ValueError: if ``state`` holds no paged GPU state.
@@ -205,9 +270,20 @@ class MemoryRow:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
-  """Every state buffer of a state, and the bytes in each tier."""
+  """Every state buffer of a state, the bytes in each tier, and the moves.
+
+  Attributes:
+    rows: one ``MemoryRow`` per buffer.
+    moves: the tier moves of these states' buffers so far (count, bytes,
+      seconds), by ``set_device_budget`` or an automatic budget.
+    free: per GPU that holds paged state, its free memory now: the headroom
+      XLA's next allocations have.
+  """
 
   rows: tuple[MemoryRow, ...]
+  moves: registry.MoveStats = dataclasses.field(
+      default_factory=registry.MoveStats)
+  free: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def totals(self) -> dict[str, int]:
@@ -248,7 +324,11 @@ class MemoryReport:
     rule = '  '.join('-' * w for w in widths)
     body = [fmt(cells) for cells in lines[:len(self.rows)]]
     totals = [fmt(cells) for cells in lines[len(self.rows):]]
-    return '\n'.join([fmt(header), rule, *body, rule, *totals])
+    extra = [f'moves: {self.moves.count} buffers, {self.moves.bytes:,} bytes, '
+             f'{self.moves.seconds * 1e3:.1f} ms']
+    extra += [f'free on {device}: {nbytes:,} bytes'
+              for device, nbytes in sorted(self.free.items())]
+    return '\n'.join([fmt(header), rule, *body, rule, *totals, *extra])
 
 
 def memory_report(state: Any) -> MemoryReport:
@@ -259,8 +339,9 @@ def memory_report(state: Any) -> MemoryReport:
 
   Returns:
     A ``MemoryReport``: ``rows`` (leaf path, shape, bits, tier, bytes, and
-    the device for a state on a mesh), ``totals`` per tier and
-    ``per_device`` totals; ``print`` it for a table.
+    the device for a state on a mesh), ``totals`` per tier,
+    ``per_device`` totals, ``moves`` between tiers so far and each GPU's
+    ``free`` memory; ``print`` it for a table.
 
   Example:
     >>> import jax.numpy as jnp, optax_paged
@@ -269,8 +350,14 @@ def memory_report(state: Any) -> MemoryReport:
     >>> print(optax_paged.memory_report(state))  # doctest: +SKIP
   """
   rows = []
+  moves = registry.MoveStats()
+  free = {}
   for buffers in registry.find_buffers(state):
     record = buffers.record()
+    moves.add(record.moves)
+    if record.paged:
+      for device, entry in zip(record.devices, record.entries, strict=True):
+        free[str(device)] = gpu_memory(int(entry.ordinal))[0]
     sharded = record.layout is not None
     for device, entry in zip(record.devices, record.entries, strict=True):
       for i, layout in enumerate(record.leaves):
@@ -283,7 +370,7 @@ def memory_report(state: Any) -> MemoryReport:
             bytes=int(info['bytes']),
             device=str(device) if sharded else '',
         ))
-  return MemoryReport(tuple(rows))
+  return MemoryReport(tuple(rows), moves, free)
 
 
 def state_nbytes(state: Any) -> int:

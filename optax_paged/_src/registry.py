@@ -82,6 +82,27 @@ class PendingInit:
   signed: tuple[bool, ...]
 
 
+@dataclasses.dataclass
+class MoveStats:
+  """Moves of state buffers between the tiers so far.
+
+  Attributes:
+    count: buffers (leaves, on one device each) moved.
+    bytes: their bytes.
+    seconds: wall time the moves took (advice, prefetch and its wait).
+  """
+
+  count: int = 0
+  bytes: int = 0
+  seconds: float = 0.0
+
+  def add(self, other: 'MoveStats') -> None:
+    self.count += other.count
+    self.bytes += other.bytes
+    self.seconds += other.seconds
+
+
+
 class StateRecord:
   """A state's registry entries (one per device) and their layout.
 
@@ -121,6 +142,8 @@ class StateRecord:
     # Restored from a Flax export older than format 3, whose moments' step
     # is the count the state is rebuilt with; see transform.PagedOptimizerState.
     self.adopt_count = False
+    # Tier moves of this record's buffers (paging.move_leaves).
+    self.moves = MoveStats()
     self._key_returned = False
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, leaf in enumerate(self.leaves):

@@ -1,0 +1,96 @@
+"""The automatic device budget: how much state fits next to XLA's next step.
+
+Pure functions of what is observed on one GPU, so that every decision can be
+tested without one:
+
+- the GPU's free memory (``cudaMemGetInfo``) and the bytes of this state
+  already on the device (which the state may keep: they count as free);
+- XLA's allocator (``jax.Device.memory_stats()``): what it holds from the
+  device (``pool_bytes``, else ``bytes_reserved``, else ``bytes_in_use``),
+  what is live (``bytes_in_use``), its peak so far (``peak_bytes_in_use``)
+  and its limit (``bytes_limit``).
+
+XLA's next step may grow back to its peak. What it would still have to take
+from the device for that (its peak less what it holds, within its limit) is
+reserved for it, and a margin on top; the state gets the rest. A budget
+shrinks as soon as the room falls short, and grows only when the room
+exceeds it by ``grow_threshold``, to half that threshold below the room, so
+that small swings between observations never move a leaf back and forth.
+"""
+
+import dataclasses
+from typing import Any
+
+# Always left free on the device: the CUDA context, cuBLAS workspaces,
+# allocations outside XLA's allocator.
+DEFAULT_MARGIN = 1 << 30
+# Room above the budget that makes it grow.
+DEFAULT_GROW_THRESHOLD = 512 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoBudget:
+  """``device_budget`` that follows the GPU's free memory.
+
+  Pass it (or ``'auto'`` for the defaults) as an optimizer's or
+  ``set_device_budget``'s ``device_budget``.
+
+  Attributes:
+    margin: bytes always left free on the device besides XLA's reserve.
+    grow_threshold: room above the current budget that makes it grow.
+  """
+
+  margin: int = DEFAULT_MARGIN
+  grow_threshold: int = DEFAULT_GROW_THRESHOLD
+
+  def __post_init__(self):
+    for name in ('margin', 'grow_threshold'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'AutoBudget.{name} must be an int >= 0, got '
+                         f'{value!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+  """What one GPU shows between steps.
+
+  Attributes:
+    free: free device bytes (``cudaMemGetInfo``).
+    state_on_device: bytes of this state in the device tier now.
+    xla_stats: ``jax.Device.memory_stats()`` of the device, or None.
+  """
+
+  free: int
+  state_on_device: int
+  xla_stats: dict[str, Any] | None = None
+
+
+def xla_reserve(stats: dict[str, Any] | None) -> int:
+  """Bytes XLA may still take from the device to reach its peak again."""
+  if not stats or 'bytes_in_use' not in stats:
+    return 0
+  in_use = int(stats['bytes_in_use'])
+  peak = int(stats.get('peak_bytes_in_use', in_use))
+  held = int(stats.get('pool_bytes', stats.get('bytes_reserved', in_use)))
+  wanted = max(0, peak - held)
+  if 'bytes_limit' in stats:
+    wanted = min(wanted, max(0, int(stats['bytes_limit']) - held))
+  return wanted
+
+
+def room(observation: Observation, policy: AutoBudget) -> int:
+  """Bytes of state the device can hold next to XLA's next step."""
+  return max(0, observation.free + observation.state_on_device
+             - xla_reserve(observation.xla_stats) - policy.margin)
+
+
+def next_budget(observation: Observation, policy: AutoBudget,
+                current: int) -> int:
+  """The device budget after this observation, from the current one."""
+  available = room(observation, policy)
+  if available < current:
+    return available
+  if available - current > policy.grow_threshold:
+    return available - policy.grow_threshold // 2
+  return current

@@ -1,0 +1,110 @@
+"""The automatic device budget's decisions, and how tier moves are made."""
+
+import logging
+
+import pytest
+
+from optax_paged._src import auto_budget
+from optax_paged._src import paging
+from optax_paged._src import registry
+
+GiB = 1 << 30
+MiB = 1 << 20
+POLICY = auto_budget.AutoBudget(margin=GiB, grow_threshold=512 * MiB)
+
+
+def _observe(free, on_device=0, **stats):
+  return auto_budget.Observation(free=free, state_on_device=on_device,
+                                 xla_stats=stats or None)
+
+
+def test_xla_keeps_room_to_reach_its_peak_again():
+  assert auto_budget.xla_reserve(None) == 0
+  # Between steps XLA holds 10 GiB, 6 in use; its steps peaked at 14.
+  stats = dict(bytes_in_use=6 * GiB, peak_bytes_in_use=14 * GiB,
+               pool_bytes=10 * GiB, bytes_limit=60 * GiB)
+  assert auto_budget.xla_reserve(stats) == 4 * GiB
+  # Never past its limit; nothing when its pool covers the peak.
+  assert auto_budget.xla_reserve(dict(stats, bytes_limit=11 * GiB)) == GiB
+  assert auto_budget.xla_reserve(dict(stats, pool_bytes=20 * GiB)) == 0
+  # Without pool statistics, what is in use is what XLA holds.
+  assert auto_budget.xla_reserve(
+      dict(bytes_in_use=6 * GiB, peak_bytes_in_use=14 * GiB)) == 8 * GiB
+
+
+def test_room_counts_the_state_already_on_the_device_as_free():
+  observation = _observe(free=5 * GiB, on_device=3 * GiB,
+                         bytes_in_use=GiB, peak_bytes_in_use=3 * GiB)
+  # 5 free + 3 of ours - 2 for XLA's peak - 1 margin.
+  assert auto_budget.room(observation, POLICY) == 5 * GiB
+  assert auto_budget.room(_observe(free=GiB // 2), POLICY) == 0
+
+
+def test_budget_shrinks_at_once_and_grows_only_past_the_threshold():
+  current = 8 * GiB
+  # Room fell to 6 GiB (an evaluation pass holds memory): shrink now.
+  shrunk = auto_budget.next_budget(_observe(free=7 * GiB), POLICY, current)
+  assert shrunk == 6 * GiB
+  # A little more room than the budget: stay.
+  assert auto_budget.next_budget(_observe(free=7 * GiB + 256 * MiB), POLICY,
+                                 shrunk) == shrunk
+  # The pass is over: grow, to half the threshold below the room.
+  grown = auto_budget.next_budget(_observe(free=10 * GiB), POLICY, shrunk)
+  assert grown == 9 * GiB - 256 * MiB
+
+
+def test_small_swings_never_move_a_leaf_back_and_forth():
+  leaves = [256 * MiB] * 40
+  budget, changes = 0, 0
+  tiers = paging.place(leaves, budget)
+  # Free memory wobbles by +-200 MiB around 8 GiB for 100 observations.
+  for i in range(100):
+    free = 8 * GiB + (200 * MiB if i % 2 else -200 * MiB)
+    budget = auto_budget.next_budget(_observe(free), POLICY, budget)
+    new_tiers = paging.place(leaves, budget)
+    changes += sum(a != b for a, b in zip(tiers, new_tiers, strict=True))
+    tiers = new_tiers
+  # Leaves moved to the device once, and never back.
+  assert changes == tiers.count('device') > 0
+
+
+def test_policy_refuses_nonsense():
+  with pytest.raises(ValueError, match='margin'):
+    auto_budget.AutoBudget(margin=-1)
+  with pytest.raises(ValueError, match='grow_threshold'):
+    auto_budget.AutoBudget(grow_threshold=1.5)
+  paging.check_budget('auto')
+  paging.check_budget(POLICY)
+  with pytest.raises(ValueError, match="'auto'"):
+    paging.check_budget('max')
+
+
+class _FakeEntry:
+  """An entry's tier interface, recording the moves asked of it."""
+
+  ordinal = 0
+
+  def __init__(self, tiers, sizes):
+    self.tiers, self.sizes, self.calls = list(tiers), sizes, []
+
+  def leaf_info(self, i):
+    return {'tier': self.tiers[i], 'bytes': self.sizes[i]}
+
+  def set_leaf_tier(self, i, code):
+    tier = {v: k for k, v in registry.TIER_CODES.items()}[code]
+    self.calls.append((i, tier))
+    self.tiers[i] = tier
+
+
+def test_moves_free_the_device_first_touch_only_changed_leaves_and_log(
+    caplog):
+  entry = _FakeEntry(['device', 'device', 'host', 'host'], [10, 20, 30, 40])
+  moves = registry.MoveStats()
+  with caplog.at_level(logging.INFO, logger='optax_paged'):
+    paging.move_leaves(entry, ['host', 'device', 'device', 'host'], moves)
+  assert entry.calls == [(0, 'host'), (2, 'device')]
+  assert (moves.count, moves.bytes) == (2, 40)
+  assert 'moved 1 buffers (10 bytes) to the host and 1 (30 bytes)' in (
+      caplog.text)
+  paging.move_leaves(entry, ['host', 'device', 'device', 'host'], moves)
+  assert (moves.count, moves.bytes) == (2, 40)  # nothing left to move
