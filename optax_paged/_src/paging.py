@@ -159,22 +159,25 @@ def move_leaves(entry: Any, target: Sequence[str],
   infos = [entry.leaf_info(i) for i in range(len(target))]
   moved = {'host': [0, 0], 'device': [0, 0]}
   start = time.perf_counter()
-  for tier in ('host', 'device'):
-    for i, (placed, info) in enumerate(zip(target, infos, strict=True)):
-      if placed == tier and info['tier'] != tier:
-        entry.set_leaf_tier(i, registry.TIER_CODES[tier])
-        moved[tier][0] += 1
-        moved[tier][1] += int(info['bytes'])
-  seconds = time.perf_counter() - start
-  count = moved['host'][0] + moved['device'][0]
-  if count:
-    moves.add(registry.MoveStats(count, moved['host'][1] + moved['device'][1],
-                        seconds))
-    logger.info(
-        'optax_paged: moved %d buffers (%d bytes) to the host and %d '
-        '(%d bytes) to GPU %d in %.1f ms', moved['host'][0],
-        moved['host'][1], moved['device'][0], moved['device'][1],
-        int(entry.ordinal), seconds * 1e3)
+  try:
+    for tier in ('host', 'device'):
+      for i, (placed, info) in enumerate(zip(target, infos, strict=True)):
+        if placed == tier and info['tier'] != tier:
+          entry.set_leaf_tier(i, registry.TIER_CODES[tier])
+          moved[tier][0] += 1
+          moved[tier][1] += int(info['bytes'])
+  finally:
+    # Counted even when a move fails part way: those before it happened.
+    count = moved['host'][0] + moved['device'][0]
+    if count:
+      seconds = time.perf_counter() - start
+      nbytes = moved['host'][1] + moved['device'][1]
+      moves.add(registry.MoveStats(count, nbytes, seconds))
+      logger.info(
+          'optax_paged: moved %d buffers (%d bytes) to the host and %d '
+          '(%d bytes) to GPU %d in %.1f ms', moved['host'][0],
+          moved['host'][1], moved['device'][0], moved['device'][1],
+          int(entry.ordinal), seconds * 1e3)
 
 
 def apply_budget(record: 'registry.StateRecord', device_budget: DeviceBudget,
