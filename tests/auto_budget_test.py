@@ -2,8 +2,11 @@
 
 import logging
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+import optax_paged
 from optax_paged._src import auto_budget
 from optax_paged._src import paging
 from optax_paged._src import registry
@@ -108,3 +111,21 @@ def test_moves_free_the_device_first_touch_only_changed_leaves_and_log(
       caplog.text)
   paging.move_leaves(entry, ['host', 'device', 'device', 'host'], moves)
   assert (moves.count, moves.bytes) == (2, 40)  # nothing left to move
+
+
+def test_auto_is_accepted_wherever_a_budget_is():
+  params = {'w': jnp.ones((64, 64))}
+  tx = optax_paged.paged_adamw8bit(1e-3, device_budget='auto')
+  state = tx.init(params)
+  report = optax_paged.memory_report(state)
+  assert report.moves.count == 0  # a CPU state has one tier
+  assert 'moves: 0 buffers' in str(report)
+  # A state made inside jax.jit keeps the budget until it is allocated.
+  pending = jax.jit(tx.init)(params)
+  allocated = optax_paged.allocate_state(pending, params)
+  assert optax_paged.memory_report(allocated).total_bytes == (
+      report.total_bytes)
+  with pytest.raises(ValueError, match='no paged GPU'):
+    optax_paged.set_device_budget(state, 'auto')
+  with pytest.raises(ValueError, match="'auto'"):
+    optax_paged.paged_adamw8bit(1e-3, device_budget='fast')
