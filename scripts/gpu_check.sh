@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for the GPU machine (no package registry
 # there: it builds against the image's packages). Logs go to $OUT (or ./gpu_logs).
-#   bash scripts/gpu_check.sh [tests|sanitizer|bench|mesh|shardbench|all]...
+#   bash scripts/gpu_check.sh [tests|sanitizer|bench|mesh|shardbench|capacity|all]...
 # `mesh` and `shardbench` need two or more GPUs (the multi-device suite on
 # every GPU, two processes with one GPU each, compute-sanitizer over the
-# suite's kernels; the FSDP and ZeRO-1 benchmark). `all` runs what fits the
-# machine's GPU count.
+# suite's kernels; the FSDP and ZeRO-1 benchmark). `capacity` (the largest
+# model each optimizer's step runs, at JAX's default memory settings; minutes
+# of probes) runs only when named. `all` runs what fits the machine's GPU count.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_logs}"
@@ -17,7 +18,7 @@ gpus=$(nvidia-smi -L | wc -l)
 want() {
   if [[ " ${steps[*]} " == *" $1 "* ]]; then return 0; fi
   [[ " ${steps[*]} " == *" all "* ]] || return 1
-  case $1 in mesh|shardbench) (( gpus > 1 )) ;; *) true ;; esac
+  case $1 in mesh|shardbench) (( gpus > 1 )) ;; capacity) false ;; *) true ;; esac
 }
 status=0
 
@@ -61,5 +62,10 @@ if want shardbench; then
   [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   (cd benchmarks && timeout 500 python3 gpu_sharded_step.py --write "$OUT/RESULTS.md") \
     2>&1 | tee "$OUT/shardbench.log" | tail -40
+fi
+if want capacity; then
+  [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  (cd benchmarks && timeout 560 python3 gpu_capacity.py --setting default \
+    --write "$OUT/RESULTS.md") 2>&1 | tee "$OUT/capacity.log" | tail -12
 fi
 exit $status

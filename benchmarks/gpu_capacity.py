@@ -1,0 +1,187 @@
+"""Capacity: the largest fp32 model whose AdamW step runs on one GPU.
+
+The step is what a training step holds: the parameters, the gradients made
+in the step (``jax.grad`` of a loss), the optimizer state, with the
+parameters and state donated. For each optimizer (``optax.adamw``,
+``paged_adamw8bit`` on the device tier, ``paged_adamw8bit`` on the host
+tier) a bisection over model sizes runs each probe in a fresh process (an
+out-of-memory step leaves nothing behind), at JAX's default memory settings
+(preallocation off) or with ``XLA_PYTHON_CLIENT_MEM_FRACTION`` raised (one
+run each). A probe initialises the state and runs three steps; it reports
+the median time of the last two, or the error that stopped it.
+
+  python benchmarks/gpu_capacity.py --setting default --write RESULTS.md
+  python benchmarks/gpu_capacity.py --setting raised --write RESULTS.md
+  python benchmarks/gpu_capacity.py --smoke   # the machinery, tiny, on CPU
+
+The host tier's state lives in managed memory preferring host RAM; the
+registry never places more state on the device than is free, so no probe
+oversubscribes the GPU.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+import cpu_step
+
+# One RESULTS.md section per memory setting (each run fits one device call).
+MARKS = {name: (f'<!-- gpu_capacity_{name}:begin -->',
+                f'<!-- gpu_capacity_{name}:end -->')
+         for name in ('default', 'raised')}
+# One leaf holds at most this many parameters (1 GiB of fp32).
+LEAF = 1 << 28
+OPTIMIZERS = ('optax.adamw', 'paged_adamw8bit', 'paged_adamw8bit, host tier')
+
+
+def probe(optimizer: str, num_params: int) -> dict:
+  """Runs the step at ``num_params`` in this process: ok, time or error."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import optax_paged
+
+  sizes = [LEAF] * (num_params // LEAF)
+  if num_params % LEAF:
+    sizes.append(num_params % LEAF)
+  if optimizer == 'optax.adamw':
+    tx = optax.adamw(1e-4)
+
+    def update(grads, state, params):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+  else:
+    budget = 0 if 'host' in optimizer else 1.0
+    tx = optax_paged.paged_adamw8bit(1e-4, device_budget=budget)
+
+    def update(grads, state, params):
+      return optax_paged.apply_gradients(tx, grads, state, params)
+
+  def loss(params):
+    return sum(0.5 * jnp.vdot(p, p) for p in params.values())
+
+  @jax.jit
+  def make_params():
+    return {f'w{i:03d}': jnp.full((n,), 0.01, jnp.float32)
+            for i, n in enumerate(sizes)}
+
+  step = jax.jit(lambda p, s: update(jax.grad(loss)(p), s, p),
+                 donate_argnums=(0, 1))
+  facts = {'device': jax.devices()[0].device_kind, 'jax': jax.__version__}
+  try:
+    params = make_params()
+    state = tx.init(params)
+    times = []
+    for _ in range(3):
+      start = time.perf_counter()
+      params, state = step(params, state)
+      jax.block_until_ready(params)
+      times.append(time.perf_counter() - start)
+    return {'ok': True, 'step_ms': statistics.median(times[1:]) * 1e3,
+            **facts}
+  except Exception as error:  # noqa: BLE001 - the probe reports, not raises
+    return {'ok': False, 'error': f'{type(error).__name__}: '
+            f'{str(error).splitlines()[0][:160]}', **facts}
+
+
+def run_probe(optimizer: str, num_params: int, env: dict) -> dict:
+  """``probe`` in a fresh process (a failed step must not leak memory)."""
+  command = [sys.executable, __file__, '--probe', optimizer,
+             str(num_params)]
+  done = subprocess.run(command, env=env, capture_output=True, text=True,
+                        timeout=600, check=False)
+  lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
+  if not lines:
+    return {'ok': False, 'error': f'exit {done.returncode}: '
+            f'{done.stderr.strip().splitlines()[-1:]}'}
+  return json.loads(lines[-1])
+
+
+def largest(optimizer: str, lo: int, hi: int, step: int, env: dict,
+            log: list) -> tuple[int, dict, int, dict]:
+  """Bisects on multiples of ``step``: the largest size that runs, the
+  smallest that fails, and their probes (0 and {} where none did)."""
+  good, good_result, bad, bad_result = 0, {}, 0, {}
+  lo_k, hi_k = lo // step, hi // step
+  while lo_k <= hi_k:
+    mid = (lo_k + hi_k) // 2
+    result = run_probe(optimizer, mid * step, env)
+    log.append((optimizer, mid * step, result))
+    print(f'  {optimizer:28s} {mid * step / 1e9:6.2f}B  {result}',
+          flush=True)
+    if result['ok']:
+      good, good_result, lo_k = mid * step, result, mid + 1
+    else:
+      bad, bad_result, hi_k = mid * step, result, mid - 1
+  return good, good_result, bad, bad_result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--probe', nargs=2, metavar=('OPTIMIZER', 'PARAMS'))
+  parser.add_argument('--setting', choices=sorted(MARKS), default='default',
+                      help="JAX's default memory settings (preallocation off) "
+                      'or XLA_PYTHON_CLIENT_MEM_FRACTION raised')
+  parser.add_argument('--mem-fraction', type=float, default=0.95,
+                      help='XLA_PYTHON_CLIENT_MEM_FRACTION when raised')
+  parser.add_argument('--step', type=float, default=0.25e9,
+                      help='size resolution in parameters')
+  parser.add_argument('--max', type=float, default=12e9,
+                      help='largest size tried, in parameters')
+  parser.add_argument('--smoke', action='store_true',
+                      help='tiny sizes on the CPU, to check the machinery')
+  parser.add_argument('--write', type=pathlib.Path, default=None,
+                      help='a RESULTS.md to write this section into')
+  args = parser.parse_args()
+  if args.probe:
+    print(json.dumps(probe(args.probe[0], int(args.probe[1]))), flush=True)
+    return
+
+  base_env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')
+  base_env.pop('XLA_PYTHON_CLIENT_MEM_FRACTION', None)
+  step, top = int(args.step), int(args.max)
+  if args.smoke:
+    base_env['JAX_PLATFORMS'] = 'cpu'
+    step, top = 1 << 20, 8 << 20
+  if args.setting == 'default':
+    label, env = 'default (preallocation off)', base_env
+  else:
+    label = f'XLA_PYTHON_CLIENT_MEM_FRACTION={args.mem_fraction}'
+    env = dict(base_env, XLA_PYTHON_CLIENT_MEM_FRACTION=str(args.mem_fraction))
+  # This process never touches the GPU: its CUDA context would take memory
+  # from the probes. The probes say which device and JAX they ran.
+  now = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M')
+  rows, log = [], []
+  for optimizer in OPTIMIZERS:
+    good, good_result, bad, bad_result = largest(optimizer, step, top, step,
+                                                 env, log)
+    fails = (f"{bad / 1e9:.2f}B: {bad_result.get('error', '')}" if bad
+             else f'none up to {top / 1e9:.2f}B')
+    rows.append(f'| {optimizer} | {good / 1e9:.2f}B | '
+                f"{good_result.get('step_ms', float('nan')):.1f} | {fails} |")
+  lines = [
+      f'## GPU capacity, {label}: the largest fp32 AdamW step that runs', '',
+      f'- date (UTC): {now}',
+      f"- device: {log[0][2].get('device', '?')}",
+      f"- jax: {log[0][2].get('jax', '?')}",
+      '- step: parameters, gradients made in the step, state; parameters '
+      'and state donated; fp32; leaves of 2^28 parameters; bisection in '
+      f'steps of {step / 1e9:.3g}B, each probe a fresh process (init, 3 steps, '
+      'median of the last 2)', '',
+      '| optimizer | largest that runs | its step (ms) | smallest that fails |',
+      '|---|---:|---:|---|', *rows]
+  section = '\n'.join(lines)
+  print(section)
+  if args.write:
+    cpu_step.write_results(section, args.write, MARKS[args.setting])
+
+
+if __name__ == '__main__':
+  main()
