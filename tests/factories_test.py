@@ -145,3 +145,20 @@ def test_sgd8bit_defaults_to_optax_sgd_without_momentum():
       ours, theirs)
   with pytest.raises(ValueError, match='accumulator_dtype'):
     optax_paged.sgd8bit(0.1, accumulator_dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize('made_by, stepped_by', [
+    (optax_paged.lamb8bit, optax_paged.adamw8bit),
+    (optax_paged.adamw8bit, optax_paged.lamb8bit),
+    (optax_paged.lars8bit, optax_paged.sgd8bit),
+])
+def test_a_state_runs_only_with_its_own_optimizer(made_by, stepped_by):
+  # LAMB runs Adam's kernel and LARS SGD's, but their states are their own:
+  # another optimizer's update is refused and changes nothing.
+  params, grads = _problem()
+  state = made_by(1e-3).init(params)
+  before = helpers.moments_of(state)
+  with pytest.raises(ValueError, match='this state was made by'):
+    stepped_by(1e-3).update(grads[0], state, params)
+  helpers.assert_trees_equal(helpers.moments_of(state), before)
+  assert int(state.count) == 0

@@ -14,20 +14,16 @@ def lamb_spec(learning_rate, b1, b2, eps, weight_decay,
               max_unorm) -> transform.OptimizerSpec:
   """Adam's kernel at learning rate 1, the trust ratio applied after it."""
   return adamw._adamw_spec(1.0, b1, b2, eps, 0.0)._replace(
+      name='lamb', kernel='adamw',
       trust_ratio=trust_ratio.TrustRatio(learning_rate, weight_decay,
                                          max_unorm))
-
-
-def _check_max_unorm(max_unorm) -> None:
-  if isinstance(max_unorm, (int, float)) and max_unorm < 0:
-    raise ValueError(f'max_unorm must be >= 0, got {max_unorm}.')
 
 
 def _lamb(learning_rate, b1, b2, eps, weight_decay, mask, max_unorm, *,
           quantize, paged, min_8bit_size=base.MIN_8BIT_SIZE,
           device_budget=None, keep_32bit=None):
   adamw._check_hyperparams(b1, b2, eps, 0.0, None)
-  _check_max_unorm(max_unorm)
+  trust_ratio.check_max_unorm(max_unorm)
   return transform.make_transformation(
       lamb_spec(learning_rate, b1, b2, eps, weight_decay, max_unorm),
       quantize=quantize, min_8bit_size=min_8bit_size, keep_32bit=keep_32bit,

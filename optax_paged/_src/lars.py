@@ -5,7 +5,6 @@ from typing import Any
 import optax
 
 from optax_paged._src import base
-from optax_paged._src import lamb
 from optax_paged._src import single_moment
 from optax_paged._src import transform
 from optax_paged._src import trust_ratio
@@ -15,6 +14,7 @@ def lars_spec(learning_rate, momentum, weight_decay,
               max_unorm) -> transform.OptimizerSpec:
   """SGD-momentum's kernel at learning rate 1, the trust ratio after it."""
   return single_moment.sgd_spec(1.0, momentum, weight_decay)._replace(
+      name='lars', kernel='sgd',
       trust_ratio=trust_ratio.TrustRatio(learning_rate, 0.0, max_unorm))
 
 
@@ -23,7 +23,7 @@ def _lars(learning_rate, momentum, weight_decay, mask, max_unorm, *,
           device_budget=None, keep_32bit=None):
   if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
     raise ValueError(f'momentum must be in [0, 1), got {momentum}.')
-  lamb._check_max_unorm(max_unorm)
+  trust_ratio.check_max_unorm(max_unorm)
   return transform.make_transformation(
       lars_spec(learning_rate, momentum, weight_decay, max_unorm),
       quantize=quantize, min_8bit_size=min_8bit_size, keep_32bit=keep_32bit,

@@ -197,7 +197,7 @@ def reference_transformation(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a functional state.
   """
-  element_update = ELEMENT_UPDATES[spec.name]
+  element_update = ELEMENT_UPDATES[spec.table_name]
   signed = spec.signed
 
   def init_fn(params):

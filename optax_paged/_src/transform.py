@@ -103,7 +103,9 @@ HyperparamFn = Callable[[jax.Array, jax.Array], jax.Array]
 class OptimizerSpec(NamedTuple):
   """What distinguishes one optimizer of the family from another.
 
-  Its FFI target, moments and maps come from the optimizer table.
+  Its FFI target, moments and maps come from the optimizer table, under
+  ``kernel`` (its ``name`` when empty): LAMB runs Adam's kernel, yet its
+  states are LAMB's, refused by AdamW's update and its checkpoints.
   """
 
   name: str
@@ -115,18 +117,24 @@ class OptimizerSpec(NamedTuple):
   # Per-tensor update-norm clipping after the kernel (LAMB, LARS); the
   # hyperparameter vector then carries learning rate 1 and no decoupled decay.
   trust_ratio: trust_ratio_lib.TrustRatio | None = None
+  # The optimizer table's entry whose kernel runs the step ('' for name).
+  kernel: str = ''
+
+  @property
+  def table_name(self) -> str:
+    return self.kernel or self.name
 
   @property
   def target(self) -> str:
-    return optimizer_table.info(self.name).target
+    return optimizer_table.info(self.table_name).target
 
   @property
   def num_moments(self) -> int:
-    return optimizer_table.info(self.name).num_moments
+    return optimizer_table.info(self.table_name).num_moments
 
   @property
   def signed(self) -> tuple[bool, ...]:
-    return optimizer_table.info(self.name).signed
+    return optimizer_table.info(self.table_name).signed
 
 
 # update_fn of every optax_paged transformation -> its spec, so that

@@ -35,6 +35,12 @@ class TrustRatio(NamedTuple):
   max_unorm: Any
 
 
+def check_max_unorm(max_unorm: Any) -> None:
+  """Refuses a negative ``max_unorm`` given as a number."""
+  if isinstance(max_unorm, (int, float)) and max_unorm < 0:
+    raise ValueError(f'max_unorm must be >= 0, got {max_unorm}.')
+
+
 def _norm(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   squares = jnp.sum(jnp.square(x.astype(jnp.float32)))
   if axes:
