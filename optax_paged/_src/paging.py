@@ -120,15 +120,6 @@ def check_budget(device_budget: DeviceBudget) -> None:
     )
 
 
-def device_bytes(entry: Any) -> int:
-  """Bytes of an entry's buffers in the device tier."""
-  return sum(
-      info['bytes']
-      for info in map(entry.leaf_info, range(entry.num_leaves))
-      if info['tier'] == 'device'
-  )
-
-
 def _xla_stats(device: jax.Device) -> dict[str, Any] | None:
   try:
     return device.memory_stats()
@@ -137,8 +128,7 @@ def _xla_stats(device: jax.Device) -> dict[str, Any] | None:
 
 
 def _budget_for(device_budget: DeviceBudget, device: jax.Device, entry: Any,
-                reclaim: bool) -> int:
-  on_device = device_bytes(entry)
+                on_device: int, reclaim: bool) -> int:
   policy = _auto_policy(device_budget)
   ordinal = int(entry.ordinal)
   if policy is None:
@@ -151,12 +141,15 @@ def _budget_for(device_budget: DeviceBudget, device: jax.Device, entry: Any,
 
 
 def move_leaves(entry: Any, target: Sequence[str],
-                moves: 'registry.MoveStats') -> None:
+                moves: 'registry.MoveStats',
+                infos: Sequence[dict[str, Any]] | None = None) -> None:
   """Moves an entry's leaves to the ``target`` tiers; counts into ``moves``.
 
   Leaves leave the device first, so the move never needs more room.
+  ``infos`` are the entry's ``leaf_info`` if the caller has read them.
   """
-  infos = [entry.leaf_info(i) for i in range(len(target))]
+  if infos is None:
+    infos = [entry.leaf_info(i) for i in range(len(target))]
   moved = {'host': [0, 0], 'device': [0, 0]}
   start = time.perf_counter()
   try:
@@ -189,9 +182,12 @@ def apply_budget(record: 'registry.StateRecord', device_budget: DeviceBudget,
   to XLA's next step there, see ``auto_budget``).
   """
   for device, entry in zip(record.devices, record.entries, strict=True):
-    sizes = [entry.leaf_info(i)['bytes'] for i in range(len(record.leaves))]
-    budget = _budget_for(device_budget, device, entry, reclaim)
-    move_leaves(entry, place(sizes, budget), record.moves)
+    infos = [entry.leaf_info(i) for i in range(len(record.leaves))]
+    on_device = sum(info['bytes'] for info in infos
+                    if info['tier'] == 'device')
+    budget = _budget_for(device_budget, device, entry, on_device, reclaim)
+    sizes = [info['bytes'] for info in infos]
+    move_leaves(entry, place(sizes, budget), record.moves, infos)
 
 
 def place_new_state(buffers: 'registry.StateBuffers',
