@@ -27,6 +27,7 @@ memory on the device.
   python benchmarks/gpu_step.py                     # print the tables
   python benchmarks/gpu_step.py --write RESULTS.md  # also write this section
   python benchmarks/gpu_step.py --family            # Lion and AdEMAMix
+  python benchmarks/gpu_step.py --tiers             # partial device budgets
 """
 
 import argparse
@@ -46,6 +47,9 @@ import optax_paged
 
 MARKS = ('<!-- gpu_step:begin -->', '<!-- gpu_step:end -->')
 FAMILY_MARKS = ('<!-- gpu_family:begin -->', '<!-- gpu_family:end -->')
+TIER_MARKS = ('<!-- gpu_tiers:begin -->', '<!-- gpu_tiers:end -->')
+# Shares of the paged state on the device in the --tiers table.
+DEVICE_SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)
 HYPER = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
 
 
@@ -71,10 +75,13 @@ class Runner:
   """One configuration's parameters, state and compiled step."""
 
   def __init__(self, name, tx, params, fused, stochastic_rounding=False,
-               make_grads=False):
+               make_grads=False, device_share=None):
     self.name = name
     self.params = jax.tree.map(jnp.copy, params)
     self.state = tx.init(self.params)
+    if device_share is not None:
+      total = optax_paged.memory_report(self.state).total_bytes
+      optax_paged.set_device_budget(self.state, int(device_share * total))
 
     def step(p, s, g, scale):
       if make_grads:
@@ -150,6 +157,18 @@ def family_runners(params):
   ]
 
 
+def tier_runners(params):
+  """The fused step with a share of its state on the device, the rest on
+  the host, against optax.adamw."""
+  runners = [Runner('optax.adamw', optax.adamw(**HYPER), params, False)]
+  for share in DEVICE_SHARES:
+    runners.append(Runner(
+        f'paged_adamw8bit, fused, {share:.0%} of the state on the device',
+        optax_paged.paged_adamw8bit(**HYPER, device_budget=1.0), params, True,
+        device_share=share))
+  return runners
+
+
 def run_dtype(dtype, layers: int, rounds: int, steps: int, make_runners):
   key = jax.random.key(0)
   params = jax.tree.map(lambda x: x.astype(dtype),
@@ -197,6 +216,8 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--family', action='store_true',
                       help='Lion and AdEMAMix instead of AdamW')
+  parser.add_argument('--tiers', action='store_true',
+                      help='the fused step at partial device budgets')
   parser.add_argument('--write', type=pathlib.Path, default=None,
                       help='a RESULTS.md to write this section into')
   args = parser.parse_args()
@@ -208,9 +229,14 @@ def main() -> None:
            f'- timing: median per-step time over {args.rounds} interleaved '
            f'rounds of {args.steps} steps dispatched back to back, after 3 '
            'warm-up steps; params and state donated']
+  marks = MARKS
   if args.family:
     lines[0] = '## GPU: Lion and AdEMAMix steps, 308M parameters'
-    make_runners, dtypes = family_runners, (jnp.float32,)
+    make_runners, dtypes, marks = family_runners, (jnp.float32,), FAMILY_MARKS
+  elif args.tiers:
+    lines[0] = ('## GPU: the fused AdamW step across the tiers, 308M '
+                'parameters')
+    make_runners, dtypes, marks = tier_runners, (jnp.float32,), TIER_MARKS
   else:
     make_runners, dtypes = adamw_runners, (jnp.float32, jnp.bfloat16)
   for dtype in dtypes:
@@ -223,7 +249,6 @@ def main() -> None:
   section = '\n'.join(lines)
   print(section)
   if args.write:
-    marks = FAMILY_MARKS if args.family else MARKS
     cpu_step.write_results(section, args.write, marks)
 
 

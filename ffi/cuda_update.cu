@@ -1,10 +1,15 @@
 // CUDA FFI handler: one launch updates every leaf of a dtype group in place.
 //
 // Multi-tensor layout: a by-value table of leaves (pointers, sizes, first
-// quantization block) and a persistent grid in which each warp owns one
-// quantization block of 256 elements at a time, 8 contiguous elements per
-// lane, loaded and stored with 16-byte vectors. The block absmax is reduced
-// with warp shuffles, so no block-wide barrier sits on the hot path. The
+// run) and a persistent grid in which each warp owns one run of quantization
+// blocks at a time and walks its blocks of 256 elements, 8 contiguous
+// elements per lane, loaded and stored with 16-byte vectors. The block
+// absmax is reduced with warp shuffles, so no block-wide barrier sits on the
+// hot path. A run is one block on the device tier and 32 blocks on the host
+// tier, whose absmax then cross the link as one coalesced read and write
+// (lane i holds block i's) instead of one 4-byte transaction per block; each
+// warp interleaves host runs with device runs so that the link and HBM work
+// at once (benchmarks/NOTES.md, host tier). The
 // quantization tables live in shared memory; hyperparameters are read from
 // device memory, so the host never waits on the device.
 #include <cuda_runtime.h>
@@ -42,6 +47,9 @@ constexpr int kBlocksPerMultiprocessor = 2;
 // Leaves per launch: the table rides in the kernel's parameters (up to 32 KB
 // since CUDA 12.1); groups with more leaves take several launches.
 constexpr int kMaxLeavesPerLaunch = 224;
+// Blocks per run on the host tier (at most a warp's lanes).
+constexpr int kHostRunBlocks = 32;
+static_assert(kHostRunBlocks <= kWarpSize, "one absmax per lane");
 
 struct LeafArgs {
   const void* grad;
@@ -50,7 +58,9 @@ struct LeafArgs {
   void* state[kMaxMoments];  // codes (quantized) or fp32 values
   float* absmax[kMaxMoments];
   int64_t size;
-  int64_t first_block;  // global index of the leaf's first quantization block
+  int64_t num_blocks;
+  int64_t first_run;  // index of the leaf's first run in the launch
+  int32_t run_blocks;  // quantization blocks per run
   int32_t quantized;
   int32_t decay;
   uint32_t id;  // index in the registry entry, for random bits
@@ -58,8 +68,10 @@ struct LeafArgs {
 };
 
 struct LaunchArgs {
+  // Device-tier leaves first, then host-tier leaves.
   LeafArgs leaves[kMaxLeavesPerLaunch];
-  int64_t total_blocks;
+  int64_t total_runs;
+  int64_t host_runs;  // the last host_runs runs are on the host tier
   int32_t num_leaves;
   int32_t output_mode;
   // The mesh position the call was traced for (device memory) and the one
@@ -100,12 +112,12 @@ __device__ __forceinline__ void StoreVec(T* dst, const Vec8<T>& src) {
   for (int i = 0; i < static_cast<int>(sizeof(Vec8<T>) / 16); ++i) d[i] = s[i];
 }
 
-__device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t block) {
+__device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t run) {
   int lo = 0;
   int hi = args.num_leaves - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (args.leaves[mid].first_block <= block) {
+    if (args.leaves[mid].first_run <= run) {
       lo = mid;
     } else {
       hi = mid - 1;
@@ -167,122 +179,160 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock +
                        threadIdx.x / kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t block = warp; block < args.total_blocks; block += warps) {
-    const LeafArgs& leaf = args.leaves[FindLeaf(args, block)];
-    const int64_t local_block = block - leaf.first_block;
-    const int64_t first = local_block * kBlockSize + lane * kElementsPerLane;
-    const int count = static_cast<int>(
-        max(int64_t{0}, min(int64_t{kElementsPerLane}, leaf.size - first)));
-    const T* grad = static_cast<const T*>(leaf.grad) + first;
-    const T* param = static_cast<const T*>(leaf.param) + first;
-    T* out = static_cast<T*>(leaf.out) + first;
-    if (refused) {
-      for (int i = 0; i < count; ++i) out[i] = FromFloat<T>(BitsToFloat(0x7fc00000u));
-      continue;
+  // Each warp takes every warps-th device run and every warps-th host run,
+  // and interleaves its two shares evenly (a Bresenham spread), so that
+  // every warp keeps both the link and HBM busy. (One schedule over all runs
+  // with host runs spread among device runs aliased with the grid stride: at
+  // a 50% budget, a host run every 33rd run and 33 x 128 warps gave every
+  // host run to 128 warps, and the link ran at a quarter of its rate.)
+  const int64_t device_runs = args.total_runs - args.host_runs;
+  const int64_t own_device =
+      warp < device_runs ? (device_runs - warp + warps - 1) / warps : 0;
+  const int64_t own_host =
+      warp < args.host_runs ? (args.host_runs - warp + warps - 1) / warps : 0;
+  const int64_t steps = own_device + own_host;
+  int64_t host_done = 0;
+  for (int64_t step = 0; step < steps; ++step) {
+    const bool host =
+        own_device == 0 ||
+        (own_host != 0 && (step + 1) * own_host / steps > host_done);
+    const int64_t run = host ? device_runs + warp + host_done++ * warps
+                             : warp + (step - host_done) * warps;
+    const LeafArgs& leaf = args.leaves[FindLeaf(args, run)];
+    const int64_t run_first = (run - leaf.first_run) * leaf.run_blocks;
+    const int run_length = static_cast<int>(
+        min(int64_t{leaf.run_blocks}, leaf.num_blocks - run_first));
+    // Lane b holds block b's absmax: read before the run, written after it.
+    float run_absmax[kMoments];
+    const bool runs_absmax = leaf.quantized && !refused;
+#pragma unroll
+    for (int m = 0; m < kMoments; ++m) {
+      run_absmax[m] = runs_absmax && lane < run_length
+                          ? leaf.absmax[m][run_first + lane]
+                          : 0.0f;
     }
-
-    Vec8<T> g{}, p{};
-    if (count == kElementsPerLane) {
-      LoadVec(grad, &g);
-      LoadVec(param, &p);
-    } else {
-      for (int i = 0; i < count; ++i) {
-        g.v[i] = grad[i];
-        p.v[i] = param[i];
+    for (int b = 0; b < run_length; ++b) {
+      const int64_t local_block = run_first + b;
+      const int64_t first = local_block * kBlockSize + lane * kElementsPerLane;
+      const int count = static_cast<int>(
+          max(int64_t{0}, min(int64_t{kElementsPerLane}, leaf.size - first)));
+      const T* grad = static_cast<const T*>(leaf.grad) + first;
+      const T* param = static_cast<const T*>(leaf.param) + first;
+      T* out = static_cast<T*>(leaf.out) + first;
+      if (refused) {
+        for (int i = 0; i < count; ++i) out[i] = FromFloat<T>(BitsToFloat(0x7fc00000u));
+        continue;
       }
-    }
 
-    float moments[kMoments][kElementsPerLane];
-    float old_absmax[kMoments];
-    if (leaf.quantized) {
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) {
-        const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
-        old_absmax[m] = leaf.absmax[m][local_block];
-        const uint8_t* codes = static_cast<const uint8_t*>(leaf.state[m]) + first;
-        uint8_t c[kElementsPerLane] = {};
-        if (count == kElementsPerLane) {
-          *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(codes);
-        } else {
-          for (int i = 0; i < count; ++i) c[i] = codes[i];
-        }
-#pragma unroll
-        for (int i = 0; i < kElementsPerLane; ++i) {
-          moments[m][i] = Decode(t.values, c[i], old_absmax[m]);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) {
-        const float* values = static_cast<const float*>(leaf.state[m]) + first;
-        if (count == kElementsPerLane) {
-          LoadVec(values, reinterpret_cast<Vec8<float>*>(moments[m]));
-        } else {
-          for (int i = 0; i < count; ++i) moments[m][i] = values[i];
-        }
-      }
-    }
-
-    Vec8<T> result;
-#pragma unroll
-    for (int i = 0; i < kElementsPerLane; ++i) {
-      float element[kMoments];
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-      const float param_f = ToFloat(p.v[i]);
-      const float update = Optimizer::Update(scalars, ToFloat(g.v[i]), param_f,
-                                             leaf.decay != 0, element);
-      const uint32_t random =
-          args.output_mode == kOutputParamsStochastic
-              ? RandomBits(seed, leaf.id,
-                           static_cast<uint64_t>(leaf.index_offset + first + i))
-              : 0u;
-      result.v[i] = OutputValue<T>(args.output_mode, param_f, update, random);
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
-    }
-    if (count == kElementsPerLane) {
-      StoreVec(out, result);
-    } else {
-      for (int i = 0; i < count; ++i) out[i] = result.v[i];
-    }
-
-    if (leaf.quantized) {
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) {
-        // Bit patterns of non-negative floats order as their values and NaN
-        // patterns sit above infinity: an integer max is the absmax, NaN if
-        // the block holds one, as on the CPU.
-        unsigned largest = 0;
+      Vec8<T> g{}, p{};
+      if (count == kElementsPerLane) {
+        LoadVec(grad, &g);
+        LoadVec(param, &p);
+      } else {
         for (int i = 0; i < count; ++i) {
-          largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+          g.v[i] = grad[i];
+          p.v[i] = param[i];
         }
-        largest = __reduce_max_sync(0xffffffffu, largest);
-        const float absmax = BitsToFloat(largest);
-        const float inverse = InverseScale(absmax);
-        const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
-        uint8_t c[kElementsPerLane];
-#pragma unroll
-        for (int i = 0; i < kElementsPerLane; ++i) {
-          c[i] = Encode(t, moments[m][i] * inverse);
-        }
-        uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first;
-        if (count == kElementsPerLane) {
-          *reinterpret_cast<uint2*>(codes) = *reinterpret_cast<const uint2*>(c);
-        } else {
-          for (int i = 0; i < count; ++i) codes[i] = c[i];
-        }
-        if (lane == 0) leaf.absmax[m][local_block] = absmax;
       }
-    } else {
+
+      float moments[kMoments][kElementsPerLane];
+      float old_absmax[kMoments];
+      if (leaf.quantized) {
+  #pragma unroll
+        for (int m = 0; m < kMoments; ++m) {
+          const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
+          old_absmax[m] = __shfl_sync(0xffffffffu, run_absmax[m], b);
+          const uint8_t* codes = static_cast<const uint8_t*>(leaf.state[m]) + first;
+          uint8_t c[kElementsPerLane] = {};
+          if (count == kElementsPerLane) {
+            *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(codes);
+          } else {
+            for (int i = 0; i < count; ++i) c[i] = codes[i];
+          }
+  #pragma unroll
+          for (int i = 0; i < kElementsPerLane; ++i) {
+            moments[m][i] = Decode(t.values, c[i], old_absmax[m]);
+          }
+        }
+      } else {
+  #pragma unroll
+        for (int m = 0; m < kMoments; ++m) {
+          const float* values = static_cast<const float*>(leaf.state[m]) + first;
+          if (count == kElementsPerLane) {
+            LoadVec(values, reinterpret_cast<Vec8<float>*>(moments[m]));
+          } else {
+            for (int i = 0; i < count; ++i) moments[m][i] = values[i];
+          }
+        }
+      }
+
+      Vec8<T> result;
+  #pragma unroll
+      for (int i = 0; i < kElementsPerLane; ++i) {
+        float element[kMoments];
+  #pragma unroll
+        for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
+        const float param_f = ToFloat(p.v[i]);
+        const float update = Optimizer::Update(scalars, ToFloat(g.v[i]), param_f,
+                                               leaf.decay != 0, element);
+        const uint32_t random =
+            args.output_mode == kOutputParamsStochastic
+                ? RandomBits(seed, leaf.id,
+                             static_cast<uint64_t>(leaf.index_offset + first + i))
+                : 0u;
+        result.v[i] = OutputValue<T>(args.output_mode, param_f, update, random);
+  #pragma unroll
+        for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+      }
+      if (count == kElementsPerLane) {
+        StoreVec(out, result);
+      } else {
+        for (int i = 0; i < count; ++i) out[i] = result.v[i];
+      }
+
+      if (leaf.quantized) {
+  #pragma unroll
+        for (int m = 0; m < kMoments; ++m) {
+          // Bit patterns of non-negative floats order as their values and NaN
+          // patterns sit above infinity: an integer max is the absmax, NaN if
+          // the block holds one, as on the CPU.
+          unsigned largest = 0;
+          for (int i = 0; i < count; ++i) {
+            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+          }
+          largest = __reduce_max_sync(0xffffffffu, largest);
+          const float absmax = BitsToFloat(largest);
+          const float inverse = InverseScale(absmax);
+          const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
+          uint8_t c[kElementsPerLane];
+  #pragma unroll
+          for (int i = 0; i < kElementsPerLane; ++i) {
+            c[i] = Encode(t, moments[m][i] * inverse);
+          }
+          uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first;
+          if (count == kElementsPerLane) {
+            *reinterpret_cast<uint2*>(codes) = *reinterpret_cast<const uint2*>(c);
+          } else {
+            for (int i = 0; i < count; ++i) codes[i] = c[i];
+          }
+          if (lane == b) run_absmax[m] = absmax;
+        }
+      } else {
+  #pragma unroll
+        for (int m = 0; m < kMoments; ++m) {
+          float* values = static_cast<float*>(leaf.state[m]) + first;
+          if (count == kElementsPerLane) {
+            StoreVec(values, *reinterpret_cast<const Vec8<float>*>(moments[m]));
+          } else {
+            for (int i = 0; i < count; ++i) values[i] = moments[m][i];
+          }
+        }
+      }
+    }
+    if (runs_absmax && lane < run_length) {
 #pragma unroll
       for (int m = 0; m < kMoments; ++m) {
-        float* values = static_cast<float*>(leaf.state[m]) + first;
-        if (count == kElementsPerLane) {
-          StoreVec(values, *reinterpret_cast<const Vec8<float>*>(moments[m]));
-        } else {
-          for (int i = 0; i < count; ++i) values[i] = moments[m][i];
-        }
+        leaf.absmax[m][run_first + lane] = run_absmax[m];
       }
     }
   }
@@ -334,33 +384,43 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     launch->status = entry.status();
     launch->stamps = entry.stamps();
     launch->launch = entry.NextLaunch();
-    int64_t blocks = 0;
+    int64_t runs = 0;
+    int64_t device_runs = 0;
     int num_leaves = 0;
-    for (size_t k = start; k < stop; ++k) {
-      const LeafState& state = entry.leaves()[leaf_indices[k]];
-      if (state.size == 0) continue;
-      LeafArgs& leaf = launch->leaves[num_leaves++];
-      leaf.grad = args.get<ffi::AnyBuffer>(k).value().untyped_data();
-      leaf.param = args.get<ffi::AnyBuffer>(count + k).value().untyped_data();
-      leaf.out = rets.get<ffi::AnyBuffer>(k).value()->untyped_data();
-      for (int m = 0; m < kMaxMoments; ++m) {
-        leaf.state[m] = state.quantized
-                            ? static_cast<void*>(state.moments[m].codes)
-                            : static_cast<void*>(state.moments[m].values);
-        leaf.absmax[m] = state.moments[m].absmax;
+    // Device-tier leaves in the first pass, host-tier leaves in the second.
+    for (const bool host_pass : {false, true}) {
+      if (host_pass) device_runs = runs;
+      for (size_t k = start; k < stop; ++k) {
+        const LeafState& state = entry.leaves()[leaf_indices[k]];
+        if (state.size == 0 || (state.tier == Tier::kManagedHost) != host_pass) {
+          continue;
+        }
+        LeafArgs& leaf = launch->leaves[num_leaves++];
+        leaf.grad = args.get<ffi::AnyBuffer>(k).value().untyped_data();
+        leaf.param = args.get<ffi::AnyBuffer>(count + k).value().untyped_data();
+        leaf.out = rets.get<ffi::AnyBuffer>(k).value()->untyped_data();
+        for (int m = 0; m < kMaxMoments; ++m) {
+          leaf.state[m] = state.quantized
+                              ? static_cast<void*>(state.moments[m].codes)
+                              : static_cast<void*>(state.moments[m].values);
+          leaf.absmax[m] = state.moments[m].absmax;
+        }
+        leaf.size = state.size;
+        leaf.num_blocks = state.num_blocks;
+        leaf.run_blocks = host_pass ? kHostRunBlocks : 1;
+        leaf.first_run = runs;
+        leaf.quantized = state.quantized ? 1 : 0;
+        leaf.decay = state.decay ? 1 : 0;
+        leaf.id = static_cast<uint32_t>(leaf_indices[k]);
+        leaf.index_offset = state.index_offset;
+        runs += (state.num_blocks + leaf.run_blocks - 1) / leaf.run_blocks;
       }
-      leaf.size = state.size;
-      leaf.first_block = blocks;
-      leaf.quantized = state.quantized ? 1 : 0;
-      leaf.decay = state.decay ? 1 : 0;
-      leaf.id = static_cast<uint32_t>(leaf_indices[k]);
-      leaf.index_offset = state.index_offset;
-      blocks += state.num_blocks;
     }
     if (num_leaves == 0) continue;
     launch->num_leaves = num_leaves;
-    launch->total_blocks = blocks;
-    const int64_t wanted = (blocks + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    launch->total_runs = runs;
+    launch->host_runs = runs - device_runs;
+    const int64_t wanted = (runs + kWarpsPerBlock - 1) / kWarpsPerBlock;
     const int grid = static_cast<int>(std::min<int64_t>(
         wanted, static_cast<int64_t>(MultiprocessorCount(device)) *
                     kBlocksPerMultiprocessor));

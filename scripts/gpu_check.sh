@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for the GPU machine (no package registry
 # there: it builds against the image's packages). Logs go to $OUT (or ./gpu_logs).
-#   bash scripts/gpu_check.sh [tests|sanitizer|bench|mesh|shardbench|capacity|all]...
+#   bash scripts/gpu_check.sh [tests|sanitizer|bench|tiers|probe|mesh|shardbench|capacity|all]...
 # `mesh` and `shardbench` need two or more GPUs (the multi-device suite on
 # every GPU, two processes with one GPU each, compute-sanitizer over the
 # suite's kernels; the FSDP and ZeRO-1 benchmark). `capacity` (the largest
 # model each optimizer's step runs, at JAX's default memory settings; minutes
-# of probes) runs only when named. `all` runs what fits the machine's GPU count.
+# of probes) and `probe` (what XLA does on out-of-memory, the host link's rate
+# by access pattern: tools/) run only when named. `all` runs what fits the
+# machine's GPU count.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_logs}"
@@ -18,7 +20,7 @@ gpus=$(nvidia-smi -L | wc -l)
 want() {
   if [[ " ${steps[*]} " == *" $1 "* ]]; then return 0; fi
   [[ " ${steps[*]} " == *" all "* ]] || return 1
-  case $1 in mesh|shardbench) (( gpus > 1 )) ;; capacity) false ;; *) true ;; esac
+  case $1 in mesh|shardbench) (( gpus > 1 )) ;; capacity|probe) false ;; *) true ;; esac
 }
 status=0
 
@@ -42,6 +44,18 @@ fi
 if want bench; then
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   timeout 500 python3 benchmarks/gpu_step.py --write "$OUT/RESULTS.md" 2>&1 | tee "$OUT/bench.log" | tail -30
+fi
+if want tiers; then
+  [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  (cd benchmarks && timeout 300 python3 gpu_step.py --tiers --write "$OUT/RESULTS.md") \
+    2>&1 | tee "$OUT/tiers.log" | tail -14
+fi
+if want probe; then
+  nvcc -O3 -arch=sm_90 -o "$OUT/host_link_probe" tools/host_link_probe.cu \
+    && "$OUT/host_link_probe" 2>&1 | tee "$OUT/host_link_probe.log"
+  rm -f "$OUT/host_link_probe"
+  timeout 200 python3 tools/xla_oom_probe.py 2>&1 | grep -v "^W0000\|^I0000" \
+    | tee "$OUT/xla_oom_probe.log" | tail -30
 fi
 if want mesh; then
   OPTAX_PAGED_MESH_SUITE=1 timeout 400 python3 -m pytest -q -p no:cacheprovider \

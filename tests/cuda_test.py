@@ -66,6 +66,31 @@ def test_host_tier_is_bit_identical_to_device_tier(fused):
                      _without_tiers(optax_paged.state_dict(s_host)))
 
 
+MIXED_SHAPES = [(300,), (8192 * 3 + 700,), (4096, 257), (3, 7), (1024, 1024),
+                (256 * 33,), (5000,)]
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('factory', [optax_paged.paged_adamw8bit,
+                                     optax_paged.paged_lion8bit,
+                                     optax_paged.paged_ademamix8bit,
+                                     optax_paged.paged_adamw])
+def test_mixed_tiers_in_one_launch_are_bit_identical(factory, dtype):
+  # Device and host leaves interleaved in one launch, host leaves in runs of
+  # 32 blocks with partial runs and partial blocks at their ends.
+  params = random_tree(MIXED_SHAPES, dtype=dtype, seed=11)
+  p_dev, s_dev = _run(factory(1e-3, device_budget=1.0), params, 3, True)
+  sizes = [row.bytes for row in optax_paged.memory_report(
+      factory(1e-3, device_budget=0).init(params)).rows]
+  budget = sum(sizes[i] for i in (1, 4))  # leaf0 fits too: mixed order
+  p_mix, s_mix = _run(factory(1e-3, device_budget=budget), params, 3, True)
+  tiers = _tiers(s_mix)
+  assert 'host' in tiers and 'device' in tiers
+  assert_trees_equal(p_dev, p_mix)
+  assert_trees_equal(_without_tiers(optax_paged.state_dict(s_dev)),
+                     _without_tiers(optax_paged.state_dict(s_mix)))
+
+
 def _without_tiers(saved):
   """A state_dict without the (legitimately different) tier of each leaf."""
   for leaf in saved['leaves']:
