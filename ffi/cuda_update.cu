@@ -127,7 +127,7 @@ __device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t run) {
 }
 
 template <typename Optimizer, typename T>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
     UpdateKernel(const __grid_constant__ LaunchArgs args,
                  const float* __restrict__ hyperparams) {
   constexpr int kMoments = Optimizer::kNumMoments;

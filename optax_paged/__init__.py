@@ -32,6 +32,8 @@ from optax_paged._src.lars import paged_lars8bit
 from optax_paged._src.lion import lion8bit
 from optax_paged._src.lion import paged_lion
 from optax_paged._src.lion import paged_lion8bit
+from optax_paged._src.memory_guard import MemoryGuardedStep
+from optax_paged._src.memory_guard import memory_guarded
 from optax_paged._src.paging import MemoryReport
 from optax_paged._src.paging import memory_report
 from optax_paged._src.paging import set_device_budget
@@ -61,6 +63,7 @@ __all__ = [
     'accumulate_gradients',
     'AccumulateGradientsState',
     'AutoBudget',
+    'MemoryGuardedStep',
     'adagrad8bit',
     'adam8bit',
     'adamw8bit',
@@ -72,6 +75,7 @@ __all__ = [
     'lars8bit',
     'lion8bit',
     'load_state_dict',
+    'memory_guarded',
     'memory_report',
     'MemoryReport',
     'MoveStats',

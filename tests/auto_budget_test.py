@@ -11,6 +11,9 @@ from optax_paged._src import auto_budget
 from optax_paged._src import paging
 from optax_paged._src import registry
 
+GIB = 2**30
+MIB = 2**20
+
 GiB = 1 << 30
 MiB = 1 << 20
 POLICY = auto_budget.AutoBudget(margin=GiB, grow_threshold=512 * MiB)
@@ -129,3 +132,34 @@ def test_auto_is_accepted_wherever_a_budget_is():
     optax_paged.set_device_budget(state, 'auto')
   with pytest.raises(ValueError, match="'auto'"):
     optax_paged.paged_adamw8bit(1e-3, device_budget='fast')
+
+
+def test_a_known_step_reserves_what_it_allocates_beyond_the_idle_pool():
+  stats = {'bytes_in_use': 6 * GIB, 'pool_bytes': 10 * GIB,
+           'peak_bytes_in_use': 10 * GIB, 'bytes_limit': 20 * GIB}
+  # 4 GiB idle in the pool: a 7 GiB step takes 3 GiB from the device.
+  assert auto_budget.step_reserve(stats, 7 * GIB) == 3 * GIB
+  assert auto_budget.step_reserve(stats, 2 * GIB) == 0
+  # Never past XLA's limit: 10 GiB more at most.
+  assert auto_budget.step_reserve(stats, 30 * GIB) == 10 * GIB
+  assert auto_budget.beyond_xla_limit(stats, 30 * GIB)
+  assert not auto_budget.beyond_xla_limit(stats, 14 * GIB)
+  # Known need replaces the peak: the pool's peak says 0 more.
+  observation = auto_budget.Observation(free=8 * GIB, state_on_device=0,
+                                        xla_stats=stats, step_need=7 * GIB)
+  policy = auto_budget.AutoBudget(margin=GIB)
+  assert auto_budget.room(observation, policy) == 4 * GIB
+
+
+def test_a_capped_budget_is_cut_and_grows_back_to_its_cap_only():
+  threshold = 512 * MIB
+  cap = 3 * GIB
+  # Cut at once below the cap.
+  assert auto_budget.settle(GIB, 3 * GIB, threshold, cap) == GIB
+  # Room returns: back to the cap, never past it.
+  assert auto_budget.settle(10 * GIB, GIB, threshold, cap) == cap
+  # Not enough room above the current budget to move anything.
+  assert auto_budget.settle(GIB + threshold, GIB, threshold, cap) == GIB
+  # No cap: grows to half the threshold below the room.
+  assert auto_budget.settle(10 * GIB, GIB, threshold) == (
+      10 * GIB - threshold // 2)

@@ -35,3 +35,4 @@ collect_ignore = (
 # A script its test runs in a subprocess; importing it here (for doctests)
 # would configure this process's devices.
 collect_ignore.append('multi_process_worker.py')
+collect_ignore.append('memory_pressure_worker.py')

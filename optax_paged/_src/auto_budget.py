@@ -12,7 +12,10 @@ tested without one:
 
 XLA's next step may grow back to its peak. What it would still have to take
 from the device for that (its peak less what it holds, within its limit) is
-reserved for it, and a margin on top; the state gets the rest. A budget
+reserved for it, and a margin on top; the state gets the rest. When the next
+step is known (``memory_guarded`` compiles it), its own allocation replaces
+the peak: XLA must take from the device what the step allocates beyond the
+idle part of its pool, within its limit. A budget
 shrinks as soon as the room falls short, and grows only when the room
 exceeds it by ``grow_threshold``, to half that threshold below the room, so
 that small swings between observations never move a leaf back and forth.
@@ -59,11 +62,50 @@ class Observation:
     free: free device bytes (``cudaMemGetInfo``).
     state_on_device: bytes of this state in the device tier now.
     xla_stats: ``jax.Device.memory_stats()`` of the device, or None.
+    step_need: bytes the next step allocates (its temporaries and outputs
+      less what it aliases to donated arguments), or None when unknown.
   """
 
   free: int
   state_on_device: int
   xla_stats: dict[str, Any] | None = None
+  step_need: int | None = None
+
+
+def _held(stats: dict[str, Any]) -> int:
+  """Bytes XLA's allocator holds from the device."""
+  return int(stats.get('pool_bytes', stats.get('bytes_reserved',
+                                                stats['bytes_in_use'])))
+
+
+def step_reserve(stats: dict[str, Any] | None, step_need: int) -> int:
+  """Bytes XLA must still take from the device to run a step.
+
+  A step that allocates ``step_need`` bytes first uses the idle part of
+  XLA's pool (held but not in use), then grows the pool, never past XLA's
+  limit.
+  """
+  if not stats or 'bytes_in_use' not in stats:
+    return step_need
+  held = _held(stats)
+  idle = max(0, held - int(stats['bytes_in_use']))
+  wanted = max(0, step_need - idle)
+  if 'bytes_limit' in stats:
+    wanted = min(wanted, max(0, int(stats['bytes_limit']) - held))
+  return wanted
+
+
+def beyond_xla_limit(stats: dict[str, Any] | None, step_need: int) -> bool:
+  """Whether a step needs more than XLA's limit lets its pool hold.
+
+  Then no placement of the state helps: XLA's memory fraction is too small
+  (``XLA_PYTHON_CLIENT_MEM_FRACTION``).
+  """
+  if not stats or 'bytes_in_use' not in stats or 'bytes_limit' not in stats:
+    return False
+  held = _held(stats)
+  idle = max(0, held - int(stats['bytes_in_use']))
+  return step_need - idle > int(stats['bytes_limit']) - held
 
 
 def xla_reserve(stats: dict[str, Any] | None) -> int:
@@ -72,7 +114,7 @@ def xla_reserve(stats: dict[str, Any] | None) -> int:
     return 0
   in_use = int(stats['bytes_in_use'])
   peak = int(stats.get('peak_bytes_in_use', in_use))
-  held = int(stats.get('pool_bytes', stats.get('bytes_reserved', in_use)))
+  held = _held(stats)
   wanted = max(0, peak - held)
   if 'bytes_limit' in stats:
     wanted = min(wanted, max(0, int(stats['bytes_limit']) - held))
@@ -81,16 +123,41 @@ def xla_reserve(stats: dict[str, Any] | None) -> int:
 
 def room(observation: Observation, policy: AutoBudget) -> int:
   """Bytes of state the device can hold next to XLA's next step."""
+  if observation.step_need is None:
+    reserve = xla_reserve(observation.xla_stats)
+  else:
+    reserve = step_reserve(observation.xla_stats, observation.step_need)
   return max(0, observation.free + observation.state_on_device
-             - xla_reserve(observation.xla_stats) - policy.margin)
+             - reserve - policy.margin)
+
+
+def settle(available: int, current: int, grow_threshold: int,
+           cap: int | None = None) -> int:
+  """A budget from the room ``available`` to it and its ``current`` size.
+
+  Args:
+    available: bytes of state the device can hold for it now.
+    current: bytes of it on the device now.
+    grow_threshold: room above ``current`` that makes it grow.
+    cap: at most this many bytes (a fixed budget that a guarded step had to
+      cut grows back to its own size), or None.
+
+  Returns:
+    The budget: at once down to the room when the room falls short; grown
+    only when the room exceeds it by ``grow_threshold``, to half that
+    threshold below the room (or to the cap), so that small swings between
+    observations never move a leaf back and forth.
+  """
+  limit = available if cap is None else min(available, cap)
+  if limit < current:
+    return limit
+  if available - current > grow_threshold:
+    return max(current, min(limit, available - grow_threshold // 2))
+  return current
 
 
 def next_budget(observation: Observation, policy: AutoBudget,
-                current: int) -> int:
+                current: int, cap: int | None = None) -> int:
   """The device budget after this observation, from the current one."""
-  available = room(observation, policy)
-  if available < current:
-    return available
-  if available - current > policy.grow_threshold:
-    return available - policy.grow_threshold // 2
-  return current
+  return settle(room(observation, policy), current, policy.grow_threshold,
+                cap)

@@ -140,6 +140,11 @@ def _budget_for(device_budget: DeviceBudget, device: jax.Device, entry: Any,
   return auto_budget.next_budget(observation, policy, current=on_device)
 
 
+def device_bytes(infos: Sequence[dict[str, Any]]) -> int:
+  """Bytes of these leaves in the device tier."""
+  return sum(int(info['bytes']) for info in infos if info['tier'] == 'device')
+
+
 def move_leaves(entry: Any, target: Sequence[str],
                 moves: 'registry.MoveStats',
                 infos: Sequence[dict[str, Any]] | None = None) -> None:
@@ -181,13 +186,20 @@ def apply_budget(record: 'registry.StateRecord', device_budget: DeviceBudget,
   a fraction is of that device's free memory; ``'auto'`` is what fits next
   to XLA's next step there, see ``auto_budget``).
   """
+  placed = []
   for device, entry in zip(record.devices, record.entries, strict=True):
     infos = [entry.leaf_info(i) for i in range(len(record.leaves))]
-    on_device = sum(info['bytes'] for info in infos
-                    if info['tier'] == 'device')
+    on_device = device_bytes(infos)
     budget = _budget_for(device_budget, device, entry, on_device, reclaim)
     sizes = [info['bytes'] for info in infos]
-    move_leaves(entry, place(sizes, budget), record.moves, infos)
+    target = place(sizes, budget)
+    move_leaves(entry, target, record.moves, infos)
+    placed.append(sum(n for n, t in zip(sizes, target, strict=True)
+                      if t == 'device'))
+  # What a guarded step (memory_guard) may cut and grow back to: an
+  # automatic budget follows its policy; a fixed one returns to its size.
+  record.budget_policy = _auto_policy(device_budget)
+  record.budget_caps = None if record.budget_policy else tuple(placed)
 
 
 def place_new_state(buffers: 'registry.StateBuffers',

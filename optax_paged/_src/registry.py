@@ -144,6 +144,11 @@ class StateRecord:
     self.adopt_count = False
     # Tier moves of this record's buffers (paging.move_leaves).
     self.moves = MoveStats()
+    # The device budget of a paged record (paging.apply_budget): the
+    # automatic policy, or None and the bytes each entry placed on its
+    # device under a fixed budget.
+    self.budget_policy = None
+    self.budget_caps = None
     self._key_returned = False
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, leaf in enumerate(self.leaves):

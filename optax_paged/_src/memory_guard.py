@@ -1,0 +1,248 @@
+"""Training steps that make room for themselves: ``memory_guarded``.
+
+What XLA does when a GPU step does not fit (measured on an H100 with jax
+0.11.2 by ``tools/xla_oom_probe.py``; benchmarks/NOTES.md):
+
+- it allocates a step's temporaries and outputs as the step starts, and a
+  step that does not fit fails with ``RESOURCE_EXHAUSTED``, reported
+  asynchronously (at ``block_until_ready``, not at the call);
+- an argument the step donates is deleted by then: a failed step that
+  donates its parameters cannot be run again;
+- its allocator never gives memory back to the device: after an 8 GiB array
+  is dropped its pool still holds the 8 GiB.
+
+So the guard acts before the step. It compiles the step once per argument
+signature, reads what it allocates from XLA's memory analysis (temporaries
+and outputs, less what aliases donated arguments) and, when the idle part of
+XLA's pool and the device's free memory cannot hold that next to the paged
+state on the device, moves state to the host tier first. With a step that
+does not donate, ``retry=True`` also catches an out-of-memory the estimate
+missed (another process allocating meanwhile): it moves all paged state in
+the arguments to the host and runs the step again.
+"""
+
+import logging
+from collections.abc import Callable
+from collections.abc import Hashable
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from optax_paged._src import auto_budget
+from optax_paged._src import paging
+from optax_paged._src import registry
+
+logger = logging.getLogger('optax_paged')
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+  return 'RESOURCE_EXHAUSTED' in str(error)
+
+
+def _leaf_signature(x: Any) -> Hashable:
+  if isinstance(x, jax.Array):
+    return (x.shape, x.dtype, x.weak_type, x.sharding)
+  if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+    return (tuple(x.shape), str(x.dtype))
+  return type(x)
+
+
+class MemoryGuardedStep:
+  """A jitted step that moves paged state out of XLA's way before it runs.
+
+  Made by ``memory_guarded``; call it as the step.
+
+  Attributes:
+    needs: the bytes the compiled step allocates, by argument signature (see
+      ``allocation``); analysed when the arguments hold paged GPU state.
+    retries: steps run again after an out-of-memory (``retry=True``).
+  """
+
+  def __init__(self, step: Callable[..., Any], jitted: Any,
+               static_argnums: Sequence[int], retry: bool,
+               policy: auto_budget.AutoBudget):
+    self._step = step
+    self._jitted = jitted
+    self._static = tuple(static_argnums)
+    self._retry = retry
+    self._policy = policy
+    self.needs: dict[Hashable, int | None] = {}
+    self.retries = 0
+
+  def __call__(self, *args, **kwargs):
+    records = _paged_gpu_records((args, kwargs))
+    if records:
+      self._make_room(records, self.allocation(*args, **kwargs), (args, kwargs))
+    if not self._retry:
+      return self._jitted(*args, **kwargs)
+    try:
+      return jax.block_until_ready(self._jitted(*args, **kwargs))
+    except Exception as error:  # noqa: BLE001 - XLA's runtime error type
+      if not _is_out_of_memory(error):
+        raise
+      deleted = [x for x in jax.tree.leaves((args, kwargs))
+                 if isinstance(x, jax.Array) and x.is_deleted()]
+      if deleted:
+        raise RuntimeError(
+            'memory_guarded: the step ran out of GPU memory after XLA had '
+            f'consumed {len(deleted)} donated argument(s); a retried step '
+            'must not donate (jit it without donate_argnums).') from error
+      self.retries += 1
+      logger.warning('optax_paged: a step ran out of GPU memory; moving the '
+                     'paged state to the host tier and running it again')
+      _move_all_to_host(records, (args, kwargs))
+      return jax.block_until_ready(self._jitted(*args, **kwargs))
+
+  def allocation(self, *args, **kwargs) -> int | None:
+    """Bytes the compiled step allocates for these arguments.
+
+    Its temporaries and outputs less what aliases donated arguments, from
+    XLA's memory analysis, compiled once per argument signature (and shared
+    with the step's own compilation); None where XLA gives no analysis.
+    """
+    static = tuple(args[i] for i in self._static if i < len(args))
+    dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
+    leaves, treedef = jax.tree.flatten((dynamic, kwargs))
+    key = (static, treedef, tuple(_leaf_signature(x) for x in leaves))
+    if key not in self.needs:
+      stats = self._jitted.lower(*args, **kwargs).compile().memory_analysis()
+      self.needs[key] = None if stats is None else max(
+          0, int(stats.temp_size_in_bytes) + int(stats.output_size_in_bytes)
+          - int(stats.alias_size_in_bytes))
+    return self.needs[key]
+
+  def _make_room(self, records, need: int | None, tree: Any) -> None:
+    """Fits each GPU's paged state next to the step; moves only on change."""
+    waited = False
+    for device, slots in _slots_by_device(records).items():
+      infos = [[entry.leaf_info(i) for i in range(len(record.leaves))]
+               for record, _, entry in slots]
+      current = [paging.device_bytes(x) for x in infos]
+      policies = [record.budget_policy or self._policy
+                  for record, _, _ in slots]
+      margin = max(policy.margin for policy in policies)
+      room = auto_budget.room(auto_budget.Observation(
+          free=paging.gpu_memory(int(slots[0][2].ordinal))[0],
+          state_on_device=sum(current), xla_stats=_memory_stats(device),
+          step_need=need), auto_budget.AutoBudget(margin=margin))
+      # Entries in turn: each may have the room less what the entries
+      # before it were given and what the entries after it hold now.
+      later = sum(current)
+      for (record, index, entry), entry_infos, now, policy in zip(
+          slots, infos, current, policies, strict=True):
+        later -= now
+        caps = record.budget_caps
+        budget = auto_budget.settle(
+            max(0, room - later), now, policy.grow_threshold,
+            None if caps is None else caps[index])
+        sizes = [int(info['bytes']) for info in entry_infos]
+        target = paging.place(sizes, budget)
+        if target != [info['tier'] for info in entry_infos]:
+          if not waited:
+            registry.wait_for_pending(tree)
+            waited = True
+          paging.move_leaves(entry, target, record.moves, entry_infos)
+        room -= sum(n for n, t in zip(sizes, target, strict=True)
+                    if t == 'device')
+
+
+def _memory_stats(device: jax.Device) -> dict[str, Any] | None:
+  try:
+    return device.memory_stats()
+  except Exception:  # noqa: BLE001 - a backend without stats
+    return None
+
+
+def _paged_gpu_records(tree: Any) -> list['registry.StateRecord']:
+  records = {}
+  for buffers in registry.find_buffers(tree):
+    if buffers.is_abstract:
+      continue
+    record = buffers.record()
+    if record.paged:
+      records[id(record)] = record
+  return list(records.values())
+
+
+def _slots_by_device(records):
+  """(record, entry index, entry) per GPU holding paged state."""
+  slots: dict[jax.Device, list[tuple[Any, int, Any]]] = {}
+  for record in records:
+    for index, (device, entry) in enumerate(
+        zip(record.devices, record.entries, strict=True)):
+      slots.setdefault(device, []).append((record, index, entry))
+  return slots
+
+
+def _move_all_to_host(records, tree) -> None:
+  registry.wait_for_pending(tree)
+  for record in records:
+    for entry in record.entries:
+      paging.move_leaves(entry, ['host'] * len(record.leaves), record.moves)
+
+
+def memory_guarded(
+    step: Callable[..., Any],
+    *,
+    donate_argnums: int | Sequence[int] = (),
+    static_argnums: int | Sequence[int] = (),
+    retry: bool = False,
+    policy: auto_budget.AutoBudget | None = None,
+) -> MemoryGuardedStep:
+  """Jits a training step that moves paged state out of XLA's way.
+
+  Before each call the step's allocation (from XLA's memory analysis of the
+  compiled step, once per argument signature) is compared with what XLA can
+  still get on each GPU: the idle part of its pool and the device's free
+  memory, within its limit. Paged optimizer state in the step's arguments
+  moves to the host tier as far as needed, then the step runs; when there
+  is room again it comes back, with the hysteresis of ``AutoBudget``: a
+  state with ``device_budget='auto'`` grows to what fits, one with a fixed
+  budget back to that budget. A spike (an evaluation pass's arrays, a longer
+  sequence) then costs slower steps instead of the run; the results are
+  bit-identical whatever the tiers.
+
+  XLA reports an out-of-memory asynchronously and has deleted the donated
+  arguments by then (measured: ``tools/xla_oom_probe.py``), so a step that
+  donates is protected only by the check before it. ``retry=True`` also
+  catches an out-of-memory the check missed (memory taken by another process
+  in between): the step must then not donate, and each call waits for its
+  outputs; on ``RESOURCE_EXHAUSTED`` every paged state in the arguments
+  moves to the host and the step runs again, once.
+
+  Args:
+    step: the training step, a function of arrays (not yet jitted).
+    donate_argnums: as for ``jax.jit``; not with ``retry``.
+    static_argnums: as for ``jax.jit``.
+    retry: rerun a step that ran out of memory (see above).
+    policy: the margin and hysteresis for states with a fixed budget
+      (default ``AutoBudget()``); an automatic state uses its own.
+
+  Returns:
+    A ``MemoryGuardedStep``, called as the step.
+
+  Raises:
+    ValueError: for ``retry`` with ``donate_argnums``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> tx = optax_paged.paged_adamw8bit(1e-3, device_budget='auto')
+    >>> def train_step(params, state, grads):
+    ...   updates, state = tx.update(grads, state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> step = optax_paged.memory_guarded(train_step, donate_argnums=(0, 1))
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> params, state = step(params, tx.init(params), {'w': jnp.ones((64, 64))})
+  """
+  if retry and donate_argnums not in ((), None, []):
+    raise ValueError(
+        'memory_guarded(retry=True) reruns a failed step with the same '
+        'arguments, which XLA deletes when donated: pass no donate_argnums.')
+  if policy is None:
+    policy = auto_budget.AutoBudget()
+  static = (static_argnums,) if isinstance(static_argnums, int) else tuple(
+      static_argnums)
+  jitted = jax.jit(step, donate_argnums=donate_argnums,
+                   static_argnums=static)
+  return MemoryGuardedStep(step, jitted, static, retry, policy)

@@ -1,0 +1,118 @@
+"""One run of tests/memory_pressure_test.py, in a process of its own.
+
+A 537M-parameter model (32 leaves of 4096 x 4096, fp32) trains with the
+gradients made in the step. After two steps a large array stays alive (an
+evaluation pass's output) for three steps, then is dropped; two more steps
+follow. Prints one JSON line: whether every step ran, the moves of the
+paged state, a digest of the final parameters and the memory it saw.
+
+  python tests/memory_pressure_worker.py MODE SPIKE_BYTES
+
+MODE: ``measure`` (no spike; the memory the spike is sized from),
+``fixed`` (paged_adamw8bit, all state on the device), ``guarded`` (an
+automatic budget and ``memory_guarded``), ``retry`` (``memory_guarded``
+with ``retry=True`` and its check before the step switched off, so that the
+step itself runs out of memory) or ``optax`` (``optax.adamw``).
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import optax_paged  # noqa: E402
+from optax_paged._src import paging  # noqa: E402
+
+LEAVES = 32
+SHAPE = (4096, 4096)
+STEPS = (2, 3, 2)  # before the spike, with it, after it
+
+
+def make_step(tx):
+  def loss(params, c):
+    return sum(0.5 * jnp.sum(jnp.square(p * c)) for p in params.values())
+
+  def step(params, state, c):
+    grads = jax.grad(loss)(params, c)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def main() -> None:
+  mode, spike_bytes = sys.argv[1], int(sys.argv[2])
+  device = jax.devices()[0]
+  keys = jax.random.split(jax.random.key(0), LEAVES)
+  params = {f'w{i:02d}': jax.random.normal(k, SHAPE, jnp.float32) * 0.02
+            for i, k in enumerate(keys)}
+  if mode == 'optax':
+    tx = optax.adamw(1e-3, weight_decay=1e-4)
+  else:
+    tx = optax_paged.paged_adamw8bit(
+        1e-3, weight_decay=1e-4,
+        device_budget='auto' if mode in ('guarded', 'retry') else 1.0)
+  state = tx.init(params)
+  if mode == 'retry':
+    step = optax_paged.memory_guarded(make_step(tx), retry=True)
+    step._make_room = lambda *args: None  # noqa: SLF001 - let the step fail
+  elif mode == 'guarded':
+    step = optax_paged.memory_guarded(make_step(tx), donate_argnums=(0, 1))
+  else:
+    step = jax.jit(make_step(tx), donate_argnums=(0, 1))
+
+  result = {'mode': mode, 'status': 'ok', 'gpu': device.device_kind}
+  spike = None
+  count = 0
+  try:
+    for phase, steps in enumerate(STEPS):
+      if phase == 1 and spike_bytes:
+        spike = jnp.full((spike_bytes // 4,), 1.0, jnp.float32)
+        spike.block_until_ready()
+      if phase == 2:
+        del spike
+      for _ in range(steps):
+        params, state = step(params, state, jnp.float32(1.0 + 0.1 * count))
+        jax.block_until_ready(params)
+        count += 1
+      if phase == 0 and mode == 'measure':
+        stats = device.memory_stats()
+        held = int(stats['pool_bytes'])
+        idle = held - int(stats['bytes_in_use'])
+        free = paging.gpu_memory(0)[0]
+        guarded = optax_paged.memory_guarded(
+            make_step(tx), donate_argnums=(0, 1))
+        plain = optax_paged.memory_guarded(make_step(tx), retry=True)
+        c = jnp.float32(1.0)
+        result.update(
+            xla_can_get=idle + min(free, int(stats['bytes_limit']) - held),
+            need=guarded.allocation(params, state, c),
+            need_without_donation=plain.allocation(params, state, c),
+            state_bytes=optax_paged.memory_report(state).total_bytes)
+  except Exception as error:  # noqa: BLE001 - the run reports what stopped it
+    result.update(status='oom' if 'RESOURCE_EXHAUSTED' in str(error)
+                  else 'error', error=str(error)[:300], steps_done=count)
+    print(json.dumps(result), flush=True)
+    return
+  digest = hashlib.sha256()
+  for name in sorted(params):
+    digest.update(np.asarray(params[name]).tobytes())
+  result['digest'] = digest.hexdigest()
+  if mode != 'optax':
+    report = optax_paged.memory_report(state)
+    result.update(moves=report.moves.count, moved_bytes=report.moves.bytes,
+                  tiers=report.totals)
+  if mode == 'retry':
+    result['retries'] = step.retries
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  main()
