@@ -21,6 +21,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <type_traits>
 
 #include "cuda_update.h"
 #include "element_types.h"
@@ -176,43 +177,48 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
   __syncthreads();
 
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock +
-                       threadIdx.x / kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const int warp = static_cast<int>(blockIdx.x) * kWarpsPerBlock +
+                   static_cast<int>(threadIdx.x) / kWarpSize;
+  const int warps = static_cast<int>(gridDim.x) * kWarpsPerBlock;
   // Each warp takes every warps-th device run and every warps-th host run,
   // and interleaves its two shares evenly (a Bresenham spread), so that
   // every warp keeps both the link and HBM busy. (One schedule over all runs
   // with host runs spread among device runs aliased with the grid stride: at
   // a 50% budget, a host run every 33rd run and 33 x 128 warps gave every
   // host run to 128 warps, and the link ran at a quarter of its rate.)
+  // 32-bit counters (a warp's runs fit), to keep the registers for the
+  // update: every 64-bit value live across the loop costs two.
   const int64_t device_runs = args.total_runs - args.host_runs;
-  const int64_t own_device =
-      warp < device_runs ? (device_runs - warp + warps - 1) / warps : 0;
-  const int64_t own_host =
-      warp < args.host_runs ? (args.host_runs - warp + warps - 1) / warps : 0;
-  const int64_t steps = own_device + own_host;
-  int64_t host_done = 0;
-  for (int64_t step = 0; step < steps; ++step) {
+  const int own_device = static_cast<int>(
+      warp < device_runs ? (device_runs - warp + warps - 1) / warps : 0);
+  const int own_host = static_cast<int>(
+      warp < args.host_runs ? (args.host_runs - warp + warps - 1) / warps
+                            : 0);
+  const int steps = own_device + own_host;
+  int host_done = 0;
+  for (int step = 0; step < steps; ++step) {
     const bool host =
         own_device == 0 ||
-        (own_host != 0 && (step + 1) * own_host / steps > host_done);
-    const int64_t run = host ? device_runs + warp + host_done++ * warps
-                             : warp + (step - host_done) * warps;
-    const LeafArgs& leaf = args.leaves[FindLeaf(args, run)];
+        (own_host != 0 &&
+         static_cast<int>((static_cast<int64_t>(step) + 1) * own_host /
+                          steps) > host_done);
+    const int64_t run =
+        host ? args.total_runs - args.host_runs + warp + host_done++ * warps
+             : warp + static_cast<int64_t>(step - host_done) * warps;
+    const int leaf_index = FindLeaf(args, run);
+    const LeafArgs& leaf = args.leaves[leaf_index];
     const int64_t run_first = (run - leaf.first_run) * leaf.run_blocks;
     const int run_length = static_cast<int>(
         min(int64_t{leaf.run_blocks}, leaf.num_blocks - run_first));
-    // Lane b holds block b's absmax: read before the run, written after it.
+    // In a run, lane b holds block b's absmax: read before the run, written
+    // after it.
     float run_absmax[kMoments];
-    const bool runs_absmax = leaf.quantized && !refused;
-#pragma unroll
-    for (int m = 0; m < kMoments; ++m) {
-      run_absmax[m] = runs_absmax && lane < run_length
-                          ? leaf.absmax[m][run_first + lane]
-                          : 0.0f;
-    }
-    for (int b = 0; b < run_length; ++b) {
-      const int64_t local_block = run_first + b;
+    // A lone block (device tier) reads and writes its absmax itself; a
+    // block of a host run takes it from lane `slot` of run_absmax and leaves
+    // the new one there. Two copies of the body, so that the device tier's
+    // keeps its registers free of the run's bookkeeping.
+    auto update_block = [&](auto in_run, const LeafArgs& leaf,
+                            int64_t local_block, int slot) {
       const int64_t first = local_block * kBlockSize + lane * kElementsPerLane;
       const int count = static_cast<int>(
           max(int64_t{0}, min(int64_t{kElementsPerLane}, leaf.size - first)));
@@ -221,7 +227,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
       T* out = static_cast<T*>(leaf.out) + first;
       if (refused) {
         for (int i = 0; i < count; ++i) out[i] = FromFloat<T>(BitsToFloat(0x7fc00000u));
-        continue;
+        return;
       }
 
       Vec8<T> g{}, p{};
@@ -241,7 +247,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
   #pragma unroll
         for (int m = 0; m < kMoments; ++m) {
           const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
-          old_absmax[m] = __shfl_sync(0xffffffffu, run_absmax[m], b);
+          if constexpr (decltype(in_run)::value) {
+            old_absmax[m] = __shfl_sync(0xffffffffu, run_absmax[m], slot);
+          } else {
+            old_absmax[m] = leaf.absmax[m][local_block];
+          }
           const uint8_t* codes = static_cast<const uint8_t*>(leaf.state[m]) + first;
           uint8_t c[kElementsPerLane] = {};
           if (count == kElementsPerLane) {
@@ -315,7 +325,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
           } else {
             for (int i = 0; i < count; ++i) codes[i] = c[i];
           }
-          if (lane == b) run_absmax[m] = absmax;
+          if constexpr (decltype(in_run)::value) {
+            if (lane == slot) run_absmax[m] = absmax;
+          } else if (lane == 0) {
+            leaf.absmax[m][local_block] = absmax;
+          }
         }
       } else {
   #pragma unroll
@@ -328,6 +342,24 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
           }
         }
       }
+    };
+    if (leaf.run_blocks == 1) {
+      update_block(std::false_type{}, leaf, run_first, 0);
+      continue;
+    }
+    const bool runs_absmax = leaf.quantized && !refused;
+#pragma unroll
+    for (int m = 0; m < kMoments; ++m) {
+      run_absmax[m] = runs_absmax && lane < run_length
+                          ? leaf.absmax[m][run_first + lane]
+                          : 0.0f;
+    }
+    for (int b = 0; b < run_length; ++b) {
+      // Opaque to the compiler, so that the leaf's fields are read again
+      // for each block instead of held in registers across the run.
+      int index = leaf_index;
+      asm volatile("" : "+r"(index));
+      update_block(std::true_type{}, args.leaves[index], run_first + b, b);
     }
     if (runs_absmax && lane < run_length) {
 #pragma unroll

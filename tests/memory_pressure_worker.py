@@ -1,8 +1,10 @@
 """One run of tests/memory_pressure_test.py, in a process of its own.
 
-A 537M-parameter model (32 leaves of 4096 x 4096, fp32) trains with the
-gradients made in the step. After two steps a large array stays alive (an
-evaluation pass's output) for three steps, then is dropped; two more steps
+An 805M-parameter model (48 leaves of 4096 x 4096, fp32) trains with the
+gradients made in the step. After two steps large arrays stay alive (an
+evaluation pass's outputs, in 256 MiB pieces so that XLA's pool can place
+them as it places a step's buffers) for three steps, then are dropped; two
+more steps
 follow. Prints one JSON line: whether every step ran, the moves of the
 paged state, a digest of the final parameters and the memory it saw.
 
@@ -31,7 +33,8 @@ import optax  # noqa: E402
 import optax_paged  # noqa: E402
 from optax_paged._src import paging  # noqa: E402
 
-LEAVES = 32
+LEAVES = 48
+PIECE = 256 << 20
 SHAPE = (4096, 4096)
 STEPS = (2, 3, 2)  # before the spike, with it, after it
 
@@ -74,8 +77,9 @@ def main() -> None:
   try:
     for phase, steps in enumerate(STEPS):
       if phase == 1 and spike_bytes:
-        spike = jnp.full((spike_bytes // 4,), 1.0, jnp.float32)
-        spike.block_until_ready()
+        sizes = [PIECE] * (spike_bytes // PIECE) + [spike_bytes % PIECE]
+        spike = [jnp.full((n // 4,), 1.0, jnp.float32) for n in sizes if n]
+        jax.block_until_ready(spike)
       if phase == 2:
         del spike
       for _ in range(steps):
