@@ -127,7 +127,7 @@ __device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t run) {
   return lo;
 }
 
-template <typename Optimizer, typename T>
+template <typename Optimizer, typename T, bool kTiered>
 __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
     UpdateKernel(const __grid_constant__ LaunchArgs args,
                  const float* __restrict__ hyperparams) {
@@ -180,194 +180,206 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
   const int warp = static_cast<int>(blockIdx.x) * kWarpsPerBlock +
                    static_cast<int>(threadIdx.x) / kWarpSize;
   const int warps = static_cast<int>(gridDim.x) * kWarpsPerBlock;
-  // Each warp takes every warps-th device run and every warps-th host run,
-  // and interleaves its two shares evenly (a Bresenham spread), so that
-  // every warp keeps both the link and HBM busy. (One schedule over all runs
-  // with host runs spread among device runs aliased with the grid stride: at
-  // a 50% budget, a host run every 33rd run and 33 x 128 warps gave every
-  // host run to 128 warps, and the link ran at a quarter of its rate.)
-  // 32-bit counters (a warp's runs fit), to keep the registers for the
-  // update: every 64-bit value live across the loop costs two.
-  const int64_t device_runs = args.total_runs - args.host_runs;
-  const int own_device = static_cast<int>(
-      warp < device_runs ? (device_runs - warp + warps - 1) / warps : 0);
-  const int own_host = static_cast<int>(
-      warp < args.host_runs ? (args.host_runs - warp + warps - 1) / warps
-                            : 0);
-  const int steps = own_device + own_host;
-  int host_done = 0;
-  for (int step = 0; step < steps; ++step) {
-    const bool host =
-        own_device == 0 ||
-        (own_host != 0 &&
-         static_cast<int>((static_cast<int64_t>(step) + 1) * own_host /
-                          steps) > host_done);
-    const int64_t run =
-        host ? args.total_runs - args.host_runs + warp + host_done++ * warps
-             : warp + static_cast<int64_t>(step - host_done) * warps;
-    const int leaf_index = FindLeaf(args, run);
-    const LeafArgs& leaf = args.leaves[leaf_index];
-    const int64_t run_first = (run - leaf.first_run) * leaf.run_blocks;
-    const int run_length = static_cast<int>(
-        min(int64_t{leaf.run_blocks}, leaf.num_blocks - run_first));
-    // In a run, lane b holds block b's absmax: read before the run, written
-    // after it.
-    float run_absmax[kMoments];
-    // A lone block (device tier) reads and writes its absmax itself; a
-    // block of a host run takes it from lane `slot` of run_absmax and leaves
-    // the new one there. Two copies of the body, so that the device tier's
-    // keeps its registers free of the run's bookkeeping.
-    auto update_block = [&](auto in_run, const LeafArgs& leaf,
-                            int64_t local_block, int slot) {
-      const int64_t first = local_block * kBlockSize + lane * kElementsPerLane;
-      const int count = static_cast<int>(
-          max(int64_t{0}, min(int64_t{kElementsPerLane}, leaf.size - first)));
-      const T* grad = static_cast<const T*>(leaf.grad) + first;
-      const T* param = static_cast<const T*>(leaf.param) + first;
-      T* out = static_cast<T*>(leaf.out) + first;
-      if (refused) {
-        for (int i = 0; i < count; ++i) out[i] = FromFloat<T>(BitsToFloat(0x7fc00000u));
-        return;
-      }
-
-      Vec8<T> g{}, p{};
-      if (count == kElementsPerLane) {
-        LoadVec(grad, &g);
-        LoadVec(param, &p);
-      } else {
-        for (int i = 0; i < count; ++i) {
-          g.v[i] = grad[i];
-          p.v[i] = param[i];
-        }
-      }
-
-      float moments[kMoments][kElementsPerLane];
-      float old_absmax[kMoments];
-      if (leaf.quantized) {
-  #pragma unroll
-        for (int m = 0; m < kMoments; ++m) {
-          const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
-          if constexpr (decltype(in_run)::value) {
-            old_absmax[m] = __shfl_sync(0xffffffffu, run_absmax[m], slot);
-          } else {
-            old_absmax[m] = leaf.absmax[m][local_block];
-          }
-          const uint8_t* codes = static_cast<const uint8_t*>(leaf.state[m]) + first;
-          uint8_t c[kElementsPerLane] = {};
-          if (count == kElementsPerLane) {
-            *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(codes);
-          } else {
-            for (int i = 0; i < count; ++i) c[i] = codes[i];
-          }
-  #pragma unroll
-          for (int i = 0; i < kElementsPerLane; ++i) {
-            moments[m][i] = Decode(t.values, c[i], old_absmax[m]);
-          }
-        }
-      } else {
-  #pragma unroll
-        for (int m = 0; m < kMoments; ++m) {
-          const float* values = static_cast<const float*>(leaf.state[m]) + first;
-          if (count == kElementsPerLane) {
-            LoadVec(values, reinterpret_cast<Vec8<float>*>(moments[m]));
-          } else {
-            for (int i = 0; i < count; ++i) moments[m][i] = values[i];
-          }
-        }
-      }
-
-      Vec8<T> result;
-  #pragma unroll
-      for (int i = 0; i < kElementsPerLane; ++i) {
-        float element[kMoments];
-  #pragma unroll
-        for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-        const float param_f = ToFloat(p.v[i]);
-        const float update = Optimizer::Update(scalars, ToFloat(g.v[i]), param_f,
-                                               leaf.decay != 0, element);
-        const uint32_t random =
-            args.output_mode == kOutputParamsStochastic
-                ? RandomBits(seed, leaf.id,
-                             static_cast<uint64_t>(leaf.index_offset + first + i))
-                : 0u;
-        result.v[i] = OutputValue<T>(args.output_mode, param_f, update, random);
-  #pragma unroll
-        for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
-      }
-      if (count == kElementsPerLane) {
-        StoreVec(out, result);
-      } else {
-        for (int i = 0; i < count; ++i) out[i] = result.v[i];
-      }
-
-      if (leaf.quantized) {
-  #pragma unroll
-        for (int m = 0; m < kMoments; ++m) {
-          // Bit patterns of non-negative floats order as their values and NaN
-          // patterns sit above infinity: an integer max is the absmax, NaN if
-          // the block holds one, as on the CPU.
-          unsigned largest = 0;
-          for (int i = 0; i < count; ++i) {
-            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
-          }
-          largest = __reduce_max_sync(0xffffffffu, largest);
-          const float absmax = BitsToFloat(largest);
-          const float inverse = InverseScale(absmax);
-          const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
-          uint8_t c[kElementsPerLane];
-  #pragma unroll
-          for (int i = 0; i < kElementsPerLane; ++i) {
-            c[i] = Encode(t, moments[m][i] * inverse);
-          }
-          uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first;
-          if (count == kElementsPerLane) {
-            *reinterpret_cast<uint2*>(codes) = *reinterpret_cast<const uint2*>(c);
-          } else {
-            for (int i = 0; i < count; ++i) codes[i] = c[i];
-          }
-          if constexpr (decltype(in_run)::value) {
-            if (lane == slot) run_absmax[m] = absmax;
-          } else if (lane == 0) {
-            leaf.absmax[m][local_block] = absmax;
-          }
-        }
-      } else {
-  #pragma unroll
-        for (int m = 0; m < kMoments; ++m) {
-          float* values = static_cast<float*>(leaf.state[m]) + first;
-          if (count == kElementsPerLane) {
-            StoreVec(values, *reinterpret_cast<const Vec8<float>*>(moments[m]));
-          } else {
-            for (int i = 0; i < count; ++i) values[i] = moments[m][i];
-          }
-        }
-      }
-    };
-    if (leaf.run_blocks == 1) {
-      update_block(std::false_type{}, leaf, run_first, 0);
-      continue;
+  // In a run, lane b holds block b's absmax: read before the run, written
+  // after it.
+  float run_absmax[kMoments];
+  // A lone block (device tier) reads and writes its absmax itself; a
+  // block of a host run takes it from lane `slot` of run_absmax and leaves
+  // the new one there. Two copies of the body, so that the device tier's
+  // keeps its registers free of the run's bookkeeping.
+  auto update_block = [&](auto in_run, const LeafArgs& leaf,
+                          int64_t local_block, int slot) {
+    const int64_t first = local_block * kBlockSize + lane * kElementsPerLane;
+    const int count = static_cast<int>(
+        max(int64_t{0}, min(int64_t{kElementsPerLane}, leaf.size - first)));
+    const T* grad = static_cast<const T*>(leaf.grad) + first;
+    const T* param = static_cast<const T*>(leaf.param) + first;
+    T* out = static_cast<T*>(leaf.out) + first;
+    if (refused) {
+      for (int i = 0; i < count; ++i) out[i] = FromFloat<T>(BitsToFloat(0x7fc00000u));
+      return;
     }
-    const bool runs_absmax = leaf.quantized && !refused;
-#pragma unroll
-    for (int m = 0; m < kMoments; ++m) {
-      run_absmax[m] = runs_absmax && lane < run_length
-                          ? leaf.absmax[m][run_first + lane]
-                          : 0.0f;
+
+    Vec8<T> g{}, p{};
+    if (count == kElementsPerLane) {
+      LoadVec(grad, &g);
+      LoadVec(param, &p);
+    } else {
+      for (int i = 0; i < count; ++i) {
+        g.v[i] = grad[i];
+        p.v[i] = param[i];
+      }
     }
-    for (int b = 0; b < run_length; ++b) {
-      // Opaque to the compiler, so that the leaf's fields are read again
-      // for each block instead of held in registers across the run.
-      int index = leaf_index;
-      asm volatile("" : "+r"(index));
-      update_block(std::true_type{}, args.leaves[index], run_first + b, b);
-    }
-    if (runs_absmax && lane < run_length) {
+
+    float moments[kMoments][kElementsPerLane];
+    float old_absmax[kMoments];
+    if (leaf.quantized) {
 #pragma unroll
       for (int m = 0; m < kMoments; ++m) {
-        leaf.absmax[m][run_first + lane] = run_absmax[m];
+        const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
+        if constexpr (decltype(in_run)::value) {
+          old_absmax[m] = __shfl_sync(0xffffffffu, run_absmax[m], slot);
+        } else {
+          old_absmax[m] = leaf.absmax[m][local_block];
+        }
+        const uint8_t* codes = static_cast<const uint8_t*>(leaf.state[m]) + first;
+        uint8_t c[kElementsPerLane] = {};
+        if (count == kElementsPerLane) {
+          *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(codes);
+        } else {
+          for (int i = 0; i < count; ++i) c[i] = codes[i];
+        }
+#pragma unroll
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          moments[m][i] = Decode(t.values, c[i], old_absmax[m]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        const float* values = static_cast<const float*>(leaf.state[m]) + first;
+        if (count == kElementsPerLane) {
+          LoadVec(values, reinterpret_cast<Vec8<float>*>(moments[m]));
+        } else {
+          for (int i = 0; i < count; ++i) moments[m][i] = values[i];
+        }
+      }
+    }
+
+    Vec8<T> result;
+#pragma unroll
+    for (int i = 0; i < kElementsPerLane; ++i) {
+      float element[kMoments];
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
+      const float param_f = ToFloat(p.v[i]);
+      const float update = Optimizer::Update(scalars, ToFloat(g.v[i]), param_f,
+                                             leaf.decay != 0, element);
+      const uint32_t random =
+          args.output_mode == kOutputParamsStochastic
+              ? RandomBits(seed, leaf.id,
+                           static_cast<uint64_t>(leaf.index_offset + first + i))
+              : 0u;
+      result.v[i] = OutputValue<T>(args.output_mode, param_f, update, random);
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+    }
+    if (count == kElementsPerLane) {
+      StoreVec(out, result);
+    } else {
+      for (int i = 0; i < count; ++i) out[i] = result.v[i];
+    }
+
+    if (leaf.quantized) {
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        // Bit patterns of non-negative floats order as their values and NaN
+        // patterns sit above infinity: an integer max is the absmax, NaN if
+        // the block holds one, as on the CPU.
+        unsigned largest = 0;
+        for (int i = 0; i < count; ++i) {
+          largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+        }
+        largest = __reduce_max_sync(0xffffffffu, largest);
+        const float absmax = BitsToFloat(largest);
+        const float inverse = InverseScale(absmax);
+        const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
+        uint8_t c[kElementsPerLane];
+#pragma unroll
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          c[i] = Encode(t, moments[m][i] * inverse);
+        }
+        uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first;
+        if (count == kElementsPerLane) {
+          *reinterpret_cast<uint2*>(codes) = *reinterpret_cast<const uint2*>(c);
+        } else {
+          for (int i = 0; i < count; ++i) codes[i] = c[i];
+        }
+        if constexpr (decltype(in_run)::value) {
+          if (lane == slot) run_absmax[m] = absmax;
+        } else if (lane == 0) {
+          leaf.absmax[m][local_block] = absmax;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        float* values = static_cast<float*>(leaf.state[m]) + first;
+        if (count == kElementsPerLane) {
+          StoreVec(values, *reinterpret_cast<const Vec8<float>*>(moments[m]));
+        } else {
+          for (int i = 0; i < count; ++i) values[i] = moments[m][i];
+        }
+      }
+    }
+  };
+
+  if constexpr (!kTiered) {
+    // Every leaf on the device: a run is a block, in a plain grid stride
+    // (its own kernel, so that its registers hold none of the runs').
+    for (int64_t run = warp; run < args.total_runs; run += warps) {
+      const LeafArgs& leaf = args.leaves[FindLeaf(args, run)];
+      update_block(std::false_type{}, leaf, run - leaf.first_run, 0);
+    }
+    return;
+  } else {
+    // Each warp takes every warps-th device run and every warps-th host run,
+    // and interleaves its two shares evenly (a Bresenham spread), so that
+    // every warp keeps both the link and HBM busy. (One schedule over all runs
+    // with host runs spread among device runs aliased with the grid stride: at
+    // a 50% budget, a host run every 33rd run and 33 x 128 warps gave every
+    // host run to 128 warps, and the link ran at a quarter of its rate.)
+    // 32-bit counters (a warp's runs fit), to keep the registers for the
+    // update: every 64-bit value live across the loop costs two.
+    const int64_t device_runs = args.total_runs - args.host_runs;
+    const int own_device = static_cast<int>(
+        warp < device_runs ? (device_runs - warp + warps - 1) / warps : 0);
+    const int own_host = static_cast<int>(
+        warp < args.host_runs ? (args.host_runs - warp + warps - 1) / warps
+                              : 0);
+    const int steps = own_device + own_host;
+    int host_done = 0;
+    for (int step = 0; step < steps; ++step) {
+      const bool host =
+          own_device == 0 ||
+          (own_host != 0 &&
+           static_cast<int>((static_cast<int64_t>(step) + 1) * own_host /
+                            steps) > host_done);
+      const int64_t run =
+          host ? args.total_runs - args.host_runs + warp + host_done++ * warps
+               : warp + static_cast<int64_t>(step - host_done) * warps;
+      const int leaf_index = FindLeaf(args, run);
+      const LeafArgs& leaf = args.leaves[leaf_index];
+      const int64_t run_first = (run - leaf.first_run) * leaf.run_blocks;
+      const int run_length = static_cast<int>(
+          min(int64_t{leaf.run_blocks}, leaf.num_blocks - run_first));
+      if (leaf.run_blocks == 1) {
+        update_block(std::false_type{}, leaf, run_first, 0);
+        continue;
+      }
+      const bool runs_absmax = leaf.quantized && !refused;
+  #pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        run_absmax[m] = runs_absmax && lane < run_length
+                            ? leaf.absmax[m][run_first + lane]
+                            : 0.0f;
+      }
+      for (int b = 0; b < run_length; ++b) {
+        // Opaque to the compiler, so that the leaf's fields are read again
+        // for each block instead of held in registers across the run.
+        int index = leaf_index;
+        asm volatile("" : "+r"(index));
+        update_block(std::true_type{}, args.leaves[index], run_first + b, b);
+      }
+      if (runs_absmax && lane < run_length) {
+  #pragma unroll
+        for (int m = 0; m < kMoments; ++m) {
+          leaf.absmax[m][run_first + lane] = run_absmax[m];
+        }
       }
     }
   }
+
 }
 
 // __device__ globals exist once per GPU, so each GPU gets its own copy of
@@ -456,8 +468,13 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     const int grid = static_cast<int>(std::min<int64_t>(
         wanted, static_cast<int64_t>(MultiprocessorCount(device)) *
                     kBlocksPerMultiprocessor));
-    UpdateKernel<Optimizer, T>
-        <<<grid, kThreadsPerBlock, 0, stream>>>(*launch, hyperparams);
+    if (launch->host_runs == 0) {
+      UpdateKernel<Optimizer, T, false>
+          <<<grid, kThreadsPerBlock, 0, stream>>>(*launch, hyperparams);
+    } else {
+      UpdateKernel<Optimizer, T, true>
+          <<<grid, kThreadsPerBlock, 0, stream>>>(*launch, hyperparams);
+    }
     if (cudaError_t status = cudaGetLastError(); status != cudaSuccess) {
       return ffi::Error::Internal(std::string("optax_paged kernel launch: ") +
                                   cudaGetErrorString(status));
