@@ -33,6 +33,7 @@ from optax_paged._src.lion import lion8bit
 from optax_paged._src.lion import paged_lion
 from optax_paged._src.lion import paged_lion8bit
 from optax_paged._src.memory_guard import MemoryGuardedStep
+from optax_paged._src.memory_guard import StepAllocation
 from optax_paged._src.memory_guard import memory_guarded
 from optax_paged._src.paging import MemoryReport
 from optax_paged._src.paging import memory_report
@@ -106,4 +107,5 @@ __all__ = [
     'state_registry',
     'StateBuffers',
     'StateRegistry',
+    'StepAllocation',
 ]

@@ -163,3 +163,15 @@ def test_a_capped_budget_is_cut_and_grows_back_to_its_cap_only():
   # No cap: grows to half the threshold below the room.
   assert auto_budget.settle(10 * GIB, GIB, threshold) == (
       10 * GIB - threshold // 2)
+
+
+def test_a_step_whose_temporaries_fit_no_free_block_takes_them_whole():
+  # 4 GiB idle in pieces of at most 1 GiB: a step with 3 GiB of temporaries
+  # and 1 GiB of outputs takes the 3 GiB from the device; the outputs fit
+  # the idle pieces.
+  stats = {'bytes_in_use': 6 * GIB, 'pool_bytes': 10 * GIB,
+           'largest_free_block_bytes': GIB, 'bytes_limit': 40 * GIB}
+  assert auto_budget.step_reserve(stats, 4 * GIB, 3 * GIB) == 3 * GIB
+  # One free block of 3 GiB: the idle pool holds it all.
+  stats['largest_free_block_bytes'] = 3 * GIB
+  assert auto_budget.step_reserve(stats, 4 * GIB, 3 * GIB) == 0

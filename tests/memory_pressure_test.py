@@ -43,15 +43,6 @@ def measured():
   return run
 
 
-# Issue 11, open: on an H100 (2026-11-26) the guarded step still ran out of
-# memory at a 3 GiB allocation, and the retried one at 64 MiB: the guard's
-# room (idle pool + free device memory) does not yet account for how XLA's
-# pool grows and fragments. Strict: a pass is reported, to be turned back.
-_OPEN = pytest.mark.xfail(strict=True, reason='issue 11: room estimate misses '
-                          "XLA's pool growth; see benchmarks/NOTES.md")
-
-
-@_OPEN
 def test_a_spike_kills_optax_and_a_fixed_budget_but_not_a_guarded_step(
     measured):
   spike = measured['xla_can_get'] - measured['need'] + (
@@ -71,7 +62,6 @@ def test_a_spike_kills_optax_and_a_fixed_budget_but_not_a_guarded_step(
   assert guarded['tiers'].get('host', 0) > 0, guarded
 
 
-@_OPEN
 def test_retry_turns_an_out_of_memory_step_into_a_slower_one(measured):
   spike = measured['xla_can_get'] - measured['need_without_donation'] + (
       measured['state_bytes'] // 2)

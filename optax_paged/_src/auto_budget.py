@@ -64,12 +64,16 @@ class Observation:
     xla_stats: ``jax.Device.memory_stats()`` of the device, or None.
     step_need: bytes the next step allocates (its temporaries and outputs
       less what it aliases to donated arguments), or None when unknown.
+    step_largest: its largest single allocation (XLA allocates a program's
+      temporaries as one buffer), which must fit one free block of the pool
+      or come from the device whole.
   """
 
   free: int
   state_on_device: int
   xla_stats: dict[str, Any] | None = None
   step_need: int | None = None
+  step_largest: int = 0
 
 
 def _held(stats: dict[str, Any]) -> int:
@@ -78,18 +82,26 @@ def _held(stats: dict[str, Any]) -> int:
                                                 stats['bytes_in_use'])))
 
 
-def step_reserve(stats: dict[str, Any] | None, step_need: int) -> int:
+def step_reserve(stats: dict[str, Any] | None, step_need: int,
+                 step_largest: int = 0) -> int:
   """Bytes XLA must still take from the device to run a step.
 
   A step that allocates ``step_need`` bytes first uses the idle part of
   XLA's pool (held but not in use), then grows the pool, never past XLA's
-  limit.
+  limit. Its largest allocation uses the pool only if one free block
+  (``largest_free_block_bytes``) holds it: the idle part of a pool that an
+  evaluation pass left in pieces holds a step's outputs, not its
+  temporaries.
   """
   if not stats or 'bytes_in_use' not in stats:
     return step_need
   held = _held(stats)
   idle = max(0, held - int(stats['bytes_in_use']))
-  wanted = max(0, step_need - idle)
+  largest_free = int(stats.get('largest_free_block_bytes', idle))
+  if step_largest > largest_free:
+    wanted = step_largest + max(0, step_need - step_largest - idle)
+  else:
+    wanted = max(0, step_need - idle)
   if 'bytes_limit' in stats:
     wanted = min(wanted, max(0, int(stats['bytes_limit']) - held))
   return wanted
@@ -126,7 +138,8 @@ def room(observation: Observation, policy: AutoBudget) -> int:
   if observation.step_need is None:
     reserve = xla_reserve(observation.xla_stats)
   else:
-    reserve = step_reserve(observation.xla_stats, observation.step_need)
+    reserve = step_reserve(observation.xla_stats, observation.step_need,
+                           observation.step_largest)
   return max(0, observation.free + observation.state_on_device
              - reserve - policy.margin)
 

@@ -21,6 +21,7 @@ missed (another process allocating meanwhile): it moves all paged state in
 the arguments to the host and runs the step again.
 """
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from collections.abc import Hashable
@@ -34,6 +35,21 @@ from optax_paged._src import paging
 from optax_paged._src import registry
 
 logger = logging.getLogger('optax_paged')
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAllocation:
+  """What a compiled step allocates when it starts (XLA's memory analysis).
+
+  Attributes:
+    total: bytes of its temporaries and outputs, less the outputs that alias
+      donated arguments.
+    temporaries: bytes of its temporaries, one buffer: its largest single
+      allocation.
+  """
+
+  total: int
+  temporaries: int
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -54,7 +70,7 @@ class MemoryGuardedStep:
   Made by ``memory_guarded``; call it as the step.
 
   Attributes:
-    needs: the bytes the compiled step allocates, by argument signature (see
+    needs: what the compiled step allocates, by argument signature (see
       ``allocation``); analysed when the arguments hold paged GPU state.
     retries: steps run again after an out-of-memory (``retry=True``).
   """
@@ -67,7 +83,7 @@ class MemoryGuardedStep:
     self._static = tuple(static_argnums)
     self._retry = retry
     self._policy = policy
-    self.needs: dict[Hashable, int | None] = {}
+    self.needs: dict[Hashable, StepAllocation | None] = {}
     self.retries = 0
 
   def __call__(self, *args, **kwargs):
@@ -94,12 +110,11 @@ class MemoryGuardedStep:
       _move_all_to_host(records, (args, kwargs))
       return jax.block_until_ready(self._jitted(*args, **kwargs))
 
-  def allocation(self, *args, **kwargs) -> int | None:
-    """Bytes the compiled step allocates for these arguments.
+  def allocation(self, *args, **kwargs) -> StepAllocation | None:
+    """What the compiled step allocates for these arguments.
 
-    Its temporaries and outputs less what aliases donated arguments, from
-    XLA's memory analysis, compiled once per argument signature (and shared
-    with the step's own compilation); None where XLA gives no analysis.
+    From XLA's memory analysis, compiled once per argument signature (and
+    shared with the step's own compilation); None where XLA gives none.
     """
     static = tuple(args[i] for i in self._static if i < len(args))
     dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
@@ -107,12 +122,15 @@ class MemoryGuardedStep:
     key = (static, treedef, tuple(_leaf_signature(x) for x in leaves))
     if key not in self.needs:
       stats = self._jitted.lower(*args, **kwargs).compile().memory_analysis()
-      self.needs[key] = None if stats is None else max(
-          0, int(stats.temp_size_in_bytes) + int(stats.output_size_in_bytes)
-          - int(stats.alias_size_in_bytes))
+      self.needs[key] = None if stats is None else StepAllocation(
+          total=max(0, int(stats.temp_size_in_bytes)
+                    + int(stats.output_size_in_bytes)
+                    - int(stats.alias_size_in_bytes)),
+          temporaries=int(stats.temp_size_in_bytes))
     return self.needs[key]
 
-  def _make_room(self, records, need: int | None, tree: Any) -> None:
+  def _make_room(self, records, need: StepAllocation | None,
+                 tree: Any) -> None:
     """Fits each GPU's paged state next to the step; moves only on change."""
     waited = False
     for device, slots in _slots_by_device(records).items():
@@ -125,7 +143,9 @@ class MemoryGuardedStep:
       room = auto_budget.room(auto_budget.Observation(
           free=paging.gpu_memory(int(slots[0][2].ordinal))[0],
           state_on_device=sum(current), xla_stats=_memory_stats(device),
-          step_need=need), auto_budget.AutoBudget(margin=margin))
+          step_need=None if need is None else need.total,
+          step_largest=0 if need is None else need.temporaries),
+          auto_budget.AutoBudget(margin=margin))
       # Entries in turn: each may have the room less what the entries
       # before it were given and what the entries after it hold now.
       later = sum(current)
