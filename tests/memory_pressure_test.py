@@ -26,9 +26,10 @@ WORKER = pathlib.Path(__file__).with_name('memory_pressure_worker.py')
 ROOT = WORKER.parent.parent
 
 
-def _run(mode: str, spike: int) -> dict:
+def _run(mode: str, spike: tuple[int, int]) -> dict:
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  done = subprocess.run([sys.executable, str(WORKER), mode, str(spike)],
+  done = subprocess.run([sys.executable, str(WORKER), mode,
+                         f'{spike[0]}:{spike[1]}'],
                         capture_output=True, text=True, timeout=240, env=env,
                         check=False)
   lines = [x for x in done.stdout.splitlines() if x.startswith('{')]
@@ -38,15 +39,28 @@ def _run(mode: str, spike: int) -> dict:
 
 @pytest.fixture(scope='module')
 def measured():
-  run = _run('measure', 0)
+  run = _run('measure', (0, 0))
   assert run['status'] == 'ok', run
   return run
 
 
+# Issue 11, open. On an H100 (2026-11-26) no spike sized from a measuring run
+# separated the two cases: XLA's pool grows in regions of doubling size,
+# capped by its limit, not by the device's free memory, backing off only
+# once, so a large spike either takes all the free memory (no placement of
+# the state then leaves the next step room) or fails itself
+# (benchmarks/NOTES.md). Strict: a pass is reported, to lift the mark.
+_OPEN = pytest.mark.xfail(strict=True, reason=(
+    "issue 11: XLA's pool growth defeats the spike's sizing"))
+
+
+@_OPEN
 def test_a_spike_kills_optax_and_a_fixed_budget_but_not_a_guarded_step(
     measured):
-  spike = measured['xla_can_get'] - measured['need'] + (
-      measured['state_bytes'] // 2)
+  # The idle pool filled, then the device left with half the state's size
+  # less than the step's temporaries (one buffer).
+  spike = (measured['idle'], measured['free'] - measured['temporaries']
+           + measured['state_bytes'] // 2)
   fixed = _run('fixed', spike)
   assert fixed['status'] == 'oom', fixed
   adamw = _run('optax', spike)
@@ -62,9 +76,13 @@ def test_a_spike_kills_optax_and_a_fixed_budget_but_not_a_guarded_step(
   assert guarded['tiers'].get('host', 0) > 0, guarded
 
 
+@_OPEN
 def test_retry_turns_an_out_of_memory_step_into_a_slower_one(measured):
-  spike = measured['xla_can_get'] - measured['need_without_donation'] + (
-      measured['state_bytes'] // 2)
+  # Without donation the new parameters are outputs of their own too.
+  spike = (measured['idle'], measured['free']
+           - measured['temporaries_without_donation']
+           - measured['outputs_without_donation']
+           + measured['state_bytes'] // 2)
   run = _run('retry', spike)
   assert run['status'] == 'ok', run
   assert run['retries'] == 1, run

@@ -8,7 +8,7 @@ more steps
 follow. Prints one JSON line: whether every step ran, the moves of the
 paged state, a digest of the final parameters and the memory it saw.
 
-  python tests/memory_pressure_worker.py MODE SPIKE_BYTES
+  python tests/memory_pressure_worker.py MODE PIECES_BYTES:BLOCK_BYTES
 
 MODE: ``measure`` (no spike; the memory the spike is sized from),
 ``fixed`` (paged_adamw8bit, all state on the device), ``guarded`` (an
@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 # XLA's limit above the card's memory: the device, not the limit, runs
@@ -41,6 +42,29 @@ SHAPE = (4096, 4096)
 STEPS = (2, 3, 2)  # before the spike, with it, after it
 
 
+TRACE = []
+
+
+def _trace_rooms() -> None:
+  """Records each room the guard computes, with what it saw."""
+  from optax_paged._src import auto_budget  # noqa: PLC0415
+  room = auto_budget.room
+
+  def traced(observation, policy):
+    stats = observation.xla_stats or {}
+    value = room(observation, policy)
+    TRACE.append({'free': observation.free >> 20,
+                  'on_device': observation.state_on_device >> 20,
+                  'need': (observation.step_need or 0) >> 20,
+                  'largest': observation.step_largest >> 20,
+                  'in_use': stats.get('bytes_in_use', 0) >> 20,
+                  'pool': stats.get('pool_bytes', 0) >> 20,
+                  'largest_free': stats.get('largest_free_block_bytes', -1)
+                  >> 20, 'room': value >> 20})
+    return value
+  auto_budget.room = traced
+
+
 def make_step(tx):
   def loss(params, c):
     return sum(0.5 * jnp.sum(jnp.square(p * c)) for p in params.values())
@@ -53,7 +77,8 @@ def make_step(tx):
 
 
 def main() -> None:
-  mode, spike_bytes = sys.argv[1], int(sys.argv[2])
+  mode = sys.argv[1]
+  pieces_bytes, block_bytes = (int(x) for x in sys.argv[2].split(':'))
   device = jax.devices()[0]
   keys = jax.random.split(jax.random.key(0), LEAVES)
   params = {f'w{i:02d}': jax.random.normal(k, SHAPE, jnp.float32) * 0.02
@@ -70,23 +95,34 @@ def main() -> None:
     step._make_room = lambda *args: None  # noqa: SLF001 - let the step fail
   elif mode == 'guarded':
     step = optax_paged.memory_guarded(make_step(tx), donate_argnums=(0, 1))
+    if os.environ.get('PRESSURE_TRACE'):
+      _trace_rooms()
   else:
     step = jax.jit(make_step(tx), donate_argnums=(0, 1))
 
   result = {'mode': mode, 'status': 'ok', 'gpu': device.device_kind}
   spike = None
   count = 0
+  times, free_seen = [], []
   try:
     for phase, steps in enumerate(STEPS):
-      if phase == 1 and spike_bytes:
-        sizes = [PIECE] * (spike_bytes // PIECE) + [spike_bytes % PIECE]
-        spike = [jnp.full((n // 4,), 1.0, jnp.float32) for n in sizes if n]
-        jax.block_until_ready(spike)
+      if phase == 1 and block_bytes:
+        # Pieces fill the idle part of XLA's pool; one block then grows the
+        # pool by its own size (growing piece by piece, the pool would
+        # take regions of doubling size, soon all the device's memory).
+        sizes = [PIECE] * (pieces_bytes // PIECE) + [block_bytes]
+        spike = []
+        for n in sizes:
+          spike.append(jnp.full((n // 4,), 1.0, jnp.float32))
+          spike[-1].block_until_ready()
       if phase == 2:
         del spike
       for _ in range(steps):
+        start = time.perf_counter()
         params, state = step(params, state, jnp.float32(1.0 + 0.1 * count))
         jax.block_until_ready(params)
+        times.append(round((time.perf_counter() - start) * 1e3, 1))
+        free_seen.append(paging.gpu_memory(0)[0] >> 20)
         count += 1
       if phase == 0 and mode == 'measure':
         stats = device.memory_stats()
@@ -98,11 +134,15 @@ def main() -> None:
         plain = optax_paged.memory_guarded(make_step(tx), retry=True)
         c = jnp.float32(1.0)
         result.update(
-            xla_can_get=idle + min(free, int(stats['bytes_limit']) - held),
-            need=guarded.allocation(params, state, c).total,
-            need_without_donation=plain.allocation(params, state, c).total,
+            idle=idle, free=free,
+            temporaries=guarded.allocation(params, state, c).temporaries,
+            temporaries_without_donation=plain.allocation(
+                params, state, c).temporaries,
+            outputs_without_donation=plain.allocation(params, state, c).total
+            - plain.allocation(params, state, c).temporaries,
             state_bytes=optax_paged.memory_report(state).total_bytes)
   except Exception as error:  # noqa: BLE001 - the run reports what stopped it
+    result['trace'] = TRACE
     result.update(status='oom' if 'RESOURCE_EXHAUSTED' in str(error)
                   else 'error', error=str(error)[:300], steps_done=count)
     print(json.dumps(result), flush=True)
@@ -111,6 +151,7 @@ def main() -> None:
   for name in sorted(params):
     digest.update(np.asarray(params[name]).tobytes())
   result['digest'] = digest.hexdigest()
+  result.update(step_ms=times, free_mib=free_seen)
   if mode != 'optax':
     report = optax_paged.memory_report(state)
     result.update(moves=report.moves.count, moved_bytes=report.moves.bytes,
