@@ -1,5 +1,6 @@
 """The automatic device budget's decisions, and how tier moves are made."""
 
+import dataclasses
 import logging
 
 import jax
@@ -10,9 +11,6 @@ import optax_paged
 from optax_paged._src import auto_budget
 from optax_paged._src import paging
 from optax_paged._src import registry
-
-GIB = 2**30
-MIB = 2**20
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -27,12 +25,15 @@ def _observe(free, on_device=0, **stats):
 def test_xla_keeps_room_to_reach_its_peak_again():
   assert auto_budget.xla_reserve(None) == 0
   # Between steps XLA holds 10 GiB, 6 in use; its steps peaked at 14.
+  # Its pool must grow by 4 GiB: it may ask for all its limit allows.
   stats = dict(bytes_in_use=6 * GiB, peak_bytes_in_use=14 * GiB,
                pool_bytes=10 * GiB, bytes_limit=60 * GiB)
-  assert auto_budget.xla_reserve(stats) == 4 * GiB
-  # Never past its limit; nothing when its pool covers the peak.
+  assert auto_budget.xla_reserve(stats) == 50 * GiB
   assert auto_budget.xla_reserve(dict(stats, bytes_limit=11 * GiB)) == GiB
+  # Nothing when its pool covers the peak (as a pool that never shrinks
+  # does), nor when it is at its limit.
   assert auto_budget.xla_reserve(dict(stats, pool_bytes=20 * GiB)) == 0
+  assert auto_budget.xla_reserve(dict(stats, bytes_limit=10 * GiB)) == 0
   # Without pool statistics, what is in use is what XLA holds.
   assert auto_budget.xla_reserve(
       dict(bytes_in_use=6 * GiB, peak_bytes_in_use=14 * GiB)) == 8 * GiB
@@ -135,43 +136,47 @@ def test_auto_is_accepted_wherever_a_budget_is():
 
 
 def test_a_known_step_reserves_what_it_allocates_beyond_the_idle_pool():
-  stats = {'bytes_in_use': 6 * GIB, 'pool_bytes': 10 * GIB,
-           'peak_bytes_in_use': 10 * GIB, 'bytes_limit': 20 * GIB}
-  # 4 GiB idle in the pool: a 7 GiB step takes 3 GiB from the device.
-  assert auto_budget.step_reserve(stats, 7 * GIB) == 3 * GIB
-  assert auto_budget.step_reserve(stats, 2 * GIB) == 0
-  # Never past XLA's limit: 10 GiB more at most.
-  assert auto_budget.step_reserve(stats, 30 * GIB) == 10 * GIB
-  assert auto_budget.beyond_xla_limit(stats, 30 * GIB)
-  assert not auto_budget.beyond_xla_limit(stats, 14 * GIB)
-  # Known need replaces the peak: the pool's peak says 0 more.
-  observation = auto_budget.Observation(free=8 * GIB, state_on_device=0,
-                                        xla_stats=stats, step_need=7 * GIB)
-  policy = auto_budget.AutoBudget(margin=GIB)
-  assert auto_budget.room(observation, policy) == 4 * GIB
+  stats = {'bytes_in_use': 6 * GiB, 'pool_bytes': 10 * GiB,
+           'peak_bytes_in_use': 10 * GiB, 'bytes_limit': 20 * GiB}
+  # 4 GiB idle in the pool: a 7 GiB step grows it, which may take all
+  # the 10 GiB left to XLA's limit; a 2 GiB step fits the idle pool.
+  assert auto_budget.step_reserve(stats, 7 * GiB) == 10 * GiB
+  assert auto_budget.step_reserve(stats, 2 * GiB) == 0
+  assert auto_budget.step_reserve(stats, 30 * GiB) == 10 * GiB
+  assert auto_budget.beyond_xla_limit(stats, 30 * GiB)
+  assert not auto_budget.beyond_xla_limit(stats, 14 * GiB)
+  # The known step replaces the peak (which the pool covers: 0 more).
+  observation = auto_budget.Observation(free=12 * GiB, state_on_device=0,
+                                        xla_stats=stats, step_need=7 * GiB)
+  policy = auto_budget.AutoBudget(margin=GiB)
+  assert auto_budget.room(observation, policy) == GiB
+  assert auto_budget.room(dataclasses.replace(observation, step_need=None),
+                          policy) == 11 * GiB
 
 
 def test_a_capped_budget_is_cut_and_grows_back_to_its_cap_only():
-  threshold = 512 * MIB
-  cap = 3 * GIB
+  threshold = 512 * MiB
+  cap = 3 * GiB
   # Cut at once below the cap.
-  assert auto_budget.settle(GIB, 3 * GIB, threshold, cap) == GIB
+  assert auto_budget.settle(GiB, 3 * GiB, threshold, cap) == GiB
   # Room returns: back to the cap, never past it.
-  assert auto_budget.settle(10 * GIB, GIB, threshold, cap) == cap
+  assert auto_budget.settle(10 * GiB, GiB, threshold, cap) == cap
   # Not enough room above the current budget to move anything.
-  assert auto_budget.settle(GIB + threshold, GIB, threshold, cap) == GIB
+  assert auto_budget.settle(GiB + threshold, GiB, threshold, cap) == GiB
   # No cap: grows to half the threshold below the room.
-  assert auto_budget.settle(10 * GIB, GIB, threshold) == (
-      10 * GIB - threshold // 2)
+  assert auto_budget.settle(10 * GiB, GiB, threshold) == (
+      10 * GiB - threshold // 2)
 
 
 def test_a_step_whose_temporaries_fit_no_free_block_takes_them_whole():
   # 4 GiB idle in pieces of at most 1 GiB: a step with 3 GiB of temporaries
-  # and 1 GiB of outputs takes the 3 GiB from the device; the outputs fit
-  # the idle pieces.
-  stats = {'bytes_in_use': 6 * GIB, 'pool_bytes': 10 * GIB,
-           'largest_free_block_bytes': GIB, 'bytes_limit': 40 * GIB}
-  assert auto_budget.step_reserve(stats, 4 * GIB, 3 * GIB) == 3 * GIB
+  # and 1 GiB of outputs must grow the pool for its temporaries (then all
+  # of XLA's limit is reserved); without a limit, the 3 GiB.
+  stats = {'bytes_in_use': 6 * GiB, 'pool_bytes': 10 * GiB,
+           'largest_free_block_bytes': GiB, 'bytes_limit': 40 * GiB}
+  assert auto_budget.step_reserve(stats, 4 * GiB, 3 * GiB) == 30 * GiB
+  unlimited = {k: v for k, v in stats.items() if k != 'bytes_limit'}
+  assert auto_budget.step_reserve(unlimited, 4 * GiB, 3 * GiB) == 3 * GiB
   # One free block of 3 GiB: the idle pool holds it all.
-  stats['largest_free_block_bytes'] = 3 * GIB
-  assert auto_budget.step_reserve(stats, 4 * GIB, 3 * GIB) == 0
+  stats['largest_free_block_bytes'] = 3 * GiB
+  assert auto_budget.step_reserve(stats, 4 * GiB, 3 * GiB) == 0

@@ -10,12 +10,13 @@ tested without one:
   what is live (``bytes_in_use``), its peak so far (``peak_bytes_in_use``)
   and its limit (``bytes_limit``).
 
-XLA's next step may grow back to its peak. What it would still have to take
-from the device for that (its peak less what it holds, within its limit) is
-reserved for it, and a margin on top; the state gets the rest. When the next
-step is known (``memory_guarded`` compiles it), its own allocation replaces
-the peak: XLA must take from the device what the step allocates beyond the
-idle part of its pool, within its limit. A budget
+XLA's pool never shrinks, so its peak so far is always held; what XLA must
+still take from the device is what its next step needs beyond the idle part
+of its pool. When the next step is known (``memory_guarded`` compiles it),
+that is its allocation; otherwise the peak (past the pool only where the
+pool's statistics are missing). If the pool must grow, XLA's allocator asks
+for regions of doubling size capped only by its limit, so the rest of the
+limit is reserved. A margin comes on top; the state gets the rest. A budget
 shrinks as soon as the room falls short, and grows only when the room
 exceeds it by ``grow_threshold``, to half that threshold below the room, so
 that small swings between observations never move a leaf back and forth.
@@ -87,11 +88,11 @@ def step_reserve(stats: dict[str, Any] | None, step_need: int,
   """Bytes XLA must still take from the device to run a step.
 
   A step that allocates ``step_need`` bytes first uses the idle part of
-  XLA's pool (held but not in use), then grows the pool, never past XLA's
-  limit. Its largest allocation uses the pool only if one free block
-  (``largest_free_block_bytes``) holds it: the idle part of a pool that an
-  evaluation pass left in pieces holds a step's outputs, not its
-  temporaries.
+  XLA's pool (held but not in use); if it must grow the pool, the rest of
+  XLA's limit is reserved (see ``_growth``). Its largest allocation uses
+  the pool only if one free block (``largest_free_block_bytes``) holds it:
+  the idle part of a pool that an evaluation pass left in pieces holds a
+  step's outputs, not its temporaries.
   """
   if not stats or 'bytes_in_use' not in stats:
     return step_need
@@ -102,9 +103,7 @@ def step_reserve(stats: dict[str, Any] | None, step_need: int,
     wanted = step_largest + max(0, step_need - step_largest - idle)
   else:
     wanted = max(0, step_need - idle)
-  if 'bytes_limit' in stats:
-    wanted = min(wanted, max(0, int(stats['bytes_limit']) - held))
-  return wanted
+  return _growth(stats, wanted)
 
 
 def beyond_xla_limit(stats: dict[str, Any] | None, step_need: int) -> bool:
@@ -120,17 +119,29 @@ def beyond_xla_limit(stats: dict[str, Any] | None, step_need: int) -> bool:
   return step_need - idle > int(stats['bytes_limit']) - held
 
 
+def _growth(stats: dict[str, Any], wanted: int) -> int:
+  """What XLA's pool takes from the device to grow by ``wanted`` bytes.
+
+  XLA's allocator (tsl's BFCAllocator) grows in regions of doubling size,
+  capped by its limit and not by the device's free memory, and backs off
+  only once in a process's life: once it must grow, it may ask for all
+  that its limit allows (``tools/pressure_probe.sh``: a spike took every
+  free byte of an H100). So a growth reserves the rest of XLA's limit.
+  """
+  if wanted <= 0:
+    return 0
+  if 'bytes_limit' not in stats:
+    return wanted
+  return max(0, int(stats['bytes_limit']) - _held(stats))
+
+
 def xla_reserve(stats: dict[str, Any] | None) -> int:
   """Bytes XLA may still take from the device to reach its peak again."""
   if not stats or 'bytes_in_use' not in stats:
     return 0
   in_use = int(stats['bytes_in_use'])
   peak = int(stats.get('peak_bytes_in_use', in_use))
-  held = _held(stats)
-  wanted = max(0, peak - held)
-  if 'bytes_limit' in stats:
-    wanted = min(wanted, max(0, int(stats['bytes_limit']) - held))
-  return wanted
+  return _growth(stats, peak - _held(stats))
 
 
 def room(observation: Observation, policy: AutoBudget) -> int:

@@ -14,8 +14,10 @@ What XLA does when a GPU step does not fit (measured on an H100 with jax
 So the guard acts before the step. It compiles the step once per argument
 signature, reads what it allocates from XLA's memory analysis (temporaries
 and outputs, less what aliases donated arguments) and, when the idle part of
-XLA's pool and the device's free memory cannot hold that next to the paged
-state on the device, moves state to the host tier first. With a step that
+XLA's pool cannot hold that, reserves for XLA's growth (the rest of its
+limit: see ``auto_budget``) and moves the paged states on the step's GPUs
+(every live one, given to the step or not) to the host tier as far as
+needed. With a step that
 does not donate, ``retry=True`` also catches an out-of-memory the estimate
 missed (another process allocating meanwhile): it moves all paged state in
 the arguments to the host and runs the step again.
@@ -87,9 +89,9 @@ class MemoryGuardedStep:
     self.retries = 0
 
   def __call__(self, *args, **kwargs):
-    records = _paged_gpu_records((args, kwargs))
+    records = _live_paged_records(_devices((args, kwargs)))
     if records:
-      self._make_room(records, self.allocation(*args, **kwargs), (args, kwargs))
+      self._make_room(records, self.allocation(*args, **kwargs))
     if not self._retry:
       return self._jitted(*args, **kwargs)
     try:
@@ -107,7 +109,7 @@ class MemoryGuardedStep:
       self.retries += 1
       logger.warning('optax_paged: a step ran out of GPU memory; moving the '
                      'paged state to the host tier and running it again')
-      _move_all_to_host(records, (args, kwargs))
+      _move_all_to_host(records)
       return jax.block_until_ready(self._jitted(*args, **kwargs))
 
   def allocation(self, *args, **kwargs) -> StepAllocation | None:
@@ -129,11 +131,10 @@ class MemoryGuardedStep:
           temporaries=int(stats.temp_size_in_bytes))
     return self.needs[key]
 
-  def _make_room(self, records, need: StepAllocation | None,
-                 tree: Any) -> None:
+  def _make_room(self, records, need: StepAllocation | None) -> None:
     """Fits each GPU's paged state next to the step; moves only on change."""
-    waited = False
     for device, slots in _slots_by_device(records).items():
+      waited = False
       infos = [[entry.leaf_info(i) for i in range(len(record.leaves))]
                for record, _, entry in slots]
       current = [paging.device_bytes(x) for x in infos]
@@ -160,7 +161,8 @@ class MemoryGuardedStep:
         target = paging.place(sizes, budget)
         if target != [info['tier'] for info in entry_infos]:
           if not waited:
-            registry.wait_for_pending(tree)
+            # The previous step may still run: moves come after it.
+            registry.wait_for_devices(record)
             waited = True
           paging.move_leaves(entry, target, record.moves, entry_infos)
         room -= sum(n for n, t in zip(sizes, target, strict=True)
@@ -174,15 +176,25 @@ def _memory_stats(device: jax.Device) -> dict[str, Any] | None:
     return None
 
 
-def _paged_gpu_records(tree: Any) -> list['registry.StateRecord']:
-  records = {}
-  for buffers in registry.find_buffers(tree):
-    if buffers.is_abstract:
-      continue
+def _devices(tree: Any) -> set[jax.Device]:
+  """The devices the arrays of a step's arguments live on."""
+  devices = set()
+  for x in jax.tree.leaves(tree):
+    if isinstance(x, jax.Array) and not x.is_deleted():
+      devices |= x.sharding.device_set
+  return devices
+
+
+def _live_paged_records(devices: set[jax.Device]) -> list[Any]:
+  """Every live paged GPU state with an entry on one of ``devices`` (all of
+  them when the step has no array arguments): a step needs the memory of
+  the optimizer states it is not given as well (an evaluation pass)."""
+  records = []
+  for buffers in registry.REGISTRY.live_states():
     record = buffers.record()
-    if record.paged:
-      records[id(record)] = record
-  return list(records.values())
+    if record.paged and (not devices or devices & set(record.devices)):
+      records.append(record)
+  return records
 
 
 def _slots_by_device(records):
@@ -195,9 +207,9 @@ def _slots_by_device(records):
   return slots
 
 
-def _move_all_to_host(records, tree) -> None:
-  registry.wait_for_pending(tree)
+def _move_all_to_host(records) -> None:
   for record in records:
+    registry.wait_for_devices(record)
     for entry in record.entries:
       paging.move_leaves(entry, ['host'] * len(record.leaves), record.moves)
 
