@@ -11,6 +11,7 @@ import optax_paged
 from optax_paged._src import auto_budget
 from optax_paged._src import paging
 from optax_paged._src import registry
+from tests.helpers import FakeTierEntry
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -86,26 +87,9 @@ def test_policy_refuses_nonsense():
     paging.check_budget('max')
 
 
-class _FakeEntry:
-  """An entry's tier interface, recording the moves asked of it."""
-
-  ordinal = 0
-
-  def __init__(self, tiers, sizes):
-    self.tiers, self.sizes, self.calls = list(tiers), sizes, []
-
-  def leaf_info(self, i):
-    return {'tier': self.tiers[i], 'bytes': self.sizes[i]}
-
-  def set_leaf_tier(self, i, code):
-    tier = {v: k for k, v in registry.TIER_CODES.items()}[code]
-    self.calls.append((i, tier))
-    self.tiers[i] = tier
-
-
 def test_moves_free_the_device_first_touch_only_changed_leaves_and_log(
     caplog):
-  entry = _FakeEntry(['device', 'device', 'host', 'host'], [10, 20, 30, 40])
+  entry = FakeTierEntry(['device', 'device', 'host', 'host'], [10, 20, 30, 40])
   moves = registry.MoveStats()
   with caplog.at_level(logging.INFO, logger='optax_paged'):
     paging.move_leaves(entry, ['host', 'device', 'device', 'host'], moves)

@@ -7,6 +7,7 @@ import optax
 
 import optax_paged
 from optax_paged._src import reference
+from optax_paged._src import registry
 
 
 def random_tree(shapes, dtype=jnp.float32, seed=0, scale=1.0):
@@ -256,3 +257,20 @@ def bnb_lars(lr, momentum=0.9, weight_decay=0.0, max_unorm=0.02):
 
   return optax.GradientTransformationExtraArgs(
       init, lambda g, s, p=None, **_: update(g, s, p))
+
+
+class FakeTierEntry:
+  """A registry entry's tier interface, recording the moves asked of it."""
+
+  ordinal = 0
+
+  def __init__(self, tiers, sizes):
+    self.tiers, self.sizes, self.calls = list(tiers), sizes, []
+
+  def leaf_info(self, i):
+    return {'tier': self.tiers[i], 'bytes': self.sizes[i]}
+
+  def set_leaf_tier(self, i, code):
+    tier = {v: k for k, v in registry.TIER_CODES.items()}[code]
+    self.calls.append((i, tier))
+    self.tiers[i] = tier

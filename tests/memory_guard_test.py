@@ -13,6 +13,9 @@ import pytest
 import optax_paged
 from optax_paged._src import auto_budget
 from optax_paged._src import memory_guard
+from optax_paged._src import paging
+from optax_paged._src import registry
+from tests.helpers import FakeTierEntry
 from tests.helpers import assert_trees_equal
 from tests.helpers import random_tree
 
@@ -121,3 +124,90 @@ def test_without_retry_an_error_propagates_from_the_call():
   with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
     _guard(flaky, retry=False)(jnp.float32(1.0))
   assert flaky.calls == 1
+
+
+GiB = 1 << 30
+
+
+class _FakeDevice:
+  def __init__(self, stats):
+    self.stats = stats
+
+  def memory_stats(self):
+    return self.stats
+
+
+class _FakeRecord:
+  """A paged record's interface to the guard: one entry on one device."""
+
+  def __init__(self, entry, device, caps=None):
+    self.entries, self.devices = (entry,), (device,)
+    self.leaves = [None] * len(entry.sizes)
+    self.budget_policy, self.budget_caps = None, caps
+    self.moves = registry.MoveStats()
+
+
+def _room_maker(monkeypatch, free):
+  monkeypatch.setattr(paging, 'gpu_memory', lambda ordinal=0: (free[0], 0))
+  monkeypatch.setattr(registry, 'wait_for_devices', lambda record: None)
+  return memory_guard.MemoryGuardedStep(
+      None, None, static_argnums=(), retry=False,
+      policy=auto_budget.AutoBudget(margin=GiB, grow_threshold=GiB // 2))
+
+
+# The guard's decisions, with the GPU's numbers made up: these moves are
+# what tests/cuda_test.py cannot provoke on demand.
+def test_a_step_that_fits_the_idle_pool_moves_nothing(monkeypatch):
+  free = [GiB + GiB // 2]  # the device is nearly full: the margin is left
+  guard = _room_maker(monkeypatch, free)
+  device = _FakeDevice({'bytes_in_use': 6 * GiB, 'pool_bytes': 10 * GiB,
+                        'largest_free_block_bytes': 4 * GiB,
+                        'bytes_limit': 20 * GiB})
+  entry = FakeTierEntry(['device'] * 4, [GiB] * 4)
+  guard._make_room([_FakeRecord(entry, device, caps=(4 * GiB,))],  # noqa: SLF001
+                   memory_guard.StepAllocation(4 * GiB, 3 * GiB))
+  assert entry.calls == []
+
+
+def test_a_growing_step_moves_state_out_and_it_comes_back_to_its_cap(
+    monkeypatch):
+  free = [9 * GiB]
+  guard = _room_maker(monkeypatch, free)
+  stats = {'bytes_in_use': 6 * GiB, 'pool_bytes': 10 * GiB,
+           'largest_free_block_bytes': GiB, 'bytes_limit': 20 * GiB}
+  device = _FakeDevice(stats)
+  entry = FakeTierEntry(['device'] * 4, [GiB] * 4)
+  record = _FakeRecord(entry, device, caps=(4 * GiB,))
+  # The 3 GiB temporaries fit no free block: the pool grows, which may take
+  # the 10 GiB left to XLA's limit: 9 free + 4 ours - 10 - 1 margin = 2.
+  need = memory_guard.StepAllocation(4 * GiB, 3 * GiB)
+  guard._make_room([record], need)  # noqa: SLF001
+  assert entry.calls == [(2, 'host'), (3, 'host')]
+  assert record.moves.count == 2
+  free[0] += 2 * GiB  # what the device shows after the move
+  # The same again: nothing moves (the decision is stable).
+  guard._make_room([record], need)  # noqa: SLF001
+  assert len(entry.calls) == 2
+  # The step now fits the pool: back to the fixed budget, no further.
+  stats['largest_free_block_bytes'] = 4 * GiB
+  free[0] = 30 * GiB
+  guard._make_room([record], need)  # noqa: SLF001
+  assert entry.calls[2:] == [(2, 'device'), (3, 'device')]
+
+
+def test_several_states_on_one_gpu_share_the_room(monkeypatch):
+  free = [5 * GiB]
+  guard = _room_maker(monkeypatch, free)
+  device = _FakeDevice({'bytes_in_use': 6 * GiB, 'pool_bytes': 10 * GiB,
+                        'largest_free_block_bytes': GiB,
+                        'bytes_limit': 15 * GiB})
+  first = FakeTierEntry(['device'] * 2, [GiB] * 2)
+  second = FakeTierEntry(['device'] * 2, [GiB] * 2)
+  # 5 free + 4 ours - 5 for XLA's growth - 1 margin: 3 GiB for both. The
+  # first keeps what the second leaves, the second keeps its own.
+  guard._make_room(  # noqa: SLF001
+      [_FakeRecord(first, device, caps=(2 * GiB,)),
+       _FakeRecord(second, device, caps=(2 * GiB,))],
+      memory_guard.StepAllocation(4 * GiB, 3 * GiB))
+  assert first.calls == [(1, 'host')]
+  assert second.calls == []
