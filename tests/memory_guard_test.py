@@ -61,6 +61,28 @@ def test_the_step_is_analysed_once_per_signature():
 def test_retry_refuses_donation():
   with pytest.raises(ValueError, match='donate'):
     optax_paged.memory_guarded(lambda x: x, donate_argnums=0, retry=True)
+  with pytest.raises(ValueError, match='donate'):
+    optax_paged.memory_guarded(lambda x: x, donate_argnames='x', retry=True)
+
+
+def test_jit_options_pass_through_and_static_names_key_the_analysis():
+  def step(x, scale):
+    return x * scale
+
+  guarded = optax_paged.memory_guarded(step, static_argnames='scale',
+                                       donate_argnums=0)
+  x = jnp.arange(8.0)
+  assert float(guarded(x, scale=2.0)[1]) == 2.0
+  assert x.is_deleted()  # donated, as asked
+  # A static argument by name or by position keys the analysis by value.
+  guarded.allocation(jnp.ones(8), scale=2.0)
+  guarded.allocation(jnp.ones(8), scale=3.0)
+  guarded.allocation(jnp.ones(8), 4.0)
+  assert len(guarded.needs) == 3
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  placed = optax_paged.memory_guarded(step, static_argnums=1,
+                                      in_shardings=(sharding,))
+  assert float(placed(jnp.arange(8.0), 2.0)[1]) == 2.0
 
 
 class _FlakyStep:

@@ -24,6 +24,7 @@ the arguments to the host and runs the step again.
 """
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Callable
 from collections.abc import Hashable
@@ -79,10 +80,12 @@ class MemoryGuardedStep:
 
   def __init__(self, step: Callable[..., Any], jitted: Any,
                static_argnums: Sequence[int], retry: bool,
-               policy: auto_budget.AutoBudget):
+               policy: auto_budget.AutoBudget,
+               static_argnames: Sequence[str] = ()):
     self._step = step
     self._jitted = jitted
     self._static = tuple(static_argnums)
+    self._static_names = tuple(static_argnames)
     self._retry = retry
     self._policy = policy
     self.needs: dict[Hashable, StepAllocation | None] = {}
@@ -118,9 +121,11 @@ class MemoryGuardedStep:
     From XLA's memory analysis, compiled once per argument signature (and
     shared with the step's own compilation); None where XLA gives none.
     """
-    static = tuple(args[i] for i in self._static if i < len(args))
+    static = tuple(args[i] for i in self._static if i < len(args)) + tuple(
+        (name, kwargs[name]) for name in self._static_names if name in kwargs)
     dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
-    leaves, treedef = jax.tree.flatten((dynamic, kwargs))
+    named = {k: v for k, v in kwargs.items() if k not in self._static_names}
+    leaves, treedef = jax.tree.flatten((dynamic, named))
     key = (static, treedef, tuple(_leaf_signature(x) for x in leaves))
     if key not in self.needs:
       stats = self._jitted.lower(*args, **kwargs).compile().memory_analysis()
@@ -214,25 +219,34 @@ def _move_all_to_host(records) -> None:
       paging.move_leaves(entry, ['host'] * len(record.leaves), record.moves)
 
 
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+  if value is None:
+    return ()
+  if isinstance(value, (int, str)):
+    return (value,)
+  return tuple(value)
+
+
 def memory_guarded(
     step: Callable[..., Any],
     *,
-    donate_argnums: int | Sequence[int] = (),
-    static_argnums: int | Sequence[int] = (),
     retry: bool = False,
     policy: auto_budget.AutoBudget | None = None,
+    **jit_options: Any,
 ) -> MemoryGuardedStep:
   """Jits a training step that moves paged state out of XLA's way.
 
-  Before each call the step's allocation (from XLA's memory analysis of the
-  compiled step, once per argument signature) is compared with what XLA can
-  still get on each GPU: the idle part of its pool and the device's free
-  memory, within its limit. Paged optimizer state in the step's arguments
-  moves to the host tier as far as needed, then the step runs; when there
-  is room again it comes back, with the hysteresis of ``AutoBudget``: a
-  state with ``device_budget='auto'`` grows to what fits, one with a fixed
-  budget back to that budget. A spike (an evaluation pass's arrays, a longer
-  sequence) then costs slower steps instead of the run; the results are
+  Before each call, what the compiled step allocates (XLA's memory analysis,
+  once per argument signature) is compared with the idle part of XLA's pool
+  on each GPU the step's arrays live on. If the step must grow the pool,
+  XLA's allocator may ask for all that its limit allows (it grows in regions
+  of doubling size), so the rest of the limit is reserved, and every live
+  paged optimizer state on those GPUs (given to the step or not: guard an
+  evaluation pass the same way) moves to the host tier as far as needed.
+  When there is room again it comes back, with the hysteresis of
+  ``AutoBudget``: a state with ``device_budget='auto'`` grows to what fits,
+  one with a fixed budget back to that budget. A spike (an evaluation pass,
+  a longer sequence) then costs slower steps instead of the run; results are
   bit-identical whatever the tiers.
 
   XLA reports an out-of-memory asynchronously and has deleted the donated
@@ -240,22 +254,23 @@ def memory_guarded(
   donates is protected only by the check before it. ``retry=True`` also
   catches an out-of-memory the check missed (memory taken by another process
   in between): the step must then not donate, and each call waits for its
-  outputs; on ``RESOURCE_EXHAUSTED`` every paged state in the arguments
-  moves to the host and the step runs again, once.
+  outputs; on ``RESOURCE_EXHAUSTED`` those paged states move to the host and
+  the step runs again, once.
 
   Args:
     step: the training step, a function of arrays (not yet jitted).
-    donate_argnums: as for ``jax.jit``; not with ``retry``.
-    static_argnums: as for ``jax.jit``.
     retry: rerun a step that ran out of memory (see above).
     policy: the margin and hysteresis for states with a fixed budget
       (default ``AutoBudget()``); an automatic state uses its own.
+    **jit_options: passed to ``jax.jit`` (``donate_argnums``,
+      ``static_argnums``, ``in_shardings``, ...); no donation with
+      ``retry``.
 
   Returns:
     A ``MemoryGuardedStep``, called as the step.
 
   Raises:
-    ValueError: for ``retry`` with ``donate_argnums``.
+    ValueError: for ``retry`` with ``donate_argnums`` or ``donate_argnames``.
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_paged
@@ -267,14 +282,32 @@ def memory_guarded(
     >>> params = {'w': jnp.ones((64, 64))}
     >>> params, state = step(params, tx.init(params), {'w': jnp.ones((64, 64))})
   """
-  if retry and donate_argnums not in ((), None, []):
+  donated = _as_tuple(jit_options.get('donate_argnums')) + _as_tuple(
+      jit_options.get('donate_argnames'))
+  if retry and donated:
     raise ValueError(
         'memory_guarded(retry=True) reruns a failed step with the same '
-        'arguments, which XLA deletes when donated: pass no donate_argnums.')
+        'arguments, which XLA deletes when donated: pass no donate_argnums '
+        'or donate_argnames.')
   if policy is None:
     policy = auto_budget.AutoBudget()
-  static = (static_argnums,) if isinstance(static_argnums, int) else tuple(
-      static_argnums)
-  jitted = jax.jit(step, donate_argnums=donate_argnums,
-                   static_argnums=static)
-  return MemoryGuardedStep(step, jitted, static, retry, policy)
+  jitted = jax.jit(step, **jit_options)
+  static_names = _as_tuple(jit_options.get('static_argnames'))
+  return MemoryGuardedStep(
+      step, jitted,
+      _as_tuple(jit_options.get('static_argnums')) + _positions(
+          step, static_names),
+      retry, policy, static_names)
+
+
+def _positions(step: Callable[..., Any], names: Sequence[str]) -> tuple[
+    int, ...]:
+  """Positions of the named parameters that can be passed positionally."""
+  try:
+    parameters = list(inspect.signature(step).parameters.values())
+  except (TypeError, ValueError):  # no signature: names only by keyword
+    return ()
+  positional = (inspect.Parameter.POSITIONAL_ONLY,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  return tuple(i for i, p in enumerate(parameters)
+               if p.name in names and p.kind in positional)
