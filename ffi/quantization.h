@@ -90,13 +90,6 @@ OPTAX_PAGED_HD float Decode(const float* values, uint8_t code, float absmax) {
   return values[code] * absmax;
 }
 
-// Running block maximum of |x| that keeps NaN once seen, so a non-finite
-// element poisons its block instead of vanishing (fmaxf would drop it).
-OPTAX_PAGED_HD float AbsMaxStep(float running, float x) {
-  const float magnitude = x < 0.0f ? -x : x;
-  return (magnitude > running || magnitude != magnitude) ? magnitude : running;
-}
-
 // The multiplier that maps a block onto [-1, 1]. Zero for an all-zero block,
 // for a non-finite absmax (the block decodes to NaN regardless) and for a
 // subnormal absmax, whose reciprocal would overflow: such a block (every

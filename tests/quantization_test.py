@@ -240,3 +240,29 @@ def test_vector_codec_equals_scalar_encode_bit_for_bit(signed, inverse):
                               vector[mismatch[:5]])
   # Unscaled, the sweep reaches (nearly) every code.
   assert len(np.unique(ext.encode_scaled(x, 1.0, signed, False))) >= 250
+
+
+@pytest.mark.parametrize('length', [1, 7, 8, 9, 255, 256, 1000])
+def test_block_absmax_vector_equals_scalar_and_numpy(length):
+  # The kernel's absmax: the largest magnitude, NaN when the block has one
+  # (its bit pattern, sign cleared: the largest pattern), whatever the
+  # vector width and the position of the special values.
+  ext = ffi.extension()
+  rng = np.random.default_rng(length)
+  specials = np.array([np.inf, -np.inf, np.nan, -0.0, 1e-45, -3e38],
+                      np.float32)
+  for trial in range(20):
+    x = (rng.standard_normal(length) * np.exp(
+        rng.uniform(-30, 30, length))).astype(np.float32)
+    if trial % 2:
+      at = rng.integers(0, length, size=min(length, 2))
+      x[at] = rng.choice(specials, size=at.size)
+    scalar = ext.block_absmax(x, False)
+    vector = ext.block_absmax(x, True)
+    expected = np.max(np.abs(x))
+    assert np.float32(scalar).view(np.uint32) == np.float32(vector).view(
+        np.uint32)
+    if np.isnan(expected):
+      assert np.isnan(scalar)
+    else:
+      assert scalar == expected
