@@ -91,9 +91,11 @@ def random_tree(key: jax.Array, layers: int, scale: float,
   return tree
 
 
-def make_step(tx: optax.GradientTransformation, fused: bool) -> Step:
-  """One jitted step, donating the parameters and the state: update + apply
-  (the strict optax path), or optax_paged.apply_gradients (fused)."""
+def make_step(tx: optax.GradientTransformation, fused: bool,
+              donate_grads: bool = False) -> Step:
+  """One jitted step, donating the parameters and the state (and the
+  gradients if asked): update + apply (the strict optax path), or
+  optax_paged.apply_gradients (fused)."""
 
   def step(params, state, grads):
     if fused:
@@ -101,25 +103,29 @@ def make_step(tx: optax.GradientTransformation, fused: bool) -> Step:
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1, 2) if donate_grads else (0, 1))
 
 
 class Runner:
   """One optimizer's parameters, state and compiled step."""
 
   def __init__(self, name: str, tx: optax.GradientTransformation,
-               params: Params, grads: Sequence[Params], fused: bool = False):
+               params: Params, grads: Sequence[Params], fused: bool = False,
+               donate_grads: bool = False):
     self.name = name
     self.grads = grads
+    self.donate_grads = donate_grads
     self.params = jax.tree.map(jnp.copy, params)
     self.state = tx.init(self.params)
-    self.step_fn = make_step(tx, fused)
+    self.step_fn = make_step(tx, fused, donate_grads)
     self.calls = 0
     self.times_s: list[float] = []
 
   def step(self) -> float:
     """Runs one step; returns its wall time in seconds."""
     grads = self.grads[self.calls % len(self.grads)]
+    if self.donate_grads:  # a fresh copy to give away, made before timing
+      grads = jax.block_until_ready(jax.tree.map(jnp.copy, grads))
     self.calls += 1
     start = time.perf_counter()
     self.params, self.state = self.step_fn(self.params, self.state, grads)
@@ -153,6 +159,11 @@ def benchmark(layers: int, rounds: int, steps_per_round: int,
              optax_paged.paged_adamw8bit(**hyper), params, grads),
       Runner('optax_paged.paged_adamw8bit, fused step',
              optax_paged.paged_adamw8bit(**hyper), params, grads, fused=True),
+      Runner('optax.adamw, gradients donated', optax.adamw(**hyper), params,
+             grads, donate_grads=True),
+      Runner('optax_paged.paged_adamw8bit, gradients donated',
+             optax_paged.paged_adamw8bit(**hyper), params, grads,
+             donate_grads=True),
   ]
   for runner in runners:
     runner.warm_up()

@@ -70,26 +70,57 @@ struct GroupStep {
   // writing the updates (or new parameters) and the new moments back there.
   void UpdateBlock(int leaf_index, bool decay, int64_t begin, int64_t length,
                    float (*moments)[kBlockSize]) const {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (HasAvx2()) {
+      UpdateBlockAvx2(leaf_index, decay, begin, length, moments);
+      return;
+    }
+#endif
+    UpdateBlockBody(leaf_index, decay, begin, length, moments);
+  }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+  __attribute__((target("avx2"))) void UpdateBlockAvx2(
+      int leaf_index, bool decay, int64_t begin, int64_t length,
+      float (*moments)[kBlockSize]) const {
+    UpdateBlockBody(leaf_index, decay, begin, length, moments);
+  }
+#endif
+
+  __attribute__((always_inline)) inline void UpdateBlockBody(
+      int leaf_index, bool decay, int64_t begin, int64_t length,
+      float (*moments)[kBlockSize]) const {
     constexpr int kMoments = Optimizer::kNumMoments;
-    // `out` may alias `g` or `p` (the call writes its results over them),
-    // so no restrict; each element is read before it is written.
+    // `out` may alias `g` or `p` (the call writes its results over them):
+    // the operands are copied into local arrays first and the results
+    // written after, so that the update loop sees no aliasing and
+    // vectorizes (the same operations, so the same bits).
     const T* g = grads[leaf_index] + begin;
     const T* p = params[leaf_index] + begin;
     T* out = outputs[leaf_index] + begin;
+    float grad[kBlockSize], param[kBlockSize], update[kBlockSize];
+    for (int64_t i = 0; i < length; ++i) {
+      grad[i] = ToFloat(g[i]);
+      param[i] = ToFloat(p[i]);
+    }
+    const typename Optimizer::Scalars s = scalars;
     for (int64_t i = 0; i < length; ++i) {
       float element[kMoments];
       for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-      const float param = ToFloat(p[i]);
-      const float update =
-          Optimizer::Update(scalars, ToFloat(g[i]), param, decay, element);
-      const uint32_t random =
-          output_mode == kOutputParamsStochastic
-              ? RandomBits(seed, leaf_ids[leaf_index],
-                           static_cast<uint64_t>(index_offsets[leaf_index] +
-                                                 begin + i))
-              : 0u;
-      out[i] = OutputValue<T>(output_mode, param, update, random);
+      update[i] = Optimizer::Update(s, grad[i], param[i], decay, element);
       for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+    }
+    if (output_mode == kOutputParamsStochastic) {
+      for (int64_t i = 0; i < length; ++i) {
+        const uint32_t random = RandomBits(
+            seed, leaf_ids[leaf_index],
+            static_cast<uint64_t>(index_offsets[leaf_index] + begin + i));
+        out[i] = OutputValue<T>(output_mode, param[i], update[i], random);
+      }
+    } else {
+      for (int64_t i = 0; i < length; ++i) {
+        out[i] = OutputValue<T>(output_mode, param[i], update[i], 0u);
+      }
     }
   }
 
