@@ -4,6 +4,10 @@ namespace optax_paged {
 
 void EncodeBlock(const QuantTables& tables, const float* values, float inverse,
                  int64_t length, uint8_t* codes) {
+  if (HasAvx512()) {
+    EncodeBlockAvx512(tables, values, inverse, length, codes);
+    return;
+  }
   if (HasAvx2()) {
     EncodeBlockAvx2(tables, values, inverse, length, codes);
     return;
@@ -38,6 +42,17 @@ bool HasAvx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool has_avx2 = __builtin_cpu_supports("avx2");
   return has_avx2;
+#else
+  return false;
+#endif
+}
+
+bool HasAvx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") &&
+                                 __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512vl");
+  return has_avx512;
 #else
   return false;
 #endif

@@ -30,8 +30,13 @@ void DecodeBlockAvx2(const QuantTables& tables, const uint8_t* codes,
                      float absmax, int64_t length, float* values);
 
 float BlockAbsmaxAvx2(const float* values, int64_t length);
+// Only call when HasAvx512() is true.
+void EncodeBlockAvx512(const QuantTables& tables, const float* values,
+                       float inverse, int64_t length, uint8_t* codes);
 
 bool HasAvx2();
+// AVX-512 F, BW and VL.
+bool HasAvx512();
 
 }  // namespace optax_paged
 

@@ -409,7 +409,17 @@ NB_MODULE(_optax_paged_ext, m) {
   m.def("encode_scaled", &EncodeScaled, nb::arg("x"), nb::arg("inverse"),
         nb::arg("signed"), nb::arg("vector"));
   m.def("block_absmax", &BlockAbsmaxOf, nb::arg("x"), nb::arg("vector"));
+  m.def("encode_scaled_avx512", [](InputArray<float> x, float inverse,
+                                   bool is_signed) {
+    if (!HasAvx512()) throw std::runtime_error("this CPU has no AVX-512");
+    const size_t n = x.shape(0);
+    std::vector<uint8_t> codes(n);
+    EncodeBlockAvx512(TablesFor(is_signed), x.data(), inverse,
+                      static_cast<int64_t>(n), codes.data());
+    return CopyToNumpy(codes.data(), n);
+  }, nb::arg("x"), nb::arg("inverse"), nb::arg("signed"));
   m.def("has_avx2", &HasAvx2);
+  m.def("has_avx512", &HasAvx512);
   m.def("live_state_count", &LiveStateCount);
   m.def("live_state_bytes", &LiveStateBytes);
 

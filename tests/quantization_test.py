@@ -242,6 +242,20 @@ def test_vector_codec_equals_scalar_encode_bit_for_bit(signed, inverse):
   assert len(np.unique(ext.encode_scaled(x, 1.0, signed, False))) >= 250
 
 
+@pytest.mark.skipif(not ffi.extension().has_avx512(),
+                    reason='this CPU has no AVX-512 (the encode never uses it)')
+@pytest.mark.parametrize('signed', [True, False])
+@pytest.mark.parametrize('inverse', [1.0, 0.37, 3.0e-8])
+def test_avx512_codec_equals_scalar_encode_bit_for_bit(signed, inverse):
+  ext = ffi.extension()
+  x = _bit_pattern_sweep(signed)
+  scalar = ext.encode_scaled(x, inverse, signed, False)
+  wide = ext.encode_scaled_avx512(x, inverse, signed)
+  mismatch = np.flatnonzero(scalar != wide)
+  assert mismatch.size == 0, (x[mismatch[:5]], scalar[mismatch[:5]],
+                              wide[mismatch[:5]])
+
+
 @pytest.mark.parametrize('length', [1, 7, 8, 9, 255, 256, 1000])
 def test_block_absmax_vector_equals_scalar_and_numpy(length):
   # The kernel's absmax: the largest magnitude, NaN when the block has one
