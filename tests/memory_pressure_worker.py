@@ -36,7 +36,8 @@ import optax  # noqa: E402
 import optax_paged  # noqa: E402
 from optax_paged._src import paging  # noqa: E402
 
-LEAVES = 48
+# 805M parameters by default; tools/pressure_bisect.py sets other counts.
+LEAVES = int(os.environ.get('PRESSURE_LEAVES', '48'))
 PIECE = 256 << 20
 SHAPE = (4096, 4096)
 STEPS = (2, 3, 2)  # before the spike, with it, after it
