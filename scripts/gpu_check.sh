@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for the GPU machine (no package registry
 # there: it builds against the image's packages). Logs go to $OUT (or ./gpu_logs).
-#   bash scripts/gpu_check.sh [tests|sanitizer|bench|tiers|probe|mesh|shardbench|capacity|all]...
+#   bash scripts/gpu_check.sh [tests|sanitizer|bench|tiers|probe|pressure|mesh|shardbench|capacity|all]...
 # `mesh` and `shardbench` need two or more GPUs (the multi-device suite on
 # every GPU, two processes with one GPU each, compute-sanitizer over the
 # suite's kernels; the FSDP and ZeRO-1 benchmark). `capacity` (the largest
 # model each optimizer's step runs, at JAX's default memory settings; minutes
-# of probes) and `probe` (what XLA does on out-of-memory, the host link's rate
-# by access pattern: tools/) run only when named. `all` runs what fits the
+# of probes), `probe` (what XLA does on out-of-memory, the host link's rate
+# by access pattern: tools/) and `pressure` (the largest spike a fixed budget,
+# a guarded step and optax.adamw survive: tools/pressure_bisect.py) run only
+# when named. `all` runs what fits the
 # machine's GPU count.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,7 +22,7 @@ gpus=$(nvidia-smi -L | wc -l)
 want() {
   if [[ " ${steps[*]} " == *" $1 "* ]]; then return 0; fi
   [[ " ${steps[*]} " == *" all "* ]] || return 1
-  case $1 in mesh|shardbench) (( gpus > 1 )) ;; capacity|probe) false ;; *) true ;; esac
+  case $1 in mesh|shardbench) (( gpus > 1 )) ;; capacity|probe|pressure) false ;; *) true ;; esac
 }
 status=0
 
@@ -56,6 +58,10 @@ if want probe; then
   rm -f "$OUT/host_link_probe"
   timeout 200 python3 tools/xla_oom_probe.py 2>&1 | grep -v "^W0000\|^I0000" \
     | tee "$OUT/xla_oom_probe.log" | tail -30
+fi
+if want pressure; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 tools/pressure_bisect.py \
+    --leaves 180 2>&1 | tee "$OUT/pressure.log" | grep -v '^W0000\|^I0000' | tail -30
 fi
 if want mesh; then
   OPTAX_PAGED_MESH_SUITE=1 timeout 400 python3 -m pytest -q -p no:cacheprovider \
