@@ -11,6 +11,8 @@ than L2, used in turn):
 - the same with ``stochastic_rounding=True`` (changes only bf16 parameters);
 - ``paged_adamw8bit``, host tier: ``device_budget=0``, fused, every 8-bit
   buffer in host RAM streamed over the link;
+- ``paged_adamw8bit`` (update + apply) with the gradients donated: no copy
+  before the update writes over them;
 - ``optax.adamw`` and ``paged_adamw8bit`` (update + apply) with the gradients
   made in the step, as in training: the given gradients times a traced
   scale, held apart by ``optimization_barrier`` as a backward pass's matmul
@@ -75,8 +77,9 @@ class Runner:
   """One configuration's parameters, state and compiled step."""
 
   def __init__(self, name, tx, params, fused, stochastic_rounding=False,
-               make_grads=False, device_share=None):
+               make_grads=False, device_share=None, donate_grads=False):
     self.name = name
+    self.donate_grads = donate_grads
     self.params = jax.tree.map(jnp.copy, params)
     self.state = tx.init(self.params)
     if device_share is not None:
@@ -92,17 +95,22 @@ class Runner:
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s
 
-    self.step = jax.jit(step, donate_argnums=(0, 1))
+    self.step = jax.jit(
+        step, donate_argnums=(0, 1, 2) if donate_grads else (0, 1))
     self.scale = jnp.ones([], params_dtype(params))
     self.times = []
 
   def run(self, grads, steps, timed):
     """``steps`` steps dispatched back to back, as a training loop runs them,
     then one wait; records the time per step."""
+    if self.donate_grads:  # copies to give away, made before the clock
+      grads = jax.block_until_ready([jax.tree.map(jnp.copy, grads[i % len(
+          grads)]) for i in range(steps)])
     start = time.perf_counter()
     for i in range(steps):
-      self.params, self.state = self.step(
-          self.params, self.state, grads[i % len(grads)], self.scale)
+      g = grads[i] if self.donate_grads else grads[i % len(grads)]
+      self.params, self.state = self.step(self.params, self.state, g,
+                                          self.scale)
     jax.block_until_ready(self.params)
     if timed:
       self.times.append((time.perf_counter() - start) / steps)
@@ -135,6 +143,8 @@ def adamw_runners(params):
              True, stochastic_rounding=True),
       Runner('paged_adamw8bit, host tier, fused', optax_paged.paged_adamw8bit(
           **HYPER, device_budget=0), params, True),
+      Runner('paged_adamw8bit, grads donated', optax_paged.paged_adamw8bit(
+          **HYPER, device_budget=1.0), params, False, donate_grads=True),
       Runner('optax.adamw, grads made in the step', optax.adamw(**HYPER),
              params, False, make_grads=True),
       Runner('paged_adamw8bit, grads made in the step',
