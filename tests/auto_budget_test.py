@@ -26,11 +26,15 @@ def _observe(free, on_device=0, **stats):
 def test_xla_keeps_room_to_reach_its_peak_again():
   assert auto_budget.xla_reserve(None) == 0
   # Between steps XLA holds 10 GiB, 6 in use; its steps peaked at 14.
-  # Its pool must grow by 4 GiB: it may ask for all its limit allows.
+  # Its pool must grow by 4 GiB: its next region may be twice what it
+  # holds, within its limit.
   stats = dict(bytes_in_use=6 * GiB, peak_bytes_in_use=14 * GiB,
                pool_bytes=10 * GiB, bytes_limit=60 * GiB)
-  assert auto_budget.xla_reserve(stats) == 50 * GiB
+  assert auto_budget.xla_reserve(stats) == 20 * GiB
   assert auto_budget.xla_reserve(dict(stats, bytes_limit=11 * GiB)) == GiB
+  # A request larger than the pool: twice the request.
+  assert auto_budget.xla_reserve(
+      dict(stats, peak_bytes_in_use=40 * GiB)) == 50 * GiB
   # Nothing when its pool covers the peak (as a pool that never shrinks
   # does), nor when it is at its limit.
   assert auto_budget.xla_reserve(dict(stats, pool_bytes=20 * GiB)) == 0
@@ -122,8 +126,8 @@ def test_auto_is_accepted_wherever_a_budget_is():
 def test_a_known_step_reserves_what_it_allocates_beyond_the_idle_pool():
   stats = {'bytes_in_use': 6 * GiB, 'pool_bytes': 10 * GiB,
            'peak_bytes_in_use': 10 * GiB, 'bytes_limit': 20 * GiB}
-  # 4 GiB idle in the pool: a 7 GiB step grows it, which may take all
-  # the 10 GiB left to XLA's limit; a 2 GiB step fits the idle pool.
+  # 4 GiB idle in the pool: a 7 GiB step grows it, whose next region may
+  # take all the 10 GiB left to XLA's limit; a 2 GiB step fits the pool.
   assert auto_budget.step_reserve(stats, 7 * GiB) == 10 * GiB
   assert auto_budget.step_reserve(stats, 2 * GiB) == 0
   assert auto_budget.step_reserve(stats, 30 * GiB) == 10 * GiB
@@ -154,11 +158,12 @@ def test_a_capped_budget_is_cut_and_grows_back_to_its_cap_only():
 
 def test_a_step_whose_temporaries_fit_no_free_block_takes_them_whole():
   # 4 GiB idle in pieces of at most 1 GiB: a step with 3 GiB of temporaries
-  # and 1 GiB of outputs must grow the pool for its temporaries (then all
-  # of XLA's limit is reserved); without a limit, the 3 GiB.
+  # and 1 GiB of outputs must grow the pool for its temporaries (a region
+  # up to twice the pool's 10 GiB: 20, within the limit's 30 left);
+  # without a limit, the 3 GiB.
   stats = {'bytes_in_use': 6 * GiB, 'pool_bytes': 10 * GiB,
            'largest_free_block_bytes': GiB, 'bytes_limit': 40 * GiB}
-  assert auto_budget.step_reserve(stats, 4 * GiB, 3 * GiB) == 30 * GiB
+  assert auto_budget.step_reserve(stats, 4 * GiB, 3 * GiB) == 20 * GiB
   unlimited = {k: v for k, v in stats.items() if k != 'bytes_limit'}
   assert auto_budget.step_reserve(unlimited, 4 * GiB, 3 * GiB) == 3 * GiB
   # One free block of 3 GiB: the idle pool holds it all.

@@ -15,11 +15,12 @@ still take from the device is what its next step needs beyond the idle part
 of its pool. When the next step is known (``memory_guarded`` compiles it),
 that is its allocation; otherwise the peak (past the pool only where the
 pool's statistics are missing). If the pool must grow, XLA's allocator asks
-for regions of doubling size capped only by its limit, so the rest of the
-limit is reserved. A margin comes on top; the state gets the rest. A budget
-shrinks as soon as the room falls short, and grows only when the room
-exceeds it by ``grow_threshold``, to half that threshold below the room, so
-that small swings between observations never move a leaf back and forth.
+for a region of doubling size, capped only by its limit: up to twice what
+it holds or twice the request is reserved. A margin comes on top; the state
+gets the rest. A budget shrinks as soon as the room falls short, and grows
+only when the room exceeds it by ``grow_threshold``, to half that threshold
+below the room, so that small swings between observations never move a
+leaf back and forth.
 """
 
 import dataclasses
@@ -88,8 +89,8 @@ def step_reserve(stats: dict[str, Any] | None, step_need: int,
   """Bytes XLA must still take from the device to run a step.
 
   A step that allocates ``step_need`` bytes first uses the idle part of
-  XLA's pool (held but not in use); if it must grow the pool, the rest of
-  XLA's limit is reserved (see ``_growth``). Its largest allocation uses
+  XLA's pool (held but not in use); if it must grow the pool, the region
+  it may ask for is reserved (see ``_growth``). Its largest allocation uses
   the pool only if one free block (``largest_free_block_bytes``) holds it:
   the idle part of a pool that an evaluation pass left in pieces holds a
   step's outputs, not its temporaries.
@@ -122,17 +123,22 @@ def beyond_xla_limit(stats: dict[str, Any] | None, step_need: int) -> bool:
 def _growth(stats: dict[str, Any], wanted: int) -> int:
   """What XLA's pool takes from the device to grow by ``wanted`` bytes.
 
-  XLA's allocator (tsl's BFCAllocator) grows in regions of doubling size,
-  capped by its limit and not by the device's free memory, and backs off
-  only once in a process's life: once it must grow, it may ask for all
-  that its limit allows (``tools/pressure_probe.sh``: a spike took every
-  free byte of an H100). So a growth reserves the rest of XLA's limit.
+  XLA's allocator (tsl's BFCAllocator, read in its source) grows by one
+  region at a time, each twice the size of the one before (or the request
+  rounded up by doublings, if larger), capped only by its limit, not by the
+  device's free memory, and backs off to less only once in a process's
+  life (``tools/pressure_probe.sh``: a spike took every free byte of an
+  H100). A region is at most what the pool already holds, so the next one
+  asks for at most twice that or twice the request, never past the limit:
+  that much is reserved.
   """
   if wanted <= 0:
     return 0
   if 'bytes_limit' not in stats:
     return wanted
-  return max(0, int(stats['bytes_limit']) - _held(stats))
+  held = _held(stats)
+  return min(max(0, int(stats['bytes_limit']) - held),
+             max(2 * held, 2 * wanted))
 
 
 def xla_reserve(stats: dict[str, Any] | None) -> int:

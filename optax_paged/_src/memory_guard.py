@@ -14,8 +14,8 @@ What XLA does when a GPU step does not fit (measured on an H100 with jax
 So the guard acts before the step. It compiles the step once per argument
 signature, reads what it allocates from XLA's memory analysis (temporaries
 and outputs, less what aliases donated arguments) and, when the idle part of
-XLA's pool cannot hold that, reserves for XLA's growth (the rest of its
-limit: see ``auto_budget``) and moves the paged states on the step's GPUs
+XLA's pool cannot hold that, reserves for XLA's growth (a region of
+doubling size: see ``auto_budget``) and moves the paged states on the step's GPUs
 (every live one, given to the step or not) to the host tier as far as
 needed. With a step that
 does not donate, ``retry=True`` also catches an out-of-memory the estimate
@@ -239,8 +239,9 @@ def memory_guarded(
   Before each call, what the compiled step allocates (XLA's memory analysis,
   once per argument signature) is compared with the idle part of XLA's pool
   on each GPU the step's arrays live on. If the step must grow the pool,
-  XLA's allocator may ask for all that its limit allows (it grows in regions
-  of doubling size), so the rest of the limit is reserved, and every live
+  XLA's allocator asks for a region up to twice what it holds or twice the
+  request (it grows in regions of doubling size, within its limit), so that
+  much is reserved, and every live
   paged optimizer state on those GPUs (given to the step or not: guard an
   evaluation pass the same way) moves to the host tier as far as needed.
   When there is room again it comes back, with the hysteresis of
