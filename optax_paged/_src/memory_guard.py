@@ -15,12 +15,12 @@ So the guard acts before the step. It compiles the step once per argument
 signature, reads what it allocates from XLA's memory analysis (temporaries
 and outputs, less what aliases donated arguments) and, when the idle part of
 XLA's pool cannot hold that, reserves for XLA's growth (a region of
-doubling size: see ``auto_budget``) and moves the paged states on the step's GPUs
-(every live one, given to the step or not) to the host tier as far as
-needed. With a step that
-does not donate, ``retry=True`` also catches an out-of-memory the estimate
-missed (another process allocating meanwhile): it moves all paged state in
-the arguments to the host and runs the step again.
+doubling size: see ``auto_budget``) and moves the paged states on the
+step's GPUs (every live one, given to the step or not) to the host tier as
+far as needed. With a step that does not donate, ``retry=True`` also
+catches an out-of-memory the estimate missed (another process allocating
+meanwhile): it moves those paged states to the host and runs the step
+again.
 """
 
 import dataclasses
