@@ -233,3 +233,31 @@ def test_several_states_on_one_gpu_share_the_room(monkeypatch):
       memory_guard.StepAllocation(4 * GiB, 3 * GiB))
   assert first.calls == [(1, 'host')]
   assert second.calls == []
+
+
+def test_a_flax_train_state_step_guarded_matches_the_jitted_one():
+  from flax.training import train_state  # noqa: PLC0415 - only this test
+
+  params = random_tree([(64, 128), (128,), (128, 4)], seed=3, scale=0.1)
+  tx = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
+
+  def step(state, target):
+    def loss(p):
+      hidden = jnp.tanh(target @ p['leaf0'] + p['leaf1'])
+      return jnp.mean((hidden @ p['leaf2']) ** 2)
+    return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+  def run(make_step):
+    state = train_state.TrainState.create(
+        apply_fn=None, params=jax.tree.map(jnp.copy, params), tx=tx)
+    stepper = make_step(step)
+    for i in range(3):
+      state = stepper(state, jnp.full((8, 64), 0.1 * (i + 1)))
+    return state
+
+  plain = run(lambda f: jax.jit(f, donate_argnums=0))
+  guarded = run(lambda f: optax_paged.memory_guarded(f, donate_argnums=0))
+  assert int(guarded.step) == 3
+  assert_trees_equal(guarded.params, plain.params)
+  assert_trees_equal(optax_paged.state_dict(guarded.opt_state),
+                     optax_paged.state_dict(plain.opt_state))
