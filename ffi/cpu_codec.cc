@@ -29,7 +29,11 @@ void DecodeBlock(const QuantTables& tables, const uint8_t* codes, float absmax,
 }
 
 float BlockAbsmax(const float* values, int64_t length) {
-  if (HasAvx2()) return BlockAbsmaxAvx2(values, length);
+  return HasAvx2() ? BlockAbsmaxAvx2(values, length)
+                   : BlockAbsmaxScalar(values, length);
+}
+
+float BlockAbsmaxScalar(const float* values, int64_t length) {
   uint32_t largest = 0;
   for (int64_t i = 0; i < length; ++i) {
     const uint32_t magnitude = FloatBits(values[i]) & 0x7fffffffu;

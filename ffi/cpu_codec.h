@@ -22,6 +22,8 @@ void DecodeBlock(const QuantTables& tables, const uint8_t* codes, float absmax,
 // (the largest bit pattern without the sign: non-negative floats order as
 // their bits do, and NaN patterns sit above infinity).
 float BlockAbsmax(const float* values, int64_t length);
+// The same by the scalar loop, whatever the processor.
+float BlockAbsmaxScalar(const float* values, int64_t length);
 
 // The same with vector gathers; only call when HasAvx2() is true.
 void EncodeBlockAvx2(const QuantTables& tables, const float* values,

@@ -171,12 +171,8 @@ float BlockAbsmaxAvx2(const float* values, int64_t length) {
   }
   alignas(32) uint32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), largest);
-  uint32_t result = 0;
+  uint32_t result = FloatBits(BlockAbsmaxScalar(values + i, length - i));
   for (uint32_t lane : lanes) result = lane > result ? lane : result;
-  for (; i < length; ++i) {
-    const uint32_t magnitude = FloatBits(values[i]) & 0x7fffffffu;
-    result = magnitude > result ? magnitude : result;
-  }
   return BitsToFloat(result);
 }
 
@@ -198,12 +194,7 @@ void EncodeBlockAvx512(const QuantTables& tables, const float* values,
 }
 
 float BlockAbsmaxAvx2(const float* values, int64_t length) {
-  uint32_t largest = 0;
-  for (int64_t i = 0; i < length; ++i) {
-    const uint32_t magnitude = FloatBits(values[i]) & 0x7fffffffu;
-    largest = magnitude > largest ? magnitude : largest;
-  }
-  return BitsToFloat(largest);
+  return BlockAbsmaxScalar(values, length);
 }
 
 #endif

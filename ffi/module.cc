@@ -174,13 +174,8 @@ HostArray<uint8_t> EncodeScaled(InputArray<float> x, float inverse,
 // The block absmax of the CPU kernel, by the scalar loop or the AVX2 one.
 float BlockAbsmaxOf(InputArray<float> x, bool vector) {
   const int64_t n = static_cast<int64_t>(x.shape(0));
-  if (vector && HasAvx2()) return BlockAbsmaxAvx2(x.data(), n);
-  uint32_t largest = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t magnitude = FloatBits(x.data()[i]) & 0x7fffffffu;
-    largest = magnitude > largest ? magnitude : largest;
-  }
-  return BitsToFloat(largest);
+  return vector && HasAvx2() ? BlockAbsmaxAvx2(x.data(), n)
+                             : BlockAbsmaxScalar(x.data(), n);
 }
 
 std::shared_ptr<StateEntry> CreateState(

@@ -67,6 +67,12 @@ def _leaf_signature(x: Any) -> Hashable:
   return type(x)
 
 
+def _key(static: tuple[Any, ...], leaves: Sequence[Any],
+         treedef: Any) -> Hashable:
+  """What the compiled step depends on: one analysis per key."""
+  return static, treedef, tuple(_leaf_signature(x) for x in leaves)
+
+
 class MemoryGuardedStep:
   """A jitted step that moves paged state out of XLA's way before it runs.
 
@@ -92,9 +98,11 @@ class MemoryGuardedStep:
     self.retries = 0
 
   def __call__(self, *args, **kwargs):
-    records = _live_paged_records(_devices((args, kwargs)))
+    static, leaves, treedef = self._split(args, kwargs)
+    records = _live_paged_records(_devices(leaves))
     if records:
-      self._make_room(records, self.allocation(*args, **kwargs))
+      self._make_room(records, self._analysed(
+          _key(static, leaves, treedef), args, kwargs))
     if not self._retry:
       return self._jitted(*args, **kwargs)
     try:
@@ -102,7 +110,7 @@ class MemoryGuardedStep:
     except Exception as error:  # noqa: BLE001 - XLA's runtime error type
       if not _is_out_of_memory(error):
         raise
-      deleted = [x for x in jax.tree.leaves((args, kwargs))
+      deleted = [x for x in leaves
                  if isinstance(x, jax.Array) and x.is_deleted()]
       if deleted:
         raise RuntimeError(
@@ -121,12 +129,18 @@ class MemoryGuardedStep:
     From XLA's memory analysis, compiled once per argument signature (and
     shared with the step's own compilation); None where XLA gives none.
     """
+    return self._analysed(_key(*self._split(args, kwargs)), args, kwargs)
+
+  def _split(self, args, kwargs) -> tuple[tuple[Any, ...], list[Any], Any]:
+    """The static arguments, and the leaves and structure of the others."""
     static = tuple(args[i] for i in self._static if i < len(args)) + tuple(
         (name, kwargs[name]) for name in self._static_names if name in kwargs)
     dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
     named = {k: v for k, v in kwargs.items() if k not in self._static_names}
     leaves, treedef = jax.tree.flatten((dynamic, named))
-    key = (static, treedef, tuple(_leaf_signature(x) for x in leaves))
+    return static, leaves, treedef
+
+  def _analysed(self, key: Hashable, args, kwargs) -> StepAllocation | None:
     if key not in self.needs:
       stats = self._jitted.lower(*args, **kwargs).compile().memory_analysis()
       self.needs[key] = None if stats is None else StepAllocation(
@@ -148,7 +162,7 @@ class MemoryGuardedStep:
       margin = max(policy.margin for policy in policies)
       room = auto_budget.room(auto_budget.Observation(
           free=paging.gpu_memory(int(slots[0][2].ordinal))[0],
-          state_on_device=sum(current), xla_stats=_memory_stats(device),
+          state_on_device=sum(current), xla_stats=paging.xla_stats(device),
           step_need=None if need is None else need.total,
           step_largest=0 if need is None else need.temporaries),
           auto_budget.AutoBudget(margin=margin))
@@ -174,17 +188,10 @@ class MemoryGuardedStep:
                     if t == 'device')
 
 
-def _memory_stats(device: jax.Device) -> dict[str, Any] | None:
-  try:
-    return device.memory_stats()
-  except Exception:  # noqa: BLE001 - a backend without stats
-    return None
-
-
-def _devices(tree: Any) -> set[jax.Device]:
-  """The devices the arrays of a step's arguments live on."""
+def _devices(leaves: Sequence[Any]) -> set[jax.Device]:
+  """The devices the arrays among a step's argument leaves live on."""
   devices = set()
-  for x in jax.tree.leaves(tree):
+  for x in leaves:
     if isinstance(x, jax.Array) and not x.is_deleted():
       devices |= x.sharding.device_set
   return devices

@@ -120,7 +120,8 @@ def check_budget(device_budget: DeviceBudget) -> None:
     )
 
 
-def _xla_stats(device: jax.Device) -> dict[str, Any] | None:
+def xla_stats(device: jax.Device) -> dict[str, Any] | None:
+  """XLA's allocator statistics for a device, or None where it has none."""
   try:
     return device.memory_stats()
   except Exception:  # noqa: BLE001 - a backend without stats: plan without
@@ -136,7 +137,7 @@ def _budget_for(device_budget: DeviceBudget, device: jax.Device, entry: Any,
                           ordinal)
   observation = auto_budget.Observation(
       free=gpu_memory(ordinal)[0], state_on_device=on_device,
-      xla_stats=_xla_stats(device))
+      xla_stats=xla_stats(device))
   return auto_budget.next_budget(observation, policy, current=on_device)
 
 
