@@ -321,7 +321,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
       const LeafArgs& leaf = args.leaves[FindLeaf(args, run)];
       update_block(std::false_type{}, leaf, run - leaf.first_run, 0);
     }
-    return;
   } else {
     // Each warp takes every warps-th device run and every warps-th host run,
     // and interleaves its two shares evenly (a Bresenham spread), so that
@@ -358,7 +357,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
         continue;
       }
       const bool runs_absmax = leaf.quantized && !refused;
-  #pragma unroll
+#pragma unroll
       for (int m = 0; m < kMoments; ++m) {
         run_absmax[m] = runs_absmax && lane < run_length
                             ? leaf.absmax[m][run_first + lane]
@@ -372,7 +371,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
         update_block(std::true_type{}, args.leaves[index], run_first + b, b);
       }
       if (runs_absmax && lane < run_length) {
-  #pragma unroll
+#pragma unroll
         for (int m = 0; m < kMoments; ++m) {
           leaf.absmax[m][run_first + lane] = run_absmax[m];
         }
