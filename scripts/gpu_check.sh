@@ -7,8 +7,8 @@
 # suite's kernels; the FSDP and ZeRO-1 benchmark). `capacity` (the largest
 # model each optimizer's step runs, at JAX's default memory settings; minutes
 # of probes), `probe` (what XLA does on out-of-memory, the host link's rate
-# by access pattern: tools/) and `pressure` (the largest spike a fixed budget,
-# a guarded step and optax.adamw survive: tools/pressure_bisect.py) run only
+# by access pattern: tools/) and `pressure` (a memory spike against a fixed
+# budget, a guarded step and optax.adamw: tests/memory_pressure_test.py) run only
 # when named. `all` runs what fits the
 # machine's GPU count.
 set -uo pipefail
@@ -60,8 +60,9 @@ if want probe; then
     | tee "$OUT/xla_oom_probe.log" | tail -30
 fi
 if want pressure; then
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 tools/pressure_bisect.py \
-    --leaves 180 2>&1 | tee "$OUT/pressure.log" | grep -v '^W0000\|^I0000' | tail -30
+  timeout 580 python3 -m pytest -q -s -p no:cacheprovider -m slow \
+    tests/memory_pressure_test.py 2>&1 | tee "$OUT/pressure.log" | tail -40
+  status=$((status | ${PIPESTATUS[0]}))
 fi
 if want mesh; then
   OPTAX_PAGED_MESH_SUITE=1 timeout 400 python3 -m pytest -q -p no:cacheprovider \

@@ -127,7 +127,7 @@ def _growth(stats: dict[str, Any], wanted: int) -> int:
   region at a time, each twice the size of the one before (or the request
   rounded up by doublings, if larger), capped only by its limit, not by the
   device's free memory, and backs off to less only once in a process's
-  life (``tools/pressure_probe.sh``: a spike took every free byte of an
+  life (``tests/memory_pressure_test.py``: a spike took every free byte of an
   H100). A region is at most what the pool already holds, so the next one
   asks for at most twice that or twice the request, never past the limit:
   that much is reserved.
