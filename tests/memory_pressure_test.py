@@ -8,12 +8,17 @@ paged state: a state on the device then takes memory XLA may grow into.
 
 No spike sized from one measuring run separates the setups (XLA's pool grows
 in regions of doubling size and backs off once: benchmarks/NOTES.md), so the
-largest spike a setup survives is found by bisection, each probe a fresh
-process, and the claims are checked at the edge found: the smallest spike
-that kills a fixed budget is survived by a guarded step and kills
-``optax.adamw``. Every allocation stays within the GPU's free memory: the
-spike is XLA's own, and the registry never places more managed memory on
-the device than is free.
+largest spike a guarded step survives is found by bisection, each probe a
+fresh process, and the claims are checked there: that spike kills
+``optax.adamw``, and the guarded step ran it with no lost update, the state
+moved out once. The out-of-memory retry has no GPU test: on this driver
+(CUDA evicts managed pages when XLA's allocations need the memory) no spike
+made a step fail that moving the state would save; its logic is tested on
+the CPU (tests/memory_guard_test.py).
+
+Every allocation stays within the GPU's free memory: the spike is XLA's own,
+and the registry never places more managed memory on the device than is
+free.
 
 Minutes of probes: marked slow (``scripts/gpu_check.sh pressure``).
 """
@@ -66,7 +71,9 @@ def _run(mode: str, spike: tuple[int, int]) -> dict:
   assert result['status'] in ('ok', 'oom'), result
   print(f"{mode:8s} spike {spike[1] / GIB:6.2f} GiB: {result['status']}"
         f" moves={result.get('moves')} retries={result.get('retries')}"
-        f" step_ms={result.get('step_ms')}", flush=True)
+        f" step_ms={result.get('step_ms')} failed_in={result.get('failed_in')}"
+        f" tiers={result.get('tiers')} error={result.get('error', '')[:200]}",
+        flush=True)
   return result
 
 
@@ -108,30 +115,23 @@ def measured():
   return run
 
 
-def test_a_spike_that_kills_a_fixed_budget_and_optax_is_survived_guarded(
+def test_a_spike_that_kills_optax_is_survived_guarded_at_host_tier_speed(
     measured):
-  fixed = _edge('fixed', measured)
-  assert fixed.killed is not None and fixed.survived is not None, fixed
-  # With the state on the device at every survived size: the same
-  # parameters as the run without a spike.
-  assert fixed.survived_run['digest'] == measured['digest']
-  spike = (measured['idle'], fixed.killed)
-  guarded = _run('guarded', spike)
-  assert guarded['status'] == 'ok', guarded
-  assert _run('optax', spike)['status'] == 'oom'
+  guarded = _edge('guarded', measured)
+  assert guarded.survived_run is not None and guarded.killed is not None
+  run, spike = guarded.survived_run, (measured['idle'], guarded.survived)
   # No lost update, whatever the tiers.
-  assert guarded['digest'] == measured['digest']
+  assert run['digest'] == measured['digest']
   # State moved for the spike and no more: each leaf's buffer placed at
-  # init, then at most one move out and one back. (XLA's pool keeps the
-  # spike's memory once it is dropped, so part of the state may stay out.)
-  assert LEAVES < guarded['moves'] <= 3 * LEAVES, guarded
-
-
-def test_retry_turns_an_out_of_memory_step_into_a_slower_one(measured):
-  # Without its check before the step, the guard runs into the spike: the
-  # largest spike survived is one the step only survived by its retry, if
-  # the retry helps at all.
-  edge = _edge('retry', measured)
-  assert edge.survived_run is not None, edge
-  assert edge.survived_run['retries'] == 1, edge.survived_run
-  assert edge.survived_run['digest'] == measured['digest']
+  # init, then at most one move out and one back. XLA's pool keeps the
+  # spike's memory once it is dropped, so the state stays out.
+  assert LEAVES < run['moves'] <= 3 * LEAVES, run
+  assert run['tiers'].get('host', 0) > 0, run
+  assert _run('optax', spike)['status'] == 'oom'
+  # A fixed budget survives what the guarded step survives only because
+  # CUDA evicts managed pages for XLA's allocations; its steps then fault
+  # pages between the tiers (benchmarks/NOTES.md). Printed for the record,
+  # compared in benchmarks/RESULTS.md, not asserted: a timing.
+  fixed = _run('fixed', spike)
+  if fixed['status'] == 'ok':
+    assert fixed['digest'] == measured['digest']

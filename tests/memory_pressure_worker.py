@@ -101,6 +101,7 @@ def main() -> None:
   spike = None
   count = 0
   times, free_seen = [], []
+  failed_in = 'step'
   try:
     for phase, steps in enumerate(STEPS):
       if phase == 1 and block_bytes:
@@ -109,9 +110,11 @@ def main() -> None:
         # take regions of doubling size, soon all the device's memory).
         sizes = [PIECE] * (pieces_bytes // PIECE) + [block_bytes]
         spike = []
+        failed_in = 'spike'
         for n in sizes:
           spike.append(jnp.full((n // 4,), 1.0, jnp.float32))
           spike[-1].block_until_ready()
+        failed_in = 'step'
       if phase == 2:
         del spike
       for _ in range(steps):
@@ -142,7 +145,8 @@ def main() -> None:
   except Exception as error:  # noqa: BLE001 - the run reports what stopped it
     result['trace'] = TRACE
     result.update(status='oom' if 'RESOURCE_EXHAUSTED' in str(error)
-                  else 'error', error=str(error)[:300], steps_done=count)
+                  else 'error', error=str(error)[:300], steps_done=count,
+                  failed_in=failed_in, step_ms=times)
     print(json.dumps(result), flush=True)
     return
   digest = hashlib.sha256()
