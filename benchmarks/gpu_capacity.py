@@ -35,8 +35,10 @@ import cpu_step
 MARKS = {name: (f'<!-- gpu_capacity_{name}:begin -->',
                 f'<!-- gpu_capacity_{name}:end -->')
          for name in ('default', 'raised')}
-# One leaf holds at most this many parameters (1 GiB of fp32).
+# One leaf holds at most this many parameters (1 GiB of fp32), as a matrix
+# of COLS columns.
 LEAF = 1 << 28
+COLS = 4096
 OPTIMIZERS = ('optax.adamw', 'paged_adamw8bit', 'paged_adamw8bit, host tier')
 
 
@@ -48,6 +50,7 @@ def probe(optimizer: str, num_params: int) -> dict:
 
   import optax_paged
 
+  num_params -= num_params % COLS
   sizes = [LEAF] * (num_params // LEAF)
   if num_params % LEAF:
     sizes.append(num_params % LEAF)
@@ -65,11 +68,15 @@ def probe(optimizer: str, num_params: int) -> dict:
       return optax_paged.apply_gradients(tx, grads, state, params)
 
   def loss(params):
-    return sum(0.5 * jnp.vdot(p, p) for p in params.values())
+    # A layer's weight gradient comes out of a matmul, so XLA materializes
+    # it for every optimizer (the gradient of an elementwise loss would be
+    # fused into optax's update and cost no memory there).
+    return sum(jnp.sum(jnp.square(jnp.ones((8, p.shape[0]), p.dtype) @ p))
+               for p in params.values()) * 1e-6
 
   @jax.jit
   def make_params():
-    return {f'w{i:03d}': jnp.full((n,), 0.01, jnp.float32)
+    return {f'w{i:03d}': jnp.full((n // COLS, COLS), 0.01, jnp.float32)
             for i, n in enumerate(sizes)}
 
   step = jax.jit(lambda p, s: update(jax.grad(loss)(p), s, p),
@@ -171,7 +178,9 @@ def main() -> None:
       f'- date (UTC): {now}',
       f"- device: {log[0][2].get('device', '?')}",
       f"- jax: {log[0][2].get('jax', '?')}",
-      '- step: parameters, gradients made in the step, state; parameters '
+      '- step: parameters, gradients made in the step (each leaf a matrix '
+      'used in a matmul, so that the gradient is materialized), state; '
+      'parameters '
       'and state donated; fp32; leaves of 2^28 parameters; bisection in '
       f'steps of {step / 1e9:.3g}B, each probe a fresh process (init, 3 steps, '
       'median of the last 2)', '',
