@@ -39,7 +39,8 @@ MARKS = {name: (f'<!-- gpu_capacity_{name}:begin -->',
 # of COLS columns.
 LEAF = 1 << 28
 COLS = 4096
-OPTIMIZERS = ('optax.adamw', 'paged_adamw8bit', 'paged_adamw8bit, host tier')
+OPTIMIZERS = ('optax.adamw', 'paged_adamw8bit', 'paged_adamw8bit, host tier',
+              'paged_adamw8bit, automatic budget, memory_guarded')
 
 
 def probe(optimizer: str, num_params: int) -> dict:
@@ -62,6 +63,8 @@ def probe(optimizer: str, num_params: int) -> dict:
       return optax.apply_updates(params, updates), state
   else:
     budget = 0 if 'host' in optimizer else 1.0
+    if 'automatic' in optimizer:
+      budget = 'auto'
     tx = optax_paged.paged_adamw8bit(1e-4, device_budget=budget)
 
     def update(grads, state, params):
@@ -79,8 +82,10 @@ def probe(optimizer: str, num_params: int) -> dict:
     return {f'w{i:03d}': jnp.full((n // COLS, COLS), 0.01, jnp.float32)
             for i, n in enumerate(sizes)}
 
-  step = jax.jit(lambda p, s: update(jax.grad(loss)(p), s, p),
-                 donate_argnums=(0, 1))
+  jit = (optax_paged.memory_guarded if 'guarded' in optimizer
+         else jax.jit)
+  step = jit(lambda p, s: update(jax.grad(loss)(p), s, p),
+             donate_argnums=(0, 1))
   facts = {'device': jax.devices()[0].device_kind, 'jax': jax.__version__}
   try:
     params = make_params()
@@ -138,6 +143,10 @@ def main() -> None:
                       'or XLA_PYTHON_CLIENT_MEM_FRACTION raised')
   parser.add_argument('--mem-fraction', type=float, default=0.95,
                       help='XLA_PYTHON_CLIENT_MEM_FRACTION when raised')
+  parser.add_argument('--optimizers', nargs='+', choices=OPTIMIZERS,
+                      default=OPTIMIZERS[:3])
+  parser.add_argument('--min', type=float, default=0.25e9,
+                      help='smallest size tried, in parameters')
   parser.add_argument('--step', type=float, default=0.25e9,
                       help='size resolution in parameters')
   parser.add_argument('--max', type=float, default=12e9,
@@ -153,10 +162,10 @@ def main() -> None:
 
   base_env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')
   base_env.pop('XLA_PYTHON_CLIENT_MEM_FRACTION', None)
-  step, top = int(args.step), int(args.max)
+  step, bottom, top = int(args.step), int(args.min), int(args.max)
   if args.smoke:
     base_env['JAX_PLATFORMS'] = 'cpu'
-    step, top = 1 << 20, 8 << 20
+    step, bottom, top = 1 << 20, 1 << 20, 8 << 20
   if args.setting == 'default':
     label, env = 'default (preallocation off)', base_env
   else:
@@ -166,9 +175,9 @@ def main() -> None:
   # from the probes. The probes say which device and JAX they ran.
   now = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M')
   rows, log = [], []
-  for optimizer in OPTIMIZERS:
-    good, good_result, bad, bad_result = largest(optimizer, step, top, step,
-                                                 env, log)
+  for optimizer in args.optimizers:
+    good, good_result, bad, bad_result = largest(optimizer, bottom, top,
+                                                 step, env, log)
     fails = (f"{bad / 1e9:.2f}B: {bad_result.get('error', '')}" if bad
              else f'none up to {top / 1e9:.2f}B')
     rows.append(f'| {optimizer} | {good / 1e9:.2f}B | '
