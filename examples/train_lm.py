@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from lm_model import Transformer
+from lm_model import loss_fn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -102,41 +104,6 @@ def stdlib_source_text() -> str:
 CORPORA = {'docstrings': docstrings_text, 'stdlib-source': stdlib_source_text}
 
 
-class Block(nn.Module):
-  """Pre-LayerNorm transformer block: causal self-attention, then an MLP."""
-
-  heads: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    width = x.shape[-1]
-    x = x + nn.MultiHeadDotProductAttention(self.heads)(
-        nn.LayerNorm()(x), mask=mask)
-    h = nn.gelu(nn.Dense(4 * width)(nn.LayerNorm()(x)))
-    return x + nn.Dense(width)(h)
-
-
-class Transformer(nn.Module):
-  """Next-character logits at every position of a sequence of characters."""
-
-  vocab_size: int
-  context: int
-  layers: int
-  width: int
-  heads: int
-
-  @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    init = nn.initializers.normal(0.02)
-    positions = self.param('positions', init, (self.context, self.width))
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=init)(tokens)
-    x = x + positions[:tokens.shape[-1]]
-    mask = nn.make_causal_mask(tokens)
-    for _ in range(self.layers):
-      x = Block(self.heads)(x, mask)
-    return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
-
-
 def encode(text: str) -> tuple[np.ndarray, np.ndarray, int]:
   """Training and held-out character ids (90% / 10%) and the vocabulary size."""
   vocab = {char: i for i, char in enumerate(sorted(set(text)))}
@@ -153,13 +120,6 @@ def batches(data: np.ndarray, context: int, batch_size: int,
   while True:
     starts = rng.integers(0, len(data) - context, size=batch_size)
     yield data[starts[:, None] + offsets]
-
-
-def loss_fn(model: nn.Module, params: Any, tokens: jax.Array) -> jax.Array:
-  """Mean next-character cross-entropy over every position of ``tokens``."""
-  logits = model.apply(params, tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits, tokens[:, 1:]).mean()
 
 
 def make_train_step(model: nn.Module,
