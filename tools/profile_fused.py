@@ -1,10 +1,12 @@
-"""A fused paged_adamw8bit step on the 308M model, for ncu.
+"""A fused 8-bit step on the 308M model, for ncu.
 
   ncu --clock-control none --kernel-name regex:UpdateKernel --launch-skip 4 \\
-      --launch-count 1 --section SpeedOfLight python tools/profile_fused.py bf16
+      --launch-count 1 --section SpeedOfLight \\
+      python tools/profile_fused.py bf16 [adamw|lion|ademamix]
 
 Builds benchmarks/gpu_step.py's model in the given dtype (fp32, bf16) and
-runs six fused steps, so that ncu can skip the warm-up launches.
+runs six fused steps of the optimizer, so that ncu can skip the warm-up
+launches.
 """
 
 import functools
@@ -21,6 +23,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent
 import cpu_step  # noqa: E402
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
+OPTIMIZERS = {'adamw': optax_paged.paged_adamw8bit,
+              'lion': optax_paged.lion8bit,
+              'ademamix': optax_paged.ademamix8bit}
 
 
 def main() -> None:
@@ -31,7 +36,7 @@ def main() -> None:
   grads = jax.tree.map(lambda x: x.astype(dtype),
                        cpu_step.random_tree(jax.random.fold_in(key, 1), 24,
                                             1e-3))
-  tx = optax_paged.paged_adamw8bit(1e-4, weight_decay=1e-4)
+  tx = OPTIMIZERS[sys.argv[2] if len(sys.argv) > 2 else 'adamw'](1e-4)
   state = tx.init(params)
   step = jax.jit(functools.partial(optax_paged.apply_gradients, tx),
                  donate_argnums=(1, 2))
