@@ -97,13 +97,21 @@ def make_step(tx: optax.GradientTransformation, fused: bool,
   gradients if asked): update + apply (the strict optax path), or
   optax_paged.apply_gradients (fused)."""
 
-  def step(params, state, grads):
+  def step(grads, state, params):
     if fused:
       return optax_paged.apply_gradients(tx, grads, state, params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  return jax.jit(step, donate_argnums=(0, 1, 2) if donate_grads else (0, 1))
+  # JAX gives each output the first donated argument of its shape. Donated
+  # gradients come first, so that the new parameters take their buffers and
+  # XLA may write over them (tests/gradient_copy_test.py); otherwise the
+  # parameters come before the state, whose optax moments share their shape.
+  if donate_grads:
+    jitted = jax.jit(step, donate_argnums=(0, 1, 2))
+    return lambda params, state, grads: jitted(grads, state, params)
+  return jax.jit(lambda params, state, grads: step(grads, state, params),
+                 donate_argnums=(0, 1))
 
 
 class Runner:

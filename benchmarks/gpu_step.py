@@ -86,7 +86,7 @@ class Runner:
       total = optax_paged.memory_report(self.state).total_bytes
       optax_paged.set_device_budget(self.state, int(device_share * total))
 
-    def step(p, s, g, scale):
+    def step(g, s, p, scale):
       if make_grads:
         g = jax.lax.optimization_barrier(jax.tree.map(lambda x: x * scale, g))
       if fused:
@@ -95,8 +95,17 @@ class Runner:
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s
 
-    self.step = jax.jit(
-        step, donate_argnums=(0, 1, 2) if donate_grads else (0, 1))
+    # JAX gives each output the first donated argument of its shape.
+    # Donated gradients come first, so that the new parameters take their
+    # buffers and XLA may write over them (tests/gradient_copy_test.py);
+    # otherwise the parameters come before the state, whose optax moments
+    # share their shape.
+    if donate_grads:
+      jitted = jax.jit(step, donate_argnums=(0, 1, 2))
+      self.step = lambda p, s, g, scale: jitted(g, s, p, scale)
+    else:
+      self.step = jax.jit(lambda p, s, g, scale: step(g, s, p, scale),
+                          donate_argnums=(0, 1))
     self.scale = jnp.ones([], params_dtype(params))
     self.times = []
 

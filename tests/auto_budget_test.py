@@ -106,7 +106,8 @@ def test_moves_free_the_device_first_touch_only_changed_leaves_and_log(
 
 
 def test_auto_is_accepted_wherever_a_budget_is():
-  params = {'w': jnp.ones((64, 64))}
+  # A CPU state, also on a GPU machine: one tier, no paging.
+  params = {'w': jax.device_put(jnp.ones((64, 64)), jax.devices('cpu')[0])}
   tx = optax_paged.paged_adamw8bit(1e-3, device_budget='auto')
   state = tx.init(params)
   report = optax_paged.memory_report(state)
