@@ -50,8 +50,9 @@ GIB = 1 << 30
 
 def _fraction() -> str:
   """XLA's memory fraction that leaves ``OUTSIDE_LIMIT`` outside its limit."""
+  gpu = os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0] or '0'
   total_mib = int(subprocess.run(
-      ['nvidia-smi', '--id=0', '--query-gpu=memory.total',
+      ['nvidia-smi', f'--id={gpu}', '--query-gpu=memory.total',
        '--format=csv,noheader,nounits'], capture_output=True, text=True,
       check=True).stdout.split()[0])
   return f'{1 - OUTSIDE_LIMIT / (total_mib << 20):.5f}'
