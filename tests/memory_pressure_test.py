@@ -85,7 +85,6 @@ class Edge:
   survived: int | None = None
   survived_run: dict | None = None
   killed: int | None = None
-  killed_run: dict | None = None
 
 
 def _edge(mode: str, measured: dict) -> Edge:
@@ -98,7 +97,7 @@ def _edge(mode: str, measured: dict) -> Edge:
     if run['status'] == 'ok':
       edge.survived, edge.survived_run, lo = mid * RESOLUTION, run, mid + 1
     else:
-      edge.killed, edge.killed_run, hi = mid * RESOLUTION, run, mid - 1
+      edge.killed, hi = mid * RESOLUTION, mid - 1
   print(f'{mode}: survives {edge.survived} B, killed by {edge.killed} B',
         flush=True)
   return edge
@@ -116,7 +115,7 @@ def measured():
   return run
 
 
-def test_a_spike_that_kills_optax_is_survived_guarded_at_host_tier_speed(
+def test_a_spike_that_kills_optax_is_survived_guarded_with_one_move_out(
     measured):
   guarded = _edge('guarded', measured)
   assert guarded.survived_run is not None and guarded.killed is not None
