@@ -170,3 +170,25 @@ def test_a_step_whose_temporaries_fit_no_free_block_takes_them_whole():
   # One free block of 3 GiB: the idle pool holds it all.
   stats['largest_free_block_bytes'] = 3 * GiB
   assert auto_budget.step_reserve(stats, 4 * GiB, 3 * GiB) == 0
+
+
+def test_eviction_is_what_xla_and_the_device_tier_hold_beyond_the_gpu():
+  # Measured on an H100 (tests/memory_pressure_test.py): after a spike
+  # XLA's pool held nearly the whole card while a fixed budget kept its
+  # 4.36 GB state in the device tier; CUDA had evicted it.
+  total = 85_017_493_504
+  after_spike = {'bytes_in_use': 60 * GiB, 'pool_bytes': total - (1 << 29)}
+  assert auto_budget.evicted_at_least(
+      total, after_spike, 4_362_076_160) == 4_362_076_160 - (1 << 29)
+  before = {'bytes_in_use': 8 * GiB, 'pool_bytes': 32 * GiB}
+  assert auto_budget.evicted_at_least(total, before, 4_362_076_160) == 0
+  # Nothing known, nothing claimed.
+  assert auto_budget.evicted_at_least(total, None, 10 * GiB) == 0
+  assert auto_budget.evicted_at_least(0, after_spike, 10 * GiB) == 0
+
+
+def test_the_report_says_what_cuda_evicted():
+  report = paging.MemoryReport(rows=(), evicted={'cuda:0': 3 * GiB})
+  assert 'evicted by CUDA on cuda:0: at least 3,221,225,472 bytes' in str(
+      report)
+  assert 'evicted' not in str(paging.MemoryReport(rows=()))

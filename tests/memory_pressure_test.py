@@ -73,7 +73,8 @@ def _run(mode: str, spike: tuple[int, int]) -> dict:
   print(f"{mode:8s} spike {spike[1] / GIB:6.2f} GiB: {result['status']}"
         f" moves={result.get('moves')} retries={result.get('retries')}"
         f" step_ms={result.get('step_ms')} failed_in={result.get('failed_in')}"
-        f" tiers={result.get('tiers')} error={result.get('error', '')[:200]}",
+        f" tiers={result.get('tiers')} evicted={result.get('evicted')}"
+        f" error={result.get('error', '')[:200]}",
         flush=True)
   return result
 

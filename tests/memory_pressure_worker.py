@@ -154,7 +154,7 @@ def main() -> None:
   if mode != 'optax':
     report = optax_paged.memory_report(state)
     result.update(moves=report.moves.count, moved_bytes=report.moves.bytes,
-                  tiers=report.totals)
+                  tiers=report.totals, evicted=report.evicted)
   if mode == 'retry':
     result['retries'] = step.retries
   print(json.dumps(result), flush=True)

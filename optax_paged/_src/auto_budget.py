@@ -150,6 +150,22 @@ def xla_reserve(stats: dict[str, Any] | None) -> int:
   return _growth(stats, peak - _held(stats))
 
 
+def evicted_at_least(total: int, stats: dict[str, Any] | None,
+                     paged_on_device: int) -> int:
+  """Bytes of device-tier paged state that cannot be on the device.
+
+  XLA's pool is device memory it holds. When it and every paged state in
+  the device tier on that GPU (``paged_on_device``) add up to more than the
+  GPU's ``total``, CUDA has evicted the difference to host RAM for XLA's
+  allocations (measured: tests/memory_pressure_test.py), and the kernel
+  reaches those pages by faults, many times slower than the host tier. A
+  lower bound: the CUDA context and memory outside XLA are not counted.
+  """
+  if not stats or 'bytes_in_use' not in stats or total <= 0:
+    return 0
+  return max(0, _held(stats) + paged_on_device - total)
+
+
 def room(observation: Observation, policy: AutoBudget) -> int:
   """Bytes of state the device can hold next to XLA's next step."""
   if observation.step_need is None:

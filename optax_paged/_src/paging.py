@@ -290,12 +290,18 @@ class MemoryReport:
       seconds), by ``set_device_budget`` or an automatic budget.
     free: per GPU that holds paged state, its free memory now: the headroom
       XLA's next allocations have.
+    evicted: per GPU where it is not zero, a lower bound on the bytes of
+      device-tier paged state (of every live state there) that CUDA has
+      evicted to host RAM for XLA's memory pool: steps then fault those
+      pages in, far slower than the host tier. Guard the step with
+      ``memory_guarded`` or lower the device budget.
   """
 
   rows: tuple[MemoryRow, ...]
   moves: registry.MoveStats = dataclasses.field(
       default_factory=registry.MoveStats)
   free: dict[str, int] = dataclasses.field(default_factory=dict)
+  evicted: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def totals(self) -> dict[str, int]:
@@ -340,6 +346,10 @@ class MemoryReport:
              f'{self.moves.seconds * 1e3:.1f} ms']
     extra += [f'free on {device}: {nbytes:,} bytes'
               for device, nbytes in sorted(self.free.items())]
+    extra += [f'evicted by CUDA on {device}: at least {nbytes:,} bytes of '
+              'device-tier state (XLA needed the memory; steps fault these '
+              'pages in: use memory_guarded or a smaller device budget)'
+              for device, nbytes in sorted(self.evicted.items())]
     return '\n'.join([fmt(header), rule, *body, rule, *totals, *extra])
 
 
@@ -363,13 +373,23 @@ def memory_report(state: Any) -> MemoryReport:
   """
   rows = []
   moves = registry.MoveStats()
-  free = {}
+  free, evicted = {}, {}
   for buffers in registry.find_buffers(state):
     record = buffers.record()
     moves.add(record.moves)
     if record.paged:
       for device, entry in zip(record.devices, record.entries, strict=True):
-        free[str(device)] = gpu_memory(int(entry.ordinal))[0]
+        free_bytes, total = gpu_memory(int(entry.ordinal))
+        free[str(device)] = free_bytes
+        lost = auto_budget.evicted_at_least(
+            total, xla_stats(device), _paged_on_device(device))
+        if lost:
+          evicted[str(device)] = lost
+          logger.warning(
+              'optax_paged: CUDA has evicted at least %d bytes of device-tier '
+              'state on %s for XLA; steps fault those pages in. Guard the '
+              'step with memory_guarded or lower the device budget.', lost,
+              device)
     sharded = record.layout is not None
     for device, entry in zip(record.devices, record.entries, strict=True):
       for i, layout in enumerate(record.leaves):
@@ -382,7 +402,21 @@ def memory_report(state: Any) -> MemoryReport:
             bytes=int(info['bytes']),
             device=str(device) if sharded else '',
         ))
-  return MemoryReport(tuple(rows), moves, free)
+  return MemoryReport(tuple(rows), moves, free, evicted)
+
+
+def _paged_on_device(device: jax.Device) -> int:
+  """Bytes in the device tier of every live paged state on ``device``."""
+  total = 0
+  for buffers in registry.REGISTRY.live_states():
+    record = buffers.record()
+    if not record.paged:
+      continue
+    for placed, entry in zip(record.devices, record.entries, strict=True):
+      if placed == device:
+        total += device_bytes([entry.leaf_info(i)
+                               for i in range(len(record.leaves))])
+  return total
 
 
 def state_nbytes(state: Any) -> int:
