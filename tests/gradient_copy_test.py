@@ -35,12 +35,16 @@ def _setup():
   return tx, params, grads, tx.init(params)
 
 
+def _update_and_apply(tx, grads, state, params):
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
 def test_gradients_donated_before_the_parameters_are_not_copied():
   tx, params, grads, state = _setup()
 
   def step(grads, state, params):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    return _update_and_apply(tx, grads, state, params)
 
   donated = jax.jit(step, donate_argnums=(0, 1, 2))
   assert _entry_copies(donated, grads, state, params) == 0
@@ -55,8 +59,7 @@ def test_gradients_donated_after_the_parameters_are_still_copied():
   tx, params, grads, state = _setup()
 
   def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    return _update_and_apply(tx, grads, state, params)
 
   donated = jax.jit(step, donate_argnums=(0, 1, 2))
   assert _entry_copies(donated, params, state, grads) == len(SHAPES)
@@ -68,8 +71,7 @@ def test_gradients_made_in_the_step_are_not_copied():
 
   def step(params, state, scale):
     made = jax.tree.map(lambda g: g * scale, grads)
-    updates, state = tx.update(made, state, params)
-    return optax.apply_updates(params, updates), state
+    return _update_and_apply(tx, made, state, params)
 
   step = jax.jit(step, donate_argnums=(0, 1))
   assert _entry_copies(step, params, state, 2.0) == 0

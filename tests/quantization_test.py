@@ -228,16 +228,19 @@ def _bit_pattern_sweep(signed: bool) -> np.ndarray:
   return np.concatenate([x, -x])
 
 
+def _assert_same_codes(x, scalar, other):
+  mismatch = np.flatnonzero(scalar != other)
+  assert mismatch.size == 0, (x[mismatch[:5]], scalar[mismatch[:5]],
+                              other[mismatch[:5]])
+
+
 @pytest.mark.parametrize('signed', [True, False])
 @pytest.mark.parametrize('inverse', [1.0, 0.37, 3.0e-8])
 def test_vector_codec_equals_scalar_encode_bit_for_bit(signed, inverse):
   ext = ffi.extension()
   x = _bit_pattern_sweep(signed)
-  scalar = ext.encode_scaled(x, inverse, signed, False)
-  vector = ext.encode_scaled(x, inverse, signed, True)
-  mismatch = np.flatnonzero(scalar != vector)
-  assert mismatch.size == 0, (x[mismatch[:5]], scalar[mismatch[:5]],
-                              vector[mismatch[:5]])
+  _assert_same_codes(x, ext.encode_scaled(x, inverse, signed, False),
+                     ext.encode_scaled(x, inverse, signed, True))
   # Unscaled, the sweep reaches (nearly) every code.
   assert len(np.unique(ext.encode_scaled(x, 1.0, signed, False))) >= 250
 
@@ -249,11 +252,8 @@ def test_vector_codec_equals_scalar_encode_bit_for_bit(signed, inverse):
 def test_avx512_codec_equals_scalar_encode_bit_for_bit(signed, inverse):
   ext = ffi.extension()
   x = _bit_pattern_sweep(signed)
-  scalar = ext.encode_scaled(x, inverse, signed, False)
-  wide = ext.encode_scaled_avx512(x, inverse, signed)
-  mismatch = np.flatnonzero(scalar != wide)
-  assert mismatch.size == 0, (x[mismatch[:5]], scalar[mismatch[:5]],
-                              wide[mismatch[:5]])
+  _assert_same_codes(x, ext.encode_scaled(x, inverse, signed, False),
+                     ext.encode_scaled_avx512(x, inverse, signed))
 
 
 @pytest.mark.parametrize('length', [1, 7, 8, 9, 255, 256, 1000])

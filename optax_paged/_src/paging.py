@@ -374,6 +374,7 @@ def memory_report(state: Any) -> MemoryReport:
   rows = []
   moves = registry.MoveStats()
   free, evicted = {}, {}
+  paged_on_device = {}  # per GPU, over every live state: counted once
   for buffers in registry.find_buffers(state):
     record = buffers.record()
     moves.add(record.moves)
@@ -381,8 +382,10 @@ def memory_report(state: Any) -> MemoryReport:
       for device, entry in zip(record.devices, record.entries, strict=True):
         free_bytes, total = gpu_memory(int(entry.ordinal))
         free[str(device)] = free_bytes
+        if device not in paged_on_device:
+          paged_on_device[device] = _paged_on_device(device)
         lost = auto_budget.evicted_at_least(
-            total, xla_stats(device), _paged_on_device(device))
+            total, xla_stats(device), paged_on_device[device])
         if lost:
           evicted[str(device)] = lost
           logger.warning(
