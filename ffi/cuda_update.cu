@@ -42,9 +42,19 @@ constexpr int kElementsPerLane = 8;
 constexpr int kWarpSize = 32;
 static_assert(kElementsPerLane * kWarpSize == kBlockSize,
               "a warp covers exactly one quantization block");
-constexpr int kThreadsPerBlock = 512;
-constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
-constexpr int kBlocksPerMultiprocessor = 2;
+// Threads per block and blocks per SM: 1024 threads an SM cap registers at
+// 64 a thread. AdEMAMix's three moments spilled under that cap (59M spill
+// requests a step on the 308M model); 768 threads an SM give it 80.
+template <typename Optimizer>
+struct LaunchShape {
+  static constexpr int kThreads = 512;
+  static constexpr int kBlocksPerMultiprocessor = 2;
+};
+template <>
+struct LaunchShape<AdEMAMix> {
+  static constexpr int kThreads = 256;
+  static constexpr int kBlocksPerMultiprocessor = 3;
+};
 // Leaves per launch: the table rides in the kernel's parameters (up to 32 KB
 // since CUDA 12.1); groups with more leaves take several launches.
 constexpr int kMaxLeavesPerLaunch = 224;
@@ -128,7 +138,9 @@ __device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t run) {
 }
 
 template <typename Optimizer, typename T, bool kTiered>
-__global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
+__global__ void __launch_bounds__(
+    LaunchShape<Optimizer>::kThreads,
+    LaunchShape<Optimizer>::kBlocksPerMultiprocessor)
     UpdateKernel(const __grid_constant__ LaunchArgs args,
                  const float* __restrict__ hyperparams) {
   constexpr int kMoments = Optimizer::kNumMoments;
@@ -177,6 +189,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
   __syncthreads();
 
   const int lane = threadIdx.x % kWarpSize;
+  constexpr int kWarpsPerBlock = LaunchShape<Optimizer>::kThreads / kWarpSize;
   const int warp = static_cast<int>(blockIdx.x) * kWarpsPerBlock +
                    static_cast<int>(threadIdx.x) / kWarpSize;
   const int warps = static_cast<int>(gridDim.x) * kWarpsPerBlock;
@@ -247,22 +260,36 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
     }
 
     Vec8<T> result;
+    const bool decay = leaf.decay != 0;
+    // The output mode is uniform over the launch: one copy of the element
+    // loop per mode keeps its test and the random bits' setup out of the
+    // loop (they were 8 of ~170 instructions an element in bf16).
+    auto update_elements = [&](auto mode) {
+      constexpr int kMode = decltype(mode)::value;
 #pragma unroll
-    for (int i = 0; i < kElementsPerLane; ++i) {
-      float element[kMoments];
+      for (int i = 0; i < kElementsPerLane; ++i) {
+        float element[kMoments];
 #pragma unroll
-      for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-      const float param_f = ToFloat(p.v[i]);
-      const float update = Optimizer::Update(scalars, ToFloat(g.v[i]), param_f,
-                                             leaf.decay != 0, element);
-      const uint32_t random =
-          args.output_mode == kOutputParamsStochastic
-              ? RandomBits(seed, leaf.id,
-                           static_cast<uint64_t>(leaf.index_offset + first + i))
-              : 0u;
-      result.v[i] = OutputValue<T>(args.output_mode, param_f, update, random);
+        for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
+        const float param_f = ToFloat(p.v[i]);
+        const float update = Optimizer::Update(scalars, ToFloat(g.v[i]),
+                                               param_f, decay, element);
+        uint32_t random = 0u;
+        if constexpr (kMode == kOutputParamsStochastic) {
+          random = RandomBits(seed, leaf.id,
+                              static_cast<uint64_t>(leaf.index_offset + first + i));
+        }
+        result.v[i] = OutputValue<T, kMode>(param_f, update, random);
 #pragma unroll
-      for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+        for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+      }
+    };
+    if (args.output_mode == kOutputParams) {
+      update_elements(std::integral_constant<int, kOutputParams>{});
+    } else if (args.output_mode == kOutputUpdates) {
+      update_elements(std::integral_constant<int, kOutputUpdates>{});
+    } else {
+      update_elements(std::integral_constant<int, kOutputParamsStochastic>{});
     }
     if (count == kElementsPerLane) {
       StoreVec(out, result);
@@ -277,8 +304,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerMultiprocessor)
         // patterns sit above infinity: an integer max is the absmax, NaN if
         // the block holds one, as on the CPU.
         unsigned largest = 0;
-        for (int i = 0; i < count; ++i) {
-          largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+        if (count == kElementsPerLane) {
+#pragma unroll
+          for (int i = 0; i < kElementsPerLane; ++i) {
+            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+          }
+        } else {
+          for (int i = 0; i < count; ++i) {
+            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+          }
         }
         largest = __reduce_max_sync(0xffffffffu, largest);
         const float absmax = BitsToFloat(largest);
@@ -463,16 +497,18 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     launch->num_leaves = num_leaves;
     launch->total_runs = runs;
     launch->host_runs = runs - device_runs;
+    using Shape = LaunchShape<Optimizer>;
+    constexpr int kWarpsPerBlock = Shape::kThreads / kWarpSize;
     const int64_t wanted = (runs + kWarpsPerBlock - 1) / kWarpsPerBlock;
     const int grid = static_cast<int>(std::min<int64_t>(
         wanted, static_cast<int64_t>(MultiprocessorCount(device)) *
-                    kBlocksPerMultiprocessor));
+                    Shape::kBlocksPerMultiprocessor));
     if (launch->host_runs == 0) {
       UpdateKernel<Optimizer, T, false>
-          <<<grid, kThreadsPerBlock, 0, stream>>>(*launch, hyperparams);
+          <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
     } else {
       UpdateKernel<Optimizer, T, true>
-          <<<grid, kThreadsPerBlock, 0, stream>>>(*launch, hyperparams);
+          <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
     }
     if (cudaError_t status = cudaGetLastError(); status != cudaSuccess) {
       return ffi::Error::Internal(std::string("optax_paged kernel launch: ") +

@@ -68,11 +68,18 @@ OPTAX_PAGED_HD float FromFloat<float>(float x) {
 template <>
 OPTAX_PAGED_HD BFloat16 FromFloat<BFloat16>(float x) {
   uint32_t bits = FloatBits(x);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+  if (x != x) {
     return BFloat16{static_cast<uint16_t>((bits >> 16) | 0x40u)};  // quiet NaN
   }
+#if defined(__CUDA_ARCH__)
+  // One conversion instruction where the rounding below takes seven; the
+  // same result for every non-NaN (the hardware's NaN would be canonical,
+  // not the quieted input, hence the test above).
+  return BFloat16{__bfloat16_as_ushort(__float2bfloat16_rn(x))};
+#else
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return BFloat16{static_cast<uint16_t>(bits >> 16)};
+#endif
 }
 
 template <>
@@ -140,14 +147,27 @@ OPTAX_PAGED_HD BFloat16 StochasticRound<BFloat16>(float x, uint32_t random) {
   return BFloat16{static_cast<uint16_t>((bits + (random & 0xffffu)) >> 16)};
 }
 
+template <typename T, int kMode>
+OPTAX_PAGED_HD T OutputValue(float param, float update, uint32_t random) {
+  if constexpr (kMode == kOutputUpdates) {
+    return FromFloat<T>(update);
+  } else if constexpr (kMode == kOutputParamsStochastic) {
+    return StochasticRound<T>(param + update, random);
+  } else {
+    return FromFloat<T>(AddRounded(param, ToFloat(FromFloat<T>(update))));
+  }
+}
+
 template <typename T>
 OPTAX_PAGED_HD T OutputValue(int mode, float param, float update,
                              uint32_t random) {
-  if (mode == kOutputUpdates) return FromFloat<T>(update);
-  if (mode == kOutputParamsStochastic) {
-    return StochasticRound<T>(param + update, random);
+  if (mode == kOutputUpdates) {
+    return OutputValue<T, kOutputUpdates>(param, update, random);
   }
-  return FromFloat<T>(AddRounded(param, ToFloat(FromFloat<T>(update))));
+  if (mode == kOutputParamsStochastic) {
+    return OutputValue<T, kOutputParamsStochastic>(param, update, random);
+  }
+  return OutputValue<T, kOutputParams>(param, update, random);
 }
 
 }  // namespace optax_paged

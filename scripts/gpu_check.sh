@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for the GPU machine (no package registry
 # there: it builds against the image's packages). Logs go to $OUT (or ./gpu_logs).
-#   bash scripts/gpu_check.sh [tests|sanitizer|bench|tiers|probe|pressure|mesh|shardbench|capacity|all]...
+#   bash scripts/gpu_check.sh [tests|sanitizer|bench|family|profile|tiers|probe|pressure|mesh|shardbench|capacity|all]...
 # `mesh` and `shardbench` need two or more GPUs (the multi-device suite on
 # every GPU, two processes with one GPU each, compute-sanitizer over the
 # suite's kernels; the FSDP and ZeRO-1 benchmark). `capacity` (the largest
@@ -9,7 +9,9 @@
 # of probes), `probe` (what XLA does on out-of-memory, the host link's rate
 # by access pattern: tools/) and `pressure` (a memory spike against a fixed
 # budget, a guarded step and optax.adamw: tests/memory_pressure_test.py) run only
-# when named. `all` runs what fits the
+# when named, as do `family` (gpu_step.py --family: Lion and AdEMAMix) and
+# `profile` (ncu over one fused launch of each kernel that issue 12 tracks:
+# tools/profile_fused.py). `all` runs what fits the
 # machine's GPU count.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,11 +24,13 @@ gpus=$(nvidia-smi -L | wc -l)
 want() {
   if [[ " ${steps[*]} " == *" $1 "* ]]; then return 0; fi
   [[ " ${steps[*]} " == *" all "* ]] || return 1
-  case $1 in mesh|shardbench) (( gpus > 1 )) ;; capacity|probe|pressure) false ;; *) true ;; esac
+  case $1 in mesh|shardbench) (( gpus > 1 )) ;; capacity|probe|pressure|family|profile) false ;; *) true ;; esac
 }
 status=0
 
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# optax's unfused steps are many small kernels, so the host's CPU shows in them.
+lscpu | grep -E "^Model name" | tee -a "$OUT/gpu.txt"
 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
 grep -E "registers|spill" "$OUT/build.log" | head -6
@@ -46,6 +50,23 @@ fi
 if want bench; then
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   timeout 500 python3 benchmarks/gpu_step.py --write "$OUT/RESULTS.md" 2>&1 | tee "$OUT/bench.log" | tail -30
+fi
+if want family; then
+  [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  timeout 300 python3 benchmarks/gpu_step.py --family --write "$OUT/RESULTS.md" 2>&1 \
+    | tee "$OUT/family.log" | tail -12
+fi
+if want profile; then
+  for run in "fp32 adamw" "bf16 adamw" "fp32 lion" "fp32 ademamix"; do
+    set -- $run
+    timeout 120 ncu --clock-control none --kernel-name regex:UpdateKernel \
+      --launch-skip 4 --launch-count 1 --section SpeedOfLight \
+      --section InstructionStats --section LaunchStats --section Occupancy \
+      --section MemoryWorkloadAnalysis --section WarpStateStats \
+      python3 tools/profile_fused.py "$1" "$2" >"$OUT/ncu_fused_$2_$1.txt" 2>&1
+    echo "ncu $2 $1: $(grep -E '^ +(Duration|DRAM Throughput|Executed Instructions|Registers Per Thread) ' \
+      "$OUT/ncu_fused_$2_$1.txt" | awk '{print $1" "$NF}' | paste -sd' ')"
+  done
 fi
 if want tiers; then
   [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
