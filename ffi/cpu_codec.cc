@@ -28,6 +28,28 @@ void DecodeBlock(const QuantTables& tables, const uint8_t* codes, float absmax,
   }
 }
 
+void EncodeFourBitBlock(bool is_signed, const float* values, float inverse,
+                        int64_t length, uint8_t* codes) {
+  const QuantTables& tables = SignedFourBitTables();
+  for (int64_t i = 0; i < length; i += 2) {
+    const uint8_t low = EncodeFourBit(tables, is_signed, values[i] * inverse);
+    const uint8_t high =
+        i + 1 < length
+            ? EncodeFourBit(tables, is_signed, values[i + 1] * inverse)
+            : 0;
+    codes[i / 2] = static_cast<uint8_t>(low | (high << 4));
+  }
+}
+
+void DecodeFourBitBlock(bool is_signed, const uint8_t* codes, float absmax,
+                        int64_t length, float* values) {
+  const QuantTables& tables = SignedFourBitTables();
+  for (int64_t i = 0; i < length; ++i) {
+    const uint8_t code = (codes[i / 2] >> (4 * (i & 1))) & 0xfu;
+    values[i] = DecodeFourBit(tables, is_signed, code, absmax);
+  }
+}
+
 float BlockAbsmax(const float* values, int64_t length) {
   return HasAvx2() ? BlockAbsmaxAvx2(values, length)
                    : BlockAbsmaxScalar(values, length);

@@ -36,6 +36,14 @@ float BlockAbsmaxAvx2(const float* values, int64_t length);
 void EncodeBlockAvx512(const QuantTables& tables, const float* values,
                        float inverse, int64_t length, uint8_t* codes);
 
+// The 4-bit versions (scalar): element i's code in the low nibble of byte
+// i / 2 for even i, the high nibble for odd i; an odd length leaves the
+// last high nibble zero.
+void EncodeFourBitBlock(bool is_signed, const float* values, float inverse,
+                        int64_t length, uint8_t* codes);
+void DecodeFourBitBlock(bool is_signed, const uint8_t* codes, float absmax,
+                        int64_t length, float* values);
+
 bool HasAvx2();
 // AVX-512 F, BW and VL.
 bool HasAvx512();

@@ -58,7 +58,9 @@ struct GroupStep {
   void RunChunk(const Chunk& chunk) const {
     const LeafState& leaf = *leaves[chunk.leaf];
     for (int64_t block = chunk.first_block; block < chunk.last_block; ++block) {
-      if (leaf.quantized) {
+      if (leaf.four_bit) {
+        FourBitBlock(leaf, chunk.leaf, block);
+      } else if (leaf.quantized) {
         QuantizedBlock(leaf, chunk.leaf, block);
       } else {
         FullPrecisionBlock(leaf, chunk.leaf, block);
@@ -141,6 +143,29 @@ struct GroupStep {
       const float absmax = BlockAbsmax(moments[m], length);
       EncodeBlock(TablesOf(m), moments[m], InverseScale(absmax), length,
                   leaf.moments[m].codes + begin);
+      leaf.moments[m].absmax[block] = absmax;
+    }
+  }
+
+  // The same for 4-bit moments, in blocks of 128.
+  void FourBitBlock(const LeafState& leaf, int leaf_index,
+                    int64_t block) const {
+    constexpr int kMoments = Optimizer::kNumMoments;
+    const int64_t begin = block * kFourBitBlockSize;
+    const int64_t length =
+        std::min<int64_t>(kFourBitBlockSize, leaf.size - begin);
+    float moments[kMoments][kBlockSize];
+    for (int m = 0; m < kMoments; ++m) {
+      DecodeFourBitBlock(Optimizer::IsSigned(m),
+                         leaf.moments[m].codes + begin / 2,
+                         leaf.moments[m].absmax[block], length, moments[m]);
+    }
+    UpdateBlock(leaf_index, leaf.decay, begin, length, moments);
+    for (int m = 0; m < kMoments; ++m) {
+      const float absmax = BlockAbsmax(moments[m], length);
+      EncodeFourBitBlock(Optimizer::IsSigned(m), moments[m],
+                         InverseScale(absmax), length,
+                         leaf.moments[m].codes + begin / 2);
       leaf.moments[m].absmax[block] = absmax;
     }
   }

@@ -98,7 +98,14 @@ struct LaunchArgs {
 };
 static_assert(sizeof(LaunchArgs) <= 32000, "kernel parameters over 32 KB");
 
-__device__ QuantTables g_tables[2];  // [0]: signed map, [1]: unsigned map
+// [0]: signed map, [1]: unsigned map, [2]: the 4-bit signed map, [3]: unused
+// (a kernel copies two tables: their size is a multiple of 16 bytes).
+__device__ QuantTables g_tables[4];
+
+// Optimizers built with 4-bit states (the kernels of the others are not
+// compiled for them, to keep the build time).
+template <typename Optimizer>
+inline constexpr bool kHasFourBitStates = std::is_same_v<Optimizer, AdamW>;
 
 // Eight elements of T, as one or two 16-byte vectors.
 template <typename T>
@@ -137,7 +144,10 @@ __device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t run) {
   return lo;
 }
 
-template <typename Optimizer, typename T, bool kTiered>
+// kFourBit: the launch's quantized leaves hold 4-bit codes in blocks of 128,
+// two blocks a warp (a half-warp each); tables[0] is then the 4-bit signed
+// map's.
+template <typename Optimizer, typename T, bool kTiered, bool kFourBit>
 __global__ void __launch_bounds__(
     LaunchShape<Optimizer>::kThreads,
     LaunchShape<Optimizer>::kBlocksPerMultiprocessor)
@@ -146,10 +156,11 @@ __global__ void __launch_bounds__(
   constexpr int kMoments = Optimizer::kNumMoments;
   __shared__ QuantTables tables[2];
   {
-    const int4* src = reinterpret_cast<const int4*>(g_tables);
+    const int4* src = reinterpret_cast<const int4*>(g_tables + (kFourBit ? 2 : 0));
     int4* dst = reinterpret_cast<int4*>(tables);
-    static_assert(sizeof(tables) % sizeof(int4) == 0, "table size");
-    for (int i = threadIdx.x; i < static_cast<int>(sizeof(tables) / sizeof(int4));
+    constexpr int kTableBytes = sizeof(QuantTables) * 2;
+    static_assert(kTableBytes % sizeof(int4) == 0, "table size");
+    for (int i = threadIdx.x; i < static_cast<int>(kTableBytes / sizeof(int4));
          i += blockDim.x) {
       dst[i] = src[i];
     }
@@ -226,7 +237,32 @@ __global__ void __launch_bounds__(
 
     float moments[kMoments][kElementsPerLane];
     float old_absmax[kMoments];
-    if (leaf.quantized) {
+    // 4 bits: lanes 0-15 hold quantization block 2 * local_block, lanes
+    // 16-31 the next one, which may lie past the leaf's end.
+    const int64_t half_block = 2 * local_block + lane / 16;
+    const bool half_live = half_block * kFourBitBlockSize < leaf.size;
+    if (kFourBit && leaf.quantized) {
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        old_absmax[m] = half_live ? leaf.absmax[m][half_block] : 0.0f;
+        const uint8_t* codes =
+            static_cast<const uint8_t*>(leaf.state[m]) + first / 2;
+        uint32_t packed = 0;
+        if (count == kElementsPerLane) {
+          packed = *reinterpret_cast<const uint32_t*>(codes);
+        } else {
+          for (int i = 0; i < (count + 1) / 2; ++i) {
+            packed |= static_cast<uint32_t>(codes[i]) << (8 * i);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          moments[m][i] = DecodeFourBit(tables[0], Optimizer::IsSigned(m),
+                                        (packed >> (4 * i)) & 0xfu,
+                                        old_absmax[m]);
+        }
+      }
+    } else if (!kFourBit && leaf.quantized) {
 #pragma unroll
       for (int m = 0; m < kMoments; ++m) {
         const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
@@ -297,7 +333,40 @@ __global__ void __launch_bounds__(
       for (int i = 0; i < count; ++i) out[i] = result.v[i];
     }
 
-    if (leaf.quantized) {
+    if (kFourBit && leaf.quantized) {
+#pragma unroll
+      for (int m = 0; m < kMoments; ++m) {
+        unsigned largest = 0;
+        for (int i = 0; i < count; ++i) {
+          largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+        }
+        // The maximum over the half-warp (xor offsets below 16 stay in it).
+#pragma unroll
+        for (int offset = 8; offset > 0; offset /= 2) {
+          largest = max(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+        }
+        const float absmax = BitsToFloat(largest);
+        const float inverse = InverseScale(absmax);
+        uint32_t packed = 0;
+#pragma unroll
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          const uint32_t code = i < count
+              ? EncodeFourBit(tables[0], Optimizer::IsSigned(m),
+                              moments[m][i] * inverse)
+              : 0u;
+          packed |= code << (4 * i);
+        }
+        uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first / 2;
+        if (count == kElementsPerLane) {
+          *reinterpret_cast<uint32_t*>(codes) = packed;
+        } else {
+          for (int i = 0; i < (count + 1) / 2; ++i) {
+            codes[i] = static_cast<uint8_t>(packed >> (8 * i));
+          }
+        }
+        if (lane % 16 == 0 && half_live) leaf.absmax[m][half_block] = absmax;
+      }
+    } else if (!kFourBit && leaf.quantized) {
 #pragma unroll
       for (int m = 0; m < kMoments; ++m) {
         // Bit patterns of non-negative floats order as their values and NaN
@@ -426,7 +495,8 @@ cudaError_t EnsureDeviceTables(int device) {
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
   std::lock_guard<std::mutex> lock(mutex);
   if (copied[device]) return cudaSuccess;
-  const QuantTables host[2] = {SignedTables(), UnsignedTables()};
+  const QuantTables host[4] = {SignedTables(), UnsignedTables(),
+                               SignedFourBitTables(), UnsignedTables()};
   const cudaError_t status = cudaMemcpyToSymbol(g_tables, host, sizeof(host));
   copied[device] = status == cudaSuccess;
   return status;
@@ -464,6 +534,7 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     int64_t runs = 0;
     int64_t device_runs = 0;
     int num_leaves = 0;
+    bool four_bit = false;
     // Device-tier leaves in the first pass, host-tier leaves in the second.
     for (const bool host_pass : {false, true}) {
       if (host_pass) device_runs = runs;
@@ -483,14 +554,20 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
           leaf.absmax[m] = state.moments[m].absmax;
         }
         leaf.size = state.size;
-        leaf.num_blocks = state.num_blocks;
-        leaf.run_blocks = host_pass ? kHostRunBlocks : 1;
+        // A warp's 256 elements are two 4-bit blocks; 4-bit leaves take no
+        // host runs (a run's absmax are one a lane), so their host tier
+        // moves each absmax on its own.
+        four_bit = four_bit || state.four_bit;
+        leaf.num_blocks = state.four_bit
+                              ? (state.size + kBlockSize - 1) / kBlockSize
+                              : state.num_blocks;
+        leaf.run_blocks = host_pass && !state.four_bit ? kHostRunBlocks : 1;
         leaf.first_run = runs;
         leaf.quantized = state.quantized ? 1 : 0;
         leaf.decay = state.decay ? 1 : 0;
         leaf.id = static_cast<uint32_t>(leaf_indices[k]);
         leaf.index_offset = state.index_offset;
-        runs += (state.num_blocks + leaf.run_blocks - 1) / leaf.run_blocks;
+        runs += (leaf.num_blocks + leaf.run_blocks - 1) / leaf.run_blocks;
       }
     }
     if (num_leaves == 0) continue;
@@ -503,11 +580,24 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     const int grid = static_cast<int>(std::min<int64_t>(
         wanted, static_cast<int64_t>(MultiprocessorCount(device)) *
                     Shape::kBlocksPerMultiprocessor));
-    if (launch->host_runs == 0) {
-      UpdateKernel<Optimizer, T, false>
+    if (four_bit) {
+      if constexpr (kHasFourBitStates<Optimizer>) {
+        if (launch->host_runs == 0) {
+          UpdateKernel<Optimizer, T, false, true>
+              <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
+        } else {
+          UpdateKernel<Optimizer, T, true, true>
+              <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
+        }
+      } else {
+        return ffi::Error::InvalidArgument(
+            std::string(Optimizer::kName) + " has no 4-bit kernels");
+      }
+    } else if (launch->host_runs == 0) {
+      UpdateKernel<Optimizer, T, false, false>
           <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
     } else {
-      UpdateKernel<Optimizer, T, true>
+      UpdateKernel<Optimizer, T, true, false>
           <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
     }
     if (cudaError_t status = cudaGetLastError(); status != cudaSuccess) {

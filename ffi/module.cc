@@ -180,10 +180,10 @@ float BlockAbsmaxOf(InputArray<float> x, bool vector) {
 
 std::shared_ptr<StateEntry> CreateState(
     int platform, int num_moments, const std::vector<int64_t>& sizes,
-    const std::vector<bool>& quantized, const std::vector<bool>& decay,
+    const std::vector<int>& code_bits, const std::vector<bool>& decay,
     const std::vector<int>& tiers, const std::vector<int64_t>& index_offsets,
     int64_t group, int64_t ordinal, int32_t position) {
-  if (quantized.size() != sizes.size() || decay.size() != sizes.size() ||
+  if (code_bits.size() != sizes.size() || decay.size() != sizes.size() ||
       tiers.size() != sizes.size() || index_offsets.size() != sizes.size()) {
     throw std::invalid_argument("create_state: per-leaf lists differ in length");
   }
@@ -193,7 +193,10 @@ std::shared_ptr<StateEntry> CreateState(
     if (tiers[i] < 0 || tiers[i] > 3) {
       throw std::invalid_argument("create_state: unknown tier");
     }
-    specs[i] = LeafSpec{sizes[i], static_cast<bool>(quantized[i]),
+    if (code_bits[i] != 0 && code_bits[i] != 8 && code_bits[i] != 4) {
+      throw std::invalid_argument("create_state: code bits must be 0, 8 or 4");
+    }
+    specs[i] = LeafSpec{sizes[i], code_bits[i],
                         static_cast<bool>(decay[i]), static_cast<Tier>(tiers[i]),
                         index_offsets[i]};
   }
@@ -243,7 +246,8 @@ nb::tuple ReadMoment(StateEntry& entry, int64_t leaf, int64_t moment) {
   const int64_t device = entry.placement().ordinal;
   if (state.quantized) {
     return nb::make_tuple(
-        CopyStateOut(state, device, buffers.codes, size),
+        CopyStateOut(state, device, buffers.codes,
+                     static_cast<size_t>(CodeBytes(state))),
         CopyStateOut(state, device, buffers.absmax,
                      static_cast<size_t>(state.num_blocks)));
   }
@@ -258,7 +262,8 @@ void WriteMoment(StateEntry& entry, int64_t leaf, int64_t moment,
   const LeafState& state = CheckedLeaf(entry, leaf, moment);
   const MomentBuffers& buffers = state.moments[moment];
   const size_t data_bytes =
-      static_cast<size_t>(state.size) * (state.quantized ? 1 : sizeof(float));
+      state.quantized ? static_cast<size_t>(CodeBytes(state))
+                      : static_cast<size_t>(state.size) * sizeof(float);
   const size_t absmax_bytes =
       state.quantized ? static_cast<size_t>(state.num_blocks) * sizeof(float) : 0;
   if (data.nbytes() != data_bytes || absmax.nbytes() != absmax_bytes) {
@@ -346,6 +351,7 @@ nb::dict LeafInfo(const StateEntry& entry, int64_t leaf) {
   info["size"] = state.size;
   info["num_blocks"] = state.num_blocks;
   info["quantized"] = state.quantized;
+  info["code_bits"] = state.quantized ? (state.four_bit ? 4 : 8) : 32;
   info["decay"] = state.decay;
   info["tier"] = TierName(state.tier);
   info["bytes"] = entry.released() ? size_t{0} : state.bytes;
@@ -446,7 +452,7 @@ NB_MODULE(_optax_paged_ext, m) {
       .def("release", &StateEntry::Release,
            nb::call_guard<nb::gil_scoped_release>());
   m.def("create_state", &CreateState, nb::arg("platform"),
-        nb::arg("num_moments"), nb::arg("sizes"), nb::arg("quantized"),
+        nb::arg("num_moments"), nb::arg("sizes"), nb::arg("code_bits"),
         nb::arg("decay"), nb::arg("tiers"), nb::arg("index_offsets"),
         nb::arg("group"), nb::arg("ordinal"), nb::arg("position"));
 }

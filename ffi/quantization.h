@@ -12,6 +12,7 @@
 #ifndef OPTAX_PAGED_FFI_QUANTIZATION_H_
 #define OPTAX_PAGED_FFI_QUANTIZATION_H_
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -27,6 +28,10 @@ namespace optax_paged {
 
 // bitsandbytes >= 0.44 blockwise optimizers: blocks of 256, fp32 absmax.
 inline constexpr int kBlockSize = 256;
+
+// 4-bit states (Li et al., 2023; torchao's AdamW4bit): blocks of 128, two
+// codes a byte, element 2i in the low nibble and 2i + 1 in the high one.
+inline constexpr int kFourBitBlockSize = 128;
 
 // The lookup table buckets |x| by its exponent and top mantissa bits. Below
 // 2^(kLutMinExponent - 127) = 2^-40 every value encodes as zero (the smallest
@@ -90,6 +95,19 @@ OPTAX_PAGED_HD float Decode(const float* values, uint8_t code, float absmax) {
   return values[code] * absmax;
 }
 
+// The code of the 4-bit unsigned map's entry ((code + 1) / 16) nearest to
+// `scaled`, ties to the smaller; NaN and everything below 3/32 give code 0.
+// The midpoint above code c is (2c + 3) / 32, so the code is the number of
+// integers c in [0, 15) with 2c + 3 < 32 x: ceil((32 x - 3) / 2), clamped.
+// Every step is exact in float32 (32 x and the halving are powers of two;
+// 32 x - 3 is exact wherever the ceiling can be above zero).
+OPTAX_PAGED_HD uint8_t EncodeLinear16(float scaled) {
+  if (scaled != scaled) return 0;
+  const float above = ceilf((scaled * 32.0f - 3.0f) * 0.5f);
+  const float code = above < 0.0f ? 0.0f : (above > 15.0f ? 15.0f : above);
+  return static_cast<uint8_t>(code);
+}
+
 // The multiplier that maps a block onto [-1, 1]. Zero for an all-zero block,
 // for a non-finite absmax (the block decodes to NaN regardless) and for a
 // subnormal absmax, whose reciprocal would overflow: such a block (every
@@ -100,13 +118,31 @@ OPTAX_PAGED_HD float InverseScale(float absmax) {
              : 0.0f;
 }
 
+// The 4-bit code of `scaled` for a moment of either sign kind: the signed
+// map through its tables, the unsigned one in closed form.
+OPTAX_PAGED_HD uint8_t EncodeFourBit(const QuantTables& signed_tables,
+                                     bool is_signed, float scaled) {
+  return is_signed ? Encode(signed_tables, scaled) : EncodeLinear16(scaled);
+}
+
+// The value of a 4-bit code: the unsigned map's entry (code + 1) / 16 is
+// computed, exactly, instead of looked up.
+OPTAX_PAGED_HD float DecodeFourBit(const QuantTables& signed_tables,
+                                   bool is_signed, uint8_t code,
+                                   float absmax) {
+  const float value = is_signed
+                          ? signed_tables.values[code]
+                          : static_cast<float>(code + 1) * 0.0625f;
+  return value * absmax;
+}
+
 // Fills one side from the map entries on that side of zero. `step` is +1 for
 // the positive side (entries above zero_code), -1 for the negative side.
-inline void BuildQuantSide(const float* values, int zero_code, int step,
-                           float* midpoints, uint8_t* bucket_start,
+inline void BuildQuantSide(const float* values, int size, int zero_code,
+                           int step, float* midpoints, uint8_t* bucket_start,
                            int* max_per_bucket) {
   int count = 0;
-  for (int code = zero_code; code + step >= 0 && code + step < 256;
+  for (int code = zero_code; code + step >= 0 && code + step < size;
        code += step) {
     const float midpoint = 0.5f * (values[code] + values[code + step]);
     midpoints[count++] = midpoint < 0.0f ? -midpoint : midpoint;
@@ -129,16 +165,17 @@ inline void BuildQuantSide(const float* values, int zero_code, int step,
   }
 }
 
-inline void BuildQuantTables(const float* map, QuantTables* tables) {
+// Tables of a sorted map of `size` (at most 256) entries holding zero.
+inline void BuildQuantTables(const float* map, int size, QuantTables* tables) {
   tables->zero_code = 0;
   for (int code = 0; code < 256; ++code) {
-    tables->values[code] = map[code];
-    if (map[code] == 0.0f) tables->zero_code = code;
+    tables->values[code] = code < size ? map[code] : 0.0f;
+    if (code < size && map[code] == 0.0f) tables->zero_code = code;
   }
   tables->max_midpoints_per_bucket = 0;
-  BuildQuantSide(map, tables->zero_code, +1, tables->midpoints[0],
+  BuildQuantSide(map, size, tables->zero_code, +1, tables->midpoints[0],
                  tables->bucket_start[0], &tables->max_midpoints_per_bucket);
-  BuildQuantSide(map, tables->zero_code, -1, tables->midpoints[1],
+  BuildQuantSide(map, size, tables->zero_code, -1, tables->midpoints[1],
                  tables->bucket_start[1], &tables->max_midpoints_per_bucket);
 }
 
@@ -146,7 +183,7 @@ inline void BuildQuantTables(const float* map, QuantTables* tables) {
 inline const QuantTables& SignedTables() {
   static const QuantTables* tables = [] {
     auto* t = new QuantTables;
-    BuildQuantTables(kSignedDynamicMap, t);
+    BuildQuantTables(kSignedDynamicMap, 256, t);
     return t;
   }();
   return *tables;
@@ -155,7 +192,18 @@ inline const QuantTables& SignedTables() {
 inline const QuantTables& UnsignedTables() {
   static const QuantTables* tables = [] {
     auto* t = new QuantTables;
-    BuildQuantTables(kUnsignedDynamicMap, t);
+    BuildQuantTables(kUnsignedDynamicMap, 256, t);
+    return t;
+  }();
+  return *tables;
+}
+
+// The 4-bit signed map's tables (Encode works on them unchanged); the
+// unsigned 4-bit map needs none (EncodeLinear16), only its values.
+inline const QuantTables& SignedFourBitTables() {
+  static const QuantTables* tables = [] {
+    auto* t = new QuantTables;
+    BuildQuantTables(kSignedFourBitMap, 16, t);
     return t;
   }();
   return *tables;

@@ -51,7 +51,7 @@ size_t LayoutLeaf(LeafState* leaf, int num_moments, uint8_t* base) {
     MomentBuffers& buffers = leaf->moments[m];
     if (leaf->quantized) {
       buffers.codes = base ? base + offset : nullptr;
-      offset += AlignUp(static_cast<size_t>(leaf->size));
+      offset += AlignUp(static_cast<size_t>(CodeBytes(*leaf)));
       buffers.absmax =
           base ? reinterpret_cast<float*>(base + offset) : nullptr;
       offset += AlignUp(static_cast<size_t>(leaf->num_blocks) * sizeof(float));
@@ -97,8 +97,10 @@ bool StateEntry::Allocate(const std::vector<LeafSpec>& specs,
   for (size_t i = 0; i < specs.size(); ++i) {
     LeafState& leaf = leaves_[i];
     leaf.size = specs[i].size;
-    leaf.num_blocks = (specs[i].size + kBlockSize - 1) / kBlockSize;
-    leaf.quantized = specs[i].quantized;
+    leaf.quantized = specs[i].code_bits != 0;
+    leaf.four_bit = specs[i].code_bits == 4;
+    leaf.num_blocks =
+        (specs[i].size + QuantBlockSize(leaf) - 1) / QuantBlockSize(leaf);
     leaf.decay = specs[i].decay;
     leaf.tier = specs[i].tier;
     leaf.index_offset = specs[i].index_offset;

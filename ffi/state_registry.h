@@ -28,7 +28,7 @@ enum class Platform { kCpu = 0, kCuda = 1 };
 // What Python asks for, per leaf.
 struct LeafSpec {
   int64_t size;
-  bool quantized;
+  int code_bits;  // 0 (fp32 moments), 8 or 4
   bool decay;
   Tier tier;
   // Index of this shard's first element among the leaf's elements, for the
@@ -47,6 +47,7 @@ struct LeafState {
   int64_t size = 0;
   int64_t num_blocks = 0;
   bool quantized = false;
+  bool four_bit = false;  // quantized in 4 bits (else 8)
   bool decay = false;
   Tier tier = Tier::kHost;
   int64_t index_offset = 0;
@@ -54,6 +55,16 @@ struct LeafState {
   size_t bytes = 0;
   MomentBuffers moments[kMaxMoments];
 };
+
+// Elements per quantization block of a quantized leaf.
+inline int QuantBlockSize(const LeafState& leaf) {
+  return leaf.four_bit ? kFourBitBlockSize : kBlockSize;
+}
+
+// Bytes of one moment's codes of a quantized leaf (two 4-bit codes a byte).
+inline int64_t CodeBytes(const LeafState& leaf) {
+  return leaf.four_bit ? (leaf.size + 1) / 2 : leaf.size;
+}
 
 // Where an entry sits: its group, the device ordinal the handler sees, and
 // the device's linear position in the mesh, which each call passes as an

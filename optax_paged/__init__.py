@@ -15,6 +15,10 @@ from optax_paged._src.adamw import paged_adam
 from optax_paged._src.adamw import paged_adam8bit
 from optax_paged._src.adamw import paged_adamw
 from optax_paged._src.adamw import paged_adamw8bit
+from optax_paged._src.adamw4bit import adam4bit
+from optax_paged._src.adamw4bit import adamw4bit
+from optax_paged._src.adamw4bit import paged_adam4bit
+from optax_paged._src.adamw4bit import paged_adamw4bit
 from optax_paged._src.ademamix import ademamix8bit
 from optax_paged._src.ademamix import paged_ademamix
 from optax_paged._src.ademamix import paged_ademamix8bit
@@ -66,7 +70,9 @@ __all__ = [
     'AutoBudget',
     'MemoryGuardedStep',
     'adagrad8bit',
+    'adam4bit',
     'adam8bit',
+    'adamw4bit',
     'adamw8bit',
     'allocate_state',
     'ademamix8bit',
@@ -81,8 +87,10 @@ __all__ = [
     'MemoryReport',
     'MoveStats',
     'paged_adam',
+    'paged_adam4bit',
     'paged_adam8bit',
     'paged_adamw',
+    'paged_adamw4bit',
     'paged_adamw8bit',
     'paged_ademamix',
     'paged_ademamix8bit',

@@ -43,7 +43,8 @@ def _check_hyperparams(b1, b2, eps, eps_root, mu_dtype) -> None:
 
 def _adam(learning_rate, b1, b2, eps, weight_decay, mask, *, quantize, paged,
           min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None,
-          keep_32bit=None, eps_root=0.0, mu_dtype=None, nesterov=False):
+          keep_32bit=None, eps_root=0.0, mu_dtype=None, nesterov=False,
+          code_bits=8):
   _check_hyperparams(b1, b2, eps, eps_root, mu_dtype)
   return transform.make_transformation(
       _adamw_spec(learning_rate, b1, b2, eps, weight_decay, eps_root,
@@ -54,6 +55,7 @@ def _adam(learning_rate, b1, b2, eps, weight_decay, mask, *, quantize, paged,
       weight_decay_mask=mask,
       paged=paged,
       device_budget=device_budget,
+      code_bits=code_bits,
   )
 
 

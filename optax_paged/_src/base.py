@@ -12,14 +12,31 @@ ScalarOrSchedule = optax.ScalarOrSchedule
 
 # bitsandbytes >= 0.44 blockwise optimizers: blocks of 256, fp32 absmax.
 BLOCK_SIZE = 256
+# 4-bit states (Li et al., 2023; torchao's AdamW4bit): blocks of 128, two
+# codes a byte (element 2i in the low nibble).
+FOUR_BIT_BLOCK_SIZE = 128
+
+
+def block_size(code_bits: int) -> int:
+  """Elements per quantization block of ``code_bits``-bit codes (8 or 4)."""
+  return FOUR_BIT_BLOCK_SIZE if code_bits == 4 else BLOCK_SIZE
+
+
+def code_bytes(size: int, code_bits: int) -> int:
+  """Bytes of one moment's codes for ``size`` elements."""
+  return -(-size // 2) if code_bits == 4 else size
+
+
 # bitsandbytes keeps fp32 state for tensors under 4096 elements.
 MIN_8BIT_SIZE = 4096
 # Version of the state_dict layout; bump when the stored arrays change.
 # 2: the checksum covers the step count; states on a mesh.
 # 3: Flax's export of the buffers field carries the moments' step (it was 0).
-FORMAT_VERSION = 3
+# 4: 'code_bits' (8 or 4; absent before, meaning 8); a 4-bit state's
+#    block_size and maps are the 4-bit ones.
+FORMAT_VERSION = 4
 # Versions load_state_dict still reads (1: the checksum skips the count).
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
 
 NO_PARAMS_MSG = (
     'optax_paged optimizers need the parameters: call '

@@ -83,3 +83,33 @@ def create_dynamic_map(
   data.extend([0.0, 1.0])
   data.extend([0.0] * (256 - len(data)))
   return np.sort(np.asarray(data, dtype=_F32))
+
+
+def four_bit_signed_map() -> np.ndarray:
+  """The 16-entry map of 4-bit first moments.
+
+  torchao's ``AdamW4bit`` map (Li et al., 2023): bitsandbytes'
+  ``create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)``
+  without its zero padding to 256 entries. Seven negative entries, zero and
+  eight positive ones up to 1.
+
+  Returns:
+    A sorted float32 array of 16 values.
+  """
+  padded = create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)
+  nonzero = padded[padded != 0]
+  return np.sort(np.append(nonzero, _F32(0.0))).astype(_F32)
+
+
+def four_bit_unsigned_map() -> np.ndarray:
+  """The 16-entry map of 4-bit second moments: ``1/16, 2/16, ..., 1``.
+
+  Linear and without zero (Li et al., 2023; torchao's ``AdamW4bit``): a
+  second moment is never decoded as zero, so ``m / sqrt(v)`` cannot blow up
+  where a small ``v`` shares a block with a large one (the zero-point
+  problem).
+
+  Returns:
+    A sorted float32 array of 16 values.
+  """
+  return (np.arange(1, 17, dtype=_F32) / _F32(16.0)).astype(_F32)

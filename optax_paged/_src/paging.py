@@ -400,7 +400,7 @@ def memory_report(state: Any) -> MemoryReport:
         rows.append(MemoryRow(
             path=layout.path,
             shape=layout.shape,
-            bits=8 if layout.quantized else 32,
+            bits=layout.code_bits if layout.quantized else 32,
             tier=info['tier'],
             bytes=int(info['bytes']),
             device=str(device) if sharded else '',

@@ -1,9 +1,12 @@
-"""Blockwise 8-bit quantization in plain ``jax.numpy``.
+"""Blockwise 8-bit and 4-bit quantization in plain ``jax.numpy``.
 
-The same encoding as ``ffi/quantization.h``: per block of 256 values, an fp32
-absmax and, per value, the code of the map entry nearest to
-``x * (1 / absmax)`` (ties to the smaller magnitude, NaN to the zero code).
-Used by the reference optimizer and as a portable fallback.
+The same encoding as ``ffi/quantization.h``: per block of 256 values (128 for
+4-bit codes), an fp32 absmax and, per value, the code of the map entry
+nearest to ``x * (1 / absmax)`` (ties to the smaller magnitude, NaN to the
+zero code; the 4-bit unsigned map has no zero and sends NaN to code 0).
+Codes here are one uint8 per value; the registry packs 4-bit codes two a
+byte (``pack_nibbles``). Used by the reference optimizer and as a portable
+fallback.
 """
 
 import functools
@@ -35,17 +38,25 @@ def tables(signed: bool) -> MapTables:
   return MapTables(dynamic_map.create_dynamic_map(signed=signed))
 
 
-def _pad_to_blocks(x: jax.Array) -> jax.Array:
+@functools.cache
+def map_values(signed: bool, code_bits: int = 8) -> np.ndarray:
+  """The float32 map of ``code_bits``-bit codes (256 or 16 entries)."""
+  if code_bits == 4:
+    return (dynamic_map.four_bit_signed_map() if signed
+            else dynamic_map.four_bit_unsigned_map())
+  return tables(signed).values
+
+
+def _pad_to_blocks(x: jax.Array, code_bits: int = 8) -> jax.Array:
   n = x.shape[0]
-  blocks = -(-n // base.BLOCK_SIZE)
-  return jnp.pad(x, (0, blocks * base.BLOCK_SIZE - n)).reshape(
-      blocks, base.BLOCK_SIZE
-  )
+  size = base.block_size(code_bits)
+  blocks = -(-n // size)
+  return jnp.pad(x, (0, blocks * size - n)).reshape(blocks, size)
 
 
-def block_absmax(x: jax.Array) -> jax.Array:
+def block_absmax(x: jax.Array, code_bits: int = 8) -> jax.Array:
   """Per-block max |x| of a flat float32 array; NaN if the block has one."""
-  blocks = _pad_to_blocks(jnp.abs(x.astype(jnp.float32)))
+  blocks = _pad_to_blocks(jnp.abs(x.astype(jnp.float32)), code_bits)
   return jnp.max(blocks, axis=1)
 
 
@@ -67,22 +78,61 @@ def encode(scaled: jax.Array, signed: bool) -> jax.Array:
   return codes.astype(jnp.uint8)
 
 
+def encode_four_bit(scaled: jax.Array, signed: bool) -> jax.Array:
+  """4-bit codes (one uint8 each) of the entries nearest to scaled values."""
+  if signed:
+    t = MapTables(map_values(True, 4))
+    up = jnp.searchsorted(jnp.asarray(t.positive), scaled, side='left')
+    down = jnp.searchsorted(jnp.asarray(t.negative), -scaled, side='left')
+    codes = jnp.where(scaled < 0, t.zero_code - down, t.zero_code + up)
+    codes = jnp.where(jnp.isnan(scaled), t.zero_code, codes)
+  else:
+    values = map_values(False, 4)
+    midpoints = (np.float32(0.5) * (values[:-1] + values[1:])).astype(
+        np.float32)
+    codes = jnp.searchsorted(jnp.asarray(midpoints), scaled, side='left')
+    codes = jnp.where(jnp.isnan(scaled), 0, codes)
+  return codes.astype(jnp.uint8)
+
+
 def quantize_blockwise(
-    x: jax.Array, signed: bool = True
+    x: jax.Array, signed: bool = True, code_bits: int = 8
 ) -> tuple[jax.Array, jax.Array]:
-  """Quantizes a flat array: (uint8 codes of len(x), fp32 absmax per block)."""
+  """Quantizes a flat array: (uint8 codes of len(x), fp32 absmax per block).
+
+  With ``code_bits=4`` the codes are 4-bit (one a uint8, unpacked) and the
+  blocks 128 values long.
+  """
   x = jnp.ravel(x).astype(jnp.float32)
-  absmax = block_absmax(x)
-  scale = jnp.repeat(inverse_scale(absmax), base.BLOCK_SIZE)[: x.shape[0]]
+  absmax = block_absmax(x, code_bits)
+  scale = jnp.repeat(inverse_scale(absmax),
+                     base.block_size(code_bits))[: x.shape[0]]
+  if code_bits == 4:
+    return encode_four_bit(x * scale, signed), absmax
   return encode(x * scale, signed), absmax
 
 
 def dequantize_blockwise(
-    codes: jax.Array, absmax: jax.Array, signed: bool = True
+    codes: jax.Array, absmax: jax.Array, signed: bool = True,
+    code_bits: int = 8
 ) -> jax.Array:
-  """Float32 values of codes; ``absmax`` has one entry per block of 256."""
-  values = jnp.asarray(tables(signed).values)[codes.astype(jnp.int32)]
-  scale = jnp.repeat(absmax, base.BLOCK_SIZE)[: codes.shape[0]]
+  """Float32 values of (unpacked) codes, one ``absmax`` per block."""
+  values = jnp.asarray(map_values(signed, code_bits))[codes.astype(jnp.int32)]
+  scale = jnp.repeat(absmax, base.block_size(code_bits))[: codes.shape[0]]
   return values * scale
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+  """4-bit codes, one a byte, packed two a byte as the registry holds them."""
+  codes = np.asarray(codes, np.uint8)
+  padded = np.pad(codes, (0, codes.shape[0] % 2))
+  return (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray, size: int) -> np.ndarray:
+  """The inverse of ``pack_nibbles`` for ``size`` codes."""
+  packed = np.asarray(packed, np.uint8)
+  codes = np.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)
+  return codes[:size].astype(np.uint8)
 
 

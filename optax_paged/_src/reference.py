@@ -29,6 +29,13 @@ class QuantizedMoment(NamedTuple):
   absmax: jax.Array  # shape=(ceil(n / 256),), dtype=float32
 
 
+class FourBitMoment(NamedTuple):
+  """One moment of one leaf in 4-bit codes, one code a uint8 (unpacked)."""
+
+  codes: jax.Array  # shape=(n,), dtype=uint8, values 0..15
+  absmax: jax.Array  # shape=(ceil(n / 128),), dtype=float32
+
+
 class ReferenceState(NamedTuple):
   """Functional state: per leaf, a tuple of moments (quantized or fp32)."""
 
@@ -37,7 +44,7 @@ class ReferenceState(NamedTuple):
 
 
 def init_moments(leaf: jax.Array, num_moments: int, quantized: bool,
-                 initial_values=(), signed=()):
+                 initial_values=(), signed=(), code_bits: int = 8):
   """Initial moments for one leaf, in the registry's format."""
   n = int(jnp.size(leaf))
   values = tuple(initial_values) or (0.0,) * num_moments
@@ -46,8 +53,9 @@ def init_moments(leaf: jax.Array, num_moments: int, quantized: bool,
     full = jnp.full([n], values[m], jnp.float32)
     if quantized:
       is_signed = signed[m] if signed else m == 0
-      out.append(QuantizedMoment(
-          *quantization.quantize_blockwise(full, is_signed)))
+      kind = FourBitMoment if code_bits == 4 else QuantizedMoment
+      out.append(kind(*quantization.quantize_blockwise(
+          full, is_signed, code_bits)))
     else:
       out.append(full)
   return tuple(out)
@@ -56,7 +64,10 @@ def init_moments(leaf: jax.Array, num_moments: int, quantized: bool,
 def decode_moments(moments, signed: tuple[bool, ...]) -> list[jax.Array]:
   out = []
   for moment, is_signed in zip(moments, signed, strict=True):
-    if isinstance(moment, QuantizedMoment):
+    if isinstance(moment, FourBitMoment):
+      out.append(quantization.dequantize_blockwise(
+          moment.codes, moment.absmax, is_signed, code_bits=4))
+    elif isinstance(moment, QuantizedMoment):
       out.append(
           quantization.dequantize_blockwise(
               moment.codes, moment.absmax, is_signed
@@ -70,7 +81,10 @@ def decode_moments(moments, signed: tuple[bool, ...]) -> list[jax.Array]:
 def encode_moments(values, like, signed: tuple[bool, ...]):
   out = []
   for value, moment, is_signed in zip(values, like, signed, strict=True):
-    if isinstance(moment, QuantizedMoment):
+    if isinstance(moment, FourBitMoment):
+      out.append(FourBitMoment(
+          *quantization.quantize_blockwise(value, is_signed, code_bits=4)))
+    elif isinstance(moment, QuantizedMoment):
       out.append(
           QuantizedMoment(*quantization.quantize_blockwise(value, is_signed))
       )
@@ -185,6 +199,7 @@ def reference_transformation(
     quantize: bool = True,
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     weight_decay_mask: Any = None,
+    code_bits: int = 8,
 ) -> optax.GradientTransformationExtraArgs:
   """A functional optax transformation computing what the kernels compute.
 
@@ -193,6 +208,7 @@ def reference_transformation(
     quantize: ``False`` keeps every moment in fp32.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     weight_decay_mask: as the optimizers' ``mask``.
+    code_bits: bits of a quantized moment's codes, 8 or 4.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a functional state.
@@ -210,6 +226,7 @@ def reference_transformation(
                 quantize and jnp.size(p) >= min_8bit_size,
                 spec.initial_values,
                 spec.signed,
+                code_bits,
             ),
             params,
         ),
@@ -258,6 +275,7 @@ def adamw8bit(
     quantize: bool = True,
     eps_root: float = 0.0,
     nesterov: bool = False,
+    code_bits: int = 8,
 ) -> optax.GradientTransformationExtraArgs:
   """Pure-JAX :func:`optax_paged.adamw8bit` with a functional state.
 
@@ -273,6 +291,7 @@ def adamw8bit(
     quantize: ``False`` keeps every moment in fp32.
     eps_root: added inside the square root, as ``optax.adamw``'s.
     nesterov: Nesterov momentum, as ``optax.adamw``'s.
+    code_bits: 4 for :func:`optax_paged.adamw4bit`'s 4-bit moments.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state holds the codes
@@ -292,4 +311,5 @@ def adamw8bit(
       quantize=quantize,
       min_8bit_size=min_8bit_size,
       weight_decay_mask=mask,
+      code_bits=code_bits,
   )

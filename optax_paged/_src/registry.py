@@ -49,6 +49,7 @@ class LeafLayout:
   dtype: np.dtype
   quantized: bool
   decay: bool
+  code_bits: int = 8  # of a quantized leaf's codes: 8 or 4
 
   @property
   def size(self) -> int:
@@ -156,6 +157,11 @@ class StateRecord:
     self.groups = tuple(
         DtypeGroup(dtype, tuple(indices)) for dtype, indices in by_dtype.items()
     )
+
+  @property
+  def code_bits(self) -> int:
+    """Bits of the quantized leaves' codes (8 or 4; 8 if none is)."""
+    return next((leaf.code_bits for leaf in self.leaves if leaf.quantized), 8)
 
   @property
   def key(self) -> int:
@@ -420,6 +426,7 @@ class StateRegistry:
       initial_values: tuple[float, ...] = (),
       signed: tuple[bool, ...] = (),
       paths: Sequence[str] | None = None,
+      code_bits: int = 8,
   ) -> StateBuffers:
     """Allocates state for ``params``; abstract (pending) under tracing.
 
@@ -428,7 +435,7 @@ class StateRegistry:
     caller applies ``device_budget`` with ``paging.apply_budget``; it is
     kept here for an allocation still pending); unpaged state is plain
     device memory. Moments start at ``initial_values`` (zero where not
-    given).
+    given). Quantized leaves hold ``code_bits``-bit codes (8 or 4).
     """
     leaves, treedef = jax.tree.flatten(params)
     if paths is None:
@@ -446,7 +453,8 @@ class StateRegistry:
             '(cast float64 ones, e.g. with jax_enable_x64 on, to float32).'
         )
       layouts.append(
-          LeafLayout(path, tuple(np.shape(leaf)), dtype, bool(q), bool(d))
+          LeafLayout(path, tuple(np.shape(leaf)), dtype, bool(q), bool(d),
+                     code_bits)
       )
     if any(base.is_tracer(leaf) for leaf in leaves):
       return StateBuffers(0, None, PendingInit(
@@ -511,7 +519,8 @@ class StateRegistry:
             _PLATFORM_CODES[platform],
             num_moments,
             sizes,
-            [layout.quantized for layout in layouts],
+            [layout.code_bits if layout.quantized else 0
+             for layout in layouts],
             [layout.decay for layout in layouts],
             [TIER_CODES[tier]] * len(layouts),
             offsets,

@@ -35,19 +35,20 @@ def _grid(layout: sharding.MeshLayout, i: int) -> tuple[int, ...]:
   return tuple(math.prod(sizes[a] for a in axes) for axes in layout.dims[i])
 
 
-def _array_specs(layout: sharding.MeshLayout, i: int, quantized: bool
+def _array_specs(layout: sharding.MeshLayout, i: int, quantized: bool,
+                 code_bits: int = 8
                  ) -> dict[str, tuple[tuple[int, ...], P, tuple[int, ...]]]:
   """name -> (global shape, spec, local shape) of leaf i's saved arrays."""
   grid = _grid(layout, i)
   dims = list(layout.spec(i))
   ones = (1,) * len(grid)
   size = layout.state_size(i)
-  blocks = -(-size // base.BLOCK_SIZE)
+  blocks = -(-size // base.block_size(code_bits))
   if layout.chunks[i]:
     n = layout.axis_sizes[layout.zero_axis]
     spec = P(*dims, layout.zero_axis)
-    shapes = {'values' if not quantized else 'codes': size,
-              **({'absmax': blocks} if quantized else {})}
+    shapes = ({'codes': base.code_bytes(size, code_bits), 'absmax': blocks}
+              if quantized else {'values': size})
     return {name: ((*grid, n * k), spec, (*ones, k))
             for name, k in shapes.items()}
   global_shape = tuple(g * n for g, n in zip(grid, layout.local_shapes[i],
@@ -55,8 +56,15 @@ def _array_specs(layout: sharding.MeshLayout, i: int, quantized: bool
   data = (global_shape, P(*dims), layout.local_shapes[i])
   if not quantized:
     return {'values': data}
-  return {'codes': data,
-          'absmax': ((*grid, blocks), P(*dims, None), (*ones, blocks))}
+  specs = {'absmax': ((*grid, blocks), P(*dims, None), (*ones, blocks))}
+  if code_bits == 4:
+    # Two codes a byte: a shard's codes are a row of bytes, not
+    # parameter-shaped.
+    k = base.code_bytes(size, code_bits)
+    specs['codes'] = ((*grid, k), P(*dims, None), (*ones, k))
+  else:
+    specs['codes'] = data
+  return specs
 
 
 def _position_array(layout: sharding.MeshLayout,
@@ -82,7 +90,8 @@ def export(record: registry.StateRecord, count: bytes) -> dict[str, Any]:
   crcs = {device: 0 for device in record.devices}
   leaves = []
   for i, leaf_layout in enumerate(record.leaves):
-    specs = _array_specs(layout, i, leaf_layout.quantized)
+    specs = _array_specs(layout, i, leaf_layout.quantized,
+                         leaf_layout.code_bits)
     moments = []
     for m in range(record.num_moments):
       local: dict[str, list[jax.Array]] = {name: [] for name in specs}
@@ -180,7 +189,8 @@ def check(record: registry.StateRecord, saved: dict[str, Any], count: bytes,
   writes = []
   crcs = {device: 0 for device in record.devices}
   for i, leaf_layout in enumerate(record.leaves):
-    specs = _array_specs(layout, i, leaf_layout.quantized)
+    specs = _array_specs(layout, i, leaf_layout.quantized,
+                         leaf_layout.code_bits)
     leaf = saved['leaves'][i]
     for m, moment in enumerate(leaf['moments']):
       if set(moment) != set(specs):

@@ -61,12 +61,14 @@ def count_bytes(count: int) -> bytes:
 
 
 def _header(record: Any) -> dict[str, Any]:
+  bits = record.code_bits
   return {
       # 0-d arrays, not NumPy scalars: checkpointers store arrays.
       'format_version': np.asarray(base.FORMAT_VERSION, np.int32),
-      'block_size': np.asarray(base.BLOCK_SIZE, np.int32),
-      'signed_map': quantization.tables(True).values.copy(),
-      'unsigned_map': quantization.tables(False).values.copy(),
+      'code_bits': np.asarray(bits, np.int32),
+      'block_size': np.asarray(base.block_size(bits), np.int32),
+      'signed_map': quantization.map_values(True, bits).copy(),
+      'unsigned_map': quantization.map_values(False, bits).copy(),
       # Names as bytes: checkpointers store numbers, not strings.
       'optimizer': np.frombuffer(record.optimizer.encode(), np.uint8).copy(),
   }
@@ -132,14 +134,23 @@ def _check_header(saved: dict[str, Any], record: Any) -> int:
         f'checkpoint format version {version}, this optax_paged reads '
         f'versions {list(base.READABLE_FORMAT_VERSIONS)}.'
     )
-  block_size = _int_scalar(saved, 'block_size', 0, 2**31 - 1)
-  if block_size != base.BLOCK_SIZE:
+  # Before version 4 every quantized state was 8-bit.
+  bits = (_int_scalar(saved, 'code_bits', 0, 64) if 'code_bits' in saved
+          else 8)
+  if bits != record.code_bits:
     raise refuse(
-        f'checkpoint block size {block_size}, expected {base.BLOCK_SIZE}.'
+        f'checkpoint holds {bits}-bit moments, the state {record.code_bits}-bit'
+        ' ones (a checkpoint restores into the optimizer that saved it).'
+    )
+  block_size = _int_scalar(saved, 'block_size', 0, 2**31 - 1)
+  if block_size != base.block_size(bits):
+    raise refuse(
+        f'checkpoint block size {block_size}, expected '
+        f'{base.block_size(bits)}.'
     )
   for name, signed in (('signed_map', True), ('unsigned_map', False)):
     stored = np.asarray(saved[name], dtype=np.float32)
-    if not np.array_equal(stored, quantization.tables(signed).values):
+    if not np.array_equal(stored, quantization.map_values(signed, bits)):
       raise refuse(f'checkpoint {name} differs from this build\'s map.')
   optimizer = np.asarray(saved['optimizer'], np.uint8).tobytes().decode()
   if optimizer != record.optimizer:
@@ -156,9 +167,9 @@ def _check_header(saved: dict[str, Any], record: Any) -> int:
 
 def _expected_arrays(layout: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
   if layout.quantized:
-    blocks = -(-layout.size // base.BLOCK_SIZE)
+    blocks = -(-layout.size // base.block_size(layout.code_bits))
     return {
-        'codes': ((layout.size,), np.uint8),
+        'codes': ((base.code_bytes(layout.size, layout.code_bits),), np.uint8),
         'absmax': ((blocks,), np.float32),
     }
   return {'values': ((layout.size,), np.float32)}

@@ -170,8 +170,12 @@ def make_transformation(
     paged: bool,
     device_budget: Any = None,
     keep_32bit: Any = None,
+    code_bits: int = 8,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds the optax transformation for ``spec``."""
+  """Builds the optax transformation for ``spec``.
+
+  ``code_bits`` (8 or 4) is the width of the quantized moments' codes.
+  """
   if paged:
     paging.check_budget(device_budget)
   # optax.inject_hyperparams passes numbers as arrays; only plain ints are
@@ -199,7 +203,7 @@ def make_transformation(
         spec.name, spec.num_moments, params, quantized, decay,
         paged=paged, device_budget=device_budget, zero_axis=zero_axis,
         initial_values=tuple(map(float, spec.initial_values)),
-        signed=spec.signed,
+        signed=spec.signed, code_bits=code_bits,
     ), device_budget)
     return PagedOptimizerState._make((state_io.zero_count(buffers), buffers))
 
