@@ -65,8 +65,9 @@ def traffic_bytes(name: str, itemsize: int) -> int:
   if name.startswith('optax'):
     # Read g, p and the moments; write p and the moments (param dtype).
     return (3 + 2 * moments) * itemsize + made
-  # Read g, read+write p, read+write one code per moment.
-  fused = 3 * itemsize + 2 * moments
+  # Read g, read+write p, read+write one code per moment (half a byte at
+  # 4 bits).
+  fused = 3 * itemsize + (moments if '4bit' in name else 2 * moments)
   if 'fused' in name or 'host' in name:
     return fused
   # Not fused: also write u, then read p and u and write p again.
@@ -149,6 +150,8 @@ def adamw_runners(params):
       Runner('paged_adamw8bit', optax_paged.paged_adamw8bit(
           **HYPER, device_budget=1.0), params, False),
       Runner('paged_adamw8bit, fused', optax_paged.paged_adamw8bit(
+          **HYPER, device_budget=1.0), params, True),
+      Runner('paged_adamw4bit, fused', optax_paged.paged_adamw4bit(
           **HYPER, device_budget=1.0), params, True),
       Runner('paged_adamw8bit, fused, stochastic rounding',
              optax_paged.paged_adamw8bit(**HYPER, device_budget=1.0), params,

@@ -17,19 +17,32 @@ Example:
 import numpy as np
 
 from optax_paged._src import ffi as _ffi
+from optax_paged._src import quantization as _quantization
 from optax_paged._src.base import BLOCK_SIZE
 from optax_paged._src.dynamic_map import create_dynamic_map
 from optax_paged._src.quantization import (
-    dequantize_blockwise as reference_dequantize_blockwise,
+  dequantize_blockwise as reference_dequantize_blockwise,
 )
+from optax_paged._src.quantization import pack_nibbles
 from optax_paged._src.quantization import (
-    quantize_blockwise as reference_quantize_blockwise,
+  quantize_blockwise as reference_quantize_blockwise,
 )
+from optax_paged._src.quantization import unpack_nibbles
 
 
 def dynamic_map(signed: bool = True) -> np.ndarray:
   """The 256-entry map the compiled kernels use (a float32 copy)."""
   return _ffi.extension().dynamic_map(signed=signed)
+
+
+def four_bit_map(signed: bool = True) -> np.ndarray:
+  """The 16-entry map of 4-bit moments (``adamw4bit``; a float32 copy).
+
+  Signed: torchao's dynamic map of first moments; unsigned: ``1/16, ...,
+  1``, the second moments' linear map without zero. A ``state_dict`` of a
+  4-bit state holds its codes packed two a byte (``unpack_nibbles``).
+  """
+  return _quantization.map_values(signed, 4).copy()
 
 
 def quantize_blockwise(
@@ -65,6 +78,9 @@ __all__ = [
     'create_dynamic_map',
     'dequantize_blockwise',
     'dynamic_map',
+    'four_bit_map',
+    'pack_nibbles',
+    'unpack_nibbles',
     'quantize_blockwise',
     'reference_dequantize_blockwise',
     'reference_quantize_blockwise',

@@ -22,5 +22,5 @@ def test_build_info_describes_the_extension():
   assert info['cuda_usable'] <= info['cuda']
   assert {'adamw', 'lion', 'ademamix', 'sgd', 'rmsprop', 'adagrad'} == set(
       info['optimizers'])
-  assert info['block_size'] == 256 and info['format_version'] == 3
+  assert info['block_size'] == 256 and info['format_version'] == 4
   assert info['jax'] == jax.__version__

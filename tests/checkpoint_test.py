@@ -69,7 +69,8 @@ def test_state_dict_is_numpy_with_the_format_recorded():
   saved = optax_paged.state_dict(state)[1]
   assert all(isinstance(x, np.ndarray) or np.isscalar(x)
              for x in jax.tree.leaves(saved))
-  assert int(saved['format_version']) == 3
+  assert int(saved['format_version']) == 4
+  assert int(saved['code_bits']) == 8
   assert int(saved['block_size']) == 256
   np.testing.assert_array_equal(
       saved['signed_map'], optax_paged.quantization.dynamic_map(True)
@@ -165,6 +166,16 @@ def test_format_1_checkpoints_still_load(saved_and_fresh):
       for name in sorted(moment):
         crc = zlib.crc32(np.ascontiguousarray(moment[name]).tobytes(), crc)
   old[1]['checksum'] = np.asarray(crc, np.uint32)
+  restored = optax_paged.load_state_dict(fresh, old)
+  _assert_equal(optax_paged.state_dict(restored), saved)
+
+
+def test_format_3_checkpoints_without_code_bits_still_load(saved_and_fresh):
+  # Format 3 had no 'code_bits': every quantized state was 8-bit.
+  saved, fresh = saved_and_fresh
+  old = copy.deepcopy(saved)
+  old[1]['format_version'] = np.asarray(3, np.int32)
+  del old[1]['code_bits']
   restored = optax_paged.load_state_dict(fresh, old)
   _assert_equal(optax_paged.state_dict(restored), saved)
 

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 
 import optax_paged
+from optax_paged import quantization
 from optax_paged._src import reference
 from optax_paged._src import registry
 
@@ -23,9 +24,18 @@ def reference_state_from(state, params):
   """The reference optimizer's state holding the same moments as ``state``."""
   saved = optax_paged.state_dict(state)
   leaves, treedef = jax.tree.flatten(params)
+  four_bit = int(saved.get('code_bits', 8)) == 4
   moments = []
-  for leaf in saved['leaves']:
-    if bool(leaf['quantized']):
+  for leaf, param in zip(saved['leaves'], leaves, strict=True):
+    if bool(leaf['quantized']) and four_bit:
+      moments.append(tuple(
+          reference.FourBitMoment(
+              jnp.asarray(quantization.unpack_nibbles(m['codes'],
+                                                      np.size(param))),
+              jnp.asarray(m['absmax']))
+          for m in leaf['moments']
+      ))
+    elif bool(leaf['quantized']):
       moments.append(tuple(
           reference.QuantizedMoment(
               jnp.asarray(m['codes']), jnp.asarray(m['absmax'])
@@ -134,7 +144,7 @@ def compare_one_step(state, ref_state, params, grads, ffi_tx, ref_tx):
   for name in params:
     ours, theirs = after.moments[name], ref_state.moments[name]
     for m, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-      if isinstance(a, reference.QuantizedMoment):
+      if isinstance(a, (reference.QuantizedMoment, reference.FourBitMoment)):
         np.testing.assert_allclose(a.absmax, b.absmax, rtol=1e-6)
         diff = np.abs(np.asarray(a.codes, np.int32) - np.asarray(b.codes))
         # A moment that lands on a rounding boundary may take the other
