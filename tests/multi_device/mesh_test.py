@@ -42,6 +42,8 @@ EXACT = ('rows', 'flat_rows', 'replicated')
 FACTORIES = {
     'adamw8bit': lambda: optax_paged.adamw8bit(1e-2, weight_decay=0.1,
                                                min_8bit_size=256),
+    'adamw4bit': lambda: optax_paged.adamw4bit(1e-2, weight_decay=0.1,
+                                               min_8bit_size=256),
     'paged_adamw': lambda: optax_paged.paged_adamw(1e-2, weight_decay=0.1),
     'lion8bit': lambda: optax_paged.lion8bit(1e-3, min_8bit_size=256),
     'ademamix8bit': lambda: optax_paged.ademamix8bit(1e-2, min_8bit_size=256),
@@ -128,6 +130,21 @@ def test_sharded_equals_one_device_and_per_shard_runs(name, dtype, fused):
                      fused)
   for key, value in _shards_as_leaves(p_mesh, mesh).items():
     _equal(value, p_shards[str(key)])
+
+
+def test_four_bit_state_on_the_mesh_restores_bit_identically():
+  # 4-bit codes are saved as a row of bytes per shard, not parameter-shaped.
+  mesh = _mesh()
+  params = _put(_tree(0, jnp.float32), mesh)
+  grads = [_put(_tree(10 + i, jnp.float32, 0.1), mesh) for i in range(3)]
+  make = FACTORIES['adamw4bit']
+  p, state = _run(make(), params, grads[:2], False)
+  saved = optax_paged.state_dict(state)
+  assert int(saved['code_bits']) == 4
+  restored = optax_paged.load_state_dict(make().init(params), saved)
+  step = jax.jit(update_and_apply(make()))
+  assert_trees_equal(step(p, restored, grads[2])[0],
+                     step(p, state, grads[2])[0])
 
 
 def test_every_view_gives_the_same_result():
