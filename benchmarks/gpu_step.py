@@ -158,6 +158,8 @@ def adamw_runners(params):
              True, stochastic_rounding=True),
       Runner('paged_adamw8bit, host tier, fused', optax_paged.paged_adamw8bit(
           **HYPER, device_budget=0), params, True),
+      Runner('paged_adamw4bit, host tier, fused', optax_paged.paged_adamw4bit(
+          **HYPER, device_budget=0), params, True),
       Runner('paged_adamw8bit, grads donated', optax_paged.paged_adamw8bit(
           **HYPER, device_budget=1.0), params, False, donate_grads=True),
       Runner('optax.adamw, grads made in the step', optax.adamw(**HYPER),
@@ -169,12 +171,13 @@ def adamw_runners(params):
 
 
 def family_runners(params):
-  """Lion and AdEMAMix in 8 bits against their optax counterparts."""
+  """Lion (8 and 4 bits) and AdEMAMix against their optax counterparts."""
   lr = HYPER['learning_rate']
   return [
       Runner('optax.lion', optax.lion(lr), params, False),
       Runner('lion8bit', optax_paged.lion8bit(lr), params, False),
       Runner('lion8bit, fused', optax_paged.lion8bit(lr), params, True),
+      Runner('lion4bit, fused', optax_paged.lion4bit(lr), params, True),
       Runner('optax.contrib.ademamix', contrib.ademamix(lr), params, False),
       Runner('ademamix8bit', optax_paged.ademamix8bit(lr), params, False),
       Runner('ademamix8bit, fused', optax_paged.ademamix8bit(lr), params,

@@ -28,17 +28,37 @@ void DecodeBlock(const QuantTables& tables, const uint8_t* codes, float absmax,
   }
 }
 
+namespace {
+
+// Packs code_of(i) for i < length two a byte, low nibble first.
+template <typename CodeOf>
+void PackFourBit(int64_t length, uint8_t* codes, CodeOf code_of) {
+  for (int64_t i = 0; i < length; i += 2) {
+    const uint8_t low = code_of(i);
+    const uint8_t high = i + 1 < length ? code_of(i + 1) : 0;
+    codes[i / 2] = static_cast<uint8_t>(low | (high << 4));
+  }
+}
+
+}  // namespace
+
 void EncodeFourBitBlock(bool is_signed, const float* values, float inverse,
                         int64_t length, uint8_t* codes) {
   const QuantTables& tables = SignedFourBitTables();
-  for (int64_t i = 0; i < length; i += 2) {
-    const uint8_t low = EncodeFourBit(tables, is_signed, values[i] * inverse);
-    const uint8_t high =
-        i + 1 < length
-            ? EncodeFourBit(tables, is_signed, values[i + 1] * inverse)
-            : 0;
-    codes[i / 2] = static_cast<uint8_t>(low | (high << 4));
-  }
+  PackFourBit(length, codes, [&](int64_t i) {
+    return EncodeFourBit(tables, is_signed, values[i] * inverse);
+  });
+}
+
+void EncodeFourBitBlockStochastic(const float* values, float inverse,
+                                  int64_t length, uint32_t key,
+                                  uint64_t first_index, uint8_t* codes) {
+  const QuantTables& tables = SignedFourBitTables();
+  PackFourBit(length, codes, [&](int64_t i) {
+    return EncodeFourBitStochastic(
+        tables, values[i] * inverse,
+        StateRoundingBits(key, first_index + static_cast<uint64_t>(i)));
+  });
 }
 
 void DecodeFourBitBlock(bool is_signed, const uint8_t* codes, float absmax,

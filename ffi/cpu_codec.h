@@ -43,6 +43,11 @@ void EncodeFourBitBlock(bool is_signed, const float* values, float inverse,
                         int64_t length, uint8_t* codes);
 void DecodeFourBitBlock(bool is_signed, const uint8_t* codes, float absmax,
                         int64_t length, float* values);
+// Signed codes rounded stochastically (EncodeFourBitStochastic) with the
+// leaf's StateRoundingKey; `first_index` is values[0]'s index in the leaf.
+void EncodeFourBitBlockStochastic(const float* values, float inverse,
+                                  int64_t length, uint32_t key,
+                                  uint64_t first_index, uint8_t* codes);
 
 bool HasAvx2();
 // AVX-512 F, BW and VL.

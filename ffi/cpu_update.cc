@@ -163,9 +163,16 @@ struct GroupStep {
     UpdateBlock(leaf_index, leaf.decay, begin, length, moments);
     for (int m = 0; m < kMoments; ++m) {
       const float absmax = BlockAbsmax(moments[m], length);
-      EncodeFourBitBlock(Optimizer::IsSigned(m), moments[m],
-                         InverseScale(absmax), length,
-                         leaf.moments[m].codes + begin / 2);
+      uint8_t* codes = leaf.moments[m].codes + begin / 2;
+      if (kStochasticFourBitOf<Optimizer> && Optimizer::IsSigned(m)) {
+        EncodeFourBitBlockStochastic(
+            moments[m], InverseScale(absmax), length,
+            StateRoundingKey(seed, leaf_ids[leaf_index]),
+            static_cast<uint64_t>(index_offsets[leaf_index] + begin), codes);
+      } else {
+        EncodeFourBitBlock(Optimizer::IsSigned(m), moments[m],
+                           InverseScale(absmax), length, codes);
+      }
       leaf.moments[m].absmax[block] = absmax;
     }
   }

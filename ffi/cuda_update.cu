@@ -105,7 +105,8 @@ __device__ QuantTables g_tables[4];
 // Optimizers built with 4-bit states (the kernels of the others are not
 // compiled for them, to keep the build time).
 template <typename Optimizer>
-inline constexpr bool kHasFourBitStates = std::is_same_v<Optimizer, AdamW>;
+inline constexpr bool kHasFourBitStates =
+    std::is_same_v<Optimizer, AdamW> || std::is_same_v<Optimizer, Lion>;
 
 // Eight elements of T, as one or two 16-byte vectors.
 template <typename T>
@@ -336,9 +337,19 @@ __global__ void __launch_bounds__(
     if (kFourBit && leaf.quantized) {
 #pragma unroll
       for (int m = 0; m < kMoments; ++m) {
+        // A full lane takes unrolled loops; a partial one leaves its codes
+        // past the leaf's end zero (the CPU's padding nibble).
+        const bool full = count == kElementsPerLane;
         unsigned largest = 0;
-        for (int i = 0; i < count; ++i) {
-          largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+        if (full) {
+#pragma unroll
+          for (int i = 0; i < kElementsPerLane; ++i) {
+            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+          }
+        } else {
+          for (int i = 0; i < count; ++i) {
+            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+          }
         }
         // The maximum over the half-warp (xor offsets below 16 stay in it).
 #pragma unroll
@@ -348,14 +359,30 @@ __global__ void __launch_bounds__(
         const float absmax = BitsToFloat(largest);
         const float inverse = InverseScale(absmax);
         uint32_t packed = 0;
+        if constexpr (kStochasticFourBitOf<Optimizer>) {
+          if (Optimizer::IsSigned(m)) {
+            const uint32_t key = StateRoundingKey(seed, leaf.id);
+            const uint64_t index =
+                static_cast<uint64_t>(leaf.index_offset + first);
 #pragma unroll
-        for (int i = 0; i < kElementsPerLane; ++i) {
-          const uint32_t code = i < count
-              ? EncodeFourBit(tables[0], Optimizer::IsSigned(m),
-                              moments[m][i] * inverse)
-              : 0u;
-          packed |= code << (4 * i);
+            for (int i = 0; i < kElementsPerLane; ++i) {
+              packed |= static_cast<uint32_t>(EncodeFourBitStochastic(
+                            tables[0], moments[m][i] * inverse,
+                            StateRoundingBits(key, index + i)))
+                        << (4 * i);
+            }
+          }
         }
+        if (!kStochasticFourBitOf<Optimizer> || !Optimizer::IsSigned(m)) {
+#pragma unroll
+          for (int i = 0; i < kElementsPerLane; ++i) {
+            packed |= static_cast<uint32_t>(EncodeFourBit(
+                          tables[0], Optimizer::IsSigned(m),
+                          moments[m][i] * inverse))
+                      << (4 * i);
+          }
+        }
+        if (!full) packed &= (1u << (4 * count)) - 1u;
         uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first / 2;
         if (count == kElementsPerLane) {
           *reinterpret_cast<uint32_t*>(codes) = packed;

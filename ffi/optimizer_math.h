@@ -15,6 +15,7 @@
 #include <array>
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "quantization.h"
 
@@ -90,6 +91,8 @@ struct AdamW {
 struct Lion {
   static constexpr const char* kName = "lion";
   static constexpr int kNumMoments = 1;
+  // 4-bit momentum codes are rounded stochastically (EncodeFourBitStochastic).
+  static constexpr bool kStochasticFourBit = true;
   OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return true; }
 
   struct Scalars {
@@ -250,6 +253,15 @@ struct Adagrad {
   X(SgdMomentum)                  \
   X(RmsProp)                      \
   X(Adagrad)
+
+// Whether an optimizer rounds its 4-bit codes stochastically (a struct
+// says so with kStochasticFourBit; nearest otherwise).
+template <typename Optimizer, typename = void>
+inline constexpr bool kStochasticFourBitOf = false;
+template <typename Optimizer>
+inline constexpr bool kStochasticFourBitOf<
+    Optimizer, std::void_t<decltype(Optimizer::kStochasticFourBit)>> =
+    Optimizer::kStochasticFourBit;
 
 // What the table promises each struct provides, checked at compile time.
 template <typename Optimizer>

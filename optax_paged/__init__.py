@@ -36,6 +36,8 @@ from optax_paged._src.lars import paged_lars8bit
 from optax_paged._src.lion import lion8bit
 from optax_paged._src.lion import paged_lion
 from optax_paged._src.lion import paged_lion8bit
+from optax_paged._src.lion4bit import lion4bit
+from optax_paged._src.lion4bit import paged_lion4bit
 from optax_paged._src.memory_guard import MemoryGuardedStep
 from optax_paged._src.memory_guard import StepAllocation
 from optax_paged._src.memory_guard import memory_guarded
@@ -80,6 +82,7 @@ __all__ = [
     'build_info',
     'lamb8bit',
     'lars8bit',
+    'lion4bit',
     'lion8bit',
     'load_state_dict',
     'memory_guarded',
@@ -99,6 +102,7 @@ __all__ = [
     'paged_lars',
     'paged_lars8bit',
     'paged_lion',
+    'paged_lion4bit',
     'paged_lion8bit',
     'PagedOptimizerState',
     'percentile_clipping',

@@ -57,7 +57,10 @@ if want family; then
     | tee "$OUT/family.log" | tail -12
 fi
 if want profile; then
-  for run in "fp32 adamw" "bf16 adamw" "fp32 lion" "fp32 ademamix"; do
+  # PROFILE_RUNS="bf16 adamw,bf16 adamw4bit" picks the launches (dtype and
+  # optimizer of tools/profile_fused.py, comma-separated).
+  IFS=, read -ra runs <<<"${PROFILE_RUNS:-fp32 adamw,bf16 adamw,fp32 lion,fp32 ademamix}"
+  for run in "${runs[@]}"; do
     set -- $run
     timeout 120 ncu --clock-control none --kernel-name regex:UpdateKernel \
       --launch-skip 4 --launch-count 1 --section SpeedOfLight \

@@ -11,6 +11,7 @@ from optax_paged import quantization
 from optax_paged._src import quantization as jnp_quantization
 from optax_paged._src import reference
 from tests.helpers import DTYPES
+from tests.helpers import FOUR_BIT_EDGE_SHAPES
 from tests.helpers import compare_one_step
 from tests.helpers import jitted_step
 from tests.helpers import random_tree
@@ -18,10 +19,6 @@ from tests.helpers import reference_state_from
 from tests.helpers import teacher_problem
 from tests.helpers import train
 
-# Block edges of 128 (4-bit) and 256 (a warp's tile on the GPU), odd sizes
-# (a half-filled last byte), and a 2-D leaf.
-EDGE_SHAPES = [(1,), (127,), (128,), (129,), (255,), (256,), (257,), (385,),
-               (4097,), (33, 131)]
 
 
 def _grads(params, seed, scale=0.01):
@@ -33,7 +30,7 @@ def _grads(params, seed, scale=0.01):
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize('shape', EDGE_SHAPES, ids=str)
+@pytest.mark.parametrize('shape', FOUR_BIT_EDGE_SHAPES, ids=str)
 def test_kernel_equals_reference(shape, dtype):
   """Each step from the same moments: as the 8-bit suite's comparison.
 

@@ -4,6 +4,9 @@ The rest of the suite runs on the GPU too when JAX's default device is one.
 """
 
 import gc
+import pathlib
+import shutil
+import subprocess
 import warnings
 
 import jax
@@ -72,6 +75,7 @@ MIXED_SHAPES = [(300,), (8192 * 3 + 700,), (4096, 257), (3, 7), (1024, 1024),
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('factory', [optax_paged.paged_adamw8bit,
+                                     optax_paged.paged_adamw4bit,
                                      optax_paged.paged_lion8bit,
                                      optax_paged.paged_ademamix8bit,
                                      optax_paged.paged_adamw])
@@ -214,11 +218,12 @@ def test_device_memory_returns_to_baseline(factory):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_gpu_equals_cpu_path(dtype):
+@pytest.mark.parametrize('factory', [optax_paged.paged_adamw8bit,
+                                     optax_paged.paged_adamw4bit])
+def test_gpu_equals_cpu_path(factory, dtype):
   params = random_tree(SHAPES, dtype=dtype, seed=5)
   cpu = jax.devices('cpu')[0]
-  tx = optax_paged.paged_adamw8bit(1e-3, weight_decay=0.01,
-                                   min_8bit_size=256)
+  tx = factory(1e-3, weight_decay=0.01, min_8bit_size=256)
   p_gpu, s_gpu = _run(tx, params, 3)
   with jax.default_device(cpu):
     p_cpu, s_cpu = _run(tx, jax.device_put(params, cpu), 3)
@@ -372,3 +377,23 @@ def test_states_of_many_leaves_take_several_launches_per_step():
   assert int(optax_paged.state_dict(state)['count']) == 3
   for leaf in jax.tree.leaves(params):
     assert np.isfinite(np.asarray(leaf)).all()
+
+
+def test_four_bit_codec_on_the_device_matches_its_definition(tmp_path):
+  # The device encodes the 4-bit unsigned map with an add that rounds up and
+  # decodes it with bit arithmetic, where the CPU uses ceilf and a multiply;
+  # a program checks every float32 bit pattern on the GPU.
+  nvcc = shutil.which('nvcc')
+  assert nvcc, 'the CUDA build needs nvcc; so does this check'
+  root = pathlib.Path(__file__).resolve().parent.parent
+  binary = tmp_path / 'four_bit_codec_check'
+  build = subprocess.run(
+      [nvcc, '-O3', '-std=c++17', '-prec-div=true', '-prec-sqrt=true',
+       f'-I{root / "ffi"}', '-o', str(binary),
+       str(root / 'tests' / 'data' / 'four_bit_codec_check.cu')],
+      capture_output=True, text=True, check=False)
+  assert build.returncode == 0, build.stderr[-3000:]
+  result = subprocess.run([str(binary)], capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert 'mismatches: 0' in result.stdout

@@ -111,6 +111,10 @@ def refusal_of(run, report):
 
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+# Block edges of 128 (4-bit) and 256 (a warp's tile on the GPU), odd sizes
+# (a half-filled last byte), and a 2-D leaf.
+FOUR_BIT_EDGE_SHAPES = [(1,), (127,), (128,), (129,), (255,), (256,), (257,),
+                        (385,), (4097,), (33, 131)]
 
 
 def _ulp(x: np.ndarray, dtype) -> np.ndarray:

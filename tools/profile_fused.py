@@ -1,8 +1,8 @@
-"""A fused 8-bit step on the 308M model, for ncu.
+"""A fused 8-bit (or 4-bit) step on the 308M model, for ncu.
 
   ncu --clock-control none --kernel-name regex:UpdateKernel --launch-skip 4 \\
       --launch-count 1 --section SpeedOfLight \\
-      python tools/profile_fused.py bf16 [adamw|lion|ademamix]
+      python tools/profile_fused.py bf16 [adamw|adamw4bit|lion|lion4bit|ademamix]
 
 Builds benchmarks/gpu_step.py's model in the given dtype (fp32, bf16) and
 runs six fused steps of the optimizer, so that ncu can skip the warm-up
@@ -24,7 +24,9 @@ import cpu_step  # noqa: E402
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 OPTIMIZERS = {'adamw': optax_paged.paged_adamw8bit,
+              'adamw4bit': optax_paged.paged_adamw4bit,
               'lion': optax_paged.lion8bit,
+              'lion4bit': optax_paged.lion4bit,
               'ademamix': optax_paged.ademamix8bit}
 
 

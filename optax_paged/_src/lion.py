@@ -23,7 +23,7 @@ def lion_spec(learning_rate, b1, b2, weight_decay) -> transform.OptimizerSpec:
 
 def _lion(learning_rate, b1, b2, weight_decay, mask, *, quantize, paged,
           min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None,
-          keep_32bit=None):
+          keep_32bit=None, code_bits=8):
   for name, value in (('b1', b1), ('b2', b2)):
     if isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
       raise ValueError(f'{name} must be in [0, 1], got {value}.')
@@ -32,6 +32,7 @@ def _lion(learning_rate, b1, b2, weight_decay, mask, *, quantize, paged,
       quantize=quantize, min_8bit_size=min_8bit_size,
       keep_32bit=keep_32bit,
       weight_decay_mask=mask, paged=paged, device_budget=device_budget,
+      code_bits=code_bits,
   )
 
 

@@ -24,6 +24,8 @@ class OptimizerInfo(NamedTuple):
   signed: tuple[bool, ...]
   # Names of the hyperparameter slots, in the order the kernel reads them.
   slots: tuple[str, ...]
+  # Whether its signed 4-bit codes are rounded stochastically.
+  stochastic_four_bit: bool
 
 
 @functools.cache
@@ -32,7 +34,8 @@ def table() -> dict[str, OptimizerInfo]:
       name: OptimizerInfo(
           name=name, target=row['target'], num_moments=int(row['num_moments']),
           signed=tuple(bool(s) for s in row['signed']),
-          slots=tuple(str(s) for s in row['slots']))
+          slots=tuple(str(s) for s in row['slots']),
+          stochastic_four_bit=bool(row['stochastic_four_bit']))
       for name, row in ffi.extension().optimizer_table().items()
   }
 

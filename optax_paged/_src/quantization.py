@@ -95,18 +95,64 @@ def encode_four_bit(scaled: jax.Array, signed: bool) -> jax.Array:
   return codes.astype(jnp.uint8)
 
 
+def _mix32(x: jax.Array) -> jax.Array:
+  """``Mix32`` of ffi/quantization.h: a bijective 32-bit hash."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7feb352d)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846ca68b)
+  return x ^ (x >> 16)
+
+
+def state_rounding_bits(seed: jax.Array, leaf: int, size: int) -> jax.Array:
+  """The kernels' random bits for stochastic 4-bit codes of one leaf.
+
+  ``seed`` is the step's seed (the incremented count), ``leaf`` the leaf's
+  index in its state; one uint32 per element (leaves under 2^32 elements).
+  """
+  seed = jnp.asarray(seed).astype(jnp.uint32)
+  key = _mix32(_mix32(seed * jnp.uint32(0x9e3779b9) + jnp.uint32(0x7f4a7c15))
+               ^ (jnp.uint32(leaf) * jnp.uint32(0x85ebca6b)))
+  return _mix32(jnp.arange(size, dtype=jnp.uint32) ^ key)
+
+
+def encode_four_bit_stochastic(scaled: jax.Array,
+                               random: jax.Array) -> jax.Array:
+  """4-bit signed codes of scaled values, rounded stochastically.
+
+  Between the entries below and above a value, the upper one when the
+  distance from the lower exceeds ``u`` times the gap, with ``u`` in [0, 1)
+  built exactly from the top 23 random bits (``EncodeFourBitStochastic``).
+  """
+  values = jnp.asarray(map_values(True, 4))
+  nearest = encode_four_bit(scaled, True).astype(jnp.int32)
+  low = jnp.where(values[nearest] > scaled, nearest - 1, nearest)
+  low = jnp.clip(low, 0, 14)
+  gap = values[low + 1] - values[low]
+  into = scaled - values[low]
+  u = jax.lax.bitcast_convert_type(
+      (random >> 9) | jnp.uint32(0x3f800000), jnp.float32) - 1.0
+  return jnp.where(into > u * gap, low + 1, low).astype(jnp.uint8)
+
+
 def quantize_blockwise(
-    x: jax.Array, signed: bool = True, code_bits: int = 8
+    x: jax.Array, signed: bool = True, code_bits: int = 8,
+    random: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Quantizes a flat array: (uint8 codes of len(x), fp32 absmax per block).
 
   With ``code_bits=4`` the codes are 4-bit (one a uint8, unpacked) and the
-  blocks 128 values long.
+  blocks 128 values long; ``random`` (uint32 per element, signed 4-bit codes
+  only) rounds them stochastically.
   """
   x = jnp.ravel(x).astype(jnp.float32)
   absmax = block_absmax(x, code_bits)
   scale = jnp.repeat(inverse_scale(absmax),
                      base.block_size(code_bits))[: x.shape[0]]
+  if random is not None:
+    if code_bits != 4 or not signed:
+      raise ValueError('stochastic codes are 4-bit signed codes only')
+    return encode_four_bit_stochastic(x * scale, random), absmax
   if code_bits == 4:
     return encode_four_bit(x * scale, signed), absmax
   return encode(x * scale, signed), absmax

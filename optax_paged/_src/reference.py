@@ -17,6 +17,7 @@ import optax
 
 from optax_paged._src import base
 from optax_paged._src import hyperparams
+from optax_paged._src import optimizer_table
 from optax_paged._src import quantization
 from optax_paged._src import transform
 from optax_paged._src import trust_ratio
@@ -78,12 +79,14 @@ def decode_moments(moments, signed: tuple[bool, ...]) -> list[jax.Array]:
   return out
 
 
-def encode_moments(values, like, signed: tuple[bool, ...]):
+def encode_moments(values, like, signed: tuple[bool, ...], random=None):
+  """Moments in ``like``'s formats; ``random`` rounds signed 4-bit codes."""
   out = []
   for value, moment, is_signed in zip(values, like, signed, strict=True):
     if isinstance(moment, FourBitMoment):
-      out.append(FourBitMoment(
-          *quantization.quantize_blockwise(value, is_signed, code_bits=4)))
+      out.append(FourBitMoment(*quantization.quantize_blockwise(
+          value, is_signed, code_bits=4,
+          random=random if is_signed else None)))
     elif isinstance(moment, QuantizedMoment):
       out.append(
           QuantizedMoment(*quantization.quantize_blockwise(value, is_signed))
@@ -182,15 +185,19 @@ def leaf_step(
     param: jax.Array,
     moments,
     decay: bool,
+    random: jax.Array | None = None,
 ):
-  """One step of one leaf: decode, update in fp32, re-encode."""
+  """One step of one leaf: decode, update in fp32, re-encode.
+
+  ``random`` (uint32 per element) rounds signed 4-bit codes stochastically.
+  """
   g = jnp.ravel(grad).astype(param.dtype).astype(jnp.float32)
   p = jnp.ravel(param).astype(jnp.float32)
   update, values = element_update(
       hyper, g, p, decay, decode_moments(moments, signed)
   )
   update = update.astype(param.dtype).reshape(param.shape)
-  return update, encode_moments(values, moments, signed)
+  return update, encode_moments(values, moments, signed, random)
 
 
 def reference_transformation(
@@ -215,6 +222,8 @@ def reference_transformation(
   """
   element_update = ELEMENT_UPDATES[spec.table_name]
   signed = spec.signed
+  stochastic = code_bits == 4 and optimizer_table.info(
+      spec.table_name).stochastic_four_bit
 
   def init_fn(params):
     return ReferenceState(
@@ -245,11 +254,17 @@ def reference_transformation(
     # A trust ratio scales the kernel's float32 output before rounding it.
     as_computed = ((lambda x: x.astype(jnp.float32))
                    if spec.trust_ratio is not None else (lambda x: x))
+    # The kernels' random bits: leaf i of the state, the incremented count.
+    randoms = [
+        quantization.state_rounding_bits(count_inc, i, jnp.size(p))
+        if stochastic else None
+        for i, p in enumerate(param_leaves)
+    ]
     results = [
         leaf_step(element_update, signed, hyper, as_computed(g),
-                  as_computed(p), m, d)
-        for g, p, m, d in zip(
-            grads, param_leaves, moment_leaves, decay, strict=True
+                  as_computed(p), m, d, r)
+        for g, p, m, d, r in zip(
+            grads, param_leaves, moment_leaves, decay, randoms, strict=True
         )
     ]
     outputs = [r[0] for r in results]

@@ -147,6 +147,38 @@ def test_four_bit_state_on_the_mesh_restores_bit_identically():
                      step(p, state, grads[2])[0])
 
 
+@pytest.mark.parametrize('fused', [False, True], ids=['update', 'fused'])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_four_bit_lion_rounds_its_codes_by_global_index(dtype, fused):
+  # 4-bit Lion rounds its momentum codes with random bits of (step, leaf,
+  # element in the whole leaf): a contiguous shard draws what one device
+  # draws, so those leaves match one device bit for bit. (A shard run as a
+  # leaf of its own draws other bits: no per-shard comparison here.)
+  mesh = _mesh()
+  params = _tree(3, dtype)
+  grads = [_tree(30 + i, dtype, 0.1) for i in range(3)]
+  make = lambda: optax_paged.lion4bit(1e-3, min_8bit_size=256)  # noqa
+  p_mesh, s_mesh = _run(make(), _put(params, mesh),
+                        [_put(g, mesh) for g in grads], fused)
+  p_one, s_one = _run(make(), params, grads, fused)
+  for leaf in EXACT:
+    _equal(p_mesh[leaf], p_one[leaf])
+  # The codes too (Lion's steps are signs, which a code step rarely flips).
+  # The mesh's state_dict holds a row per shard: in order, the whole leaf.
+  names = sorted(SHAPES)  # the tree's order
+  mesh_leaves = optax_paged.state_dict(s_mesh)['leaves']
+  one_leaves = optax_paged.state_dict(s_one)['leaves']
+  for leaf in EXACT:
+    (ours,) = mesh_leaves[names.index(leaf)]['moments']
+    (theirs,) = one_leaves[names.index(leaf)]['moments']
+    for part in ('codes', 'absmax'):
+      np.testing.assert_array_equal(np.ravel(ours[part]), theirs[part])
+  shards = [np.asarray(shard.data)
+            for shard in p_mesh['replicated'].addressable_shards]
+  for shard in shards[1:]:
+    np.testing.assert_array_equal(shard, shards[0])
+
+
 def test_every_view_gives_the_same_result():
   mesh = _mesh()
   params, grads = _tree(1, jnp.float32), [_tree(20 + i, jnp.float32, 0.1)
