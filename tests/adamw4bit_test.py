@@ -20,7 +20,6 @@ from tests.helpers import teacher_problem
 from tests.helpers import train
 
 
-
 def _grads(params, seed, scale=0.01):
   return jax.tree.map(
       lambda p: (jax.random.normal(jax.random.PRNGKey(seed), p.shape) * scale

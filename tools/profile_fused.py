@@ -2,7 +2,9 @@
 
   ncu --clock-control none --kernel-name regex:UpdateKernel --launch-skip 4 \\
       --launch-count 1 --section SpeedOfLight \\
-      python tools/profile_fused.py bf16 [adamw|adamw4bit|lion|lion4bit|ademamix]
+      python tools/profile_fused.py bf16 adamw
+
+The optimizer is one of adamw, adamw4bit, lion, lion4bit, ademamix.
 
 Builds benchmarks/gpu_step.py's model in the given dtype (fp32, bf16) and
 runs six fused steps of the optimizer, so that ncu can skip the warm-up

@@ -18,7 +18,7 @@ def lion4bit(
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     keep_32bit: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Lion whose momentum is stored blockwise in 4 bits (0.53 bytes a parameter).
+  r"""Lion whose momentum is stored blockwise in 4 bits (0.53 B a parameter).
 
   :math:`u = -\eta(\mathrm{sign}((1-b_1) g + b_1 m) + \lambda p)`,
   :math:`m \leftarrow (1-b_2) g + b_2 m`, as ``optax.lion``, with the
