@@ -10,7 +10,7 @@ import optax_paged
 from optax_paged import quantization
 from optax_paged._src import reference
 from tests.helpers import DTYPES
-from tests.helpers import compare_one_step
+from tests.helpers import compare_one_step_exactly
 from tests.helpers import jitted_step
 from tests.helpers import random_tree
 from tests.helpers import reference_state_from
@@ -42,7 +42,7 @@ def test_ffi_step_equals_reference(shape, dtype):
   for i in range(3):
     _, state = step(_grads(params, i), state, params)
   ref_state = reference_state_from(state, params)
-  compare_one_step(
+  compare_one_step_exactly(
       state, ref_state, params, _grads(params, 9), tx, ref_tx
   )
 
@@ -62,7 +62,8 @@ def test_mixed_dtypes_and_fp32_leaves_in_one_state():
   ref_state = ref_tx.init(params)
   for i in range(4):
     grads = _grads(params, i)
-    state, _ = compare_one_step(state, ref_state, params, grads, tx, ref_tx)
+    state, _ = compare_one_step_exactly(state, ref_state, params, grads, tx,
+                                        ref_tx)
     ref_state = reference_state_from(state, params)
 
 

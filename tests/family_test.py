@@ -21,6 +21,7 @@ from tests.helpers import DTYPES
 from tests.helpers import bnb_lamb
 from tests.helpers import bnb_lars
 from tests.helpers import compare_one_step
+from tests.helpers import compare_one_step_exactly
 from tests.helpers import jitted_step
 from tests.helpers import random_tree
 from tests.helpers import reference_state_from
@@ -132,8 +133,12 @@ def test_kernel_step_equals_reference(name, dtype):
   step = jax.jit(tx.update)
   for i in range(3):
     _, state = step(_grads(params, i), state, params)
-  compare_one_step(state, reference_state_from(state, params), params,
-                    _grads(params, 9), tx, ref)
+  # LAMB and LARS scale by norms, which XLA sums in another order op by op
+  # than fused: those agree to an ulp; the rest bit for bit on the CPU.
+  compare = (compare_one_step if name in ('lamb', 'lars')
+             else compare_one_step_exactly)
+  compare(state, reference_state_from(state, params), params,
+          _grads(params, 9), tx, ref)
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -124,6 +124,42 @@ def _ulp(x: np.ndarray, dtype) -> np.ndarray:
   return np.exp2(exponent - info.nmant)
 
 
+def kernel_runs_on_cpu() -> bool:
+  """Whether jitted steps run the CPU kernel (the GPU's contracts into FMA)."""
+  return jax.default_backend() == 'cpu'
+
+
+def _assert_bitwise_equal(ours, theirs, name):
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+  different = ours.view(np.uint8) != theirs.view(np.uint8)
+  assert not different.any(), (name, int(different.sum()))
+
+
+def compare_one_step_exactly(state, ref_state, params, grads, ffi_tx, ref_tx):
+  """One step of both from the same moments: bit for bit on the CPU.
+
+  The reference runs op by op, so that XLA's fusion cannot reassociate or
+  contract its arithmetic; each operation is then rounded as the C++ kernel
+  rounds it. The GPU kernel contracts products and sums into FMA (a design
+  choice, CMakeLists.txt), so there the comparison is compare_one_step's.
+  """
+  if not kernel_runs_on_cpu():
+    return compare_one_step(state, ref_state, params, grads, ffi_tx, ref_tx)
+  updates, state = jax.jit(ffi_tx.update)(grads, state, params)
+  ref_updates, ref_state = ref_tx.update(grads, ref_state, params)
+  for name in params:
+    _assert_bitwise_equal(updates[name], ref_updates[name], name)
+  after = reference_state_from(state, params)
+  for name in params:
+    for m, (a, b) in enumerate(zip(after.moments[name],
+                                   ref_state.moments[name], strict=True)):
+      for part_a, part_b in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                strict=True):
+        _assert_bitwise_equal(part_a, part_b, (name, m))
+  return state, updates
+
+
 def compare_one_step(state, ref_state, params, grads, ffi_tx, ref_tx):
   """One step of both from the same moments: updates and moments agree."""
   updates, state = jax.jit(ffi_tx.update)(grads, state, params)

@@ -246,7 +246,9 @@ def reference_transformation(
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     count_inc = optax.safe_increment(state.count)
-    hyper = spec.hyperparams(state.count, count_inc)
+    # Jitted even when the update runs eagerly: the kernels get the vector
+    # from a jitted step, and XLA rounds b ** count differently op by op.
+    hyper = jax.jit(spec.hyperparams)(state.count, count_inc)
     decay = transform.resolve_mask(weight_decay_mask, params)
     grads, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
