@@ -155,7 +155,8 @@ OPTAX_PAGED_HD float DecodeFourBit(const QuantTables& signed_tables,
 // The random bits are a hash of (step, leaf, element), as the parameters'
 // stochastic rounding draws (RandomBits), so every path and every mesh
 // draws the same ones; 32-bit arithmetic only, so that the jnp reference
-// computes them without 64-bit types (reference.state_rounding_bits).
+// computes them without 64-bit types (state_rounding_bits in
+// optax_paged/_src/quantization.py).
 OPTAX_PAGED_HD uint32_t Mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352du;

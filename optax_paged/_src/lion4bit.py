@@ -24,10 +24,14 @@ def lion4bit(
   :math:`m \leftarrow (1-b_2) g + b_2 m`, as ``optax.lion``, with the
   momentum stored between steps as one 4-bit code per element, two a byte,
   and one fp32 absmax per block of 128 elements, on the signed map of
-  :func:`adamw4bit`'s first moment. Only the sign of the momentum mix moves a
-  parameter, so coarse codes cost Lion less than they cost Adam's second
-  moment; the README's 4-bit section gives the measured quality. Leaves with
-  fewer than ``min_8bit_size`` elements keep an fp32 momentum.
+  :func:`adamw4bit`'s first moment. The codes are rounded stochastically,
+  up with probability equal to the value's fraction of the gap between its
+  two neighbouring entries: rounded to nearest, a momentum that moves by 1%
+  of a gradient a step (``b2=0.99``) would never leave its code. The random
+  bits are a hash of the step, the leaf and the element's index, so a step
+  is reproducible and a mesh draws what one device draws. The README's 4-bit
+  section gives the measured quality. Leaves with fewer than
+  ``min_8bit_size`` elements keep an fp32 momentum.
 
   Args:
     learning_rate: a scalar or an optax schedule of the step count.
