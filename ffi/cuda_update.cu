@@ -358,29 +358,22 @@ __global__ void __launch_bounds__(
         }
         const float absmax = BitsToFloat(largest);
         const float inverse = InverseScale(absmax);
+        // Constant for an unrolled moment: one of the two encodes is compiled.
+        const bool stochastic =
+            kStochasticFourBitOf<Optimizer> && Optimizer::IsSigned(m);
+        const uint32_t key = stochastic ? StateRoundingKey(seed, leaf.id) : 0u;
+        const uint64_t index = static_cast<uint64_t>(leaf.index_offset + first);
         uint32_t packed = 0;
-        if constexpr (kStochasticFourBitOf<Optimizer>) {
-          if (Optimizer::IsSigned(m)) {
-            const uint32_t key = StateRoundingKey(seed, leaf.id);
-            const uint64_t index =
-                static_cast<uint64_t>(leaf.index_offset + first);
 #pragma unroll
-            for (int i = 0; i < kElementsPerLane; ++i) {
-              packed |= static_cast<uint32_t>(EncodeFourBitStochastic(
-                            tables[0], moments[m][i] * inverse,
-                            StateRoundingBits(key, index + i)))
-                        << (4 * i);
-            }
-          }
-        }
-        if (!kStochasticFourBitOf<Optimizer> || !Optimizer::IsSigned(m)) {
-#pragma unroll
-          for (int i = 0; i < kElementsPerLane; ++i) {
-            packed |= static_cast<uint32_t>(EncodeFourBit(
-                          tables[0], Optimizer::IsSigned(m),
-                          moments[m][i] * inverse))
-                      << (4 * i);
-          }
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          const float scaled = moments[m][i] * inverse;
+          const uint8_t code =
+              stochastic ? EncodeFourBitStochastic(
+                               tables[0], scaled,
+                               StateRoundingBits(key, index + i))
+                         : EncodeFourBit(tables[0], Optimizer::IsSigned(m),
+                                         scaled);
+          packed |= static_cast<uint32_t>(code) << (4 * i);
         }
         if (!full) packed &= (1u << (4 * count)) - 1u;
         uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first / 2;
