@@ -20,6 +20,15 @@ def random_tree(shapes, dtype=jnp.float32, seed=0, scale=1.0):
   }
 
 
+def random_grads(params, seed, scale=0.01):
+  """Normal gradients times ``scale``, in each parameter's dtype."""
+  return jax.tree.map(
+      lambda p: (jax.random.normal(jax.random.PRNGKey(seed), p.shape) * scale
+                 ).astype(p.dtype),
+      params,
+  )
+
+
 def reference_state_from(state, params):
   """The reference optimizer's state holding the same moments as ``state``."""
   saved = optax_paged.state_dict(state)

@@ -13,18 +13,11 @@ from optax_paged._src import reference
 from tests.helpers import DTYPES
 from tests.helpers import FOUR_BIT_EDGE_SHAPES
 from tests.helpers import compare_one_step_exactly
+from tests.helpers import random_grads
 from tests.helpers import random_tree
 from tests.helpers import reference_state_from
 from tests.helpers import teacher_problem
 from tests.helpers import train
-
-
-def _grads(params, seed, scale=0.01):
-  return jax.tree.map(
-      lambda p: (jax.random.normal(jax.random.PRNGKey(seed), p.shape) * scale
-                 ).astype(p.dtype),
-      params,
-  )
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -39,22 +32,7 @@ def test_kernel_equals_reference(shape, dtype):
   for i in range(4):
     state, _ = compare_one_step_exactly(
         state, reference_state_from(state, params), params,
-        _grads(params, i, 10.0 ** -i), tx, ref_tx)
-
-
-def test_fused_step_equals_update_and_apply():
-  params = random_tree([(300, 41)], jnp.bfloat16, seed=2)
-  tx = optax_paged.paged_lion4bit(1e-3, min_8bit_size=1)
-  a, b = tx.init(params), tx.init(params)
-  pa = pb = params
-  for i in range(3):
-    grads = _grads(params, i)
-    updates, a = jax.jit(tx.update)(grads, a, pa)
-    pa = optax.apply_updates(pa, updates)
-    pb, b = jax.jit(lambda g, s, p: optax_paged.apply_gradients(tx, g, s, p))(
-        grads, b, pb)
-    np.testing.assert_array_equal(np.asarray(pa['leaf0'], np.float32),
-                                  np.asarray(pb['leaf0'], np.float32))
+        random_grads(params, i, 10.0 ** -i), tx, ref_tx)
 
 
 def test_state_is_about_half_a_byte_a_parameter():
@@ -72,15 +50,15 @@ def test_checkpoint_resume_is_bit_identical():
   step = jax.jit(lambda p, s, g: optax_paged.apply_gradients(tx, g, s, p))
   p_full, s_full = params, tx.init(params)
   for i in range(5):
-    p_full, s_full = step(p_full, s_full, _grads(params, i))
+    p_full, s_full = step(p_full, s_full, random_grads(params, i))
   p, s = params, tx.init(params)
   for i in range(2):
-    p, s = step(p, s, _grads(params, i))
+    p, s = step(p, s, random_grads(params, i))
   saved = optax_paged.state_dict(s)
   assert int(saved['code_bits']) == 4
   restored = optax_paged.load_state_dict(tx.init(params), saved)
   for i in range(2, 5):
-    p, restored = step(p, restored, _grads(params, i))
+    p, restored = step(p, restored, random_grads(params, i))
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_full), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match='4-bit moments, the state 8-bit'):

@@ -243,9 +243,13 @@ def test_non_finite_gradient_poisons_only_its_block():
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize('donate', [False, True])
-def test_fused_step_is_bit_identical_to_update_and_apply(dtype, donate):
+@pytest.mark.parametrize('factory', [optax_paged.paged_adamw8bit,
+                                     optax_paged.paged_adamw4bit,
+                                     optax_paged.paged_lion4bit])
+def test_fused_step_is_bit_identical_to_update_and_apply(factory, dtype,
+                                                         donate):
   params = random_tree(SHAPES, dtype=dtype, seed=8)
-  tx = optax_paged.paged_adamw8bit(1e-2, weight_decay=0.1, min_8bit_size=256)
+  tx = factory(1e-2, weight_decay=0.1, min_8bit_size=256)
 
   def fused(p, s, g):
     return optax_paged.apply_gradients(tx, g, s, p)
