@@ -232,6 +232,38 @@ class StateRecord:
           name=self.optimizer, count=count,
           step='different steps' if step is None else step))
 
+  def check_paths(self, name: str, kind: str, tree: Any) -> None:
+    """Refuses a tree whose leaves are not the parameters' at init, by path.
+
+    Leaves are matched by name, as optax matches trees: pairing them by
+    position would let the gradient of one parameter update another's
+    moments whenever the count and shapes happen to agree.
+    """
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = [jax.tree_util.keystr(path) for path, _ in with_paths]
+    want = [_comparable_path(layout.path) for layout in self.leaves]
+    have = [_comparable_path(path) for path in paths]
+    if have == want:
+      return
+    extra = [path for path, h in zip(paths, have, strict=True)
+             if h not in set(want)]
+    missing = [layout.path for layout, w in zip(self.leaves, want, strict=True)
+               if w not in set(have)]
+    if extra and missing:
+      detail = (f'it has a leaf at {extra[0]}, where the state has '
+                f'{missing[0]} instead')
+    elif extra:
+      detail = f'it has a leaf at {extra[0]} that the state does not have'
+    elif missing:
+      detail = f'it has no leaf at {missing[0]}, which the state has'
+    else:
+      detail = f'its leaves are in another order ({paths})'
+    raise ValueError(
+        f'{name}: {kind} tree {treedef} does not match the parameter tree '
+        f'the state was initialised with, {self.treedef}: {detail}. Pass '
+        'the parameters (and gradients) with the tree given to tx.init.'
+    )
+
   def check_tree(
       self, name: str, kind: str, tree: Any,
       shapes: Sequence[tuple[int, ...]] | None = None,
@@ -245,15 +277,8 @@ class StateRecord:
       shapes: the shape each leaf must have (local shapes inside a
         ``shard_map``); the parameters' shapes if None.
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    # Containers may differ (Flax NNX initialises with Param-wrapped leaves
-    # and updates with plain arrays); the leaves must correspond one to one,
-    # which the count here and the shapes below check.
-    if len(leaves) != len(self.leaves):
-      raise ValueError(
-          f'{name}: {kind} tree {treedef} does not match the parameter tree '
-          f'the state was initialised with, {self.treedef}.'
-      )
+    self.check_paths(name, kind, tree)
+    leaves = jax.tree.leaves(tree)
     if shapes is None:
       shapes = [layout.shape for layout in self.leaves]
     for leaf, layout, want in zip(leaves, self.leaves, shapes, strict=True):
@@ -339,6 +364,16 @@ class StateBuffers:
     if self._record is None or self._record.released:
       raise ValueError(base.RELEASED_STATE_MSG)
     return self._record
+
+
+def _comparable_path(path: str) -> str:
+  """``path`` less a trailing ``.value``, the attribute of a wrapped leaf.
+
+  Flax initialises with leaves wrapped in ``nnx.Variable`` (or Linen's
+  ``Partitioned``), whose path ends in ``.value``, and updates with the plain
+  arrays: the same parameter under both names.
+  """
+  return path[:-len('.value')] if path.endswith('.value') else path
 
 
 def _dtype_of(x: Any) -> np.dtype:

@@ -388,6 +388,9 @@ def run_step(
     raise ValueError(
         f'{spec.name}: this state was made by {record.optimizer}.'
     )
+  # The parameters are checked against the state first, so that a renamed
+  # leaf is named as such rather than as a gradient mismatch.
+  record.check_paths(spec.name, 'params', params)
   _check_structure(spec.name, grads, params)
   record.touched = True  # a step now writes the moments
   count_inc = optax.safe_increment(state.count)
