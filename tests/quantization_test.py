@@ -280,3 +280,37 @@ def test_block_absmax_vector_equals_scalar_and_numpy(length):
       assert np.isnan(scalar)
     else:
       assert scalar == expected
+
+
+@pytest.mark.parametrize('size', [0, 1, 2, 7, 256])
+def test_nibbles_round_trip(size):
+  codes = np.random.default_rng(size).integers(0, 16, size).astype(np.uint8)
+  packed = quantization.pack_nibbles(codes)
+  assert packed.shape == (-(-size // 2),)
+  np.testing.assert_array_equal(quantization.unpack_nibbles(packed, size),
+                                codes)
+
+
+@pytest.mark.parametrize('codes', [[16, 3], [-1, 3], [255]])
+def test_pack_nibbles_refuses_values_outside_four_bits(codes):
+  with pytest.raises(ValueError, match=r'\[0, 15\]'):
+    quantization.pack_nibbles(codes)
+
+
+def test_pack_nibbles_refuses_fractions_and_matrices():
+  with pytest.raises(TypeError, match='integers'):
+    quantization.pack_nibbles(np.array([1.7, 3.0]))
+  with pytest.raises(TypeError, match='flat'):
+    quantization.pack_nibbles(np.zeros((2, 2), np.uint8))
+
+
+@pytest.mark.parametrize('size', [1000, 49, 46, -1])
+def test_unpack_nibbles_refuses_a_size_the_bytes_do_not_hold(size):
+  # 24 bytes hold 47 or 48 codes: more would be invented, fewer dropped.
+  with pytest.raises(ValueError, match='24 bytes hold the codes of 47 or 48'):
+    quantization.unpack_nibbles(np.zeros(24, np.uint8), size)
+
+
+def test_unpack_nibbles_refuses_bytes_that_are_not_uint8():
+  with pytest.raises(TypeError, match='uint8'):
+    quantization.unpack_nibbles(np.zeros(24, np.int32), 48)

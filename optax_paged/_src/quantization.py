@@ -169,16 +169,51 @@ def dequantize_blockwise(
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-  """4-bit codes, one a byte, packed two a byte as the registry holds them."""
-  codes = np.asarray(codes, np.uint8)
+  """4-bit codes, one a byte, packed two a byte as the registry holds them.
+
+  Args:
+    codes: a flat array of integer codes in [0, 15].
+
+  Returns:
+    ``ceil(len(codes) / 2)`` uint8 bytes, element ``2i`` in the low nibble.
+  """
+  codes = np.asarray(codes)
+  if codes.ndim != 1 or not (
+      codes.size == 0 or np.issubdtype(codes.dtype, np.integer)):
+    raise TypeError(
+        'pack_nibbles: codes must be a flat array of integers, got '
+        f'{codes.dtype} of shape {codes.shape}.')
+  if codes.size and not 0 <= int(codes.min()) <= int(codes.max()) <= 15:
+    raise ValueError(
+        'pack_nibbles: 4-bit codes are in [0, 15], got values in '
+        f'[{int(codes.min())}, {int(codes.max())}].')
+  codes = codes.astype(np.uint8)
   padded = np.pad(codes, (0, codes.shape[0] % 2))
   return (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)
 
 
 def unpack_nibbles(packed: np.ndarray, size: int) -> np.ndarray:
-  """The inverse of ``pack_nibbles`` for ``size`` codes."""
-  packed = np.asarray(packed, np.uint8)
+  """The inverse of ``pack_nibbles`` for ``size`` codes.
+
+  Args:
+    packed: the flat uint8 bytes ``pack_nibbles`` returned for ``size``
+      codes: exactly ``ceil(size / 2)`` of them.
+    size: how many codes they hold.
+
+  Returns:
+    ``size`` uint8 codes in [0, 15].
+  """
+  packed = np.asarray(packed)
+  if packed.ndim != 1 or packed.dtype != np.uint8:
+    raise TypeError(
+        'unpack_nibbles: packed must be a flat uint8 array, got '
+        f'{packed.dtype} of shape {packed.shape}.')
+  n = packed.shape[0]
+  if (isinstance(size, bool) or not isinstance(size, (int, np.integer))
+      or size < 0 or n != -(-int(size) // 2)):
+    held = f'{2 * n - 1} or {2 * n}' if n else '0'
+    raise ValueError(
+        f'unpack_nibbles: {n} bytes hold the codes of {held} values, not '
+        f'size={size!r}; pass the number of values they were packed from.')
   codes = np.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)
   return codes[:size].astype(np.uint8)
-
-
