@@ -2,13 +2,15 @@
 
 A model of PRESSURE_LEAVES leaves of 4096 x 4096 (fp32) trains with the
 gradients made in the step. After two steps large arrays stay alive (an
-evaluation pass's outputs, in 256 MiB pieces so that XLA's pool can place
-them as it places a step's buffers) for three steps, then are dropped; two
-more steps
+evaluation pass's outputs) for three steps, then are dropped; two more steps
 follow. Prints one JSON line: whether every step ran, the moves of the
 paged state, a digest of the final parameters and the memory it saw.
 
   python tests/memory_pressure_worker.py MODE PIECES_BYTES:BLOCK_BYTES
+
+The spike is PIECES_BYTES in 256 MiB pieces (XLA's pool places them as it
+places a step's buffers, in whatever regions it holds or grows), then one
+array of BLOCK_BYTES if that is not 0.
 
 MODE: ``measure`` (no spike; the memory the spike is sized from),
 ``fixed`` (paged_adamw8bit, all state on the device), ``guarded`` (an
@@ -106,11 +108,9 @@ def main() -> None:
   failed_in = 'step'
   try:
     for phase, steps in enumerate(STEPS):
-      if phase == 1 and block_bytes:
-        # Pieces fill the idle part of XLA's pool; one block then grows the
-        # pool by its own size (growing piece by piece, the pool would
-        # take regions of doubling size, soon all the device's memory).
-        sizes = [PIECE] * (pieces_bytes // PIECE) + [block_bytes]
+      if phase == 1 and (pieces_bytes or block_bytes):
+        sizes = [PIECE] * (pieces_bytes // PIECE) + (
+            [block_bytes] if block_bytes else [])
         spike = []
         failed_in = 'spike'
         for n in sizes:
@@ -136,6 +136,7 @@ def main() -> None:
         c = jnp.float32(1.0)
         result.update(
             idle=idle, free=free, limit=int(stats['bytes_limit']),
+            in_use=int(stats['bytes_in_use']),
             total=paging.gpu_memory(0)[1],
             temporaries=guarded.allocation(params, state, c).temporaries,
             state_bytes=optax_paged.memory_report(state).total_bytes)
