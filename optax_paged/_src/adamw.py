@@ -5,6 +5,7 @@ from typing import Any
 import optax
 
 from optax_paged._src import base
+from optax_paged._src import hyperparam_checks
 from optax_paged._src import hyperparams
 from optax_paged._src import transform
 
@@ -26,13 +27,14 @@ def _adamw_spec(learning_rate, b1, b2, eps, weight_decay, eps_root=0.0,
   return transform.OptimizerSpec(name='adamw', hyperparams=vector)
 
 
-def _check_hyperparams(b1, b2, eps, eps_root, mu_dtype) -> None:
-  for name, value in (('b1', b1), ('b2', b2)):
-    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
-      raise ValueError(f'{name} must be in [0, 1), got {value}.')
-  for name, value in (('eps', eps), ('eps_root', eps_root)):
-    if isinstance(value, (int, float)) and value < 0:
-      raise ValueError(f'{name} must be >= 0, got {value}.')
+def _check_hyperparams(b1, b2, eps, eps_root, mu_dtype, *,
+                       learning_rate=None, weight_decay=None) -> None:
+  hyperparam_checks.finite('learning_rate', learning_rate)
+  hyperparam_checks.finite('weight_decay', weight_decay)
+  hyperparam_checks.rate('b1', b1)
+  hyperparam_checks.rate('b2', b2)
+  hyperparam_checks.non_negative('eps', eps)
+  hyperparam_checks.non_negative('eps_root', eps_root)
   if mu_dtype is not None:
     raise ValueError(
         f'mu_dtype={mu_dtype!r}: optax_paged stores the first moment blockwise '
@@ -45,7 +47,8 @@ def _adam(learning_rate, b1, b2, eps, weight_decay, mask, *, quantize, paged,
           min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None,
           keep_32bit=None, eps_root=0.0, mu_dtype=None, nesterov=False,
           code_bits=8):
-  _check_hyperparams(b1, b2, eps, eps_root, mu_dtype)
+  _check_hyperparams(b1, b2, eps, eps_root, mu_dtype,
+                     learning_rate=learning_rate, weight_decay=weight_decay)
   return transform.make_transformation(
       _adamw_spec(learning_rate, b1, b2, eps, weight_decay, eps_root,
                   bool(nesterov)),

@@ -5,6 +5,7 @@ from typing import Any
 import optax
 
 from optax_paged._src import base
+from optax_paged._src import hyperparam_checks
 from optax_paged._src import hyperparams
 from optax_paged._src import transform
 
@@ -31,9 +32,12 @@ def ademamix_spec(learning_rate, b1, b2, b3, alpha, eps,
 def _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask, *,
               quantize, paged, min_8bit_size=base.MIN_8BIT_SIZE,
               device_budget=None, keep_32bit=None):
+  hyperparam_checks.finite('learning_rate', learning_rate)
   for name, value in (('b1', b1), ('b2', b2), ('b3', b3)):
-    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
-      raise ValueError(f'{name} must be in [0, 1), got {value}.')
+    hyperparam_checks.rate(name, value)
+  hyperparam_checks.finite('alpha', alpha)
+  hyperparam_checks.non_negative('eps', eps)
+  hyperparam_checks.finite('weight_decay', weight_decay)
   return transform.make_transformation(
       ademamix_spec(learning_rate, b1, b2, b3, alpha, eps, weight_decay),
       quantize=quantize, min_8bit_size=min_8bit_size,

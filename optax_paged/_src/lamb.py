@@ -22,7 +22,9 @@ def lamb_spec(learning_rate, b1, b2, eps, weight_decay,
 def _lamb(learning_rate, b1, b2, eps, weight_decay, mask, max_unorm, *,
           quantize, paged, min_8bit_size=base.MIN_8BIT_SIZE,
           device_budget=None, keep_32bit=None):
-  adamw._check_hyperparams(b1, b2, eps, 0.0, None)
+  adamw._check_hyperparams(b1, b2, eps, 0.0, None,
+                           learning_rate=learning_rate,
+                           weight_decay=weight_decay)
   trust_ratio.check_max_unorm(max_unorm)
   return transform.make_transformation(
       lamb_spec(learning_rate, b1, b2, eps, weight_decay, max_unorm),

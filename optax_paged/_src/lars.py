@@ -5,6 +5,7 @@ from typing import Any
 import optax
 
 from optax_paged._src import base
+from optax_paged._src import hyperparam_checks
 from optax_paged._src import single_moment
 from optax_paged._src import transform
 from optax_paged._src import trust_ratio
@@ -21,8 +22,9 @@ def lars_spec(learning_rate, momentum, weight_decay,
 def _lars(learning_rate, momentum, weight_decay, mask, max_unorm, *,
           quantize, paged, min_8bit_size=base.MIN_8BIT_SIZE,
           device_budget=None, keep_32bit=None):
-  if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
-    raise ValueError(f'momentum must be in [0, 1), got {momentum}.')
+  hyperparam_checks.finite('learning_rate', learning_rate)
+  hyperparam_checks.rate('momentum', momentum)
+  hyperparam_checks.finite('weight_decay', weight_decay)
   trust_ratio.check_max_unorm(max_unorm)
   return transform.make_transformation(
       lars_spec(learning_rate, momentum, weight_decay, max_unorm),

@@ -5,6 +5,7 @@ from typing import Any
 import optax
 
 from optax_paged._src import base
+from optax_paged._src import hyperparam_checks
 from optax_paged._src import hyperparams
 from optax_paged._src import transform
 
@@ -24,9 +25,10 @@ def lion_spec(learning_rate, b1, b2, weight_decay) -> transform.OptimizerSpec:
 def _lion(learning_rate, b1, b2, weight_decay, mask, *, quantize, paged,
           min_8bit_size=base.MIN_8BIT_SIZE, device_budget=None,
           keep_32bit=None, code_bits=8):
-  for name, value in (('b1', b1), ('b2', b2)):
-    if isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
-      raise ValueError(f'{name} must be in [0, 1], got {value}.')
+  hyperparam_checks.finite('learning_rate', learning_rate)
+  hyperparam_checks.rate('b1', b1, one_allowed=True)
+  hyperparam_checks.rate('b2', b2, one_allowed=True)
+  hyperparam_checks.finite('weight_decay', weight_decay)
   return transform.make_transformation(
       lion_spec(learning_rate, b1, b2, weight_decay),
       quantize=quantize, min_8bit_size=min_8bit_size,

@@ -109,9 +109,11 @@ def check_budget(device_budget: DeviceBudget) -> None:
   ):
     raise TypeError(
         'device_budget must be bytes (int), a fraction of free GPU memory '
-        f'(float in [0, 1]) or None, got {device_budget!r}.'
+        f'(float in [0, 1]) or None, got {device_budget!r} '
+        f'({type(device_budget).__name__}).'
     )
-  if device_budget < 0 or (
+  # NaN fails every comparison: it would pass the range check below.
+  if not device_budget >= 0 or (
       isinstance(device_budget, float) and device_budget > 1.0
   ):
     raise ValueError(

@@ -5,6 +5,7 @@ from typing import Any
 import optax
 
 from optax_paged._src import base
+from optax_paged._src import hyperparam_checks
 from optax_paged._src import hyperparams
 from optax_paged._src import transform
 
@@ -102,8 +103,9 @@ def sgd8bit(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
-    raise ValueError(f'momentum must be in [0, 1), got {momentum}.')
+  hyperparam_checks.finite('learning_rate', learning_rate)
+  hyperparam_checks.rate('momentum', momentum)
+  hyperparam_checks.finite('weight_decay', weight_decay)
   if accumulator_dtype is not None:
     raise ValueError(
         f'accumulator_dtype={accumulator_dtype!r}: optax_paged stores the '
@@ -146,8 +148,9 @@ def rmsprop8bit(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  if isinstance(decay, (int, float)) and not 0.0 <= decay < 1.0:
-    raise ValueError(f'decay must be in [0, 1), got {decay}.')
+  hyperparam_checks.finite('learning_rate', learning_rate)
+  hyperparam_checks.rate('decay', decay)
+  hyperparam_checks.non_negative('eps', eps)
   return _make(rmsprop_spec(learning_rate, decay, eps), min_8bit_size,
                keep_32bit)
 
@@ -186,9 +189,10 @@ def adagrad8bit(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  if (isinstance(initial_accumulator_value, (int, float))
-      and initial_accumulator_value < 0):
-    raise ValueError('initial_accumulator_value must be >= 0.')
+  hyperparam_checks.finite('learning_rate', learning_rate)
+  hyperparam_checks.non_negative('initial_accumulator_value',
+                                 initial_accumulator_value)
+  hyperparam_checks.non_negative('eps', eps)
   return _make(
       adagrad_spec(learning_rate, initial_accumulator_value, eps),
       min_8bit_size,

@@ -19,6 +19,7 @@ import optax
 
 from optax_paged._src import base
 from optax_paged._src import ffi
+from optax_paged._src import hyperparam_checks
 from optax_paged._src import hyperparams
 from optax_paged._src import optimizer_table
 from optax_paged._src import paging
@@ -178,10 +179,7 @@ def make_transformation(
   """
   if paged:
     paging.check_budget(device_budget)
-  # optax.inject_hyperparams passes numbers as arrays; only plain ints are
-  # checked here (init reads the value concretely either way).
-  if isinstance(min_8bit_size, int) and min_8bit_size < 0:
-    raise ValueError(f'min_8bit_size must be >= 0, got {min_8bit_size}.')
+  hyperparam_checks.size('min_8bit_size', min_8bit_size)
 
   # Traces in which this optimizer's update ran: an init in the same trace
   # is a re-initialisation inside a step (optax.lookahead(reset_state=True)).

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_paged._src import base
+from optax_paged._src import hyperparam_checks
 
 
 class TrustRatio(NamedTuple):
@@ -36,9 +37,8 @@ class TrustRatio(NamedTuple):
 
 
 def check_max_unorm(max_unorm: Any) -> None:
-  """Refuses a negative ``max_unorm`` given as a number."""
-  if isinstance(max_unorm, (int, float)) and max_unorm < 0:
-    raise ValueError(f'max_unorm must be >= 0, got {max_unorm}.')
+  """Refuses a ``max_unorm`` that is negative, NaN or infinite."""
+  hyperparam_checks.non_negative('max_unorm', max_unorm)
 
 
 def _norm(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
