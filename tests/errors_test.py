@@ -211,3 +211,17 @@ def test_reinitialising_inside_a_step_is_refused_clearly():
                        slow_step_size=0.5)
   state = tx.init(lookahead_params)
   jax.jit(tx.update)(params, state, lookahead_params)
+
+
+@pytest.mark.parametrize('shape', [(2**40, 2**30), (2**23, 2**23)])
+@pytest.mark.parametrize('how', ['init', 'eval_shape'])
+def test_a_state_no_machine_holds_is_refused_at_init(shape, how):
+  # (2**40, 2**30) has 2^70 elements: an int64 product wraps to 0 and gave
+  # a 0-byte state; 2^46 elements take 2^49 bytes of fp32 moments.
+  tx = optax_paged.adamw8bit(1e-3)
+  params = {'w': jax.ShapeDtypeStruct(shape, jnp.float32)}
+  before = optax_paged.state_registry.total_bytes()
+  init = tx.init if how == 'init' else lambda p: jax.eval_shape(tx.init, p)
+  with pytest.raises(ValueError, match=r"\['w'\] of shape .* more memory"):
+    init(params)
+  assert optax_paged.state_registry.total_bytes() == before

@@ -27,6 +27,13 @@ def code_bytes(size: int, code_bits: int) -> int:
   return -(-size // 2) if code_bits == 4 else size
 
 
+# An fp32 moment's bytes per element, the most any state format takes.
+FP32_MOMENT_BYTES = 4
+# A leaf's state may take at most 2^48 bytes (256 TiB): beyond the memory of
+# any machine, and far enough below 2^63 that no size or offset in bytes
+# overflows the registry's int64 arithmetic.
+MAX_LEAF_STATE_BYTES = 2**48
+
 # bitsandbytes keeps fp32 state for tensors under 4096 elements.
 MIN_8BIT_SIZE = 4096
 # Version of the state_dict layout; bump when the stored arrays change.

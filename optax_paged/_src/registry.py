@@ -15,6 +15,7 @@ structure, and so do the steps compiled for it (``state_keys``).
 
 import dataclasses
 import gc
+import math
 import time
 import weakref
 from collections.abc import Sequence
@@ -376,6 +377,24 @@ def _comparable_path(path: str) -> str:
   return path[:-len('.value')] if path.endswith('.value') else path
 
 
+def _check_size(optimizer: str, path: str, shape: tuple[int, ...],
+                num_moments: int) -> None:
+  """Refuses a leaf whose state no machine holds, before any size overflows.
+
+  Sizes are int64 in the registry and its kernels; a larger product would
+  wrap (to 0 for ``(2**40, 2**30)``) and allocate a state that fits nothing.
+  """
+  size = math.prod(int(n) for n in shape)  # Python ints never wrap
+  state_bytes = size * num_moments * base.FP32_MOMENT_BYTES
+  if state_bytes > base.MAX_LEAF_STATE_BYTES:
+    raise ValueError(
+        f'{optimizer}: parameter {path or "<root>"} of shape {tuple(shape)} '
+        f'has {size} elements; its state (up to {state_bytes} bytes) is '
+        f'beyond the {base.MAX_LEAF_STATE_BYTES} bytes a leaf\'s state may '
+        'have, more memory than any machine has. Check the shape.'
+    )
+
+
 def _dtype_of(x: Any) -> np.dtype:
   return np.dtype(x.dtype) if hasattr(x, 'dtype') else np.asarray(x).dtype
 
@@ -487,6 +506,7 @@ class StateRegistry:
             'optax_paged optimizes float32, bfloat16 and float16 parameters '
             '(cast float64 ones, e.g. with jax_enable_x64 on, to float32).'
         )
+      _check_size(optimizer, path, np.shape(leaf), num_moments)
       layouts.append(
           LeafLayout(path, tuple(np.shape(leaf)), dtype, bool(q), bool(d),
                      code_bits)
