@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import optax_paged
@@ -225,3 +226,33 @@ def test_a_state_no_machine_holds_is_refused_at_init(shape, how):
   with pytest.raises(ValueError, match=r"\['w'\] of shape .* more memory"):
     init(params)
   assert optax_paged.state_registry.total_bytes() == before
+
+def _state_at(tx, params, count):
+  """A state of ``tx`` whose count and moments are at ``count``."""
+  from optax_paged._src import state_io
+  saved = optax_paged.state_dict(tx.init(params))
+  saved['count'] = np.int32(count)
+  saved['checksum'] = np.uint32(state_io._checksum(saved['leaves'], count))
+  return optax_paged.load_state_dict(tx.init(params), saved)
+
+
+@pytest.mark.parametrize('how', ['eager', 'jit', 'fused'])
+def test_a_count_at_the_int32_limit_is_refused_naming_the_overflow(how):
+  tx = optax_paged.adamw8bit(1e-3)
+  params = {'w': jnp.ones((64, 80))}
+  state = _state_at(tx, params, 2**31 - 2)
+  _, state = tx.update(params, state, params)  # the last step there is
+  assert int(state.count) == 2**31 - 1
+  step = {
+      'eager': lambda s: tx.update(params, s, params),
+      'jit': jax.jit(lambda s: tx.update(params, s, params)),
+      'fused': lambda s: optax_paged.apply_gradients(tx, params, s, params),
+  }[how]
+  # The kernel saw the saturated count as a step behind its moments and
+  # said "count is 2147483646", a count the state does not have.
+  before = optax_paged.state_dict(state)
+  with pytest.raises(ValueError, match=r'2147483647 \(2\^31 - 1\).*'
+                     r'safe_increment.*tx\.init\(params\)'):
+    step(state)
+  after = optax_paged.state_dict(state)  # refused: nothing moved
+  assert int(after['checksum']) == int(before['checksum'])

@@ -71,6 +71,18 @@ STALE_STATE_MSG = (
     'the last step returned.'
 )
 
+# optax counts steps in int32; optax.safe_increment stops at the largest.
+MAX_COUNT = 2**31 - 1
+
+COUNT_OVERFLOW_MSG = (
+    '{name}: this state\'s step count is 2147483647 (2^31 - 1), the largest '
+    'int32: optax counts steps in int32 and optax.safe_increment stops '
+    'there, while each step must take the moments one step further, so the '
+    'state cannot take another step. Its moments were left as they were. '
+    'Train on with a new state from tx.init(params) (at this count the bias '
+    'corrections are 1: only the moments start afresh).'
+)
+
 RELEASED_STATE_MSG = (
     'this optimizer state was released (optax_paged.release or garbage '
     'collection of every state that referred to it); create a new one with '

@@ -208,6 +208,9 @@ class StateRecord:
             'init); that step left this state alone and returned NaN. Use '
             'the mesh the parameters had at init.'
         )
+      if stale is not None and stale[1] == base.MAX_COUNT:
+        raise ValueError(base.COUNT_OVERFLOW_MSG.format(name=self.optimizer)
+                         + ' That step returned NaN.')
       if stale is not None:
         raise ValueError(base.STALE_STATE_MSG.format(
             name=self.optimizer, count=stale[0], step=stale[1]) +

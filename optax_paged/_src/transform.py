@@ -390,6 +390,7 @@ def run_step(
   # leaf is named as such rather than as a gradient mismatch.
   record.check_paths(spec.name, 'params', params)
   _check_structure(spec.name, grads, params)
+  _refuse_saturated_count(spec.name, state.count, record)
   record.touched = True  # a step now writes the moments
   count_inc = optax.safe_increment(state.count)
   hyper = hyperparams.with_seed(
@@ -402,6 +403,24 @@ def run_step(
     outputs = _trust_ratio_step(record, spec, hyper, grads, params,
                                 state.count, output_mode)
   return jax.tree.unflatten(jax.tree.structure(grads), outputs), count_inc
+
+
+def _refuse_saturated_count(name: str, count: Any, record: Any) -> None:
+  """Refuses a step from a count optax can no longer increment.
+
+  The kernel would see the saturated count as a step behind the moments
+  and refuse the step as stale. A concrete count is read; a traced one is
+  judged by the moments' step while tracing (a step compiled before the
+  count saturated is refused by the kernel, as stale).
+  """
+  if base.is_tracer(count):
+    saturated = record.moments_step() == base.MAX_COUNT
+  elif getattr(count, 'is_fully_addressable', True):
+    saturated = int(np.asarray(count)) >= base.MAX_COUNT
+  else:
+    saturated = False
+  if saturated:
+    raise ValueError(base.COUNT_OVERFLOW_MSG.format(name=name))
 
 
 TRUST_RATIO_STOCHASTIC_MSG = (
