@@ -125,7 +125,10 @@ def _jitted_update(**params):
 def _eager_update(*operands, **params):
   # An eager call (tx.update outside jax.jit) runs the primitive compiled,
   # as JAX runs its own primitives; one compiled call per set of params.
-  return _jitted_update(**params)(*operands)
+  # Under jax.disable_jit the jitted call would bind the primitive again,
+  # eagerly, without end: as JAX's own apply_primitive, jit is re-enabled.
+  with jax.disable_jit(False):
+    return _jitted_update(**params)(*operands)
 
 
 update_p.def_impl(_eager_update)
