@@ -87,17 +87,35 @@ FAMILY = {
                           eps_root=1e-8),
         optax.adamw(LR, weight_decay=0.01, eps_root=1e-8),
     ),
-    # bitsandbytes' LAMB and LARS: the counterparts are its maths in jnp.
+    # LAMB and LARS with optax's trust ratio (the default) are optax's.
     'lamb': (
         functools.partial(optax_paged.lamb8bit, LR, weight_decay=0.01),
-        lamb.lamb_spec(LR, 0.9, 0.999, 1e-8, 0.01, 1.0),
+        lamb.lamb_spec(LR, 0.9, 0.999, 1e-6, 0.01),
         functools.partial(optax_paged.paged_lamb, LR, weight_decay=0.01),
-        bnb_lamb(LR, weight_decay=0.01),
+        optax.lamb(LR, weight_decay=0.01),
     ),
     'lars': (
         functools.partial(optax_paged.lars8bit, LR, weight_decay=0.01),
-        lars.lars_spec(LR, 0.9, 0.01, 0.02),
+        lars.lars_spec(LR, 0.9, 0.01),
         functools.partial(optax_paged.paged_lars, LR, weight_decay=0.01),
+        optax.lars(LR, weight_decay=0.01),
+    ),
+    # bitsandbytes' LAMB and LARS: the counterparts are its maths in jnp.
+    'lamb-bitsandbytes': (
+        functools.partial(optax_paged.lamb8bit, LR, eps=1e-8,
+                          weight_decay=0.01, trust_ratio='bitsandbytes'),
+        lamb.lamb_spec(LR, 0.9, 0.999, 1e-8, 0.01,
+                       trust_ratio='bitsandbytes'),
+        functools.partial(optax_paged.paged_lamb, LR, eps=1e-8,
+                          weight_decay=0.01, trust_ratio='bitsandbytes'),
+        bnb_lamb(LR, weight_decay=0.01),
+    ),
+    'lars-bitsandbytes': (
+        functools.partial(optax_paged.lars8bit, LR, weight_decay=0.01,
+                          trust_ratio='bitsandbytes'),
+        lars.lars_spec(LR, 0.9, 0.01, trust_ratio='bitsandbytes'),
+        functools.partial(optax_paged.paged_lars, LR, weight_decay=0.01,
+                          trust_ratio='bitsandbytes'),
         bnb_lars(LR, weight_decay=0.01),
     ),
     'sgd-nesterov': (
@@ -135,7 +153,7 @@ def test_kernel_step_equals_reference(name, dtype):
     _, state = step(_grads(params, i), state, params)
   # LAMB and LARS scale by norms, which XLA sums in another order op by op
   # than fused: those agree to an ulp; the rest bit for bit on the CPU.
-  compare = (compare_one_step if name in ('lamb', 'lars')
+  compare = (compare_one_step if name.startswith(('lamb', 'lars'))
              else compare_one_step_exactly)
   compare(state, reference_state_from(state, params), params,
           _grads(params, 9), tx, ref)
@@ -214,7 +232,9 @@ def test_8bit_trains_as_well_as_optax(name):
   params, loss_fn = teacher_problem()
   lr = 3e-4 if name == 'lion' else 3e-3
   lr = 3e-2 if name in ('sgd', 'sgd-nesterov', 'adagrad') else lr
-  lr = 0.3 if name == 'lars' else lr
+  lr = 0.3 if name == 'lars-bitsandbytes' else lr
+  # optax's trust coefficient, 0.001, asks for optax's own test rate.
+  lr = 1.0 if name == 'lars' else lr
   spec_kwargs = {'learning_rate': lr}
   counterparts = {
       'lion': optax.lion(lr, weight_decay=0.01),
@@ -226,8 +246,10 @@ def test_8bit_trains_as_well_as_optax(name):
       'adam': optax.adam(lr),
       'adamw-nesterov': optax.adamw(lr, weight_decay=0.01, nesterov=True),
       'adamw-eps-root': optax.adamw(lr, weight_decay=0.01, eps_root=1e-8),
-      'lamb': bnb_lamb(lr, weight_decay=0.01),
-      'lars': bnb_lars(lr, weight_decay=0.01),
+      'lamb': optax.lamb(lr, weight_decay=0.01),
+      'lars': optax.lars(lr, weight_decay=0.01),
+      'lamb-bitsandbytes': bnb_lamb(lr, weight_decay=0.01),
+      'lars-bitsandbytes': bnb_lars(lr, weight_decay=0.01),
   }
   ours_factory = factory.func
   kwargs = dict(factory.keywords, **spec_kwargs)

@@ -253,9 +253,16 @@ def reference_transformation(
     grads, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
     moment_leaves = treedef.flatten_up_to(state.moments)
-    # A trust ratio scales the kernel's float32 output before rounding it.
+    trust = spec.trust_ratio
+    scaled = (transform.resolve_mask(trust.mask, params)
+              if trust is not None else None)
+    if trust is not None and trust.before_kernel:
+      grads = trust_ratio.scale_gradients(trust, grads, param_leaves, decay,
+                                          scaled, state.count)
+    # A trust ratio scales the kernel's float32 input or output before the
+    # update is rounded.
     as_computed = ((lambda x: x.astype(jnp.float32))
-                   if spec.trust_ratio is not None else (lambda x: x))
+                   if trust is not None else (lambda x: x))
     # The kernels' random bits: leaf i of the state, the incremented count.
     randoms = [
         quantization.state_rounding_bits(count_inc, i, jnp.size(p))
@@ -270,9 +277,12 @@ def reference_transformation(
         )
     ]
     outputs = [r[0] for r in results]
-    if spec.trust_ratio is not None:
-      outputs = trust_ratio.apply(spec.trust_ratio, outputs, param_leaves,
-                                  decay, state.count)
+    if trust is not None and trust.before_kernel:
+      outputs = [u.astype(p.dtype)
+                 for u, p in zip(outputs, param_leaves, strict=True)]
+    elif trust is not None:
+      outputs = trust_ratio.apply(trust, outputs, param_leaves, decay, scaled,
+                                  state.count)
     new_updates = treedef.unflatten(outputs)
     new_moments = treedef.unflatten([r[1] for r in results])
     return new_updates, ReferenceState(count=count_inc, moments=new_moments)

@@ -115,8 +115,8 @@ class OptimizerSpec(NamedTuple):
   # Value every element of each moment starts from (Adagrad's accumulator);
   # read at init only, so an injected (traced) one does not stop an update.
   initial_values: tuple[Any, ...] = ()
-  # Per-tensor update-norm clipping after the kernel (LAMB, LARS); the
-  # hyperparameter vector then carries learning rate 1 and no decoupled decay.
+  # Per-tensor trust ratio around the kernel (LAMB, LARS); the hyperparameter
+  # vector then carries learning rate 1 and no decoupled decay.
   trust_ratio: trust_ratio_lib.TrustRatio | None = None
   # The optimizer table's entry whose kernel runs the step ('' for name).
   kernel: str = ''
@@ -432,18 +432,32 @@ TRUST_RATIO_STOCHASTIC_MSG = (
 
 def _trust_ratio_step(record, spec, hyper, grads, params, count,
                       output_mode) -> list[jax.Array]:
-  """The kernel's unscaled directions, scaled per leaf (trust_ratio)."""
+  """The kernel's step with a trust ratio, scaled per leaf (trust_ratio)."""
   if output_mode == ffi.OUTPUT_PARAMS_STOCHASTIC:
     raise ValueError(TRUST_RATIO_STOCHASTIC_MSG.format(spec.name))
+  trust = spec.trust_ratio
+  param_leaves = jax.tree.leaves(params)
+  decay = [leaf.decay for leaf in record.leaves]
+  scaled = resolve_mask(trust.mask, params)
+  if trust.before_kernel:
+    # The gradients are combined with the parameters before any check of
+    # the kernel's: refuse a shape or dtype that is not the parameters'.
+    grad_leaves = record.check_tree(
+        spec.name, 'updates', grads, [np.shape(p) for p in param_leaves])
+    grads = jax.tree.unflatten(jax.tree.structure(grads),
+                               trust_ratio_lib.scale_gradients(
+                                   trust, grad_leaves, param_leaves, decay,
+                                   scaled, count, spmd.norm_axes(record)))
   # In float32, so that a 16-bit parameter's update is rounded once, after
   # the scaling, not also before it.
   directions = spmd.update(record, spec.target, hyper, grads, params,
                            ffi.OUTPUT_UPDATES, in_float32=True)
-  param_leaves = jax.tree.leaves(params)
-  updates = trust_ratio_lib.apply(
-      spec.trust_ratio, directions, param_leaves,
-      [leaf.decay for leaf in record.leaves], count,
-      spmd.norm_axes(record))
+  if trust.before_kernel:
+    updates = [d.astype(p.dtype)
+               for d, p in zip(directions, param_leaves, strict=True)]
+  else:
+    updates = trust_ratio_lib.apply(trust, directions, param_leaves, decay,
+                                    scaled, count, spmd.norm_axes(record))
   if output_mode == ffi.OUTPUT_UPDATES:
     return updates
   # As optax.apply_updates.
