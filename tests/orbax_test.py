@@ -98,3 +98,101 @@ def test_orbax_checkpoint_of_another_tree_is_refused(tmp_path):
   other = random_tree([(64, 80), (301,), (3,)], seed=2)
   with pytest.raises(ValueError):
     _restore(tmp_path / 'ckpt', tx, other)
+
+
+def _nnx_optimizer(steps=0):
+  from flax import nnx
+
+  model = nnx.Linear(64, 80, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, optax_paged.adamw8bit(1e-3, min_8bit_size=256), wrt=nnx.Param)
+  x = jnp.ones((4, 64))
+  for _ in range(steps):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+  return optimizer
+
+
+def _save_standard(path, tree):
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, tree)
+
+
+def _save_managed(path, tree):
+  # Directories made synchronously: after a refused save, Orbax's thread
+  # that signals their asynchronous creation waits 300 s at exit.
+  options = ocp.CheckpointManagerOptions(async_options=ocp.AsyncOptions(
+      create_directories_asynchronously=False))
+  with ocp.CheckpointManager(path, options=options) as manager:
+    manager.save(1, args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
+
+
+@pytest.mark.parametrize('save', [_save_standard, _save_managed],
+                         ids=['standard', 'manager'])
+@pytest.mark.parametrize('pure', [False, True], ids=['state', 'pure_dict'])
+def test_orbax_save_of_nnx_state_is_refused_at_the_call(tmp_path, save, pure):
+  # nnx.state(optimizer) held the count and not the moments, so Orbax saved
+  # it; the loss showed only when a resumed step's output was read.
+  from flax import nnx
+
+  tree = nnx.state(_nnx_optimizer(steps=2))
+  with pytest.raises(TypeError, match='cannot checkpoint an optax_paged'):
+    save(tmp_path / 'ckpt', nnx.to_pure_dict(tree) if pure else tree)
+  committed = [p for p in tmp_path.rglob('*')
+               if 'orbax-checkpoint-tmp' not in str(p) and p.name != 'ckpt']
+  assert committed == []
+
+
+def _unguarded_checkpoint(path, pure):
+  """What Orbax wrote for nnx.state(optimizer) before the refusal: the count.
+
+  A handler with its own type registry skips the registry node, as Orbax's
+  global one did.
+  """
+  from flax import nnx
+  from orbax.checkpoint import type_handlers
+
+  unguarded = ocp.PyTreeCheckpointHandler(
+      type_handler_registry=type_handlers.create_type_handler_registry(
+          (jax.Array, type_handlers.ArrayHandler()),
+          (np.ndarray, type_handlers.NumpyHandler())))
+  tree = nnx.state(_nnx_optimizer(steps=3))
+  with ocp.Checkpointer(unguarded) as checkpointer:
+    checkpointer.save(path, args=ocp.args.PyTreeSave(
+        nnx.to_pure_dict(tree) if pure else tree))
+
+
+def _restore_standard(path, tree):
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, tree)
+
+
+def _restore_pytree(path, tree):
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(tree))
+
+
+@pytest.mark.parametrize('target', ['state', 'pure_dict', 'abstract'])
+@pytest.mark.parametrize('restore', [_restore_standard, _restore_pytree],
+                         ids=['standard', 'pytree'])
+def test_orbax_restore_into_nnx_state_is_refused_at_the_call(
+    tmp_path, target, restore):
+  # Restored, the count alone made the next step fail only once its output
+  # was read; a script that never read one exited 0.
+  from flax import nnx
+
+  _unguarded_checkpoint(tmp_path / 'ckpt', pure=target == 'pure_dict')
+  fresh = _nnx_optimizer()
+  before = optax_paged.state_dict(fresh.opt_state)
+  if target == 'abstract':
+    tree = nnx.state(nnx.eval_shape(_nnx_optimizer))
+  else:
+    tree = nnx.state(fresh)
+  if target == 'pure_dict':
+    tree = nnx.to_pure_dict(tree)
+  with pytest.raises(TypeError, match='cannot checkpoint an optax_paged'):
+    restore(tmp_path / 'ckpt', tree)
+  after = optax_paged.state_dict(fresh.opt_state)
+  assert int(after['count']) == 0
+  assert int(after['checksum']) == int(before['checksum'])

@@ -108,23 +108,15 @@ def test_nnx_update_with_an_older_optimizer_state_is_refused():
   assert 'count is 1' in _nnx_refusal(model, optimizer, x)
 
 
-def test_nnx_state_saved_by_orbax_then_restored_is_refused(tmp_path):
-  # Orbax cannot see the moments in nnx.state(optimizer); the restored count
-  # then disagrees with the fresh optimizer's moments.
-  import orbax.checkpoint as ocp
-
+def test_nnx_count_restored_without_its_moments_is_refused():
+  # What Orbax restored from nnx.state(optimizer) before it refused to save
+  # one (orbax_test.py): the count alone, put back into a fresh optimizer.
   model, optimizer = _nnx_pair()
   x = jnp.ones((4, 64))
   for _ in range(3):
     _nnx_step(model, optimizer, x)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / 'nnx', nnx.to_pure_dict(nnx.state(optimizer)))
   fresh_model, fresh = _nnx_pair()
-  target = nnx.state(fresh)
-  with ocp.StandardCheckpointer() as ckpt:
-    nnx.replace_by_pure_dict(
-        target, ckpt.restore(tmp_path / 'nnx', nnx.to_pure_dict(target)))
-  nnx.update(fresh, target)
+  fresh.opt_state.count.set_value(optimizer.opt_state.count.get_value())
   assert 'count is 3' in _nnx_refusal(fresh_model, fresh, x)
 
 

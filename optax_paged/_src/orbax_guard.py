@@ -11,10 +11,20 @@ silent loss into an error at save time (Orbax then leaves only its
 uncommitted ``*.orbax-checkpoint-tmp`` directory, which it never reads as a
 checkpoint). A restore whose target holds a raw state is refused the same way.
 
-Registration happens when the first state is allocated, so importing
-optax_paged does not import Orbax.
+Flax NNX would hide the node: ``nnx.state(optimizer)`` flattens the state
+with NNX's own registry, which keeps a leafless node in the graph
+definition, so the state held the count alone and Orbax saved it. NNX is
+therefore told to show the node as a variable of the optimizer state
+(``RegistryNode``, whose value is the leafless ``StateBuffers``): it passes
+through ``nnx.jit`` as before, and Orbax meets it in ``nnx.state(optimizer)``
+and in ``nnx.to_pure_dict`` of it, at save and at restore.
+
+Registration happens when a state is first made, so importing optax_paged
+imports neither Orbax nor Flax; NNX's at the first one made after Flax NNX
+was imported (``nnx.Optimizer`` makes its state itself).
 """
 
+import sys
 from typing import Any
 
 ORBAX_SAVE_MSG = (
@@ -23,15 +33,18 @@ ORBAX_SAVE_MSG = (
     'write the step count and silently drop them. Save and restore what '
     'carries them instead: flax.serialization.to_state_dict(train_state) for '
     'a Flax TrainState, or optax_paged.state_dict(opt_state) for an optimizer '
-    'state (README, "Checkpoints", has recipes for Linen, NNX and plain '
-    'optax). A save refused here commits no checkpoint.'
+    'state (for an NNX optimizer, optimizer.opt_state: nnx.state(optimizer) '
+    'does not hold the moments; README, "Checkpoints", has recipes for '
+    'Linen, NNX and plain optax). A save refused here commits no checkpoint.'
 )
 
 _registered = False
+_nnx_registered = False
 
 
 def register(buffers_type: type) -> None:
-  """Registers the refusal for ``buffers_type`` once; a no-op without Orbax."""
+  """Registers the refusal for ``buffers_type`` with Orbax and NNX, once."""
+  _register_nnx(buffers_type)
   global _registered
   if _registered:
     return
@@ -65,3 +78,29 @@ def register(buffers_type: type) -> None:
 
   type_handlers.register_type_handler(
       buffers_type, _RefusingHandler(), func=_matches, override=True)
+
+
+def _register_nnx(buffers_type: type) -> None:
+  """Shows ``buffers_type`` in NNX states; waits for Flax NNX's import."""
+  global _nnx_registered
+  if _nnx_registered or 'flax.nnx' not in sys.modules:
+    return
+  _nnx_registered = True
+  from flax.nnx import graphlib  # noqa: PLC0415 - imported already
+  from flax.nnx.training import optimizer  # noqa: PLC0415
+
+  class RegistryNode(optimizer.OptState):
+    """An optax_paged state's registry node, where NNX states show it.
+
+    Its value is the leafless ``StateBuffers``: nothing to save, and Orbax
+    refuses it rather than save the count without the moments.
+    """
+
+  def flatten(buffers: Any) -> tuple[list[tuple[str, Any]], Any]:
+    return [('registry', RegistryNode(buffers))], buffers.tree_flatten()[1]
+
+  def unflatten(children: Any, aux: Any) -> Any:
+    del children  # the node, rebuilt from its key as JAX rebuilds it
+    return buffers_type.tree_unflatten(aux, ())
+
+  graphlib.register_pytree_node_type(buffers_type, flatten, unflatten)

@@ -494,6 +494,7 @@ class StateRegistry:
     device memory. Moments start at ``initial_values`` (zero where not
     given). Quantized leaves hold ``code_bits``-bit codes (8 or 4).
     """
+    orbax_guard.register(StateBuffers)  # pending states, too, are refused
     leaves, treedef = jax.tree.flatten(params)
     if paths is None:
       paths = [
