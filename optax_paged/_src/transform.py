@@ -409,16 +409,20 @@ def _refuse_saturated_count(name: str, count: Any, record: Any) -> None:
   """Refuses a step from a count optax can no longer increment.
 
   The kernel would see the saturated count as a step behind the moments
-  and refuse the step as stale. A concrete count is read; a traced one is
-  judged by the moments' step while tracing (a step compiled before the
-  count saturated is refused by the kernel, as stale).
+  and refuse the step as stale. A count in host memory is read; a traced
+  one is judged by the moments' step while tracing (a step compiled before
+  the count saturated is refused by the kernel).
   """
   if base.is_tracer(count):
     saturated = record.moments_step() == base.MAX_COUNT
-  elif getattr(count, 'is_fully_addressable', True):
-    saturated = int(np.asarray(count)) >= base.MAX_COUNT
-  else:
+  elif isinstance(count, jax.Array) and (
+      not count.is_fully_addressable
+      or any(d.platform != 'cpu' for d in count.devices())):
+    # Reading it would wait for the previous step; a GPU kernel marks the
+    # refused step, and the next call names the overflow (registry).
     saturated = False
+  else:
+    saturated = int(np.asarray(count)) >= base.MAX_COUNT
   if saturated:
     raise ValueError(base.COUNT_OVERFLOW_MSG.format(name=name))
 
