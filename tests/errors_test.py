@@ -138,8 +138,9 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
           ([jnp.ones((5120,))], [3], 'out of range'),
       ]:
         try:
-          out = ffi.update_call('optax_paged_adamw', jnp.zeros(16), 0, leaves,
-                                leaves, state_id=key, leaf_indices=indices)
+          out, _ = ffi.update_call('optax_paged_adamw', jnp.zeros(16), 0,
+                                   leaves, leaves, state_id=key,
+                                   leaf_indices=indices)
           out[0].block_until_ready()
         except Exception as error:
           assert expected in str(error), error
@@ -148,7 +149,7 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
       try:
         ffi.update_call('optax_paged_adamw', jnp.zeros(16), 0, [jnp.ones(5120)],
                         [jnp.ones(5120)], state_id=10**9,
-                        leaf_indices=[0])[0].block_until_ready()
+                        leaf_indices=[0])[0][0].block_until_ready()
       except Exception as error:
         assert 'released' in str(error), error
       else:
@@ -156,7 +157,7 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
       try:
         ffi.update_call('optax_paged_adamw', jnp.zeros(16), 3, [jnp.ones(5120)],
                         [jnp.ones(5120)], state_id=key,
-                        leaf_indices=[0])[0].block_until_ready()
+                        leaf_indices=[0])[0][0].block_until_ready()
       except Exception as error:
         assert 'mesh position 0' in str(error), error
       else:
@@ -226,6 +227,7 @@ def test_a_state_no_machine_holds_is_refused_at_init(shape, how):
   with pytest.raises(ValueError, match=r"\['w'\] of shape .* more memory"):
     init(params)
   assert optax_paged.state_registry.total_bytes() == before
+
 
 def _state_at(tx, params, count):
   """A state of ``tx`` whose count and moments are at ``count``."""

@@ -60,12 +60,12 @@ def register_targets() -> None:
       jax.ffi.register_ffi_target(name, capsule, platform='CUDA')
 
 
-def _refuse_vmap(*args, **kwargs):
+def refuse_vmap(*args, **kwargs):
   del args, kwargs
   raise ValueError(VMAP_MSG)
 
 
-def _refuse_jvp(*args, **kwargs):
+def refuse_jvp(*args, **kwargs):
   del args, kwargs
   raise ValueError(DIFFERENTIATION_MSG)
 
@@ -81,7 +81,19 @@ def _abstract_eval(hyperparams, position, *operands, target, state_id,
                    leaf_indices, output_mode):
   del hyperparams, position, target, state_id, leaf_indices, output_mode
   params = operands[len(operands) // 2:]
-  return [jax.core.ShapedArray(p.shape, p.dtype) for p in params]
+  return [*(jax.core.ShapedArray(p.shape, p.dtype) for p in params),
+          _RECEIPT]
+
+
+# The call's last result: an int32 zero that is not the kernel's (the
+# lowering makes it a constant). The caller adds it to the new count, which
+# it always keeps, so that the count depends on the call. JAX drops a
+# shard_map, nested jit or cond none of whose results is used, whatever
+# primitives it holds (the dce rule below reaches only a call at the top
+# level of a jaxpr): without this, a step whose updates are discarded
+# (``jax.jit(lambda s: tx.update(g, s, p)[1])``) advanced the count on a mesh
+# while the kernel never ran.
+_RECEIPT = jax.core.ShapedArray((), jnp.int32)
 
 
 def _lowering(ctx, hyperparams, position, *operands, target, state_id,
@@ -98,8 +110,8 @@ def _lowering(ctx, hyperparams, position, *operands, target, state_id,
   rule = jax.ffi.ffi_lowering(
       target, has_side_effect=True, operand_output_aliases=aliases
   )
-  return rule(
-      ctx,
+  results = rule(
+      ctx.replace(avals_out=ctx.avals_out[:-1]),
       hyperparams,
       position,
       *operands,
@@ -107,6 +119,7 @@ def _lowering(ctx, hyperparams, position, *operands, target, state_id,
       leaf_indices=np.asarray(leaf_indices, dtype=np.int64),
       output_mode=np.int64(output_mode),
   )
+  return [*results, mlir.ir_constant(np.int32(0))]
 
 
 # The update as a primitive of its own rather than jax.ffi.ffi_call: XLA
@@ -133,8 +146,8 @@ def _eager_update(*operands, **params):
 
 update_p.def_impl(_eager_update)
 mlir.register_lowering(update_p, _lowering)
-batching.primitive_batchers[update_p] = _refuse_vmap
-ad.primitive_jvps[update_p] = _refuse_jvp
+batching.primitive_batchers[update_p] = refuse_vmap
+ad.primitive_jvps[update_p] = refuse_jvp
 partial_eval.dce_rules[update_p] = _keep_always
 
 
@@ -148,7 +161,7 @@ def update_call(
     state_id: int,
     leaf_indices: Sequence[int],
     output_mode: int = 0,
-) -> list[jax.Array]:
+) -> tuple[list[jax.Array], jax.Array]:
   """Runs one in-place update over the leaves of one dtype group.
 
   Args:
@@ -167,7 +180,9 @@ def update_call(
       rounded stochastically (bf16).
 
   Returns:
-    One array per leaf: the update, or the new parameter.
+    One array per leaf (the update, or the new parameter), and the receipt:
+    an int32 zero to add to the new count, so that the call runs whenever
+    the count is used.
   """
   register_targets()
   if len(grads) != len(params):
@@ -187,4 +202,4 @@ def update_call(
       leaf_indices=tuple(int(i) for i in leaf_indices),
       output_mode=int(output_mode),
   )
-  return list(outputs)
+  return list(outputs[:-1]), outputs[-1]

@@ -16,6 +16,7 @@ equals the unsplit update bit for bit.
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -27,16 +28,41 @@ from jax.sharding import PartitionSpec as P
 
 from optax_paged._src import base
 
-# Axis name jax.pmap's shard_map implementation gives its mapped axis.
-PMAP_AXIS = '_internal_pmap_axis_name'
-
 PMAP_MSG = (
-    'optax_paged optimizers cannot run inside jax.pmap: the state lives in '
-    'per-device registry entries that pmap\'s replicated copies cannot '
-    'address. Put the parameters on a jax.sharding.Mesh (NamedSharding) and '
-    'use jax.jit, or jax.shard_map over that mesh; tx.init then makes one '
-    'entry per device.'
+    'optax_paged optimizers cannot run inside jax.pmap (tx.init, tx.update '
+    'and apply_gradients alike): the state lives in per-device registry '
+    'entries that pmap\'s replicated copies cannot address. Put the '
+    'parameters on a jax.sharding.Mesh (NamedSharding) and use jax.jit, or '
+    'jax.shard_map over that mesh; tx.init(params) outside them then makes '
+    'one entry per device.'
 )
+
+
+# The module whose frames trace a pmapped function.
+_PMAP_MODULE = jax.pmap.__module__
+
+
+def inside_pmap() -> bool:
+  """Whether this is being traced by ``jax.pmap``.
+
+  pmap is a ``shard_map`` over a mesh of its own (jax >= 0.10) whose axis is
+  named by pmap's ``axis_name``: the manual axes alone do not tell it from a
+  user's ``shard_map``, but pmap's frames on the stack do.
+  """
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    return False
+  frame = inspect.currentframe()
+  while frame is not None:
+    if frame.f_globals.get('__name__') == _PMAP_MODULE:
+      return True
+    frame = frame.f_back
+  return False
+
+
+def refuse_pmap() -> None:
+  """Raises PMAP_MSG under ``jax.pmap``, before anything is traced or made."""
+  if inside_pmap():
+    raise ValueError(PMAP_MSG)
 
 
 def axes_of(entry: Any) -> tuple[str, ...]:

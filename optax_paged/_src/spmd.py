@@ -13,7 +13,14 @@ traced:
 
 Every call passes the device's linear mesh position (from ``axis_index``);
 the handler compares it with the position its entry was made for, so a
-shard that reaches another device's entry is refused, never applied.
+shard that reaches another device's entry is refused, never applied. Inside
+the user's ``shard_map`` the devices' order is compared with the state's
+mesh before that, when the step is lowered (``device_order``), so that no
+device applies a step that another refuses.
+
+A state on one device also runs inside a ``shard_map`` over a one-device
+mesh (what the ``shard_map`` recipe gives on one GPU): there the operands
+are whole leaves.
 """
 
 import math
@@ -24,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from optax_paged._src import device_order
 from optax_paged._src import ffi
 from optax_paged._src import registry
 from optax_paged._src import sharding
@@ -60,11 +68,12 @@ def _call_groups(
     record: registry.StateRecord, target: str, hyper: jax.Array,
     position: jax.Array, grads: Sequence[jax.Array],
     params: Sequence[jax.Array], output_mode: int,
-) -> list[jax.Array]:
+) -> tuple[list[jax.Array], jax.Array]:
   """One FFI call per dtype group over this device's operands."""
   outputs: list[Any] = [None] * len(grads)
+  receipt = jnp.zeros([], jnp.int32)
   for group in record.groups:
-    results = ffi.update_call(
+    results, group_receipt = ffi.update_call(
         target,
         hyper,
         position,
@@ -74,20 +83,26 @@ def _call_groups(
         leaf_indices=group.indices,
         output_mode=output_mode,
     )
+    receipt = receipt + group_receipt
     for i, result in zip(group.indices, results, strict=True):
       outputs[i] = result
-  return outputs
+  return outputs, receipt
 
 
 def update(
     record: registry.StateRecord, target: str, hyper: jax.Array,
     grads: Any, params: Any, output_mode: int, *, in_float32: bool = False,
-) -> list[jax.Array]:
+) -> tuple[list[jax.Array], jax.Array]:
   """The update's results (one per leaf) for ``grads`` and ``params``.
 
   With ``in_float32`` the kernel runs on float32 copies of 16-bit operands
   and returns float32 results (for a result that is scaled further before
   it is rounded once to the parameter's dtype).
+
+  Returns:
+    The results, and the receipt: an int32 zero that depends on every
+    update call (``ffi.update_call``). Add it to the new count, so that the
+    calls run whenever the count is kept, even where the results are not.
   """
   if record.layout is None:
     return _single_device_update(record, target, hyper, grads, params,
@@ -119,15 +134,18 @@ def _single_device_update(
   """The update of a state that lives on one device."""
   grads, params = _operands(record, grads, params, in_float32=in_float32)
   axes = manual_axes()
-  if axes:
-    if sharding.PMAP_AXIS in axes:
-      raise ValueError(sharding.PMAP_MSG)
+  context = jax.sharding.get_abstract_mesh()
+  if axes and math.prod(context.axis_sizes) > 1:
     raise ValueError(
         f'{record.optimizer}: this state was initialised for parameters on '
-        f'one device, but the update runs inside a shard_map over {axes}. '
-        'Initialise it with the parameters on the mesh (NamedSharding): '
-        'tx.init then makes one entry per device.'
+        f'one device, but the update runs inside a shard_map over {axes} of '
+        f'a mesh of {math.prod(context.axis_sizes)} devices. Initialise it '
+        'with the parameters on the mesh (NamedSharding): tx.init then makes '
+        'one entry per device.'
     )
+  if axes:  # a one-device mesh: it must be the state's device
+    hyper = device_order.checked(hyper, record.optimizer, None,
+                                 record.devices[0])
   for x in (*grads, *params):
     mesh = _aval_mesh(x)
     if mesh is not None and math.prod(mesh.axis_sizes) > 1:
@@ -163,14 +181,15 @@ def _local_step(
       grads[i], params[i] = (
           _my_chunk(layout, x, chunk) for x in (grads[i], params[i])
       )
-  outputs = _call_groups(record, target, hyper, _traced_position(layout),
-                         grads, params, output_mode)
+  outputs, receipt = _call_groups(record, target, hyper,
+                                  _traced_position(layout), grads, params,
+                                  output_mode)
   for i, chunk in enumerate(layout.chunks):
     if chunk:
       gathered = jax.lax.all_gather(outputs[i], layout.zero_axis, tiled=True)
       outputs[i] = gathered[:layout.local_size(i)].reshape(
           layout.local_shapes[i])
-  return outputs
+  return outputs, receipt
 
 
 def _my_chunk(layout: sharding.MeshLayout, x: jax.Array,
@@ -208,8 +227,6 @@ def _mesh_update(
   layout = record.layout
   name = record.optimizer
   axes = manual_axes()
-  if sharding.PMAP_AXIS in axes:
-    raise ValueError(sharding.PMAP_MSG)
   sizes = layout.axis_sizes
   context = jax.sharding.get_abstract_mesh()
   context_sizes = dict(zip(context.axis_names, context.axis_sizes,
@@ -224,6 +241,10 @@ def _mesh_update(
       )
   shapes = [layout.local_shape_in(i, axes) for i in range(len(record.leaves))]
   grads, params = _operands(record, grads, params, shapes, in_float32)
+  if axes:
+    # The global view maps over the state's own mesh; inside the user's
+    # shard_map the devices' order is the user's mesh's.
+    hyper = device_order.checked(hyper, name, layout.mesh)
 
   def step(hyper, grads, params):
     return _local_step(record, target, output_mode, hyper, grads, params)
@@ -240,8 +261,9 @@ def _mesh_update(
       step,
       mesh=layout.mesh if not axes else None,
       in_specs=(P(), specs, specs),
-      out_specs=specs,
+      out_specs=(specs, P()),
       axis_names=frozenset(a for a in layout.mesh.axis_names if a not in axes),
       check_vma=False,
   )
-  return list(mapped(hyper, grads, params))
+  outputs, receipt = mapped(hyper, grads, params)
+  return list(outputs), receipt

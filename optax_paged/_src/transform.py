@@ -24,6 +24,7 @@ from optax_paged._src import hyperparams
 from optax_paged._src import optimizer_table
 from optax_paged._src import paging
 from optax_paged._src import registry
+from optax_paged._src import sharding
 from optax_paged._src import spmd
 from optax_paged._src import state_io
 from optax_paged._src import trust_ratio as trust_ratio_lib
@@ -187,6 +188,7 @@ def make_transformation(
 
   def init_with(params: base.Params,
                 zero_axis: str | None) -> PagedOptimizerState:
+    sharding.refuse_pmap()
     leaves = jax.tree.leaves(params)
     if any(_trace_of(leaf) in updated_in for leaf in leaves):
       raise TypeError(REINIT_MSG)
@@ -372,6 +374,7 @@ def run_step(
     output_mode: int,
 ) -> tuple[Any, jax.Array]:
   """One FFI call per dtype group; returns (updates or new params, count)."""
+  sharding.refuse_pmap()
   if params is None:
     raise ValueError(base.NO_PARAMS_MSG)
   if _inside_optax_multisteps():
@@ -397,12 +400,16 @@ def run_step(
       spec.hyperparams(state.count, count_inc), count_inc
   )
   if spec.trust_ratio is None:
-    outputs = spmd.update(record, spec.target, hyper, grads, params,
-                          output_mode)
+    outputs, receipt = spmd.update(record, spec.target, hyper, grads, params,
+                                   output_mode)
   else:
-    outputs = _trust_ratio_step(record, spec, hyper, grads, params,
-                                state.count, output_mode)
-  return jax.tree.unflatten(jax.tree.structure(grads), outputs), count_inc
+    outputs, receipt = _trust_ratio_step(record, spec, hyper, grads, params,
+                                         state.count, output_mode)
+  # The new count depends on the update calls (spmd.update's receipt): a
+  # step whose updates are discarded still runs them wherever the count is
+  # kept, inside a shard_map or a nested jit too.
+  return (jax.tree.unflatten(jax.tree.structure(grads), outputs),
+          count_inc + receipt)
 
 
 def _refuse_saturated_count(name: str, count: Any, record: Any) -> None:
@@ -435,8 +442,11 @@ TRUST_RATIO_STOCHASTIC_MSG = (
 
 
 def _trust_ratio_step(record, spec, hyper, grads, params, count,
-                      output_mode) -> list[jax.Array]:
-  """The kernel's step with a trust ratio, scaled per leaf (trust_ratio)."""
+                      output_mode) -> tuple[list[jax.Array], jax.Array]:
+  """The kernel's step with a trust ratio, scaled per leaf (trust_ratio).
+
+  Returns the results and spmd.update's receipt.
+  """
   if output_mode == ffi.OUTPUT_PARAMS_STOCHASTIC:
     raise ValueError(TRUST_RATIO_STOCHASTIC_MSG.format(spec.name))
   trust = spec.trust_ratio
@@ -454,8 +464,9 @@ def _trust_ratio_step(record, spec, hyper, grads, params, count,
                                    scaled, count, spmd.norm_axes(record)))
   # In float32, so that a 16-bit parameter's update is rounded once, after
   # the scaling, not also before it.
-  directions = spmd.update(record, spec.target, hyper, grads, params,
-                           ffi.OUTPUT_UPDATES, in_float32=True)
+  directions, receipt = spmd.update(record, spec.target, hyper, grads,
+                                    params, ffi.OUTPUT_UPDATES,
+                                    in_float32=True)
   if trust.before_kernel:
     updates = [d.astype(p.dtype)
                for d, p in zip(directions, param_leaves, strict=True)]
@@ -463,10 +474,10 @@ def _trust_ratio_step(record, spec, hyper, grads, params, count,
     updates = trust_ratio_lib.apply(trust, directions, param_leaves, decay,
                                     scaled, count, spmd.norm_axes(record))
   if output_mode == ffi.OUTPUT_UPDATES:
-    return updates
+    return updates, receipt
   # As optax.apply_updates.
   return [jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
-          for p, u in zip(param_leaves, updates, strict=True)]
+          for p, u in zip(param_leaves, updates, strict=True)], receipt
 
 
 def _check_structure(name: str, grads: Any, params: Any) -> None:
