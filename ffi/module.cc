@@ -5,6 +5,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <shared_mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu_codec.h"
@@ -23,6 +25,7 @@
 #include "quantization.h"
 #include "state_memory.h"
 #include "state_registry.h"
+#include "state_transfer.h"
 
 #if defined(OPTAX_PAGED_WITH_CUDA)
 #include "cuda_update.h"
@@ -343,6 +346,81 @@ void SetMomentsStep(StateEntry& entry, int32_t step) {
   }
 }
 
+// A host copy as a NumPy array of T, which takes over its bytes.
+template <typename T>
+HostArray<T> AdoptToNumpy(HostBuffer& buffer) {
+  const size_t count = buffer.bytes() / sizeof(T);
+  uint8_t* bytes = buffer.Release();
+  nb::capsule owner(
+      bytes, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
+  return HostArray<T>(reinterpret_cast<T*>(bytes), {count}, owner);
+}
+
+void ThrowTransferError(TransferStatus status, const std::string& error) {
+  if (status == TransferStatus::kReleased ||
+      status == TransferStatus::kInvalid) {
+    throw std::invalid_argument(error);
+  }
+  throw std::runtime_error("optimizer state transfer: " + error);
+}
+
+// Per entry: (steps of its non-empty leaves, per leaf per moment (codes,
+// absmax) or (fp32 values, None)), all read under every entry's lock.
+nb::list ReadEntries(const std::vector<StateEntry*>& entries) {
+  std::vector<EntryCopy> copies;
+  std::string error;
+  TransferStatus status;
+  {
+    nb::gil_scoped_release unlocked;
+    status = CopyEntriesToHost(entries, &copies, &error);
+  }
+  if (status != TransferStatus::kOk) ThrowTransferError(status, error);
+  nb::list out;
+  for (EntryCopy& copy : copies) {
+    nb::list leaves;
+    for (LeafCopy& leaf : copy.leaves) {
+      nb::list moments;
+      for (size_t m = 0; m < leaf.data.size(); ++m) {
+        if (leaf.quantized) {
+          moments.append(nb::make_tuple(AdoptToNumpy<uint8_t>(leaf.data[m]),
+                                        AdoptToNumpy<float>(leaf.absmax[m])));
+        } else {
+          moments.append(
+              nb::make_tuple(AdoptToNumpy<float>(leaf.data[m]), nb::none()));
+        }
+      }
+      leaves.append(moments);
+    }
+    out.append(nb::make_tuple(copy.steps, leaves));
+  }
+  return out;
+}
+
+using HostBytes =
+    nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// Writes (entry index, leaf, moment, data bytes, absmax bytes) and stamps
+// every leaf with `step`, under every entry's lock; checks all first.
+void WriteEntries(
+    const std::vector<StateEntry*>& entries,
+    const std::vector<std::tuple<size_t, int64_t, int64_t, HostBytes,
+                                 HostBytes>>& writes,
+    int32_t step) {
+  std::vector<MomentWrite> plain;
+  plain.reserve(writes.size());
+  for (const auto& [entry, leaf, moment, data, absmax] : writes) {
+    plain.push_back(MomentWrite{entry, leaf, moment, data.data(), data.nbytes(),
+                                absmax.data(), absmax.nbytes()});
+  }
+  std::string error;
+  TransferStatus status;
+  {
+    nb::gil_scoped_release unlocked;
+    status = WriteEntriesFromHost(entries, plain, step, &error);
+  }
+  if (status != TransferStatus::kOk) ThrowTransferError(status, error);
+}
+
 nb::dict LeafInfo(const StateEntry& entry, int64_t leaf) {
   if (leaf < 0 || leaf >= static_cast<int64_t>(entry.leaves().size())) {
     throw std::out_of_range("leaf index out of range");
@@ -453,6 +531,18 @@ NB_MODULE(_optax_paged_ext, m) {
            nb::call_guard<nb::gil_scoped_release>())
       .def("release", &StateEntry::Release,
            nb::call_guard<nb::gil_scoped_release>());
+  m.def("read_entries", &ReadEntries, nb::arg("entries"),
+        "Every moment and step stamp of a state's entries, read under all "
+        "their locks at once.");
+  m.def("write_entries", &WriteEntries, nb::arg("entries"), nb::arg("writes"),
+        nb::arg("step"),
+        "Writes (entry, leaf, moment, data, absmax) bytes and stamps every "
+        "leaf with `step`, under all the entries' locks; checks every write "
+        "before the first.");
+  m.def("release_entries", &ReleaseEntries, nb::arg("entries"),
+        "Releases a state's entries: all leave the registry before any is "
+        "freed.",
+        nb::call_guard<nb::gil_scoped_release>());
   m.def("create_state", &CreateState, nb::arg("platform"),
         nb::arg("num_moments"), nb::arg("sizes"), nb::arg("code_bits"),
         nb::arg("decay"), nb::arg("tiers"), nb::arg("index_offsets"),

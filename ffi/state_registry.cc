@@ -125,23 +125,30 @@ void StateEntry::FreeAll() {
   }
 }
 
-void StateEntry::Release() {
-  {
-    GlobalRegistry& global = Global();
-    std::lock_guard<std::mutex> lock(global.mutex);
-    // The key may already name a newer entry (keys are reused once their
-    // state is gone): only this entry's own slot is cleared.
-    auto it =
-        global.entries.find(GroupDevice{placement_.group, placement_.ordinal});
-    if (it != global.entries.end()) {
-      std::shared_ptr<StateEntry> current = it->second.lock();
-      if (current == nullptr || current.get() == this) global.entries.erase(it);
-    }
+void StateEntry::Unregister() {
+  GlobalRegistry& global = Global();
+  std::lock_guard<std::mutex> lock(global.mutex);
+  // The key may already name a newer entry (keys are reused once their
+  // state is gone): only this entry's own slot is cleared.
+  auto it =
+      global.entries.find(GroupDevice{placement_.group, placement_.ordinal});
+  if (it != global.entries.end()) {
+    std::shared_ptr<StateEntry> current = it->second.lock();
+    if (current == nullptr || current.get() == this) global.entries.erase(it);
   }
+}
+
+void StateEntry::Release() {
+  Unregister();
   std::unique_lock<std::shared_mutex> lock(mutex_);
   if (released_) return;
   released_ = true;
   FreeAll();
+}
+
+void ReleaseEntries(const std::vector<StateEntry*>& entries) {
+  for (StateEntry* entry : entries) entry->Unregister();
+  for (StateEntry* entry : entries) entry->Release();
 }
 
 bool StateEntry::ReadSteps(std::vector<int32_t>* steps,

@@ -88,6 +88,8 @@ class StateEntry {
 
   // Frees the buffers after running handlers finish; later handlers fail.
   void Release();
+  // Removes the entry from the registry: handlers no longer find it.
+  void Unregister();
 
   int64_t id() const { return id_; }
   const Placement& placement() const { return placement_; }
@@ -146,6 +148,12 @@ std::shared_ptr<StateEntry> CreateStateEntry(Placement placement,
 // The live entry of `group` on the device with this ordinal, or nullptr if
 // it was released or collected, or the group has no entry there.
 std::shared_ptr<StateEntry> FindStateEntry(int64_t group, int64_t ordinal);
+
+// Releases the entries of one state: all leave the registry before any is
+// freed, so a handler that runs meanwhile finds none of them (the state was
+// released) rather than some, which would look like a state initialised for
+// other devices.
+void ReleaseEntries(const std::vector<StateEntry*>& entries);
 
 // Whether any live entry belongs to `group` (to tell "released" from
 // "not on this device").

@@ -51,6 +51,7 @@ from optax_paged._src.registry import REGISTRY as state_registry
 from optax_paged._src.registry import MoveStats
 from optax_paged._src.registry import StateBuffers
 from optax_paged._src.registry import StateRegistry
+from optax_paged._src.registry import free_orphans
 from optax_paged._src.registry import release
 from optax_paged._src.single_moment import adagrad8bit
 from optax_paged._src.single_moment import rmsprop8bit
@@ -80,6 +81,7 @@ __all__ = [
     'ademamix8bit',
     'apply_gradients',
     'build_info',
+    'free_orphans',
     'lamb8bit',
     'lars8bit',
     'lion4bit',

@@ -1,6 +1,7 @@
 """state_dict / load_state_dict: bit-identical resume, refused mismatches."""
 
 import copy
+import pickle
 import zlib
 
 import jax
@@ -202,3 +203,34 @@ def test_a_refused_second_state_leaves_the_first_untouched():
   _assert_equal(optax_paged.state_dict(fresh), before)
   restored = optax_paged.load_state_dict(fresh, saved)
   _assert_equal(optax_paged.state_dict(restored), saved)
+
+
+def _over_no_leaves(name):
+  """An optax_paged optimizer that a wrapper gives no parameter to."""
+  if name == 'masked':
+    return optax.masked(optax_paged.adamw8bit(1e-2),
+                        lambda params: jax.tree.map(lambda _: False, params))
+  return optax.multi_transform(
+      {'used': optax.sgd(1e-2), 'unused': optax_paged.lion8bit(1e-3)},
+      lambda params: jax.tree.map(lambda _: 'used', params))
+
+
+@pytest.mark.parametrize('name', ['masked', 'multi_transform'])
+def test_an_optimizer_over_no_leaves_checkpoints_copies_and_restores(name):
+  import flax.serialization  # noqa: PLC0415 - only this test needs Flax
+
+  params = random_tree(SHAPES, seed=6)
+  tx = _over_no_leaves(name)
+  p_full, s_full = _steps(tx, params, tx.init(params), 0, 4)
+  p_half, state = _steps(tx, params, tx.init(params), 0, 2)
+  saved = optax_paged.state_dict(state)
+  copies = [copy.deepcopy(state), pickle.loads(pickle.dumps(state)),
+            optax_paged.load_state_dict(
+      tx.init(params), saved), flax.serialization.from_state_dict(
+          tx.init(params), flax.serialization.to_state_dict(state))]
+  for restored in copies:
+    _assert_equal(optax_paged.state_dict(restored), saved)
+    p_resumed, s_resumed = _steps(tx, p_half, restored, 2, 2)
+    _assert_equal(p_resumed, p_full)
+    _assert_equal(optax_paged.state_dict(s_resumed),
+                  optax_paged.state_dict(s_full))

@@ -297,6 +297,10 @@ class MemoryReport:
       evicted to host RAM for XLA's memory pool: steps then fault those
       pages in, far slower than the host tier. Guard the step with
       ``memory_guarded`` or lower the device budget.
+    orphaned: bytes this process still holds for states that nothing refers
+      to any more (dropped, not part of ``state``): freed by the next
+      allocation or garbage collection once their last step is done, or at
+      once by ``optax_paged.free_orphans()``.
   """
 
   rows: tuple[MemoryRow, ...]
@@ -304,6 +308,7 @@ class MemoryReport:
       default_factory=registry.MoveStats)
   free: dict[str, int] = dataclasses.field(default_factory=dict)
   evicted: dict[str, int] = dataclasses.field(default_factory=dict)
+  orphaned: int = 0
 
   @property
   def totals(self) -> dict[str, int]:
@@ -352,6 +357,9 @@ class MemoryReport:
               'device-tier state (XLA needed the memory; steps fault these '
               'pages in: use memory_guarded or a smaller device budget)'
               for device, nbytes in sorted(self.evicted.items())]
+    if self.orphaned:
+      extra.append(f'orphaned: {self.orphaned:,} bytes of dropped states, '
+                   'not freed yet (optax_paged.free_orphans() frees them)')
     return '\n'.join([fmt(header), rule, *body, rule, *totals, *extra])
 
 
@@ -364,8 +372,9 @@ def memory_report(state: Any) -> MemoryReport:
   Returns:
     A ``MemoryReport``: ``rows`` (leaf path, shape, bits, tier, bytes, and
     the device for a state on a mesh), ``totals`` per tier,
-    ``per_device`` totals, ``moves`` between tiers so far and each GPU's
-    ``free`` memory; ``print`` it for a table.
+    ``per_device`` totals, ``moves`` between tiers so far, each GPU's
+    ``free`` memory, and the ``orphaned`` bytes of dropped states not freed
+    yet; ``print`` it for a table.
 
   Example:
     >>> import jax.numpy as jnp, optax_paged
@@ -407,7 +416,8 @@ def memory_report(state: Any) -> MemoryReport:
             bytes=int(info['bytes']),
             device=str(device) if sharded else '',
         ))
-  return MemoryReport(tuple(rows), moves, free, evicted)
+  return MemoryReport(tuple(rows), moves, free, evicted,
+                      registry.REGISTRY.orphaned_bytes())
 
 
 def _paged_on_device(device: jax.Device) -> int:

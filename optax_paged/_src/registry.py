@@ -7,12 +7,14 @@ pytree is what lets one FFI call update them in place inside ``jax.jit``
 without copying them through XLA.
 
 Lifetime: the ``StateBuffers`` object for a key is unique while any state
-refers to it; when the last one is garbage collected, the buffers are freed.
-``release`` frees them at once. JAX caches hold only the integer key, never
+refers to it; when the last one is garbage collected, the buffers are an
+orphan, freed soon after (``StateRegistry``). ``release`` and
+``free_orphans`` free them at once. JAX caches hold only the integer key, never
 the buffers; a key freed that way serves a later state of the same
 structure, and so do the steps compiled for it (``state_keys``).
 """
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -151,6 +153,11 @@ class StateRecord:
     # device under a fixed budget.
     self.budget_policy = None
     self.budget_caps = None
+    # The count of the newest state built on these buffers outside a trace:
+    # an output of the step that made it, still running while not ready
+    # (see busy).
+    self.last_count = None
+    self._released = False
     self._key_returned = False
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, leaf in enumerate(self.leaves):
@@ -174,16 +181,44 @@ class StateRecord:
 
   @property
   def released(self) -> bool:
-    return any(entry.released for entry in self.entries)
+    """Whether the state was released (its buffers freed, or being freed)."""
+    return self._released
+
+  @property
+  def has_moments(self) -> bool:
+    """Whether any leaf has an element (an optimizer that a wrapper gave no
+    parameter, such as optax.masked with every leaf masked, has none)."""
+    return any(layout.size for layout in self.leaves)
 
   @property
   def total_bytes(self) -> int:
     """Bytes of state this process holds for this record, all devices."""
     return sum(int(entry.total_bytes) for entry in self.entries)
 
+  def refuse_steps(self) -> None:
+    """Counts the state as released from now on, before its buffers go.
+
+    Later calls are refused by Python (see ``StateBuffers.tree_flatten``)
+    while the steps already dispatched finish on the buffers.
+    """
+    self._released = True
+
+  def busy(self) -> bool:
+    """Whether the step that made the newest state is still running.
+
+    Asks without waiting, so that a garbage collector's callback may ask.
+    """
+    count = self.last_count
+    return (count is not None and not count.is_deleted()
+            and not count.is_ready())
+
   def release(self) -> None:
-    for entry in self.entries:
-      entry.release()
+    self._released = True
+    self.last_count = None
+    # Every entry leaves the registry before any is freed: a step on the
+    # other devices then finds the state released, never "not on this
+    # device" (ffi/state_registry.h).
+    ffi.extension().release_entries(list(self.entries))
     if not self._key_returned:
       self._key_returned = True
       state_keys.KEYS.released(self.group)
@@ -217,21 +252,59 @@ class StateRecord:
             ' That step returned NaN.')
 
   def moments_step(self) -> int | None:
-    """The step every leaf's moments are at; None if they disagree."""
+    """The step every leaf's moments are at.
+
+    None if they disagree, or if there are no moments (no leaf has an
+    element): such a state is at whatever step its count says.
+    """
     steps = {s for entry in self.entries for s in entry.moments_steps()}
-    if len(steps) > 1:
-      return None
-    return steps.pop() if steps else 0
+    return steps.pop() if len(steps) == 1 else None
+
+  def read_moments(self) -> tuple[int | None, list[Any]]:
+    """Every entry's moments and the step they are at, read at once.
+
+    Under every entry's lock for the whole read, as a step holds its
+    entry's for the whole call: the copy is one step's moments, never some
+    leaves from before a step and some from after it.
+
+    Returns:
+      The step (None as for ``moments_step``), and per entry, per leaf, per
+      moment: ``(codes, absmax)`` of a quantized leaf, else
+      ``(fp32 values, None)``.
+    """
+    copies = ffi.extension().read_entries(list(self.entries))
+    steps = {step for steps, _ in copies for step in steps}
+    return (steps.pop() if len(steps) == 1 else None,
+            [leaves for _, leaves in copies])
+
+  def write_moments(self, writes: Sequence[tuple[Any, ...]],
+                    step: int) -> None:
+    """Writes moments and stamps every leaf with ``step``, at once.
+
+    Under every entry's lock, as ``read_moments``: a step on another thread
+    lands before the whole write or after it. Every write is checked before
+    the first is made.
+
+    Args:
+      writes: ``(entry index, leaf, moment, data, absmax)``, the data and
+        absmax as uint8 arrays (absmax empty for an fp32 moment).
+      step: the step the written moments are at.
+    """
+    self.touched = True
+    ffi.extension().write_entries(list(self.entries), list(writes), step)
 
   def set_moments_step(self, step: int) -> None:
     """Stamps the moments with ``step`` (after a load wrote them)."""
     for entry in self.entries:
       entry.set_moments_step(step)
 
-  def check_count(self, count: int) -> None:
-    """Refuses a concrete ``count`` that is not the moments' step."""
-    step = self.moments_step()
-    if step != count:
+  def check_count(self, count: int, step: int | None) -> None:
+    """Refuses a concrete ``count`` that is not ``step``, the moments' step.
+
+    ``step`` as ``read_moments`` gives it; any count fits a state without
+    moments.
+    """
+    if self.has_moments and step != count:
       raise ValueError(base.STALE_STATE_MSG.format(
           name=self.optimizer, count=count,
           step='different steps' if step is None else step))
@@ -327,13 +400,24 @@ class StateBuffers:
       weakref.finalize(self, state_keys.KEYS.drop, key)
 
   def tree_flatten(self):
-    return (), (self.key if self.pending is None else self.pending)
+    if self.pending is not None:
+      return (), self.pending
+    if self.key and (self._record is None or self._record.released):
+      # Another structure than the live state's: a step compiled for that
+      # one is not reused, so the call traces and is refused, in Python,
+      # naming the released state. The compiled step would run and fail in
+      # the kernel, and that error would be passed on by every later step
+      # fed its outputs, each wrapping it once more.
+      return (), _Released(self.key)
+    return (), self.key
 
   @classmethod
   def tree_unflatten(cls, key, children):
     del children
     if isinstance(key, PendingInit):
       return StateBuffers(0, None, key)
+    if isinstance(key, _Released):
+      return StateBuffers(key.key, None)
     return REGISTRY.lookup(key)
 
   def __repr__(self) -> str:
@@ -366,8 +450,16 @@ class StateBuffers:
     if self._record is not None:
       self._record.check_device_marks()
     if self._record is None or self._record.released:
-      raise ValueError(base.RELEASED_STATE_MSG)
+      raise ValueError(
+          f'optimizer state {self.key}: {base.RELEASED_STATE_MSG}')
     return self._record
+
+
+@dataclasses.dataclass(frozen=True)
+class _Released:
+  """A released state's key, as its tree structure holds it."""
+
+  key: int
 
 
 def _comparable_path(path: str) -> str:
@@ -429,7 +521,10 @@ class StateRegistry:
   every reference for a moment, then rebuilds it) revives it. An orphan is
   freed by the next state allocation, by the first garbage collection of
   any generation once ``ORPHAN_GRACE_SECONDS`` have passed, or by the next
-  full collection, whichever comes first.
+  full collection, whichever comes first, once the step that made its last
+  state has finished (until then those pass it by: a state dropped while
+  its step runs keeps its buffers for that step). ``free_orphans()`` frees
+  every orphan at once, waiting for their steps.
   """
 
   # Long enough for NNX to rebuild a module (microseconds to milliseconds),
@@ -457,17 +552,42 @@ class StateRegistry:
   def _on_gc(self, phase: str, info: dict[str, int]) -> None:
     if phase != 'start' or not self._orphans:
       return
-    if info.get('generation') == 2:
-      self.free_orphans(0.0)
-    else:
-      self.free_orphans(self.ORPHAN_GRACE_SECONDS)
+    # A collection may start anywhere, even inside JAX: wait for nothing.
+    grace = 0.0 if info.get('generation') == 2 else self.ORPHAN_GRACE_SECONDS
+    self.free_orphans(grace, wait=False)
 
-  def free_orphans(self, older_than: float = 0.0) -> None:
-    """Frees the orphaned records dropped at least ``older_than`` s ago."""
+  def free_orphans(self, older_than: float = 0.0, *, wait: bool = True) -> int:
+    """Frees the orphaned records dropped at least ``older_than`` s ago.
+
+    Args:
+      older_than: seconds since the record was dropped.
+      wait: wait for the work dispatched to an orphan's devices first, so
+        that a step still running on a dropped state finishes (and its
+        results are kept). Without it, orphans whose last step is still
+        running are left for a later call.
+
+    Returns:
+      The bytes freed.
+    """
     now = time.monotonic()
+    freed = 0
     for key, (record, since) in list(self._orphans.items()):
-      if now - since >= older_than and self._orphans.pop(key, None):
+      if now - since < older_than:
+        continue
+      if wait:
+        wait_for_devices(record)
+      elif record.busy():
+        continue
+      # Revived (looked up) or freed by a collection meanwhile: not ours.
+      if self._orphans.pop(key, None) is not None:
+        freed += record.total_bytes
         record.release()
+    return freed
+
+  def orphaned_bytes(self) -> int:
+    """Bytes held by orphans: dropped states not freed yet."""
+    return sum(record.total_bytes
+               for record, _ in list(self._orphans.values()))
 
   def allocate(
       self,
@@ -553,8 +673,10 @@ class StateRegistry:
 
     Paged buffers start in the host tier; ``paging.apply_budget`` moves them.
     """
-    # Memory is asked for: what dropped states held goes back first.
-    self.free_orphans()
+    # Memory is asked for: what dropped states held goes back first, except
+    # those whose step is still running (waiting here could block on a
+    # computation that is waiting for this very call).
+    self.free_orphans(wait=False)
     if platform == 'cpu':
       tier = 'cpu'
     else:
@@ -664,17 +786,46 @@ def find_buffers(state: Any) -> list[StateBuffers]:
 def release(state: Any) -> None:
   """Frees the registry buffers of every optax_paged state in ``state``.
 
-  Waits for pending computations first. Updating a released state raises a
-  ValueError (or, from an already compiled step, an error naming the released
-  state); the memory is never touched again.
+  The memory goes back at once (a dropped state's waits for the next
+  allocation or garbage collection; ``free_orphans`` frees those). Steps
+  already dispatched on the state finish first and keep their results; a
+  call made from now on, on any thread, raises a ValueError naming the
+  released state. The memory is never touched again.
 
   Args:
     state: an optimizer state, or any pytree containing one (a chain's state,
       a Flax TrainState).
   """
-  wait_for_pending(state)
-  for buffers in find_buffers(state):
-    REGISTRY.release(buffers)
+  found = find_buffers(state)
+  records = [b._record for b in found
+             if b._record is not None and not b._record.released]
+  for record in records:
+    record.refuse_steps()
+  try:
+    jax.effects_barrier()
+    _wait_quietly(jax.tree.leaves(state))
+    for record in records:
+      wait_for_devices(record)
+  finally:
+    for buffers in found:
+      REGISTRY.release(buffers)
+
+
+def free_orphans() -> int:
+  """Frees now the buffers of every state that nothing refers to any more.
+
+  A dropped state's buffers are kept for a short grace (Flax NNX drops and
+  rebuilds its modules around ``nnx.jit``) and freed by the next allocation
+  or garbage collection after it, once the step that made that state has
+  finished; ``memory_report`` shows them as orphaned. This frees them
+  without waiting for either: it waits for the work dispatched to their
+  devices (a step still running on a dropped state finishes and keeps its
+  results), then frees them.
+
+  Returns:
+    The bytes freed.
+  """
+  return REGISTRY.free_orphans()
 
 
 def wait_for_pending(state: Any) -> None:
@@ -686,13 +837,38 @@ def wait_for_pending(state: Any) -> None:
 def wait_for_devices(record: StateRecord) -> None:
   """Waits for the work dispatched to the record's devices.
 
-  For an export that holds the buffers but no array of the step that wrote
-  them (Flax serializes a state's ``count`` and ``buffers`` apart): every
-  step's outputs are live arrays until dropped, so waiting for all live
-  arrays on these devices waits for every step still running there.
+  For callers that hold the buffers but no array of the step that wrote
+  them (Flax serializes a state's ``count`` and ``buffers`` apart; a dropped
+  state has no arrays left): every step's outputs are live arrays until
+  dropped, so waiting for all live arrays on these devices waits for every
+  step still running there.
   """
   devices = set(record.devices)
-  jax.block_until_ready([
-      x for x in jax.live_arrays() if not x.is_deleted()
-      and x.sharding.device_set & devices
+  _wait_quietly([
+      x for x in record.devices[0].client.live_arrays()
+      if not x.is_deleted() and x.sharding.device_set & devices
   ])
+
+
+def _wait_quietly(arrays: Sequence[Any]) -> None:
+  """Waits for the computation of each array; a failed one has finished."""
+  for x in arrays:
+    if (isinstance(x, jax.Array) and not base.is_tracer(x)
+        and not x.is_deleted() and not x.is_ready()):
+      # Its error is for whoever reads the array.
+      with contextlib.suppress(Exception):
+        x.block_until_ready()
+
+
+def note_count(buffers: Any, count: Any) -> None:
+  """Remembers ``count``, a concrete count of a state on ``buffers``.
+
+  A state built outside a trace with an array count is, but for init and
+  loads, the output of the step that made it: while that count is not
+  ready, the step may still run, and a dropped state must keep its buffers
+  for it (``StateRecord.busy``).
+  """
+  record = getattr(buffers, '_record', None)
+  if (record is not None and isinstance(count, jax.Array)
+      and not base.is_tracer(count)):
+    record.last_count = count

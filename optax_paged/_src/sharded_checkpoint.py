@@ -79,11 +79,14 @@ def _position_array(layout: sharding.MeshLayout,
       mesh.devices.shape, spec, arrays)
 
 
-def export(record: registry.StateRecord, count: bytes) -> dict[str, Any]:
+def export(record: registry.StateRecord, read: list[Any],
+           count: bytes) -> dict[str, Any]:
   """The per-leaf arrays and per-device checksums of a sharded record.
 
   Args:
     record: the state's record.
+    read: its moments as ``record.read_moments`` read them (all devices
+      at once, so that no step lands between two devices' reads).
     count: the step count's bytes, which every device's checksum covers.
   """
   layout = record.layout
@@ -95,8 +98,8 @@ def export(record: registry.StateRecord, count: bytes) -> dict[str, Any]:
     moments = []
     for m in range(record.num_moments):
       local: dict[str, list[jax.Array]] = {name: [] for name in specs}
-      for device, entry in zip(record.devices, record.entries, strict=True):
-        data, absmax = entry.read_moment(i, m)
+      for e, device in enumerate(record.devices):
+        data, absmax = read[e][i][m]
         parts = {'codes' if leaf_layout.quantized else 'values': data}
         if leaf_layout.quantized:
           parts['absmax'] = absmax
@@ -223,12 +226,10 @@ def check(record: registry.StateRecord, saved: dict[str, Any], count: bytes,
   return writes
 
 
-def write(record: registry.StateRecord, writes) -> None:
-  """Writes what ``check`` accepted into the record's entries."""
+def moment_writes(writes) -> list[tuple[Any, ...]]:
+  """What ``check`` accepted, as ``StateRecord.write_moments`` takes it."""
   empty = np.zeros([0], np.uint8)
-  for e, i, m, parts in writes:
-    entry = record.entries[e]
-    if 'codes' in parts:
-      entry.write_moment(i, m, parts['codes'], parts['absmax'].view(np.uint8))
-    else:
-      entry.write_moment(i, m, parts['values'].view(np.uint8), empty)
+  return [(e, i, m, parts['codes'], parts['absmax'].view(np.uint8))
+          if 'codes' in parts else
+          (e, i, m, parts['values'].view(np.uint8), empty)
+          for e, i, m, parts in writes]

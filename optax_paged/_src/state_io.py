@@ -77,29 +77,38 @@ def _header(record: Any) -> dict[str, Any]:
 def export_paged(state: Any) -> dict[str, Any]:
   record = state.buffers.record()
   count = int(np.asarray(jax.device_get(state.count)))
+  # Read at once, so that a step on another thread lands before the read of
+  # every leaf or after it.
+  step, moments = record.read_moments()
   # A count from another point of training than the moments (a stale copy,
-  # a reset count) would make a checkpoint that resumes wrongly.
-  record.check_count(count)
+  # a reset count, a step that landed since the count was made) would make
+  # a checkpoint that resumes wrongly.
+  record.check_count(count, step)
+  return _export(record, count, state.count, moments)
+
+
+def _export(record: Any, count: int, count_array: Any,
+            moments: list[Any]) -> dict[str, Any]:
+  """The state dictionary of moments read by ``record.read_moments``."""
   if record.layout is not None:
     # The count stays a global array on the mesh, as the moments are.
-    return {**_header(record), 'count': state.count,
-            **sharded_checkpoint.export(record, count_bytes(count))}
+    return {**_header(record), 'count': count_array,
+            **sharded_checkpoint.export(record, moments, count_bytes(count))}
   entry = record.entries[0]
   leaves = []
   for index, layout in enumerate(record.leaves):
-    moments = []
-    for m in range(entry.num_moments):
-      data, absmax = entry.read_moment(index, m)
+    moments_out = []
+    for data, absmax in moments[0][index]:
       if layout.quantized:
-        moments.append({'codes': data, 'absmax': absmax})
+        moments_out.append({'codes': data, 'absmax': absmax})
       else:
-        moments.append({'values': data})
+        moments_out.append({'values': data})
     leaves.append({
         'shape': np.asarray(layout.shape, dtype=np.int64),
         'quantized': np.asarray(layout.quantized),
         'tier': np.asarray(
             registry.TIER_CODES[entry.leaf_info(index)['tier']], np.int32),
-        'moments': moments,
+        'moments': moments_out,
     })
   return {
       **_header(record),
@@ -200,9 +209,7 @@ def plan_paged(state: Any, saved: Any) -> Planned:
     writes = sharded_checkpoint.check(record, saved, count_bytes(count),
                                       refuse)
     def write_sharded() -> None:
-      record.touched = True
-      sharded_checkpoint.write(record, writes)
-      record.set_moments_step(count)
+      record.write_moments(sharded_checkpoint.moment_writes(writes), count)
 
     return Planned(
         write_sharded,
@@ -247,21 +254,14 @@ def plan_paged(state: Any, saved: Any) -> Planned:
   tiers = [int(np.asarray(leaf.get('tier', -1))) for leaf in saved['leaves']]
 
   def write() -> None:
-    record.touched = True
     empty = np.zeros([0], np.uint8)
-    entry = record.entries[0]
-    for index, m, moment in checked:
-      if 'codes' in moment:
-        entry.write_moment(
-            index, m, np.ascontiguousarray(moment['codes']),
-            np.ascontiguousarray(moment['absmax']).view(np.uint8),
-        )
-      else:
-        entry.write_moment(
-            index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
-            empty,
-        )
-    record.set_moments_step(count)
+    record.write_moments([
+        (0, index, m, np.ascontiguousarray(moment['codes']),
+         np.ascontiguousarray(moment['absmax']).view(np.uint8))
+        if 'codes' in moment else
+        (0, index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
+         empty)
+        for index, m, moment in checked], count)
     if record.paged:
       _restore_tiers(record, tiers)
 
@@ -332,12 +332,14 @@ def export_buffers(buffers: registry.StateBuffers) -> dict[str, Any]:
   """
   record = buffers.record()
   registry.wait_for_devices(record)
-  step = record.moments_step()
-  if step is None:
+  step, moments = record.read_moments()
+  if not record.has_moments:
+    step = 0  # any count fits a state without moments
+  elif step is None:
     raise ValueError(
         f'{record.optimizer}: the leaves of this state are at different '
         'steps; it cannot be exported.')
-  return export_paged(CountAndBuffers(zero_count(buffers) + step, buffers))
+  return _export(record, step, zero_count(buffers) + step, moments)
 
 
 def restore_buffers(target: registry.StateBuffers,

@@ -52,6 +52,7 @@ class PagedOptimizerState(_PagedOptimizerFields):
 
   def __new__(cls, count: Any, buffers: registry.StateBuffers):
     _refuse_count_without_moments(count, buffers)
+    registry.note_count(buffers, count)
     return super().__new__(cls, count, buffers)
 
   def __copy__(self) -> 'PagedOptimizerState':
