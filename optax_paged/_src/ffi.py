@@ -81,19 +81,7 @@ def _abstract_eval(hyperparams, position, *operands, target, state_id,
                    leaf_indices, output_mode):
   del hyperparams, position, target, state_id, leaf_indices, output_mode
   params = operands[len(operands) // 2:]
-  return [*(jax.core.ShapedArray(p.shape, p.dtype) for p in params),
-          _RECEIPT]
-
-
-# The call's last result: an int32 zero that is not the kernel's (the
-# lowering makes it a constant). The caller adds it to the new count, which
-# it always keeps, so that the count depends on the call. JAX drops a
-# shard_map, nested jit or cond none of whose results is used, whatever
-# primitives it holds (the dce rule below reaches only a call at the top
-# level of a jaxpr): without this, a step whose updates are discarded
-# (``jax.jit(lambda s: tx.update(g, s, p)[1])``) advanced the count on a mesh
-# while the kernel never ran.
-_RECEIPT = jax.core.ShapedArray((), jnp.int32)
+  return [jax.core.ShapedArray(p.shape, p.dtype) for p in params]
 
 
 def _lowering(ctx, hyperparams, position, *operands, target, state_id,
@@ -110,8 +98,8 @@ def _lowering(ctx, hyperparams, position, *operands, target, state_id,
   rule = jax.ffi.ffi_lowering(
       target, has_side_effect=True, operand_output_aliases=aliases
   )
-  results = rule(
-      ctx.replace(avals_out=ctx.avals_out[:-1]),
+  return rule(
+      ctx,
       hyperparams,
       position,
       *operands,
@@ -119,7 +107,6 @@ def _lowering(ctx, hyperparams, position, *operands, target, state_id,
       leaf_indices=np.asarray(leaf_indices, dtype=np.int64),
       output_mode=np.int64(output_mode),
   )
-  return [*results, mlir.ir_constant(np.int32(0))]
 
 
 # The update as a primitive of its own rather than jax.ffi.ffi_call: XLA
@@ -181,8 +168,8 @@ def update_call(
 
   Returns:
     One array per leaf (the update, or the new parameter), and the receipt:
-    an int32 zero to add to the new count, so that the call runs whenever
-    the count is used.
+    an int32 zero computed from a result, to add to the new count (see
+    ``_receipt``).
   """
   register_targets()
   if len(grads) != len(params):
@@ -202,4 +189,28 @@ def update_call(
       leaf_indices=tuple(int(i) for i in leaf_indices),
       output_mode=int(output_mode),
   )
-  return list(outputs[:-1]), outputs[-1]
+  return list(outputs), _receipt(outputs)
+
+
+def _receipt(outputs: Sequence[jax.Array]) -> jax.Array:
+  """An int32 zero computed from an element of the call's results.
+
+  The caller adds it to the new count, which it always keeps, so that the
+  count depends on the call. JAX drops a shard_map, nested jit or cond none
+  of whose results is used, whatever primitives it holds (the dce rule above
+  reaches only a call at the top level of a jaxpr): without this, a step
+  whose updates are discarded (``jax.jit(lambda s: tx.update(g, s, p)[1])``)
+  advanced the count on a mesh while the kernel never ran. Read from a
+  result, not a constant, it also makes the count ready only once the
+  kernel has run (XLA runs a call whose results nothing reads alongside the
+  rest of the step), so waiting for a state, as ``release`` and exports do,
+  waits for its step. A bit count is never negative, and XLA does not fold
+  its minimum with 0.
+  """
+  nonempty = [x for x in outputs if x.size]
+  if not nonempty:
+    return jnp.zeros([], jnp.int32)
+  first = nonempty[0].reshape(-1)[0]
+  bits = jax.lax.bitcast_convert_type(
+      first, jnp.dtype(f'int{first.dtype.itemsize * 8}'))
+  return jnp.minimum(jax.lax.population_count(bits), 0).astype(jnp.int32)

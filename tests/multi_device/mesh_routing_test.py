@@ -86,6 +86,9 @@ def test_a_step_whose_updates_are_discarded_runs_on_every_device(name, view):
   state = tx.init(params)
   for _ in range(3):
     state = step(state, params, grads)
+  # Waiting for the new state (its count) waits for every device's update,
+  # as release and export do.
+  jax.block_until_ready(state)
   record = state.buffers.record()
   assert [entry.moments_steps() for entry in record.entries] == [
       [3] * len(SHAPES)] * len(record.entries)
@@ -103,7 +106,7 @@ def test_a_step_whose_updates_are_discarded_runs_on_every_device(name, view):
   gc.collect()
   later = tx.init(params)
   assert later.buffers.key == key
-  later = step(later, params, grads)
+  later = jax.block_until_ready(step(later, params, grads))
   assert later.buffers.record().moments_step() == 1
   assert int(optax_paged.state_dict(later)['count']) == 1
 
@@ -161,7 +164,7 @@ def test_a_mesh_reordered_after_init_is_refused_before_any_device_steps(
   _assert_same_moments(before, _moments(state))
   assert_trees_equal(optax_paged.state_dict(state), saved)
   # The state is whole: the next step on the init mesh runs everywhere.
-  _, state = step(params, state, grads)
+  _, state = jax.block_until_ready(step(params, state, grads))
   assert state.buffers.record().moments_step() == 2
 
 
