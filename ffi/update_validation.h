@@ -46,11 +46,14 @@ inline xla::ffi::Error ValidateUpdateCall(
         " hyperparameters, got " + std::to_string(num_hyperparams));
   }
   const size_t count = leaf_indices.size();
-  if (args.size() != 2 * count || rets.size() != count) {
+  // One result per leaf, then the receipt (the mesh position's buffer,
+  // aliased and never written: the caller makes the new count depend on it).
+  if (args.size() != 2 * count || rets.size() != count + 1) {
     return ffi::Error::InvalidArgument(
         prefix + "expected " + std::to_string(count) +
-        " gradients, parameters and results for " + std::to_string(count) +
-        " leaves, got " + std::to_string(args.size()) + " operands and " +
+        " gradients, parameters and results (and a receipt) for " +
+        std::to_string(count) + " leaves, got " +
+        std::to_string(args.size()) + " operands and " +
         std::to_string(rets.size()) + " results");
   }
   if (count == 0) return ffi::Error::Success();

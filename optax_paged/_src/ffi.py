@@ -79,9 +79,10 @@ def _keep_always(used_outputs, eqn):
 
 def _abstract_eval(hyperparams, position, *operands, target, state_id,
                    leaf_indices, output_mode):
-  del hyperparams, position, target, state_id, leaf_indices, output_mode
+  del hyperparams, target, state_id, leaf_indices, output_mode
   params = operands[len(operands) // 2:]
-  return [jax.core.ShapedArray(p.shape, p.dtype) for p in params]
+  return [*(jax.core.ShapedArray(p.shape, p.dtype) for p in params),
+          jax.core.ShapedArray(position.shape, position.dtype)]
 
 
 def _lowering(ctx, hyperparams, position, *operands, target, state_id,
@@ -95,6 +96,9 @@ def _lowering(ctx, hyperparams, position, *operands, target, state_id,
   # donated.
   first = 2 + count if output_mode != OUTPUT_UPDATES else 2
   aliases = {first + i: i for i in range(count)}
+  # The last result, the receipt, is the position operand's buffer, which
+  # the handler never writes: a result of the call that is not a leaf's.
+  aliases[1] = count
   rule = jax.ffi.ffi_lowering(
       target, has_side_effect=True, operand_output_aliases=aliases
   )
@@ -189,11 +193,11 @@ def update_call(
       leaf_indices=tuple(int(i) for i in leaf_indices),
       output_mode=int(output_mode),
   )
-  return list(outputs), _receipt(outputs)
+  return list(outputs[:-1]), _receipt(outputs[-1])
 
 
-def _receipt(outputs: Sequence[jax.Array]) -> jax.Array:
-  """An int32 zero computed from an element of the call's results.
+def _receipt(result: jax.Array) -> jax.Array:
+  """An int32 zero computed from the call's receipt result.
 
   The caller adds it to the new count, which it always keeps, so that the
   count depends on the call. JAX drops a shard_map, nested jit or cond none
@@ -201,16 +205,12 @@ def _receipt(outputs: Sequence[jax.Array]) -> jax.Array:
   reaches only a call at the top level of a jaxpr): without this, a step
   whose updates are discarded (``jax.jit(lambda s: tx.update(g, s, p)[1])``)
   advanced the count on a mesh while the kernel never ran. Read from a
-  result, not a constant, it also makes the count ready only once the
-  kernel has run (XLA runs a call whose results nothing reads alongside the
-  rest of the step), so waiting for a state, as ``release`` and exports do,
-  waits for its step. A bit count is never negative, and XLA does not fold
-  its minimum with 0.
+  result of the call, it also makes the count ready only once the kernel
+  has run, so waiting for a state, as ``release`` and exports do, waits for
+  its step. The receipt is a result of its own, not an element of a leaf's:
+  reading a leaf's result, which is written over a donated gradient or
+  parameter, made XLA copy that operand first. A bit count is never
+  negative, and XLA does not fold its minimum with 0.
   """
-  nonempty = [x for x in outputs if x.size]
-  if not nonempty:
-    return jnp.zeros([], jnp.int32)
-  first = nonempty[0].reshape(-1)[0]
-  bits = jax.lax.bitcast_convert_type(
-      first, jnp.dtype(f'int{first.dtype.itemsize * 8}'))
+  bits = result.reshape(-1)[0]
   return jnp.minimum(jax.lax.population_count(bits), 0).astype(jnp.int32)
