@@ -519,12 +519,13 @@ class StateRegistry:
   its key soon after (a pytree rebuilt from a treedef, as Flax NNX does when
   it merges a module back after ``nnx.jit``: it clears the module, dropping
   every reference for a moment, then rebuilds it) revives it. An orphan is
-  freed by the next state allocation, by the first garbage collection of
-  any generation once ``ORPHAN_GRACE_SECONDS`` have passed, or by the next
-  full collection, whichever comes first, once the step that made its last
-  state has finished (until then those pass it by: a state dropped while
-  its step runs keeps its buffers for that step). ``free_orphans()`` frees
-  every orphan at once, waiting for their steps.
+  freed by the next state allocation once the step that made its last
+  state has finished (until then allocations pass it by: a state dropped
+  while its step runs keeps its buffers for that step). A garbage
+  collection (of any generation once ``ORPHAN_GRACE_SECONDS`` have passed,
+  or a full one) frees only orphans that no step made, since it cannot ask
+  JAX whether a step has finished. ``free_orphans()`` frees every orphan at
+  once, waiting for their steps.
   """
 
   # Long enough for NNX to rebuild a module (microseconds to milliseconds),
@@ -552,11 +553,15 @@ class StateRegistry:
   def _on_gc(self, phase: str, info: dict[str, int]) -> None:
     if phase != 'start' or not self._orphans:
       return
-    # A collection may start anywhere, even inside JAX: wait for nothing.
+    # A collection may start anywhere, even inside JAX's own C++ code, so
+    # it neither waits nor asks JAX whether a step has finished (a suite run
+    # crashed in a collection that did): an orphan whose last step may still
+    # run is left for the next allocation or free_orphans().
     grace = 0.0 if info.get('generation') == 2 else self.ORPHAN_GRACE_SECONDS
-    self.free_orphans(grace, wait=False)
+    self.free_orphans(grace, wait=False, ask_jax=False)
 
-  def free_orphans(self, older_than: float = 0.0, *, wait: bool = True) -> int:
+  def free_orphans(self, older_than: float = 0.0, *, wait: bool = True,
+                   ask_jax: bool = True) -> int:
     """Frees the orphaned records dropped at least ``older_than`` s ago.
 
     Args:
@@ -565,6 +570,9 @@ class StateRegistry:
         that a step still running on a dropped state finishes (and its
         results are kept). Without it, orphans whose last step is still
         running are left for a later call.
+      ask_jax: without ``wait``, whether JAX may be asked if an orphan's
+        last step has finished; if not, every orphan whose last step was
+        seen is left for a later call.
 
     Returns:
       The bytes freed.
@@ -576,7 +584,7 @@ class StateRegistry:
         continue
       if wait:
         wait_for_devices(record)
-      elif record.busy():
+      elif record.last_count is not None and (not ask_jax or record.busy()):
         continue
       # Revived (looked up) or freed by a collection meanwhile: not ours.
       if self._orphans.pop(key, None) is not None:
