@@ -112,14 +112,17 @@ def test_dropped_states_do_not_pile_up_until_a_full_collection():
 def test_a_state_dropped_while_its_step_runs_loses_nothing(then):
   tx = optax_paged.adamw8bit(1e-3)
   params = {'w': jnp.ones((512, 512))}
+  # A gradient that takes a while, so the kernel runs well after the call
+  # returns: tenths of a second on two CPU cores, and on an H200 (512^2
+  # matrices were done there before the call returned).
+  tiles, loops = (8, 300) if jax.default_backend() == 'gpu' else (1, 40)
   for _ in range(2):
 
     @jax.jit  # a new function each time: traced, so dispatched without a wait
     def step(p, s):
-      # A gradient that takes a while (tenths of a second on two cores), so
-      # the kernel runs well after the call returns.
-      g = jax.lax.fori_loop(0, 40, lambda _, x: jnp.tanh(x @ x * 1e-3),
-                            p['w'])
+      x = jax.lax.fori_loop(0, loops, lambda _, x: jnp.tanh(x @ x * 1e-3),
+                            jnp.tile(p['w'], (tiles, tiles)))
+      g = x[:512, :512]
       updates, s = tx.update({'w': g}, s, p)
       return optax.apply_updates(p, updates), s
 
