@@ -554,9 +554,9 @@ class StateRegistry:
     if phase != 'start' or not self._orphans:
       return
     # A collection may start anywhere, even inside JAX's own C++ code, so
-    # it neither waits nor asks JAX whether a step has finished (two suite
-    # runs segfaulted inside a collection while that was the one JAX call
-    # made there): an orphan whose last step may still run is left for the
+    # it neither waits nor asks JAX whether a step has finished (a suite run
+    # segfaulted inside a collection while that was the one JAX call made
+    # there): an orphan whose last step may still run is left for the
     # next allocation or free_orphans().
     grace = 0.0 if info.get('generation') == 2 else self.ORPHAN_GRACE_SECONDS
     self.free_orphans(grace, wait=False, ask_jax=False)
