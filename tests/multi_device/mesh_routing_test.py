@@ -136,7 +136,8 @@ def test_a_mesh_reordered_after_init_is_refused_before_any_device_steps(
   tx = FACTORIES['adamw8bit']()
   params, grads = _put(_tree(2), mesh), _put(_tree(3, 0.1), mesh)
   step = jax.jit(update_and_apply(tx))
-  params, state = step(params, tx.init(params), grads)
+  # The raw reads below do not wait for a step: the first one must be done.
+  params, state = jax.block_until_ready(step(params, tx.init(params), grads))
   before, saved = _moments(state), optax_paged.state_dict(state)
   moved = state._replace(
       count=jax.device_put(state.count, NamedSharding(swapped, P())))
