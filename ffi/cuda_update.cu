@@ -43,8 +43,8 @@ constexpr int kWarpSize = 32;
 static_assert(kElementsPerLane * kWarpSize == kBlockSize,
               "a warp covers exactly one quantization block");
 // Threads per block and blocks per SM: 1024 threads an SM cap registers at
-// 64 a thread. AdEMAMix's three moments spilled under that cap (59M spill
-// requests a step on the 308M model); 768 threads an SM give it 80.
+// 64 a thread, too few for AdEMAMix's three moments without spilling;
+// 768 threads an SM give it 80.
 template <typename Optimizer>
 struct LaunchShape {
   static constexpr int kThreads = 512;
@@ -101,12 +101,6 @@ static_assert(sizeof(LaunchArgs) <= 32000, "kernel parameters over 32 KB");
 // [0]: signed map, [1]: unsigned map, [2]: the 4-bit signed map, [3]: unused
 // (a kernel copies two tables: their size is a multiple of 16 bytes).
 __device__ QuantTables g_tables[4];
-
-// Optimizers built with 4-bit states (the kernels of the others are not
-// compiled for them, to keep the build time).
-template <typename Optimizer>
-inline constexpr bool kHasFourBitStates =
-    std::is_same_v<Optimizer, AdamW> || std::is_same_v<Optimizer, Lion>;
 
 // Eight elements of T, as one or two 16-byte vectors.
 template <typename T>
@@ -300,7 +294,7 @@ __global__ void __launch_bounds__(
     const bool decay = leaf.decay != 0;
     // The output mode is uniform over the launch: one copy of the element
     // loop per mode keeps its test and the random bits' setup out of the
-    // loop (they were 8 of ~170 instructions an element in bf16).
+    // loop, where they cost a bf16 element several instructions.
     auto update_elements = [&](auto mode) {
       constexpr int kMode = decltype(mode)::value;
 #pragma unroll
@@ -447,10 +441,9 @@ __global__ void __launch_bounds__(
   } else {
     // Each warp takes every warps-th device run and every warps-th host run,
     // and interleaves its two shares evenly (a Bresenham spread), so that
-    // every warp keeps both the link and HBM busy. (One schedule over all runs
-    // with host runs spread among device runs aliased with the grid stride: at
-    // a 50% budget, a host run every 33rd run and 33 x 128 warps gave every
-    // host run to 128 warps, and the link ran at a quarter of its rate.)
+    // every warp keeps both the link and HBM busy. One schedule over all runs
+    // would alias with the grid stride: at some budgets every host run falls
+    // to the same few warps, and the link idles.
     // 32-bit counters (a warp's runs fit), to keep the registers for the
     // update: every 64-bit value live across the loop costs two.
     const int64_t device_runs = args.total_runs - args.host_runs;
@@ -601,7 +594,7 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
         wanted, static_cast<int64_t>(MultiprocessorCount(device)) *
                     Shape::kBlocksPerMultiprocessor));
     if (four_bit) {
-      if constexpr (kHasFourBitStates<Optimizer>) {
+      if constexpr (kFourBitStatesOf<Optimizer>) {
         if (launch->host_runs == 0) {
           UpdateKernel<Optimizer, T, false, true>
               <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);

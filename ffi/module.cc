@@ -95,6 +95,7 @@ nb::dict TableEntry() {
   for (const char* slot : Optimizer::kSlots) slots.append(slot);
   entry["signed"] = nb::tuple(signed_moments);
   entry["slots"] = nb::tuple(slots);
+  entry["four_bit"] = kFourBitStatesOf<Optimizer>;
   entry["stochastic_four_bit"] = kStochasticFourBitOf<Optimizer>;
   return entry;
 }
@@ -458,7 +459,8 @@ NB_MODULE(_optax_paged_ext, m) {
 #endif
   m.def("cpu_registrations", &CpuRegistrations);
   m.def("optimizer_table", &OptimizerTable,
-        "name -> {target, num_moments, signed, slots, stochastic_four_bit} for "
+        "name -> {target, num_moments, signed, slots, four_bit, "
+        "stochastic_four_bit} for "
         "every optimizer.");
   m.attr("SEED_INDEX") = kSeedIndex;
   m.attr("MAX_MOMENTS") = kMaxMoments;

@@ -5,10 +5,13 @@
 // Each optimizer is a struct with its name (its FFI target is
 // "optax_paged_" + name), the number of moments it keeps, whether each
 // moment is signed (which quantization map it uses), the names of its
-// hyperparameter slots in the order Load reads them (Python packs the
-// vector by these names), and an Update that advances the moments of one
+// hyperparameter slots (kSlots: the one list of their order; Python packs
+// the vector by these names and Load reads them by name through
+// OPTAX_PAGED_SLOT), and an Update that advances the moments of one
 // element in fp32 registers and returns the parameter update. It knows
-// nothing of quantization or of where the state lives.
+// nothing of quantization or of where the state lives. Optional flags:
+// kFourBitStates (its kernels are built for 4-bit states too) and
+// kStochasticFourBit (its signed 4-bit codes are rounded stochastically).
 #ifndef OPTAX_PAGED_FFI_OPTIMIZER_MATH_H_
 #define OPTAX_PAGED_FFI_OPTIMIZER_MATH_H_
 
@@ -29,19 +32,45 @@ inline constexpr int kMaxMoments = 3;
 inline constexpr int kNumHyperparams = 16;
 inline constexpr int kSeedIndex = kNumHyperparams - 1;
 
+// The index of slot `name` in `slots`, or -1.
+template <std::size_t N>
+constexpr int SlotIndex(const std::array<const char*, N>& slots,
+                        const char* name) {
+  for (std::size_t i = 0; i < N; ++i) {
+    const char* a = slots[i];
+    const char* b = name;
+    while (*a != '\0' && *a == *b) ++a, ++b;
+    if (*a == *b) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+template <int kIndex>
+struct CheckedSlot {
+  static_assert(kIndex >= 0, "no hyperparameter slot of that name in kSlots");
+  static constexpr int value = kIndex;
+};
+
+// The hyperparameter `name` of vector h, inside an optimizer struct: the
+// index comes from kSlots at compile time, and a name that kSlots lacks
+// does not compile, so the slot order is written once.
+#define OPTAX_PAGED_SLOT(h, name) \
+  (h)[::optax_paged::CheckedSlot<::optax_paged::SlotIndex(kSlots, #name)>::value]
+
 // AdamW with optax's convention (Loshchilov & Hutter, 2019):
 //   m = (1 - b1) g + b1 m,  v = (1 - b2) g^2 + b2 v,
 //   u = -lr (m / bc1 / (sqrt(v / bc2 + eps_root) + eps) + wd p),
 // with bias corrections bc = 1 - b^t computed by the caller. The divisions
-// by bc1 and bc2 are multiplications by their reciprocals, computed once per
-// call: two IEEE divisions per element were a third of the GPU kernel's
-// instructions (results move by at most an ulp). Plain Adam is AdamW with
-// wd = 0. With nesterov (optax's adamw(nesterov=True), NAdam's look-ahead)
-// m / bc1 becomes b1 m / (1 - b1^(t+1)) + (1 - b1) g / bc1. Both options are
-// uniform branches, so the default step runs the same instructions as before.
+// by bc1 and bc2 are multiplications by reciprocals computed once per call,
+// since an IEEE division per element costs the GPU kernel more than the
+// ulp it changes. Plain Adam is AdamW with wd = 0. With nesterov (optax's
+// adamw(nesterov=True), NAdam's look-ahead) m / bc1 becomes
+// b1 m / (1 - b1^(t+1)) + (1 - b1) g / bc1. Both options are uniform
+// branches, so a step without them pays only the test.
 struct AdamW {
   static constexpr const char* kName = "adamw";
   static constexpr int kNumMoments = 2;
+  static constexpr bool kFourBitStates = true;
   // The first moment is signed, the second (of squares) is not.
   OPTAX_PAGED_HD static constexpr bool IsSigned(int moment) {
     return moment == 0;
@@ -62,9 +91,18 @@ struct AdamW {
       "nesterov",         "bias_correction1_next"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
-    return Scalars{h[0], h[1], h[2],        h[3],        h[4],
-                   h[5], h[6], 1.0f / h[7], 1.0f / h[8], h[9],
-                   1.0f / h[11], h[10] != 0.0f};
+    return Scalars{OPTAX_PAGED_SLOT(h, learning_rate),
+                   OPTAX_PAGED_SLOT(h, b1),
+                   OPTAX_PAGED_SLOT(h, one_minus_b1),
+                   OPTAX_PAGED_SLOT(h, b2),
+                   OPTAX_PAGED_SLOT(h, one_minus_b2),
+                   OPTAX_PAGED_SLOT(h, eps),
+                   OPTAX_PAGED_SLOT(h, weight_decay),
+                   1.0f / OPTAX_PAGED_SLOT(h, bias_correction1),
+                   1.0f / OPTAX_PAGED_SLOT(h, bias_correction2),
+                   OPTAX_PAGED_SLOT(h, eps_root),
+                   1.0f / OPTAX_PAGED_SLOT(h, bias_correction1_next),
+                   OPTAX_PAGED_SLOT(h, nesterov) != 0.0f};
   }
 
   OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
@@ -91,6 +129,7 @@ struct AdamW {
 struct Lion {
   static constexpr const char* kName = "lion";
   static constexpr int kNumMoments = 1;
+  static constexpr bool kFourBitStates = true;
   // 4-bit momentum codes are rounded stochastically (EncodeFourBitStochastic).
   static constexpr bool kStochasticFourBit = true;
   OPTAX_PAGED_HD static constexpr bool IsSigned(int) { return true; }
@@ -103,7 +142,10 @@ struct Lion {
                                         "b2", "one_minus_b2", "weight_decay"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
-    return Scalars{h[0], h[1], h[2], h[3], h[4], h[5]};
+    return Scalars{OPTAX_PAGED_SLOT(h, learning_rate), OPTAX_PAGED_SLOT(h, b1),
+                   OPTAX_PAGED_SLOT(h, one_minus_b1), OPTAX_PAGED_SLOT(h, b2),
+                   OPTAX_PAGED_SLOT(h, one_minus_b2),
+                   OPTAX_PAGED_SLOT(h, weight_decay)};
   }
 
   OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
@@ -139,8 +181,18 @@ struct AdEMAMix {
       "bias_correction2", "b3",  "one_minus_b3", "alpha"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
-    return Scalars{h[0], h[1], h[2], h[3], h[4], h[5], h[6],
-                   1.0f / h[7], 1.0f / h[8], h[9], h[10], h[11]};
+    return Scalars{OPTAX_PAGED_SLOT(h, learning_rate),
+                   OPTAX_PAGED_SLOT(h, b1),
+                   OPTAX_PAGED_SLOT(h, one_minus_b1),
+                   OPTAX_PAGED_SLOT(h, b2),
+                   OPTAX_PAGED_SLOT(h, one_minus_b2),
+                   OPTAX_PAGED_SLOT(h, eps),
+                   OPTAX_PAGED_SLOT(h, weight_decay),
+                   1.0f / OPTAX_PAGED_SLOT(h, bias_correction1),
+                   1.0f / OPTAX_PAGED_SLOT(h, bias_correction2),
+                   OPTAX_PAGED_SLOT(h, b3),
+                   OPTAX_PAGED_SLOT(h, one_minus_b3),
+                   OPTAX_PAGED_SLOT(h, alpha)};
   }
 
   OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
@@ -175,7 +227,10 @@ struct SgdMomentum {
                                         "weight_decay", "nesterov"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
-    return Scalars{h[0], h[1], h[2], h[3] != 0.0f};
+    return Scalars{OPTAX_PAGED_SLOT(h, learning_rate),
+                   OPTAX_PAGED_SLOT(h, momentum),
+                   OPTAX_PAGED_SLOT(h, weight_decay),
+                   OPTAX_PAGED_SLOT(h, nesterov) != 0.0f};
   }
 
   OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
@@ -204,7 +259,10 @@ struct RmsProp {
                                         "one_minus_decay", "eps"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
-    return Scalars{h[0], h[1], h[2], h[3]};
+    return Scalars{OPTAX_PAGED_SLOT(h, learning_rate),
+                   OPTAX_PAGED_SLOT(h, decay),
+                   OPTAX_PAGED_SLOT(h, one_minus_decay),
+                   OPTAX_PAGED_SLOT(h, eps)};
   }
 
   OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
@@ -229,7 +287,8 @@ struct Adagrad {
   static constexpr std::array kSlots = {"learning_rate", "eps"};
 
   OPTAX_PAGED_HD static Scalars Load(const float* h) {
-    return Scalars{h[0], h[1]};
+    return Scalars{OPTAX_PAGED_SLOT(h, learning_rate),
+                   OPTAX_PAGED_SLOT(h, eps)};
   }
 
   OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
@@ -263,6 +322,16 @@ inline constexpr bool kStochasticFourBitOf<
     Optimizer, std::void_t<decltype(Optimizer::kStochasticFourBit)>> =
     Optimizer::kStochasticFourBit;
 
+// Whether an optimizer's kernels are built for 4-bit states (a struct says
+// so with kFourBitStates; the CUDA kernels of the others are not compiled
+// for them, to keep the build time).
+template <typename Optimizer, typename = void>
+inline constexpr bool kFourBitStatesOf = false;
+template <typename Optimizer>
+inline constexpr bool kFourBitStatesOf<
+    Optimizer, std::void_t<decltype(Optimizer::kFourBitStates)>> =
+    Optimizer::kFourBitStates;
+
 // What the table promises each struct provides, checked at compile time.
 template <typename Optimizer>
 constexpr bool CheckOptimizer() {
@@ -271,6 +340,8 @@ constexpr bool CheckOptimizer() {
                 "kNumMoments out of range");
   static_assert(Optimizer::kSlots.size() <= kSeedIndex,
                 "hyperparameter slots overlap the seed slot");
+  static_assert(kStochasticFourBitOf<Optimizer> <= kFourBitStatesOf<Optimizer>,
+                "kStochasticFourBit without kFourBitStates");
   static_assert(sizeof(typename Optimizer::Scalars) > 0, "Scalars");
   return true;
 }
