@@ -187,7 +187,7 @@ std::shared_ptr<StateEntry> CreateState(
     int platform, int num_moments, const std::vector<int64_t>& sizes,
     const std::vector<int>& code_bits, const std::vector<bool>& decay,
     const std::vector<int>& tiers, const std::vector<int64_t>& index_offsets,
-    int64_t group, int64_t ordinal, int32_t position) {
+    int64_t state_id, int64_t ordinal, int32_t position) {
   if (code_bits.size() != sizes.size() || decay.size() != sizes.size() ||
       tiers.size() != sizes.size() || index_offsets.size() != sizes.size()) {
     throw std::invalid_argument("create_state: per-leaf lists differ in length");
@@ -207,7 +207,7 @@ std::shared_ptr<StateEntry> CreateState(
   }
   std::string error;
   std::shared_ptr<StateEntry> entry =
-      CreateStateEntry(Placement{group, ordinal, position},
+      CreateStateEntry(Placement{state_id, ordinal, position},
                        static_cast<Platform>(platform), num_moments, specs,
                        &error);
   if (entry == nullptr) throw std::runtime_error("create_state: " + error);
@@ -477,8 +477,9 @@ NB_MODULE(_optax_paged_ext, m) {
   m.def("cuda_registrations", &CudaRegistrations);
   m.def("gpu_memory_info", &GpuMemoryInfo, nb::arg("device"),
         "(free, total) bytes of GPU `device`; (0, 0) without it.");
-  m.def("new_group_id", &NewGroupId,
-        "A fresh id for the entries of one state, one per device.");
+  m.def("new_state_id", &NewStateId,
+        "A fresh state id, which the state's entries (one per device) "
+        "share.");
   m.def("dynamic_map", [](bool is_signed) {
     return CopyToNumpy(TablesFor(is_signed).values, 256);
   }, nb::arg("signed"));
@@ -548,7 +549,7 @@ NB_MODULE(_optax_paged_ext, m) {
   m.def("create_state", &CreateState, nb::arg("platform"),
         nb::arg("num_moments"), nb::arg("sizes"), nb::arg("code_bits"),
         nb::arg("decay"), nb::arg("tiers"), nb::arg("index_offsets"),
-        nb::arg("group"), nb::arg("ordinal"), nb::arg("position"));
+        nb::arg("state_id"), nb::arg("ordinal"), nb::arg("position"));
 }
 
 }  // namespace optax_paged

@@ -15,24 +15,24 @@ size_t AlignUp(size_t bytes) {
   return (bytes + kAlignment - 1) / kAlignment * kAlignment;
 }
 
-struct GroupDevice {
-  int64_t group;
+struct StateDevice {
+  int64_t state_id;
   int64_t ordinal;
-  bool operator==(const GroupDevice& other) const {
-    return group == other.group && ordinal == other.ordinal;
+  bool operator==(const StateDevice& other) const {
+    return state_id == other.state_id && ordinal == other.ordinal;
   }
 };
 
-struct GroupDeviceHash {
-  size_t operator()(const GroupDevice& key) const {
-    return std::hash<int64_t>()(key.group) * 31 +
+struct StateDeviceHash {
+  size_t operator()(const StateDevice& key) const {
+    return std::hash<int64_t>()(key.state_id) * 31 +
            std::hash<int64_t>()(key.ordinal);
   }
 };
 
 struct GlobalRegistry {
   std::mutex mutex;
-  std::unordered_map<GroupDevice, std::weak_ptr<StateEntry>, GroupDeviceHash>
+  std::unordered_map<StateDevice, std::weak_ptr<StateEntry>, StateDeviceHash>
       entries;
   std::atomic<int64_t> next_id{1};
 };
@@ -128,10 +128,10 @@ void StateEntry::FreeAll() {
 void StateEntry::Unregister() {
   GlobalRegistry& global = Global();
   std::lock_guard<std::mutex> lock(global.mutex);
-  // The key may already name a newer entry (keys are reused once their
+  // The state id may already name a newer entry (ids are reused once their
   // state is gone): only this entry's own slot is cleared.
-  auto it =
-      global.entries.find(GroupDevice{placement_.group, placement_.ordinal});
+  auto it = global.entries.find(
+      StateDevice{placement_.state_id, placement_.ordinal});
   if (it != global.entries.end()) {
     std::shared_ptr<StateEntry> current = it->second.lock();
     if (current == nullptr || current.get() == this) global.entries.erase(it);
@@ -180,7 +180,7 @@ size_t StateEntry::total_bytes() const {
   return total;
 }
 
-int64_t NewGroupId() { return Global().next_id.fetch_add(1); }
+int64_t NewStateId() { return Global().next_id.fetch_add(1); }
 
 std::shared_ptr<StateEntry> CreateStateEntry(Placement placement,
                                              Platform platform,
@@ -198,9 +198,10 @@ std::shared_ptr<StateEntry> CreateStateEntry(Placement placement,
       std::make_shared<StateEntry>(id, placement, platform, num_moments);
   if (!entry->Allocate(specs, error)) return nullptr;
   std::lock_guard<std::mutex> lock(global.mutex);
-  auto& slot = global.entries[GroupDevice{placement.group, placement.ordinal}];
+  auto& slot =
+      global.entries[StateDevice{placement.state_id, placement.ordinal}];
   if (!slot.expired()) {
-    *error = "group " + std::to_string(placement.group) +
+    *error = "state " + std::to_string(placement.state_id) +
              " already has an entry on device ordinal " +
              std::to_string(placement.ordinal);
     return nullptr;
@@ -209,21 +210,21 @@ std::shared_ptr<StateEntry> CreateStateEntry(Placement placement,
   return entry;
 }
 
-std::shared_ptr<StateEntry> FindStateEntry(int64_t group, int64_t ordinal) {
+std::shared_ptr<StateEntry> FindStateEntry(int64_t state_id, int64_t ordinal) {
   GlobalRegistry& global = Global();
   std::lock_guard<std::mutex> lock(global.mutex);
-  auto it = global.entries.find(GroupDevice{group, ordinal});
+  auto it = global.entries.find(StateDevice{state_id, ordinal});
   if (it == global.entries.end()) return nullptr;
   std::shared_ptr<StateEntry> entry = it->second.lock();
   if (entry == nullptr) global.entries.erase(it);
   return entry;
 }
 
-bool GroupIsLive(int64_t group) {
+bool StateIsLive(int64_t state_id) {
   GlobalRegistry& global = Global();
   std::lock_guard<std::mutex> lock(global.mutex);
   for (auto& [key, weak] : global.entries) {
-    if (key.group == group && !weak.expired()) return true;
+    if (key.state_id == state_id && !weak.expired()) return true;
   }
   return false;
 }

@@ -2,9 +2,9 @@
 //
 // Python decides what a state holds (which leaves, 8-bit or fp32, which
 // tier); this side owns the memory and lets FFI handlers find it. A state
-// spread over several devices is a group of entries, one per device, each
-// holding that device's shard; the compiled step carries the group id and
-// every handler finds its own entry by (group, device ordinal). Handlers
+// spread over several devices has one entry per device, each holding that
+// device's shard; the compiled step carries the state id and every handler
+// finds its own entry by (state id, device ordinal). Handlers
 // hold the entry's lock while they run, so a release waits for
 // them and a step that arrives after a release fails cleanly instead of
 // touching freed memory.
@@ -66,11 +66,11 @@ inline int64_t CodeBytes(const LeafState& leaf) {
   return leaf.four_bit ? (leaf.size + 1) / 2 : leaf.size;
 }
 
-// Where an entry sits: its group, the device ordinal the handler sees, and
+// Where an entry sits: its state, the device ordinal the handler sees, and
 // the device's linear position in the mesh, which each call passes as an
 // operand so that a shard reaching the wrong entry is refused.
 struct Placement {
-  int64_t group;
+  int64_t state_id;
   int64_t ordinal;
   int32_t position;
 };
@@ -135,8 +135,8 @@ class StateEntry {
   std::shared_mutex mutex_;
 };
 
-// A fresh id for a group of entries (one per device of a state).
-int64_t NewGroupId();
+// A fresh state id, which the state's entries (one per device) share.
+int64_t NewStateId();
 
 // Creates and registers an entry; returns nullptr with `error` on failure.
 std::shared_ptr<StateEntry> CreateStateEntry(Placement placement,
@@ -145,9 +145,9 @@ std::shared_ptr<StateEntry> CreateStateEntry(Placement placement,
                                              const std::vector<LeafSpec>& specs,
                                              std::string* error);
 
-// The live entry of `group` on the device with this ordinal, or nullptr if
-// it was released or collected, or the group has no entry there.
-std::shared_ptr<StateEntry> FindStateEntry(int64_t group, int64_t ordinal);
+// The live entry of state `state_id` on the device with this ordinal, or
+// nullptr if it was released or collected, or the state has no entry there.
+std::shared_ptr<StateEntry> FindStateEntry(int64_t state_id, int64_t ordinal);
 
 // Releases the entries of one state: all leave the registry before any is
 // freed, so a handler that runs meanwhile finds none of them (the state was
@@ -155,9 +155,9 @@ std::shared_ptr<StateEntry> FindStateEntry(int64_t group, int64_t ordinal);
 // other devices.
 void ReleaseEntries(const std::vector<StateEntry*>& entries);
 
-// Whether any live entry belongs to `group` (to tell "released" from
-// "not on this device").
-bool GroupIsLive(int64_t group);
+// Whether any live entry belongs to state `state_id` (to tell "released"
+// from "not on this device").
+bool StateIsLive(int64_t state_id);
 
 // Number of live entries and their bytes, for leak checks.
 int64_t LiveStateCount();

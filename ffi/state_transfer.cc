@@ -14,9 +14,9 @@ namespace {
 // the same order for every caller), while this object lives. A handler holds
 // one entry's lock and waits for nothing while it does, so taking several
 // here cannot deadlock with steps.
-class GroupLock {
+class EntriesLock {
  public:
-  explicit GroupLock(const std::vector<StateEntry*>& entries) {
+  explicit EntriesLock(const std::vector<StateEntry*>& entries) {
     locks_.reserve(entries.size());
     for (StateEntry* entry : entries) locks_.emplace_back(entry->mutex());
   }
@@ -122,7 +122,7 @@ TransferStatus CopyEntriesToHost(const std::vector<StateEntry*>& entries,
                                  std::vector<EntryCopy>* copies,
                                  std::string* error) {
   if (!Distinct(entries, error)) return TransferStatus::kInvalid;
-  GroupLock lock(entries);
+  EntriesLock lock(entries);
   if (AnyReleased(entries, error)) return TransferStatus::kReleased;
   copies->clear();
   copies->resize(entries.size());
@@ -138,7 +138,7 @@ TransferStatus WriteEntriesFromHost(const std::vector<StateEntry*>& entries,
                                     const std::vector<MomentWrite>& writes,
                                     int32_t step, std::string* error) {
   if (!Distinct(entries, error)) return TransferStatus::kInvalid;
-  GroupLock lock(entries);
+  EntriesLock lock(entries);
   if (AnyReleased(entries, error)) return TransferStatus::kReleased;
   for (const MomentWrite& write : writes) {
     *error = WriteMismatch(entries, write);

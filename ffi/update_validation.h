@@ -148,7 +148,7 @@ xla::ffi::Error DispatchUpdate(std::string_view name, Platform platform,
   const std::string prefix = std::string(name) + ": ";
   std::shared_ptr<StateEntry> entry = FindStateEntry(state_id, ordinal);
   if (entry == nullptr) {
-    if (GroupIsLive(state_id)) {
+    if (StateIsLive(state_id)) {
       return ffi::Error::InvalidArgument(
           prefix + "optimizer state " + std::to_string(state_id) +
           " has no shard on device ordinal " + std::to_string(ordinal) +

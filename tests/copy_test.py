@@ -45,7 +45,7 @@ def test_copy_is_identical_and_independent(duplicate):
   original = _trained_state(tx, params)
   saved = optax_paged.state_dict(original)
   copied = duplicate(original)
-  assert copied.buffers.key != original.buffers.key
+  assert copied.buffers.state_id != original.buffers.state_id
   _assert_same_state(copied, original)
   # Updating the copy leaves the original alone, and the copy continues
   # exactly as the original does.

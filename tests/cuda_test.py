@@ -328,7 +328,8 @@ def test_a_call_for_another_mesh_position_leaves_the_state_alone():
   def call(position, count_after):
     return ffi.update_call('optax_paged_adamw', _hyper(count_after), position,
                            [jnp.ones(5120)], [jnp.ones(5120)],
-                           state_id=state.buffers.key, leaf_indices=[0])[0][0]
+                           state_id=state.buffers.state_id,
+                           leaf_indices=[0])[0][0]
 
   out = call(3, 1)
   assert np.isnan(np.asarray(out)).all()

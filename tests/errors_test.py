@@ -135,14 +135,14 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
       from optax_paged._src import ffi
       params = {'w': jnp.ones((64, 80))}
       state = optax_paged.paged_adamw8bit(1e-3).init(params)
-      key = state.buffers.key
+      state_id = state.buffers.state_id
       for leaves, indices, expected in [
           ([jnp.ones((10,))], [0], 'has 10 elements, state has 5120'),
           ([jnp.ones((5120,))], [3], 'out of range'),
       ]:
         try:
           out, _ = ffi.update_call('optax_paged_adamw', jnp.zeros(16), 0,
-                                   leaves, leaves, state_id=key,
+                                   leaves, leaves, state_id=state_id,
                                    leaf_indices=indices)
           out[0].block_until_ready()
         except Exception as error:
@@ -159,7 +159,7 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
         raise SystemExit('an unknown state id was accepted')
       try:
         ffi.update_call('optax_paged_adamw', jnp.zeros(16), 3, [jnp.ones(5120)],
-                        [jnp.ones(5120)], state_id=key,
+                        [jnp.ones(5120)], state_id=state_id,
                         leaf_indices=[0])[0][0].block_until_ready()
       except Exception as error:
         assert 'mesh position 0' in str(error), error

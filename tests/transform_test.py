@@ -186,7 +186,7 @@ def test_two_optimizers_never_touch_each_others_state():
   tx_b = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
   alone, _ = _run(tx_a, params, 3)
   state_a, state_b = tx_a.init(params), tx_b.init(params)
-  assert state_a.buffers.key != state_b.buffers.key
+  assert state_a.buffers.state_id != state_b.buffers.state_id
   untouched = optax_paged.state_dict(state_b)
   p_a = params
   for i in range(3):

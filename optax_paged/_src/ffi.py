@@ -163,8 +163,8 @@ def update_call(
       position differs from its entry's.
     grads: the group's gradients, in the parameters' dtype.
     params: the group's parameters.
-    state_id: the state's registry group; each device's handler finds its
-      own entry in it.
+    state_id: the state's id in the registry; each device's handler finds
+      its own entry of the state by it.
     leaf_indices: positions of these leaves in the registry entry.
     output_mode: ``OUTPUT_UPDATES`` for the updates, ``OUTPUT_PARAMS`` for
       the new parameters, ``OUTPUT_PARAMS_STOCHASTIC`` for new parameters

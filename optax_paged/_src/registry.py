@@ -1,17 +1,17 @@
 """The state registry: who owns the optimizer state buffers.
 
 An optimizer state (an optax ``NamedTuple``) holds a :class:`StateBuffers`
-node: a pytree with no leaves whose static key names an entry of the C++
-registry, where the quantized moments live. Keeping the buffers out of the
+node: a pytree with no leaves whose static state id names the entries of the
+C++ registry where the quantized moments live. Keeping the buffers out of the
 pytree is what lets one FFI call update them in place inside ``jax.jit``
 without copying them through XLA.
 
-Lifetime: the ``StateBuffers`` object for a key is unique while any state
-refers to it; when the last one is garbage collected, the buffers are an
-orphan, freed soon after (``StateRegistry``). ``release`` and
-``free_orphans`` free them at once. JAX caches hold only the integer key, never
-the buffers; a key freed that way serves a later state of the same
-structure, and so do the steps compiled for it (``state_keys``).
+Lifetime: the ``StateBuffers`` object for a state id is unique while any
+state refers to it; when the last one is garbage collected, the buffers are
+an orphan, freed soon after (``StateRegistry``). ``release`` and
+``free_orphans`` free them at once. JAX caches hold only the integer state
+id, never the buffers; an id freed that way serves a later state of the same
+structure, and so do the steps compiled for it (``state_ids``).
 """
 
 import contextlib
@@ -19,6 +19,7 @@ import dataclasses
 import gc
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -32,14 +33,14 @@ from optax_paged._src import devices as devices_lib
 from optax_paged._src import ffi
 from optax_paged._src import orbax_guard
 from optax_paged._src import sharding
-from optax_paged._src import state_keys
+from optax_paged._src import state_ids
 
 _PLATFORM_CODES = {'cpu': 0, 'cuda': 1}
 # What the kernels update (ffi/update_validation.h).
 _PARAM_DTYPES = frozenset(
     np.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16))
-# Names as ffi/state_memory.cc's TierName gives them.
-# Tier of ffi/state_memory.h by name, as the extension exports it.
+# ffi/state_memory.h's Tier codes by the names its TierName gives them, as
+# the extension exports them.
 TIER_CODES = dict(ffi.extension().TIER_CODES)
 
 
@@ -111,6 +112,8 @@ class StateRecord:
   """A state's registry entries (one per device) and their layout.
 
   Attributes:
+    state_id: the state's id in the C++ registry; each entry is found by
+      it and its device.
     entries: the C++ entries, one per addressable device that holds a shard
       (one on a single device), in mesh order.
     devices: the JAX device of each entry.
@@ -119,7 +122,7 @@ class StateRecord:
 
   def __init__(
       self,
-      group: int,
+      state_id: int,
       entries: Sequence[Any],
       devices: Sequence[jax.Device],
       optimizer: str,
@@ -129,7 +132,7 @@ class StateRecord:
       paged: bool,
       layout: 'sharding.MeshLayout | None' = None,
   ):
-    self.group = group
+    self.state_id = state_id
     self.entries = tuple(entries)
     self.devices = tuple(devices)
     self.optimizer = optimizer
@@ -139,12 +142,12 @@ class StateRecord:
     self.leaves = tuple(leaves)
     self.layout = layout
     # Whether a step (traced) or a load has written the moments, as far as
-    # Python saw; a step compiled for an earlier state with the same key
+    # Python saw; a step compiled for an earlier state with the same id
     # runs unseen, so False is checked against the stamps. See
-    # transform.PagedOptimizerState.
+    # transform.OptimizerState.
     self.touched = False
     # Restored from a Flax export older than format 3, whose moments' step
-    # is the count the state is rebuilt with; see transform.PagedOptimizerState.
+    # is the count the state is rebuilt with; see transform.OptimizerState.
     self.adopt_count = False
     # Tier moves of this record's buffers (paging.move_leaves).
     self.moves = MoveStats()
@@ -158,7 +161,7 @@ class StateRecord:
     # (see busy).
     self.last_count = None
     self._released = False
-    self._key_returned = False
+    self._id_returned = False
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, leaf in enumerate(self.leaves):
       by_dtype.setdefault(leaf.dtype, []).append(i)
@@ -170,10 +173,6 @@ class StateRecord:
   def code_bits(self) -> int:
     """Bits of the quantized leaves' codes (8 or 4; 8 if none is)."""
     return next((leaf.code_bits for leaf in self.leaves if leaf.quantized), 8)
-
-  @property
-  def key(self) -> int:
-    return self.group
 
   @property
   def num_moments(self) -> int:
@@ -219,9 +218,9 @@ class StateRecord:
     # other devices then finds the state released, never "not on this
     # device" (ffi/state_registry.h).
     ffi.extension().release_entries(list(self.entries))
-    if not self._key_returned:
-      self._key_returned = True
-      state_keys.KEYS.released(self.group)
+    if not self._id_returned:
+      self._id_returned = True
+      state_ids.STATE_IDS.released(self.state_id)
 
   def check_device_marks(self) -> None:
     """Raises (once) for a GPU step the kernel refused.
@@ -384,49 +383,58 @@ class StateBuffers:
   """The registry-owned part of an optimizer state (a pytree with no leaves).
 
   Attributes:
-    key: the registry key; 0 for a state made under a JAX transformation,
-      which owns no buffers.
+    state_id: the id of the state's entries in the registry; 0 for a state
+      made under a JAX transformation, which owns no buffers.
   """
 
-  __slots__ = ('key', '_record', 'pending', '__weakref__')
+  __slots__ = ('state_id', '_record', 'pending', '__weakref__')
 
-  def __init__(self, key: int, record: StateRecord | None,
+  def __init__(self, state_id: int, record: StateRecord | None,
                pending: PendingInit | None = None):
-    self.key = key
+    self.state_id = state_id
     self._record = record
     self.pending = pending
-    if key:
-      state_keys.KEYS.hold(key)
-      weakref.finalize(self, state_keys.KEYS.drop, key)
+    if state_id:
+      state_ids.STATE_IDS.hold(state_id)
+      weakref.finalize(self, state_ids.STATE_IDS.drop, state_id)
+
+  @property
+  def key(self) -> int:
+    """Deprecated name of ``state_id``."""
+    warnings.warn(
+        'StateBuffers.key is deprecated and will be removed in the next '
+        'release; use StateBuffers.state_id.',
+        DeprecationWarning, stacklevel=2)
+    return self.state_id
 
   def tree_flatten(self):
     if self.pending is not None:
       return (), self.pending
-    if self.key and (self._record is None or self._record.released):
+    if self.state_id and (self._record is None or self._record.released):
       # Another structure than the live state's: a step compiled for that
       # one is not reused, so the call traces and is refused, in Python,
       # naming the released state. The compiled step would run and fail in
       # the kernel, and that error would be passed on by every later step
       # fed its outputs, each wrapping it once more.
-      return (), _Released(self.key)
-    return (), self.key
+      return (), _Released(self.state_id)
+    return (), self.state_id
 
   @classmethod
-  def tree_unflatten(cls, key, children):
+  def tree_unflatten(cls, aux_data, children):
     del children
-    if isinstance(key, PendingInit):
-      return StateBuffers(0, None, key)
-    if isinstance(key, _Released):
-      return StateBuffers(key.key, None)
-    return REGISTRY.lookup(key)
+    if isinstance(aux_data, PendingInit):
+      return StateBuffers(0, None, aux_data)
+    if isinstance(aux_data, _Released):
+      return StateBuffers(aux_data.state_id, None)
+    return REGISTRY.lookup(aux_data)
 
   def __repr__(self) -> str:
-    if self.key == 0:
+    if self.state_id == 0:
       return 'StateBuffers(abstract)'
     if self._record is None or self._record.released:
-      return f'StateBuffers(key={self.key}, released)'
+      return f'StateBuffers(state_id={self.state_id}, released)'
     return (
-        f'StateBuffers(key={self.key}, {self._record.optimizer}, '
+        f'StateBuffers(state_id={self.state_id}, {self._record.optimizer}, '
         f'{len(self._record.leaves)} leaves, '
         f'{len(self._record.entries)} devices, '
         f'{self._record.total_bytes} bytes)'
@@ -441,25 +449,25 @@ class StateBuffers:
 
   @property
   def is_abstract(self) -> bool:
-    return self.key == 0
+    return self.state_id == 0
 
   def record(self) -> StateRecord:
     """The live record, or a clear error for abstract and released states."""
-    if self.key == 0:
+    if self.state_id == 0:
       raise ValueError(base.ABSTRACT_STATE_MSG)
     if self._record is not None:
       self._record.check_device_marks()
     if self._record is None or self._record.released:
       raise ValueError(
-          f'optimizer state {self.key}: {base.RELEASED_STATE_MSG}')
+          f'optimizer state {self.state_id}: {base.RELEASED_STATE_MSG}')
     return self._record
 
 
 @dataclasses.dataclass(frozen=True)
 class _Released:
-  """A released state's key, as its tree structure holds it."""
+  """A released state's id, as its tree structure holds it."""
 
-  key: int
+  state_id: int
 
 
 def _comparable_path(path: str) -> str:
@@ -516,7 +524,7 @@ class StateRegistry:
 
   A state's buffers live while some ``StateBuffers`` object refers to them.
   When the last one is collected the record becomes an orphan: a lookup of
-  its key soon after (a pytree rebuilt from a treedef, as Flax NNX does when
+  its state id soon after (a pytree rebuilt from a treedef, as Flax NNX does when
   it merges a module back after ``nnx.jit``: it clears the module, dropping
   every reference for a moment, then rebuilds it) revives it. An orphan is
   freed by the next state allocation once the step that made its last
@@ -541,14 +549,14 @@ class StateRegistry:
 
   def _adopt(self, record: StateRecord) -> StateBuffers:
     orbax_guard.register(StateBuffers)
-    buffers = StateBuffers(record.key, record)
-    self._live[record.key] = buffers
+    buffers = StateBuffers(record.state_id, record)
+    self._live[record.state_id] = buffers
     weakref.finalize(buffers, self._orphan, record)
     return buffers
 
   def _orphan(self, record: StateRecord) -> None:
     if not record.released:
-      self._orphans[record.key] = (record, time.monotonic())
+      self._orphans[record.state_id] = (record, time.monotonic())
 
   def _on_gc(self, phase: str, info: dict[str, int]) -> None:
     if phase != 'start' or not self._orphans:
@@ -580,7 +588,7 @@ class StateRegistry:
     """
     now = time.monotonic()
     freed = 0
-    for key, (record, since) in list(self._orphans.items()):
+    for state_id, (record, since) in list(self._orphans.items()):
       if now - since < older_than:
         continue
       if wait:
@@ -588,7 +596,7 @@ class StateRegistry:
       elif record.last_count is not None and (not ask_jax or record.busy()):
         continue
       # Revived (looked up) or freed by a collection meanwhile: not ours.
-      if self._orphans.pop(key, None) is not None:
+      if self._orphans.pop(state_id, None) is not None:
         freed += record.total_bytes
         record.release()
     return freed
@@ -691,10 +699,10 @@ class StateRegistry:
     else:
       tier = 'host' if paged else 'device (unpaged)'
     extension = ffi.extension()
-    # All a compiled step reads from the record besides its key.
+    # All a compiled step reads from the record besides its state id.
     signature = (optimizer, platform, treedef, tuple(layouts), paged,
                  tuple(devices), mesh_layout)
-    group = state_keys.KEYS.take(signature)
+    state_id = state_ids.STATE_IDS.take(signature)
     entries = []
     try:
       for device in devices:
@@ -714,37 +722,37 @@ class StateRegistry:
             [layout.decay for layout in layouts],
             [TIER_CODES[tier]] * len(layouts),
             offsets,
-            group,
+            state_id,
             devices_lib.ordinal_of(device),
             position,
         ))
     except BaseException:
       for entry in entries:
         entry.release()
-      state_keys.KEYS.give_back(group)
+      state_ids.STATE_IDS.give_back(state_id)
       raise
-    record = StateRecord(group, entries, devices, optimizer, platform,
+    record = StateRecord(state_id, entries, devices, optimizer, platform,
                          treedef, layouts, paged=paged, layout=mesh_layout)
     return self._adopt(record)
 
-  def lookup(self, key: int) -> StateBuffers:
-    """The unique live StateBuffers for ``key`` (a dead one if released)."""
-    if key == 0:
+  def lookup(self, state_id: int) -> StateBuffers:
+    """The unique live StateBuffers for ``state_id`` (dead if released)."""
+    if state_id == 0:
       return StateBuffers(0, None)
-    buffers = self._live.get(key)
+    buffers = self._live.get(state_id)
     if buffers is not None:
       return buffers
-    orphan = self._orphans.pop(key, None)
+    orphan = self._orphans.pop(state_id, None)
     if orphan is not None and not orphan[0].released:
       return self._adopt(orphan[0])
-    return StateBuffers(key, None)
+    return StateBuffers(state_id, None)
 
   def release(self, buffers: StateBuffers) -> None:
     """Frees the buffers now; later updates with this state fail clearly."""
     if buffers._record is not None:
       buffers._record.release()
-    self._live.pop(buffers.key, None)
-    self._orphans.pop(buffers.key, None)
+    self._live.pop(buffers.state_id, None)
+    self._orphans.pop(buffers.state_id, None)
 
   def live_states(self) -> list[StateBuffers]:
     """Every state whose buffers are allocated and referred to."""

@@ -79,7 +79,7 @@ def _call_groups(
         position,
         [grads[i] for i in group.indices],
         [params[i] for i in group.indices],
-        state_id=record.key,
+        state_id=record.state_id,
         leaf_indices=group.indices,
         output_mode=output_mode,
     )

@@ -100,12 +100,12 @@ def test_a_step_whose_updates_are_discarded_runs_on_every_device(name, view):
     _, ref_state = keep(ref_state, params, grads)
   assert_trees_equal(optax_paged.state_dict(state),
                      optax_paged.state_dict(ref_state))
-  # A later state that takes this one's key runs the same compiled step.
-  key = state.buffers.key
+  # A later state that takes this one's id runs the same compiled step.
+  state_id = state.buffers.state_id
   del state, record
   gc.collect()
   later = tx.init(params)
-  assert later.buffers.key == key
+  assert later.buffers.state_id == state_id
   later = jax.block_until_ready(step(later, params, grads))
   assert later.buffers.record().moments_step() == 1
   assert int(optax_paged.state_dict(later)['count']) == 1

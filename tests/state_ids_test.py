@@ -1,4 +1,4 @@
-"""Registry keys are reused, so a jitted step compiles once per structure."""
+"""State ids are reused, so a jitted step compiles once per structure."""
 
 import copy
 import gc
@@ -53,71 +53,78 @@ def test_states_made_one_after_another_share_one_compiled_step():
     helpers.assert_trees_equal(result, results[0])
 
 
-def test_states_alive_at_once_have_their_own_keys_and_moments():
+def test_states_alive_at_once_have_their_own_ids_and_moments():
   tx = optax_paged.adamw8bit(1e-2)
   step, _ = _counting_step(tx)
   first, second = tx.init(_params()), tx.init(_params())
-  assert first.buffers.key != second.buffers.key
+  assert first.buffers.state_id != second.buffers.state_id
   before = helpers.moments_of(second)
   _, first = step(_params(), first, _grads())
   helpers.assert_trees_equal(helpers.moments_of(second), before)
 
 
-def test_a_released_state_in_hand_keeps_its_key_and_fails_as_released():
+def test_a_released_state_in_hand_keeps_its_id_and_fails_as_released():
   tx = optax_paged.adamw8bit(1e-2)
   step, _ = _counting_step(tx)
   released = tx.init(_params())
-  step(_params(), released, _grads())  # compiled for this key
+  step(_params(), released, _grads())  # compiled for this id
   optax_paged.release(released)
   _drop_everything()
   newer = tx.init(_params())
-  assert newer.buffers.key != released.buffers.key
+  assert newer.buffers.state_id != released.buffers.state_id
   before = helpers.moments_of(newer)
   with pytest.raises(Exception, match='released'):
     jax.block_until_ready(step(_params(), released, _grads()))
   helpers.assert_trees_equal(helpers.moments_of(newer), before)
 
 
-def test_a_tree_rebuilt_from_a_freed_state_keeps_its_key_from_new_states():
+def test_a_tree_rebuilt_from_a_freed_state_keeps_its_id_from_new_states():
   tx = optax_paged.adamw8bit(1e-2)
   state = tx.init(_params())
   leaves, treedef = jax.tree.flatten(state)
-  old_key = state.buffers.key
+  old_id = state.buffers.state_id
   del state
   _drop_everything()
   rebuilt = jax.tree.unflatten(treedef, leaves)
   newer = tx.init(_params())
-  assert newer.buffers.key != old_key
+  assert newer.buffers.state_id != old_id
   with pytest.raises(ValueError, match='released'):
     tx.update(_grads(), rebuilt, _params())
 
 
-def test_copies_and_other_structures_never_take_a_live_key():
+def test_copies_and_other_structures_never_take_a_live_id():
   tx = optax_paged.adamw8bit(1e-2)
   params = helpers.random_tree([(97, 83)])  # a structure of this test alone
   state = tx.init(params)
   copied = copy.deepcopy(state)
-  keys = {state.buffers.key, copied.buffers.key}
-  assert len(keys) == 2
+  ids = {state.buffers.state_id, copied.buffers.state_id}
+  assert len(ids) == 2
   del state, copied
   _drop_everything()
   other_shapes = tx.init(helpers.random_tree([(97, 84)]))
   other_optimizer = optax_paged.lion8bit(1e-3).init(params)
-  assert not keys & {other_shapes.buffers.key, other_optimizer.buffers.key}
-  assert tx.init(params).buffers.key in keys
+  assert not ids & {other_shapes.buffers.state_id,
+                    other_optimizer.buffers.state_id}
+  assert tx.init(params).buffers.state_id in ids
 
 
-def test_a_count_restored_without_moments_is_refused_on_a_reused_key():
+def test_a_count_restored_without_moments_is_refused_on_a_reused_id():
   tx = optax_paged.adamw8bit(1e-2)
   step, _ = _counting_step(tx)
   state = tx.init(_params())
   step(_params(), state, _grads())
-  key = state.buffers.key
+  state_id = state.buffers.state_id
   del state
   _drop_everything()
   fresh = tx.init(_params())
-  assert fresh.buffers.key == key
+  assert fresh.buffers.state_id == state_id
   leaves, treedef = jax.tree.flatten(fresh)
   leaves[0] = np.int32(7)  # the count; the moments were never written
   with pytest.raises(ValueError, match='without its moments'):
     jax.tree.unflatten(treedef, leaves)
+
+
+def test_the_old_name_of_the_state_id_still_reads_it_with_a_warning():
+  state = optax_paged.adamw8bit(1e-2).init(_params())
+  with pytest.warns(DeprecationWarning, match='StateBuffers.key'):
+    assert state.buffers.key == state.buffers.state_id
