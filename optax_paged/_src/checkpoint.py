@@ -20,7 +20,7 @@ from optax_paged._src import state_io
 from optax_paged._src import transform
 
 
-def _is_paged_state(x: Any) -> bool:
+def _is_optax_paged_state(x: Any) -> bool:
   return isinstance(x, transform.PagedOptimizerState)
 
 
@@ -43,10 +43,10 @@ def state_dict(state: base.OptState) -> Any:
   """
   jax.block_until_ready(state)
   return jax.tree.map(
-      lambda x: (state_io.export_paged(x) if _is_paged_state(x)
+      lambda x: (state_io.export_state(x) if _is_optax_paged_state(x)
                  else _host_leaf(x)),
       state,
-      is_leaf=_is_paged_state,
+      is_leaf=_is_optax_paged_state,
   )
 
 
@@ -80,13 +80,13 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
   jax.block_until_ready(state)
   planned = state_io.checked(lambda: jax.tree.map(
       lambda fresh, stored: (
-          state_io.plan_paged(fresh, stored)
-          if _is_paged_state(fresh)
+          state_io.plan_import(fresh, stored)
+          if _is_optax_paged_state(fresh)
           else _restore_leaf(fresh, stored)
       ),
       state,
       saved,
-      is_leaf=_is_paged_state,
+      is_leaf=_is_optax_paged_state,
   ))
   # Every state in the tree passed every check: only now is anything written.
   is_planned = lambda x: isinstance(x, state_io.Planned)  # noqa: E731

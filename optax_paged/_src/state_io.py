@@ -74,7 +74,8 @@ def _header(record: Any) -> dict[str, Any]:
   }
 
 
-def export_paged(state: Any) -> dict[str, Any]:
+def export_state(state: Any) -> dict[str, Any]:
+  """The state dictionary of ``state``: its moments and count, checked."""
   record = state.buffers.record()
   count = int(np.asarray(jax.device_get(state.count)))
   # Read at once, so that a step on another thread lands before the read of
@@ -193,7 +194,7 @@ class Planned:
     self.result = result
 
 
-def plan_paged(state: Any, saved: Any) -> Planned:
+def plan_import(state: Any, saved: Any) -> Planned:
   """Checks ``saved`` against ``state`` completely; writes nothing."""
   if not isinstance(saved, dict) or 'format_version' not in saved:
     raise refuse(
@@ -269,10 +270,8 @@ def plan_paged(state: Any, saved: Any) -> Planned:
       count=jnp.asarray(count, dtype=jnp.int32), buffers=state.buffers))
 
 
-def _import_paged(
-    state: Any, saved: Any
-) -> Any:
-  planned = plan_paged(state, saved)
+def _import_state(state: Any, saved: Any) -> Any:
+  planned = plan_import(state, saved)
   planned.write()
   return planned.result()
 
@@ -352,7 +351,7 @@ def restore_buffers(target: registry.StateBuffers,
   record = target.record()
   fresh = CountAndBuffers(zero_count(target), _empty_like(_layout_of(record)))
   try:
-    planned = checked(lambda: plan_paged(fresh, saved))
+    planned = checked(lambda: plan_import(fresh, saved))
   except BaseException:
     registry.REGISTRY.release(fresh.buffers)
     raise
@@ -376,10 +375,10 @@ def copy_state(
   if state.buffers.is_abstract:
     return type(state)._make(state)
   jax.block_until_ready(state.count)  # the step that made it has finished
-  saved = export_paged(state)
+  saved = export_state(state)
   fresh = type(state)._make(
       (state.count, _empty_like(_layout_of(state.buffers.record()))))
-  return _import_paged(fresh, saved)
+  return _import_state(fresh, saved)
 
 
 def reduce_state(state: Any) -> tuple[Any, ...]:
@@ -401,7 +400,7 @@ def reduce_state(state: Any) -> tuple[Any, ...]:
   devices = layout.pop('devices')
   layout['device_id'] = devices[0].id
   del layout['mesh_layout']
-  return unpickle_state, (type(state), layout, export_paged(state))
+  return unpickle_state, (type(state), layout, export_state(state))
 
 
 def unpickle_state(state_type: type, layout: dict[str, Any],
@@ -418,4 +417,4 @@ def unpickle_state(state_type: type, layout: dict[str, Any],
   layout['mesh_layout'] = None
   fresh = state_type._make(
       (jnp.asarray(saved['count'], jnp.int32), _empty_like(layout)))
-  return _import_paged(fresh, saved)
+  return _import_state(fresh, saved)
