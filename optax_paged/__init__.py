@@ -3,41 +3,25 @@
 Every optimizer is an ``optax.GradientTransformationExtraArgs`` whose moments
 live in a state registry and are updated in place by one fused XLA FFI call
 per step.
+
+Importing the package registers ``OptimizerState`` with
+``flax.serialization``, so that ``to_state_dict`` / ``from_state_dict`` of a
+train state holding one save and restore its moments.
 """
+
+import importlib
+import warnings
 
 from optax_paged import quantization
 from optax_paged._src import reference
 from optax_paged._src.accumulation import AccumulateGradientsState
 from optax_paged._src.accumulation import accumulate_gradients
-from optax_paged._src.adamw import adam8bit
-from optax_paged._src.adamw import adamw8bit
-from optax_paged._src.adamw import paged_adam
-from optax_paged._src.adamw import paged_adam8bit
-from optax_paged._src.adamw import paged_adamw
-from optax_paged._src.adamw import paged_adamw8bit
-from optax_paged._src.adamw4bit import adam4bit
-from optax_paged._src.adamw4bit import adamw4bit
-from optax_paged._src.adamw4bit import paged_adam4bit
-from optax_paged._src.adamw4bit import paged_adamw4bit
-from optax_paged._src.ademamix import ademamix8bit
-from optax_paged._src.ademamix import paged_ademamix
-from optax_paged._src.ademamix import paged_ademamix8bit
 from optax_paged._src.allocation import allocate_state
 from optax_paged._src.auto_budget import AutoBudget
 from optax_paged._src.build_info import build_info
 from optax_paged._src.checkpoint import load_state_dict
 from optax_paged._src.checkpoint import state_dict
-from optax_paged._src.lamb import lamb8bit
-from optax_paged._src.lamb import paged_lamb
-from optax_paged._src.lamb import paged_lamb8bit
-from optax_paged._src.lars import lars8bit
-from optax_paged._src.lars import paged_lars
-from optax_paged._src.lars import paged_lars8bit
-from optax_paged._src.lion import lion8bit
-from optax_paged._src.lion import paged_lion
-from optax_paged._src.lion import paged_lion8bit
-from optax_paged._src.lion4bit import lion4bit
-from optax_paged._src.lion4bit import paged_lion4bit
+from optax_paged._src.factories import FACTORIES as _FACTORIES
 from optax_paged._src.memory_guard import MemoryGuardedStep
 from optax_paged._src.memory_guard import StepAllocation
 from optax_paged._src.memory_guard import memory_guarded
@@ -47,18 +31,15 @@ from optax_paged._src.paging import set_device_budget
 from optax_paged._src.paging import state_nbytes
 from optax_paged._src.percentile_clipping import PercentileClippingState
 from optax_paged._src.percentile_clipping import percentile_clipping
-from optax_paged._src.registry import REGISTRY as state_registry
-from optax_paged._src.registry import MoveStats
-from optax_paged._src.registry import StateBuffers
-from optax_paged._src.registry import StateRegistry
 from optax_paged._src.registry import free_orphans
 from optax_paged._src.registry import release
-from optax_paged._src.single_moment import adagrad8bit
-from optax_paged._src.single_moment import rmsprop8bit
-from optax_paged._src.single_moment import sgd8bit
-from optax_paged._src.transform import PagedOptimizerState
+from optax_paged._src.transform import OptimizerState
 from optax_paged._src.transform import apply_gradients
 from optax_paged._src.transform import shard_state_over
+
+# The optimizer factories (adamw8bit, paged_adamw8bit, ...), one per family
+# and storage variant of the table in optax_paged/_src/families.py.
+globals().update(_FACTORIES)
 
 __version__ = '0.1.0'
 
@@ -67,59 +48,57 @@ from optax_paged._src import flax_serialization as _flax_serialization  # noqa: 
 
 _flax_serialization.register()
 
-__all__ = [
-    'accumulate_gradients',
+__all__ = sorted([
+    *_FACTORIES,
     'AccumulateGradientsState',
     'AutoBudget',
     'MemoryGuardedStep',
-    'adagrad8bit',
-    'adam4bit',
-    'adam8bit',
-    'adamw4bit',
-    'adamw8bit',
+    'MemoryReport',
+    'OptimizerState',
+    'PercentileClippingState',
+    'StepAllocation',
+    'accumulate_gradients',
     'allocate_state',
-    'ademamix8bit',
     'apply_gradients',
     'build_info',
     'free_orphans',
-    'lamb8bit',
-    'lars8bit',
-    'lion4bit',
-    'lion8bit',
     'load_state_dict',
     'memory_guarded',
     'memory_report',
-    'MemoryReport',
-    'MoveStats',
-    'paged_adam',
-    'paged_adam4bit',
-    'paged_adam8bit',
-    'paged_adamw',
-    'paged_adamw4bit',
-    'paged_adamw8bit',
-    'paged_ademamix',
-    'paged_ademamix8bit',
-    'paged_lamb',
-    'paged_lamb8bit',
-    'paged_lars',
-    'paged_lars8bit',
-    'paged_lion',
-    'paged_lion4bit',
-    'paged_lion8bit',
-    'PagedOptimizerState',
     'percentile_clipping',
-    'PercentileClippingState',
     'quantization',
     'reference',
     'release',
-    'rmsprop8bit',
     'set_device_budget',
     'shard_state_over',
-    'sgd8bit',
     'state_dict',
     'state_nbytes',
-    'state_registry',
-    'StateBuffers',
-    'StateRegistry',
-    'StepAllocation',
-]
+], key=str.lower)
+
+# Names of earlier releases, importable with a DeprecationWarning until the
+# next one: (where the object lives now, what to use instead).
+_DEPRECATED = {
+    'PagedOptimizerState': (
+        'optax_paged._src.transform:OptimizerState',
+        'optax_paged.OptimizerState (the state of every optax_paged '
+        'optimizer, paged or not)'),
+    'StateBuffers': ('optax_paged._src.registry:StateBuffers',
+                     "an optimizer state's .buffers"),
+    'StateRegistry': ('optax_paged._src.registry:StateRegistry',
+                      'optax_paged.memory_report() and free_orphans()'),
+    'state_registry': ('optax_paged._src.registry:REGISTRY',
+                       'optax_paged.memory_report() and free_orphans()'),
+    'MoveStats': ('optax_paged._src.registry:MoveStats',
+                  'optax_paged.memory_report()'),
+}
+
+
+def __getattr__(name: str):
+  if name not in _DEPRECATED:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  where, instead = _DEPRECATED[name]
+  module, attribute = where.split(':')
+  warnings.warn(
+      f'optax_paged.{name} is deprecated and leaves the public namespace in '
+      f'the next release; use {instead}.', DeprecationWarning, stacklevel=2)
+  return getattr(importlib.import_module(module), attribute)

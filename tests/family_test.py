@@ -1,7 +1,8 @@
 """Every optimizer of the family: kernel vs reference, optax counterparts,
 training, checkpoints. (AdamW has its own, deeper file.)"""
 
-import functools
+import inspect
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +12,9 @@ import pytest
 from optax import contrib
 
 import optax_paged
-from optax_paged._src import ademamix
-from optax_paged._src import lamb
-from optax_paged._src import lars
-from optax_paged._src import lion
+from optax_paged._src import families
 from optax_paged._src import reference
-from optax_paged._src import single_moment
+from optax_paged._src.family import VARIANTS
 from tests.helpers import DTYPES
 from tests.helpers import bnb_lamb
 from tests.helpers import bnb_lars
@@ -29,102 +27,63 @@ from tests.helpers import teacher_problem
 from tests.helpers import train
 
 LR = 1e-3
-# name: (8-bit factory, spec of the same hyperparameters, 32-bit paged
-# factory or None, optax counterpart)
+
+
+def _optax_factory(family):
+  return operator.attrgetter(family.optax.removeprefix('optax.'))(optax)
+
+
+def _test_arguments(family):
+  """Weight decay and momentum on, where the optax counterpart has them."""
+  names = ({h.name for h in family.hyperparameters}
+           & set(inspect.signature(_optax_factory(family)).parameters))
+  return {name: value for name, value in
+          (('weight_decay', 0.01), ('momentum', 0.9)) if name in names}
+
+
+def _optax_counterpart(family, **arguments):
+  return lambda lr: _optax_factory(family)(lr, **arguments)
+
+
+class Case:
+  """A family with test arguments: its factories, spec and counterpart."""
+
+  def __init__(self, family, arguments, counterpart=None):
+    self.family = family
+    self.arguments = arguments
+    self.counterpart = counterpart or _optax_counterpart(family, **arguments)
+    quantized = next(v for v in family.variants if VARIANTS[v].quantized)
+    self.eight_bit = getattr(optax_paged,
+                             VARIANTS[quantized].factory_name(family))
+    self.paged32 = (getattr(optax_paged, VARIANTS['paged_32bit'].factory_name(
+        family)) if 'paged_32bit' in family.variants else None)
+
+  def factory(self, learning_rate=LR, **options):
+    return self.eight_bit(learning_rate, **self.arguments, **options)
+
+  def spec(self):
+    return families.spec(self.family.name, LR, **self.arguments)
+
+
+# Every family of the table, and optax's and bitsandbytes' options through
+# the same kernels.
 FAMILY = {
-    'lion': (
-        functools.partial(optax_paged.lion8bit, LR, weight_decay=0.01),
-        lion.lion_spec(LR, 0.9, 0.99, 0.01),
-        functools.partial(optax_paged.paged_lion, LR, weight_decay=0.01),
-        optax.lion(LR, weight_decay=0.01),
-    ),
-    'ademamix': (
-        functools.partial(optax_paged.ademamix8bit, LR, weight_decay=0.01),
-        ademamix.ademamix_spec(LR, 0.9, 0.999, 0.9999, 5.0, 1e-8, 0.01),
-        functools.partial(optax_paged.paged_ademamix, LR, weight_decay=0.01),
-        contrib.ademamix(LR, weight_decay=0.01),
-    ),
-    'sgd': (
-        functools.partial(optax_paged.sgd8bit, LR, momentum=0.9),
-        single_moment.sgd_spec(LR, 0.9, 0.0),
-        None,
-        optax.sgd(LR, momentum=0.9),
-    ),
-    'rmsprop': (
-        functools.partial(optax_paged.rmsprop8bit, LR),
-        single_moment.rmsprop_spec(LR, 0.9, 1e-8),
-        None,
-        optax.rmsprop(LR),
-    ),
-    'adagrad': (
-        functools.partial(optax_paged.adagrad8bit, LR),
-        single_moment.adagrad_spec(LR, 0.1, 1e-7),
-        None,
-        optax.adagrad(LR),
-    ),
-    'adam': (
-        functools.partial(optax_paged.adam8bit, LR),
-        optax_paged._src.adamw._adamw_spec(LR, 0.9, 0.999, 1e-8, 0.0),
-        functools.partial(optax_paged.paged_adam, LR),
-        optax.adam(LR),
-    ),
-    # optax's options, through the same kernels.
-    'adamw-nesterov': (
-        functools.partial(optax_paged.adamw8bit, LR, weight_decay=0.01,
-                          nesterov=True),
-        optax_paged._src.adamw._adamw_spec(LR, 0.9, 0.999, 1e-8, 0.01,
-                                           nesterov=True),
-        functools.partial(optax_paged.paged_adamw, LR, weight_decay=0.01,
-                          nesterov=True),
-        optax.adamw(LR, weight_decay=0.01, nesterov=True),
-    ),
-    'adamw-eps-root': (
-        functools.partial(optax_paged.adamw8bit, LR, weight_decay=0.01,
-                          eps_root=1e-8),
-        optax_paged._src.adamw._adamw_spec(LR, 0.9, 0.999, 1e-8, 0.01,
-                                           eps_root=1e-8),
-        functools.partial(optax_paged.paged_adamw, LR, weight_decay=0.01,
-                          eps_root=1e-8),
-        optax.adamw(LR, weight_decay=0.01, eps_root=1e-8),
-    ),
-    # LAMB and LARS with optax's trust ratio (the default) are optax's.
-    'lamb': (
-        functools.partial(optax_paged.lamb8bit, LR, weight_decay=0.01),
-        lamb.lamb_spec(LR, 0.9, 0.999, 1e-6, 0.01),
-        functools.partial(optax_paged.paged_lamb, LR, weight_decay=0.01),
-        optax.lamb(LR, weight_decay=0.01),
-    ),
-    'lars': (
-        functools.partial(optax_paged.lars8bit, LR, weight_decay=0.01),
-        lars.lars_spec(LR, 0.9, 0.01),
-        functools.partial(optax_paged.paged_lars, LR, weight_decay=0.01),
-        optax.lars(LR, weight_decay=0.01),
-    ),
+    name: Case(family, _test_arguments(family))
+    for name, family in families.FAMILIES.items()
+} | {
+    'adamw-nesterov': Case(families.ADAMW,
+                           dict(weight_decay=0.01, nesterov=True)),
+    'adamw-eps-root': Case(families.ADAMW,
+                           dict(weight_decay=0.01, eps_root=1e-8)),
+    'sgd-nesterov': Case(families.SGD, dict(momentum=0.9, nesterov=True)),
     # bitsandbytes' LAMB and LARS: the counterparts are its maths in jnp.
-    'lamb-bitsandbytes': (
-        functools.partial(optax_paged.lamb8bit, LR, eps=1e-8,
-                          weight_decay=0.01, trust_ratio='bitsandbytes'),
-        lamb.lamb_spec(LR, 0.9, 0.999, 1e-8, 0.01,
-                       trust_ratio='bitsandbytes'),
-        functools.partial(optax_paged.paged_lamb, LR, eps=1e-8,
-                          weight_decay=0.01, trust_ratio='bitsandbytes'),
-        bnb_lamb(LR, weight_decay=0.01),
-    ),
-    'lars-bitsandbytes': (
-        functools.partial(optax_paged.lars8bit, LR, weight_decay=0.01,
-                          trust_ratio='bitsandbytes'),
-        lars.lars_spec(LR, 0.9, 0.01, trust_ratio='bitsandbytes'),
-        functools.partial(optax_paged.paged_lars, LR, weight_decay=0.01,
-                          trust_ratio='bitsandbytes'),
-        bnb_lars(LR, weight_decay=0.01),
-    ),
-    'sgd-nesterov': (
-        functools.partial(optax_paged.sgd8bit, LR, momentum=0.9,
-                          nesterov=True),
-        single_moment.sgd_spec(LR, 0.9, 0.0, nesterov=True),
-        None,
-        optax.sgd(LR, momentum=0.9, nesterov=True),
-    ),
+    'lamb-bitsandbytes': Case(
+        families.LAMB,
+        dict(eps=1e-8, weight_decay=0.01, trust_ratio='bitsandbytes'),
+        lambda lr: bnb_lamb(lr, weight_decay=0.01)),
+    'lars-bitsandbytes': Case(
+        families.LARS, dict(weight_decay=0.01, trust_ratio='bitsandbytes'),
+        lambda lr: bnb_lars(lr, weight_decay=0.01)),
 }
 NAMES = sorted(FAMILY)
 # Every block boundary case in one tree: below min_8bit_size, one element
@@ -143,10 +102,10 @@ def _grads(params, seed):
 @pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize('name', NAMES)
 def test_kernel_step_equals_reference(name, dtype):
-  factory, spec, _, _ = FAMILY[name]
+  case = FAMILY[name]
   params = random_tree(ODD_SHAPES, dtype, seed=1)
-  tx = factory(min_8bit_size=256)
-  ref = reference.reference_transformation(spec, min_8bit_size=256)
+  tx = case.factory(min_8bit_size=256)
+  ref = reference.reference_transformation(case.spec(), min_8bit_size=256)
   state = tx.init(params)
   step = jax.jit(tx.update)
   for i in range(3):
@@ -161,8 +120,10 @@ def test_kernel_step_equals_reference(name, dtype):
 
 @pytest.mark.parametrize('name', NAMES)
 def test_fp32_state_matches_optax(name):
-  factory, _, paged32, counterpart = FAMILY[name]
-  tx = paged32() if paged32 else factory(min_8bit_size=10**12)
+  case = FAMILY[name]
+  tx = (case.paged32(LR, **case.arguments) if case.paged32
+        else case.factory(min_8bit_size=10**12))
+  counterpart = case.counterpart(LR)
   params = random_tree([(64, 80), (300,)], seed=2)
   p, s = params, tx.init(params)
   rp, rs = params, counterpart.init(params)
@@ -204,8 +165,9 @@ def test_stays_close_to_fp32_state_over_50_steps(name, sync_every):
   its own mean step (measured: 0.006 for adagrad to 0.15 for adam and
   ademamix).
   """
-  factory, spec, _, _ = FAMILY[name]
-  ours = factory()
+  case = FAMILY[name]
+  spec = case.spec()
+  ours = case.factory()
   theirs = reference.reference_transformation(spec, quantize=False)
   step_ours, step_theirs = jitted_step(ours), jitted_step(theirs)
   shape = (1024, 1025)
@@ -228,34 +190,16 @@ def test_stays_close_to_fp32_state_over_50_steps(name, sync_every):
 
 @pytest.mark.parametrize('name', NAMES)
 def test_8bit_trains_as_well_as_optax(name):
-  factory, _, _, _ = FAMILY[name]
+  case = FAMILY[name]
   params, loss_fn = teacher_problem()
   lr = 3e-4 if name == 'lion' else 3e-3
   lr = 3e-2 if name in ('sgd', 'sgd-nesterov', 'adagrad') else lr
   lr = 0.3 if name == 'lars-bitsandbytes' else lr
   # optax's trust coefficient, 0.001, asks for optax's own test rate.
   lr = 1.0 if name == 'lars' else lr
-  spec_kwargs = {'learning_rate': lr}
-  counterparts = {
-      'lion': optax.lion(lr, weight_decay=0.01),
-      'ademamix': contrib.ademamix(lr, weight_decay=0.01),
-      'sgd': optax.sgd(lr, momentum=0.9),
-      'sgd-nesterov': optax.sgd(lr, momentum=0.9, nesterov=True),
-      'rmsprop': optax.rmsprop(lr),
-      'adagrad': optax.adagrad(lr),
-      'adam': optax.adam(lr),
-      'adamw-nesterov': optax.adamw(lr, weight_decay=0.01, nesterov=True),
-      'adamw-eps-root': optax.adamw(lr, weight_decay=0.01, eps_root=1e-8),
-      'lamb': optax.lamb(lr, weight_decay=0.01),
-      'lars': optax.lars(lr, weight_decay=0.01),
-      'lamb-bitsandbytes': bnb_lamb(lr, weight_decay=0.01),
-      'lars-bitsandbytes': bnb_lars(lr, weight_decay=0.01),
-  }
-  ours_factory = factory.func
-  kwargs = dict(factory.keywords, **spec_kwargs)
-  ours, first = train(ours_factory(min_8bit_size=1024, **kwargs), params,
-                       loss_fn, 300)
-  theirs, _ = train(counterparts[name], params, loss_fn, 300)
+  ours, first = train(case.factory(lr, min_8bit_size=1024), params, loss_fn,
+                      300)
+  theirs, _ = train(case.counterpart(lr), params, loss_fn, 300)
   assert ours < 0.8 * first, (ours, first)
   # Lion steps by the sign of its momentum mix, so quantization error near
   # zero flips whole steps: 8-bit Lion ended 6.0% above optax.lion here
@@ -266,8 +210,7 @@ def test_8bit_trains_as_well_as_optax(name):
 
 @pytest.mark.parametrize('name', NAMES)
 def test_checkpoint_resume_is_bit_identical(name):
-  factory, _, _, _ = FAMILY[name]
-  tx = factory(min_8bit_size=256)
+  tx = FAMILY[name].factory(min_8bit_size=256)
   params = random_tree([(64, 80), (300,), (3,)], seed=3)
 
   @jax.jit

@@ -16,9 +16,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import optax_paged
+from optax_paged._src import families
 from optax_paged._src import reference
-from optax_paged._src import single_moment
-from optax_paged._src.adamw import _adamw_spec
 from tests.helpers import compare_one_step_exactly
 from tests.helpers import reference_state_from
 
@@ -31,11 +30,11 @@ def _optimizers(lr, wd):
   """name -> (kernel transformation, spec of the same hyperparameters)."""
   return {
       'adamw': (optax_paged.adamw8bit(lr, weight_decay=wd, min_8bit_size=256),
-                _adamw_spec(lr, 0.9, 0.999, 1e-8, wd)),
+                families.spec('adamw', lr, weight_decay=wd)),
       'rmsprop': (optax_paged.rmsprop8bit(lr, min_8bit_size=256),
-                  single_moment.rmsprop_spec(lr, 0.9, 1e-8)),
+                  families.spec('rmsprop', lr)),
       'sgd': (optax_paged.sgd8bit(lr, momentum=0.9, min_8bit_size=256),
-              single_moment.sgd_spec(lr, 0.9, 0.0)),
+              families.spec('sgd', lr, momentum=0.9)),
   }
 
 

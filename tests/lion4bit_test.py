@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import optax_paged
-from optax_paged._src import lion
+from optax_paged._src import families
 from optax_paged._src import quantization
 from optax_paged._src import reference
 from tests.helpers import DTYPES
@@ -27,7 +27,7 @@ def test_kernel_equals_reference(shape, dtype):
   params = random_tree([shape], dtype, seed=1)
   tx = optax_paged.lion4bit(1e-3, weight_decay=0.01, min_8bit_size=1)
   ref_tx = reference.reference_transformation(
-      lion.lion_spec(1e-3, 0.9, 0.99, 0.01), min_8bit_size=1, code_bits=4)
+      families.spec('lion', 1e-3, weight_decay=0.01), min_8bit_size=1, code_bits=4)
   state = tx.init(params)
   for i in range(4):
     state, _ = compare_one_step_exactly(

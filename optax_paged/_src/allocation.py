@@ -87,7 +87,7 @@ def allocate_state(state: Any, params: Any) -> Any:
 def _with_mesh_counts(state: Any) -> Any:
   """Counts of sharded states replicated over their mesh (as init makes)."""
   def fix(node: Any) -> Any:
-    if not isinstance(node, transform.PagedOptimizerState):
+    if not isinstance(node, transform.OptimizerState):
       return node
     if node.buffers.is_abstract or node.buffers.record().layout is None:
       return node
@@ -101,4 +101,4 @@ def _with_mesh_counts(state: Any) -> Any:
 
   return jax.tree.map(
       fix, state,
-      is_leaf=lambda x: isinstance(x, transform.PagedOptimizerState))
+      is_leaf=lambda x: isinstance(x, transform.OptimizerState))

@@ -21,7 +21,7 @@ from optax_paged._src import transform
 
 
 def _is_optax_paged_state(x: Any) -> bool:
-  return isinstance(x, transform.PagedOptimizerState)
+  return isinstance(x, transform.OptimizerState)
 
 
 def state_dict(state: base.OptState) -> Any:
@@ -109,4 +109,4 @@ def _restore_leaf(fresh: Any, stored: Any) -> Any:
 
 def _unpickle_state(layout: dict[str, Any], saved: dict[str, Any]) -> Any:
   # Pickles made before state_io existed name this function.
-  return state_io.unpickle_state(transform.PagedOptimizerState, layout, saved)
+  return state_io.unpickle_state(transform.OptimizerState, layout, saved)

@@ -2,7 +2,7 @@
 
 ``flax.serialization.to_state_dict`` (behind ``to_bytes``, ``msgpack_serialize``
 and Flax's checkpoint helpers) walks a train state and asks each node for its
-state dictionary. Flax handles the ``PagedOptimizerState`` named tuple
+state dictionary. Flax handles the ``OptimizerState`` named tuple
 itself, field by field (``count`` is an array like any other); registering
 ``StateBuffers`` makes the ``buffers`` field the moments' export (codes,
 absmax, format, maps, checksum). Restoring checks that export completely and

@@ -10,7 +10,6 @@ optimizer's slots are named in the optimizer table (``kSlots`` in
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from optax_paged._src import ffi
 from optax_paged._src import optimizer_table
@@ -57,25 +56,16 @@ def pack(optimizer: str, **values) -> jax.Array:
   return jnp.stack([_f32(values[name]) for name in slots] + padding)
 
 
+def unpack(optimizer: str, vector: jax.Array) -> dict[str, jax.Array]:
+  """The slots of ``optimizer``'s hyperparameter vector, by name."""
+  return {name: vector[i] for i, name in
+          enumerate(optimizer_table.info(optimizer).slots)}
+
+
 def with_seed(vector: jax.Array, count: jax.Array) -> jax.Array:
   """``vector`` with the step count's bits in its seed slot."""
   seed = jax.lax.bitcast_convert_type(count.astype(jnp.int32), jnp.float32)
   return vector.at[SEED_INDEX].set(seed)
-
-
-def adamw(learning_rate, b1, b2, eps, weight_decay, count, *, eps_root=0.0,
-          nesterov=False) -> jax.Array:
-  """AdamW's vector; ``count`` is the step number after this step (>= 1)."""
-  # Nesterov's look-ahead corrects the new moment by the next step's factor.
-  bias_correction1_next = (
-      bias_correction(b1, optax.safe_increment(count)) if nesterov else 1.0)
-  return pack(
-      'adamw', learning_rate=learning_rate, b1=b1, one_minus_b1=one_minus(b1),
-      b2=b2, one_minus_b2=one_minus(b2), eps=eps, weight_decay=weight_decay,
-      bias_correction1=bias_correction(b1, count),
-      bias_correction2=bias_correction(b2, count), eps_root=eps_root,
-      nesterov=1.0 if nesterov else 0.0,
-      bias_correction1_next=bias_correction1_next)
 
 
 def _check_layout() -> None:

@@ -24,6 +24,8 @@ class OptimizerInfo(NamedTuple):
   signed: tuple[bool, ...]
   # Names of the hyperparameter slots, in the order the kernel reads them.
   slots: tuple[str, ...]
+  # Whether its kernels are built for 4-bit states.
+  four_bit: bool
   # Whether its signed 4-bit codes are rounded stochastically.
   stochastic_four_bit: bool
 
@@ -35,6 +37,7 @@ def table() -> dict[str, OptimizerInfo]:
           name=name, target=row['target'], num_moments=int(row['num_moments']),
           signed=tuple(bool(s) for s in row['signed']),
           slots=tuple(str(s) for s in row['slots']),
+          four_bit=bool(row['four_bit']),
           stochastic_four_bit=bool(row['stochastic_four_bit']))
       for name, row in ffi.extension().optimizer_table().items()
   }

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_paged._src import base
+from optax_paged._src import families
 from optax_paged._src import hyperparams
 from optax_paged._src import optimizer_table
 from optax_paged._src import quantization
@@ -96,91 +97,15 @@ def encode_moments(values, like, signed: tuple[bool, ...], random=None):
   return tuple(out)
 
 
-def adamw_element_update(h: jax.Array, g, p, decay: bool, moments):
-  """``AdamW::Update`` of ``ffi/optimizer_math.h`` on whole arrays."""
-  lr, b1, omb1, b2, omb2, eps, wd, bc1, bc2, eps_root, nesterov, bc1_next = (
-      h[i] for i in range(12))
-  m = omb1 * g + b1 * moments[0]
-  v = omb2 * (g * g) + b2 * moments[1]
-  m_hat = jnp.where(
-      nesterov != 0,
-      b1 * (m * (1 / bc1_next)) + omb1 * (g * (1 / bc1)),
-      m * (1 / bc1))
-  v_hat = v * (1 / bc2)
-  v_hat = jnp.where(eps_root != 0, v_hat + eps_root, v_hat)
-  direction = m_hat / (jnp.sqrt(v_hat) + eps)
-  if decay:
-    direction = direction + wd * p
-  return -lr * direction, [m, v]
-
-
-def lion_element_update(h: jax.Array, g, p, decay: bool, moments):
-  """``Lion::Update``."""
-  lr, b1, omb1, b2, omb2, wd = (h[i] for i in range(6))
-  direction = jnp.sign(omb1 * g + b1 * moments[0])
-  m = omb2 * g + b2 * moments[0]
-  if decay:
-    direction = direction + wd * p
-  return -lr * direction, [m]
-
-
-def ademamix_element_update(h: jax.Array, g, p, decay: bool, moments):
-  """``AdEMAMix::Update``."""
-  lr, b1, omb1, b2, omb2, eps, wd, bc1, bc2, b3, omb3, alpha = (
-      h[i] for i in range(12))
-  m1 = omb1 * g + b1 * moments[0]
-  m2 = omb3 * g + b3 * moments[1]
-  v = omb2 * (g * g) + b2 * moments[2]
-  direction = (m1 * (1 / bc1) + alpha * m2) / (jnp.sqrt(v * (1 / bc2)) + eps)
-  if decay:
-    direction = direction + wd * p
-  return -lr * direction, [m1, m2, v]
-
-
-def sgd_element_update(h: jax.Array, g, p, decay: bool, moments):
-  """``SgdMomentum::Update``."""
-  lr, momentum, wd, nesterov = h[0], h[1], h[2], h[3]
-  if decay:
-    g = g + wd * p
-  m = g + momentum * moments[0]
-  return -lr * jnp.where(nesterov != 0, g + momentum * m, m), [m]
-
-
-def rmsprop_element_update(h: jax.Array, g, p, decay: bool, moments):
-  """``RmsProp::Update``."""
-  del p, decay
-  lr, rho, one_minus_rho, eps = h[0], h[1], h[2], h[3]
-  v = one_minus_rho * (g * g) + rho * moments[0]
-  return -lr * (g * (1 / jnp.sqrt(v + eps))), [v]
-
-
-def adagrad_element_update(h: jax.Array, g, p, decay: bool, moments):
-  """``Adagrad::Update``."""
-  del p, decay
-  lr, eps = h[0], h[1]
-  s = g * g + moments[0]
-  scale = jnp.where(s > 0, 1 / jnp.sqrt(s + eps), 0.0)
-  return -lr * (scale * g), [s]
-
-
-ELEMENT_UPDATES = {
-    'adamw': adamw_element_update,
-    'lion': lion_element_update,
-    'ademamix': ademamix_element_update,
-    'sgd': sgd_element_update,
-    'rmsprop': rmsprop_element_update,
-    'adagrad': adagrad_element_update,
-}
-
-
-# Element update: (hyper, g, p, decay, moments) -> (update, new moments).
+# Element update: (slots by name, g, p, decay, moments) -> (update, new
+# moments); the family table holds one per kernel.
 ElementUpdate = Callable[..., tuple[jax.Array, list[jax.Array]]]
 
 
 def leaf_step(
     element_update: ElementUpdate,
     signed: tuple[bool, ...],
-    hyper: jax.Array,
+    slots: dict[str, jax.Array],
     grad: jax.Array,
     param: jax.Array,
     moments,
@@ -194,7 +119,7 @@ def leaf_step(
   g = jnp.ravel(grad).astype(param.dtype).astype(jnp.float32)
   p = jnp.ravel(param).astype(jnp.float32)
   update, values = element_update(
-      hyper, g, p, decay, decode_moments(moments, signed)
+      slots, g, p, decay, decode_moments(moments, signed)
   )
   update = update.astype(param.dtype).reshape(param.shape)
   return update, encode_moments(values, moments, signed, random)
@@ -220,10 +145,10 @@ def reference_transformation(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a functional state.
   """
-  element_update = ELEMENT_UPDATES[spec.table_name]
+  element_update = families.reference_update(spec.kernel)
   signed = spec.signed
   stochastic = code_bits == 4 and optimizer_table.info(
-      spec.table_name).stochastic_four_bit
+      spec.kernel).stochastic_four_bit
 
   def init_fn(params):
     return ReferenceState(
@@ -248,7 +173,8 @@ def reference_transformation(
     count_inc = optax.safe_increment(state.count)
     # Jitted even when the update runs eagerly: the kernels get the vector
     # from a jitted step, and XLA rounds b ** count differently op by op.
-    hyper = jax.jit(spec.hyperparams)(state.count, count_inc)
+    slots = hyperparams.unpack(
+        spec.kernel, jax.jit(spec.hyperparams)(state.count, count_inc))
     decay = transform.resolve_mask(weight_decay_mask, params)
     grads, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
@@ -270,7 +196,7 @@ def reference_transformation(
         for i, p in enumerate(param_leaves)
     ]
     results = [
-        leaf_step(element_update, signed, hyper, as_computed(g),
+        leaf_step(element_update, signed, slots, as_computed(g),
                   as_computed(p), m, d, r)
         for g, p, m, d, r in zip(
             grads, param_leaves, moment_leaves, decay, randoms, strict=True
@@ -325,14 +251,9 @@ def adamw8bit(
     and absmax arrays as leaves.
   """
 
-  def vector(count, count_inc):
-    return hyperparams.adamw(
-        base.value_at(learning_rate, count),
-        b1, b2, eps, base.value_at(weight_decay, count), count_inc,
-        eps_root=eps_root, nesterov=nesterov,
-    )
-
-  spec = transform.OptimizerSpec('adamw', vector)
+  spec = families.spec('adamw', learning_rate, b1=b1, b2=b2, eps=eps,
+                       weight_decay=weight_decay, eps_root=eps_root,
+                       nesterov=nesterov)
   return reference_transformation(
       spec,
       quantize=quantize,

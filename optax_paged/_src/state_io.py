@@ -4,7 +4,7 @@ The core under ``checkpoint`` (``state_dict`` / ``load_state_dict`` over
 whole optimizer trees), ``copy.deepcopy`` and ``pickle`` of a state, and
 Flax's serialization of the buffers field. It works on any object with
 ``count`` and ``buffers`` fields and builds results of the type it was given,
-so the state type (``transform.PagedOptimizerState``) can use it for its own
+so the state type (``transform.OptimizerState``) can use it for its own
 copy protocol without an import cycle.
 """
 

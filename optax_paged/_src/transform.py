@@ -30,12 +30,12 @@ from optax_paged._src import state_io
 from optax_paged._src import trust_ratio as trust_ratio_lib
 
 
-class _PagedOptimizerFields(NamedTuple):
+class _OptimizerStateFields(NamedTuple):
   count: jax.Array  # shape=(), dtype=jnp.int32
   buffers: registry.StateBuffers
 
 
-class PagedOptimizerState(_PagedOptimizerFields):
+class OptimizerState(_OptimizerStateFields):
   """State of an optax_paged optimizer.
 
   Attributes:
@@ -55,15 +55,20 @@ class PagedOptimizerState(_PagedOptimizerFields):
     registry.note_count(buffers, count)
     return super().__new__(cls, count, buffers)
 
-  def __copy__(self) -> 'PagedOptimizerState':
-    return PagedOptimizerState._make(self)  # shares the buffers
+  def __copy__(self) -> 'OptimizerState':
+    return OptimizerState._make(self)  # shares the buffers
 
-  def __deepcopy__(self, memo: dict[int, Any]) -> 'PagedOptimizerState':
+  def __deepcopy__(self, memo: dict[int, Any]) -> 'OptimizerState':
     del memo
     return state_io.copy_state(self)
 
   def __reduce__(self) -> tuple[Any, ...]:
     return state_io.reduce_state(self)
+
+
+# Its name before 0.2 ("paged" now means managed memory only): pickles
+# written then name the class by it.
+PagedOptimizerState = OptimizerState
 
 
 RESTORED_WITHOUT_MOMENTS_MSG = (
@@ -106,38 +111,34 @@ HyperparamFn = Callable[[jax.Array, jax.Array], jax.Array]
 class OptimizerSpec(NamedTuple):
   """What distinguishes one optimizer of the family from another.
 
-  Its FFI target, moments and maps come from the optimizer table, under
-  ``kernel`` (its ``name`` when empty): LAMB runs Adam's kernel, yet its
-  states are LAMB's, refused by AdamW's update and its checkpoints.
+  Its FFI target, moments and maps come from the optimizer table's row
+  ``kernel``; its states belong to ``name``: LAMB runs AdamW's kernel, yet
+  its states are LAMB's, refused by AdamW's update and its checkpoints.
   """
 
   name: str
   # (count before the step, count after it) -> hyperparameter vector.
   hyperparams: HyperparamFn
+  # The optimizer table's row whose kernel runs the step.
+  kernel: str
   # Value every element of each moment starts from (Adagrad's accumulator);
   # read at init only, so an injected (traced) one does not stop an update.
   initial_values: tuple[Any, ...] = ()
   # Per-tensor trust ratio around the kernel (LAMB, LARS); the hyperparameter
   # vector then carries learning rate 1 and no decoupled decay.
   trust_ratio: trust_ratio_lib.TrustRatio | None = None
-  # The optimizer table's entry whose kernel runs the step ('' for name).
-  kernel: str = ''
-
-  @property
-  def table_name(self) -> str:
-    return self.kernel or self.name
 
   @property
   def target(self) -> str:
-    return optimizer_table.info(self.table_name).target
+    return optimizer_table.info(self.kernel).target
 
   @property
   def num_moments(self) -> int:
-    return optimizer_table.info(self.table_name).num_moments
+    return optimizer_table.info(self.kernel).num_moments
 
   @property
   def signed(self) -> tuple[bool, ...]:
-    return optimizer_table.info(self.table_name).signed
+    return optimizer_table.info(self.kernel).signed
 
 
 # update_fn of every optax_paged transformation -> its spec, so that
@@ -188,7 +189,7 @@ def make_transformation(
   updated_in: weakref.WeakSet = weakref.WeakSet()
 
   def init_with(params: base.Params,
-                zero_axis: str | None) -> PagedOptimizerState:
+                zero_axis: str | None) -> OptimizerState:
     sharding.refuse_pmap()
     leaves = jax.tree.leaves(params)
     if any(_trace_of(leaf) in updated_in for leaf in leaves):
@@ -206,17 +207,17 @@ def make_transformation(
         initial_values=tuple(map(float, spec.initial_values)),
         signed=spec.signed, code_bits=code_bits,
     ), device_budget)
-    return PagedOptimizerState._make((state_io.zero_count(buffers), buffers))
+    return OptimizerState._make((state_io.zero_count(buffers), buffers))
 
-  def init_fn(params: base.Params) -> PagedOptimizerState:
+  def init_fn(params: base.Params) -> OptimizerState:
     return init_with(params, None)
 
   def update_fn(
       updates: base.Updates,
-      state: PagedOptimizerState,
+      state: OptimizerState,
       params: base.Params | None = None,
       **extra_args: Any,
-  ) -> tuple[base.Updates, PagedOptimizerState]:
+  ) -> tuple[base.Updates, OptimizerState]:
     del extra_args
     for leaf in jax.tree.leaves(params):
       if _trace_of(leaf) is not None:
@@ -224,7 +225,7 @@ def make_transformation(
     outputs, count = run_step(
         spec, updates, state, params, output_mode=ffi.OUTPUT_UPDATES
     )
-    return outputs, PagedOptimizerState(count=count, buffers=state.buffers)
+    return outputs, OptimizerState(count=count, buffers=state.buffers)
 
   _SPECS[update_fn] = spec
   _INITS[update_fn] = init_with
@@ -285,11 +286,11 @@ def shard_state_over(
 def apply_gradients(
     tx: optax.GradientTransformation,
     grads: base.Updates,
-    state: PagedOptimizerState,
+    state: OptimizerState,
     params: base.Params,
     *,
     stochastic_rounding: bool = False,
-) -> tuple[base.Params, PagedOptimizerState]:
+) -> tuple[base.Params, OptimizerState]:
   """The fused step: new parameters in one pass, bit-identical to
   ``optax.apply_updates(params, tx.update(grads, state, params)[0])``.
 
@@ -330,7 +331,7 @@ def apply_gradients(
       else ffi.OUTPUT_PARAMS
   )
   new_params, count = run_step(spec, grads, state, params, output_mode=mode)
-  return new_params, PagedOptimizerState(count=count, buffers=state.buffers)
+  return new_params, OptimizerState(count=count, buffers=state.buffers)
 
 
 REINIT_MSG = (
@@ -369,7 +370,7 @@ def _inside_optax_multisteps() -> bool:
 def run_step(
     spec: OptimizerSpec,
     grads: base.Updates,
-    state: PagedOptimizerState,
+    state: OptimizerState,
     params: base.Params | None,
     *,
     output_mode: int,
@@ -380,7 +381,7 @@ def run_step(
     raise ValueError(base.NO_PARAMS_MSG)
   if _inside_optax_multisteps():
     raise TypeError(MULTISTEPS_MSG)
-  if not isinstance(state, PagedOptimizerState):
+  if not isinstance(state, OptimizerState):
     raise TypeError(
         f'{spec.name}: expected the state made by this optimizer\'s init, '
         f'got {type(state).__name__}.'
