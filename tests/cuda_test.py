@@ -19,6 +19,7 @@ import optax_paged
 from optax_paged._src import ffi
 from optax_paged._src import hyperparams
 from optax_paged._src import paging
+from optax_paged._src import registry
 from tests.helpers import assert_trees_equal
 from tests.helpers import random_tree
 
@@ -202,7 +203,7 @@ def test_device_memory_returns_to_baseline(factory):
   # States an earlier test dropped become orphans during the collection and
   # would be freed by this test's allocation, inside the measurement.
   gc.collect()
-  optax_paged.state_registry.free_orphans()
+  registry.REGISTRY.free_orphans()
   baseline, _ = paging.gpu_memory()
   state = factory().init(params)
   used, _ = paging.gpu_memory()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import optax_paged
+from optax_paged._src import registry
 from tests.helpers import random_tree
 from tests.helpers import refusal_of
 
@@ -225,11 +226,11 @@ def test_a_state_no_machine_holds_is_refused_at_init(shape, how):
   # a 0-byte state; 2^46 elements take 2^49 bytes of fp32 moments.
   tx = optax_paged.adamw8bit(1e-3)
   params = {'w': jax.ShapeDtypeStruct(shape, jnp.float32)}
-  before = optax_paged.state_registry.total_bytes()
+  before = registry.REGISTRY.total_bytes()
   init = tx.init if how == 'init' else lambda p: jax.eval_shape(tx.init, p)
   with pytest.raises(ValueError, match=r"\['w'\] of shape .* more memory"):
     init(params)
-  assert optax_paged.state_registry.total_bytes() == before
+  assert registry.REGISTRY.total_bytes() == before
 
 
 def _state_at(tx, params, count):

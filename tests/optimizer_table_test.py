@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from optax_paged._src import families
 from optax_paged._src import ffi
 from optax_paged._src import hyperparams
 from optax_paged._src import optimizer_table
@@ -11,8 +12,8 @@ from optax_paged._src import transform
 
 def test_every_row_names_a_registered_target_and_its_slots():
   table = optimizer_table.table()
-  assert set(table) == {'adamw', 'lion', 'ademamix', 'sgd', 'rmsprop',
-                        'adagrad'}
+  # Every kernel serves a family of the factory table, which names it.
+  assert set(table) == {f.kernel for f in families.FAMILIES.values()}
   targets = ffi.extension().cpu_registrations()
   for name, row in table.items():
     assert row.target == f'optax_paged_{name}' and row.target in targets
@@ -41,6 +42,30 @@ def test_pack_refuses_missing_or_unknown_slots():
 
 
 def test_an_optimizer_missing_from_the_build_is_a_clear_error():
-  spec = transform.OptimizerSpec('lamb_from_the_future', lambda c, n: c)
+  spec = transform.OptimizerSpec('lamb_from_the_future', lambda c, n: c,
+                                 kernel='lamb_from_the_future')
   with pytest.raises(ImportError, match='rebuild the package'):
     spec.target  # noqa: B018 - the lookup is the point
+
+
+def test_unpack_reads_the_vector_by_the_table_s_slot_names():
+  for name, row in optimizer_table.table().items():
+    values = {slot: float(i + 1) for i, slot in enumerate(row.slots)}
+    unpacked = hyperparams.unpack(name, hyperparams.pack(name, **values))
+    assert {k: float(v) for k, v in unpacked.items()} == values
+
+
+def test_every_family_fills_exactly_its_kernel_s_slots():
+  for family in families.FAMILIES.values():
+    values = {h.name: h.default for h in family.hyperparameters}
+    values['learning_rate'] = 1e-3
+    slots = family.slots(values, np.int32(0), np.int32(1))
+    assert set(slots) == set(optimizer_table.info(family.kernel).slots), (
+        family.name)
+
+
+def test_four_bit_variants_exist_only_where_the_kernel_has_4_bit_states():
+  for family in families.FAMILIES.values():
+    four_bit = {'4bit', 'paged_4bit'} & set(family.variants)
+    if four_bit:
+      assert optimizer_table.info(family.kernel).four_bit, family.name

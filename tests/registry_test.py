@@ -10,13 +10,14 @@ import pytest
 
 import optax_paged
 from optax_paged._src import ffi
+from optax_paged._src import registry
 
 
 def _live_bytes():
   # States dropped during the collection become orphans after it started:
   # free those too, or an earlier test's leftovers move the baseline.
   gc.collect()
-  optax_paged.state_registry.free_orphans()
+  registry.REGISTRY.free_orphans()
   return ffi.extension().live_state_bytes()
 
 
@@ -26,7 +27,7 @@ def test_state_bytes_are_what_the_layout_needs():
   # w: 2 moments x (1 MiB codes + 4096 absmax floats); b: 2 x 4 KiB fp32.
   expected = 2 * (2**20 + 4096 * 4) + 2 * 4096
   assert state.buffers.record().total_bytes == expected
-  assert optax_paged.state_registry.total_bytes() >= expected
+  assert registry.REGISTRY.total_bytes() >= expected
 
 
 def test_release_returns_memory_to_baseline():
@@ -35,7 +36,7 @@ def test_release_returns_memory_to_baseline():
   assert _live_bytes() > baseline
   optax_paged.release(state)
   assert _live_bytes() == baseline
-  assert state.buffers not in optax_paged.state_registry.live_states()
+  assert state.buffers not in registry.REGISTRY.live_states()
 
 
 def test_garbage_collection_returns_memory_to_baseline():
@@ -58,7 +59,7 @@ def test_buffers_object_is_unique_per_state():
   leaves, treedef = jax.tree.flatten(state)
   rebuilt = jax.tree.unflatten(treedef, leaves)
   assert rebuilt.buffers is state.buffers
-  assert state.buffers in optax_paged.state_registry.live_states()
+  assert state.buffers in registry.REGISTRY.live_states()
   assert 'adamw' in repr(state.buffers)
 
 
@@ -101,7 +102,7 @@ def test_dropped_states_do_not_pile_up_until_a_full_collection():
     del state
     # Left alone, a dropped state goes at the first collection of any
     # generation after a short grace (NNX rebuilds modules within it).
-    time.sleep(optax_paged.StateRegistry.ORPHAN_GRACE_SECONDS + 0.1)
+    time.sleep(registry.StateRegistry.ORPHAN_GRACE_SECONDS + 0.1)
     gc.collect(0)
     assert ffi.extension().live_state_bytes() == baseline
   finally:
