@@ -1,6 +1,7 @@
-// The nanobind module: FFI capsules, the registry's buffer objects, and the
-// blockwise quantizer for Python. Thin on purpose: Python validates inputs
-// and decides what to allocate; this file only converts and forwards.
+// The nanobind module: FFI capsules, the registry's buffer objects, the
+// blockwise quantizer for Python, and a `testing` submodule of hooks for the
+// tests. Thin on purpose: Python validates inputs and decides what to
+// allocate; this file only converts and forwards.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/shared_ptr.h>
@@ -483,18 +484,26 @@ NB_MODULE(_optax_paged_ext, m) {
   m.def("dynamic_map", [](bool is_signed) {
     return CopyToNumpy(TablesFor(is_signed).values, 256);
   }, nb::arg("signed"));
-  m.def("max_midpoints_per_bucket", [](bool is_signed) {
-    return TablesFor(is_signed).max_midpoints_per_bucket;
-  }, nb::arg("signed"));
   m.def("quantize_blockwise", &QuantizeBlockwise, nb::arg("x"),
         nb::arg("signed"));
   m.def("dequantize_blockwise", &DequantizeBlockwise, nb::arg("codes"),
         nb::arg("absmax"), nb::arg("signed"));
-  m.def("encode_scaled", &EncodeScaled, nb::arg("x"), nb::arg("inverse"),
-        nb::arg("signed"), nb::arg("vector"));
-  m.def("block_absmax", &BlockAbsmaxOf, nb::arg("x"), nb::arg("vector"));
-  m.def("encode_scaled_avx512", [](InputArray<float> x, float inverse,
-                                   bool is_signed) {
+  m.def("has_avx2", &HasAvx2);
+  m.def("live_state_bytes", &LiveStateBytes);
+
+  // Used by the tests alone: they compare the vector codecs with the scalar
+  // ones and count registry entries for leaks. They ship in this module
+  // because CI has no compiler to build a separate test extension.
+  nb::module_ testing = m.def_submodule(
+      "testing", "Hooks for optax_paged's tests; not a public interface.");
+  testing.def("max_midpoints_per_bucket", [](bool is_signed) {
+    return TablesFor(is_signed).max_midpoints_per_bucket;
+  }, nb::arg("signed"));
+  testing.def("encode_scaled", &EncodeScaled, nb::arg("x"), nb::arg("inverse"),
+              nb::arg("signed"), nb::arg("vector"));
+  testing.def("block_absmax", &BlockAbsmaxOf, nb::arg("x"), nb::arg("vector"));
+  testing.def("encode_scaled_avx512", [](InputArray<float> x, float inverse,
+                                         bool is_signed) {
     if (!HasAvx512()) throw std::runtime_error("this CPU has no AVX-512");
     const size_t n = x.shape(0);
     std::vector<uint8_t> codes(n);
@@ -502,10 +511,8 @@ NB_MODULE(_optax_paged_ext, m) {
                       static_cast<int64_t>(n), codes.data());
     return CopyToNumpy(codes.data(), n);
   }, nb::arg("x"), nb::arg("inverse"), nb::arg("signed"));
-  m.def("has_avx2", &HasAvx2);
-  m.def("has_avx512", &HasAvx512);
-  m.def("live_state_count", &LiveStateCount);
-  m.def("live_state_bytes", &LiveStateBytes);
+  testing.def("has_avx512", &HasAvx512);
+  testing.def("live_state_count", &LiveStateCount);
 
   nb::class_<StateEntry>(m, "StateEntry")
       .def_prop_ro("id", &StateEntry::id)

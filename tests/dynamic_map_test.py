@@ -49,7 +49,7 @@ class TestDynamicMap:
   def test_lookup_buckets_hold_at_most_one_midpoint(self, signed):
     # Encode does one comparison after the bucket lookup; that is exact only
     # if no bucket holds two midpoints.
-    assert ffi.extension().max_midpoints_per_bucket(signed=signed) <= 1
+    assert ffi.extension().testing.max_midpoints_per_bucket(signed=signed) <= 1
 
 
 def test_create_dynamic_map_rejects_impossible_layout():

@@ -237,7 +237,7 @@ def _assert_same_codes(x, scalar, other):
 @pytest.mark.parametrize('signed', [True, False])
 @pytest.mark.parametrize('inverse', [1.0, 0.37, 3.0e-8])
 def test_vector_codec_equals_scalar_encode_bit_for_bit(signed, inverse):
-  ext = ffi.extension()
+  ext = ffi.extension().testing
   x = _bit_pattern_sweep(signed)
   _assert_same_codes(x, ext.encode_scaled(x, inverse, signed, False),
                      ext.encode_scaled(x, inverse, signed, True))
@@ -245,12 +245,12 @@ def test_vector_codec_equals_scalar_encode_bit_for_bit(signed, inverse):
   assert len(np.unique(ext.encode_scaled(x, 1.0, signed, False))) >= 250
 
 
-@pytest.mark.skipif(not ffi.extension().has_avx512(),
+@pytest.mark.skipif(not ffi.extension().testing.has_avx512(),
                     reason='this CPU has no AVX-512 (the encode never uses it)')
 @pytest.mark.parametrize('signed', [True, False])
 @pytest.mark.parametrize('inverse', [1.0, 0.37, 3.0e-8])
 def test_avx512_codec_equals_scalar_encode_bit_for_bit(signed, inverse):
-  ext = ffi.extension()
+  ext = ffi.extension().testing
   x = _bit_pattern_sweep(signed)
   _assert_same_codes(x, ext.encode_scaled(x, inverse, signed, False),
                      ext.encode_scaled_avx512(x, inverse, signed))
@@ -261,7 +261,7 @@ def test_block_absmax_vector_equals_scalar_and_numpy(length):
   # The kernel's absmax: the largest magnitude, NaN when the block has one
   # (its bit pattern, sign cleared: the largest pattern), whatever the
   # vector width and the position of the special values.
-  ext = ffi.extension()
+  ext = ffi.extension().testing
   rng = np.random.default_rng(length)
   specials = np.array([np.inf, -np.inf, np.nan, -0.0, 1e-45, -3e38],
                       np.float32)

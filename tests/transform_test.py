@@ -163,9 +163,9 @@ def test_inject_hyperparams_changes_values_without_recompiling():
 def test_eval_shape_allocates_nothing():
   params = random_tree(SHAPES, seed=5)
   tx = optax_paged.paged_adamw8bit(1e-3)
-  before = ffi.extension().live_state_count()
+  before = ffi.extension().testing.live_state_count()
   shapes = jax.eval_shape(tx.init, params)
-  assert ffi.extension().live_state_count() == before
+  assert ffi.extension().testing.live_state_count() == before
   assert shapes.count.shape == () and shapes.count.dtype == jnp.int32
   assert shapes.buffers.is_abstract
   real = tx.init(params)

@@ -549,16 +549,16 @@ def test_entries_are_freed_on_release_and_collection():
   # States orphaned during a full collection are freed at the next one.
   gc.collect()
   gc.collect()
-  baseline = ffi.extension().live_state_count()
+  baseline = ffi.extension().testing.live_state_count()
   tx = FACTORIES['adamw8bit']()
   state = tx.init(_put(_tree(12, jnp.float32), mesh))
-  assert ffi.extension().live_state_count() == baseline + _devices()
+  assert ffi.extension().testing.live_state_count() == baseline + _devices()
   optax_paged.release(state)
-  assert ffi.extension().live_state_count() == baseline
+  assert ffi.extension().testing.live_state_count() == baseline
   state = tx.init(_put(_tree(12, jnp.float32), mesh))
   del state
   gc.collect()
-  assert ffi.extension().live_state_count() == baseline
+  assert ffi.extension().testing.live_state_count() == baseline
 
 
 @pytest.mark.skipif(jax.devices()[0].platform != 'gpu',
