@@ -100,7 +100,7 @@ def _register_nnx(buffers_type: type) -> None:
     return [('registry', RegistryNode(buffers))], buffers.tree_flatten()[1]
 
   def unflatten(children: Any, aux: Any) -> Any:
-    del children  # the node, rebuilt from its key as JAX rebuilds it
+    del children  # the node, rebuilt from its state id as JAX rebuilds it
     return buffers_type.tree_unflatten(aux, ())
 
   graphlib.register_pytree_node_type(buffers_type, flatten, unflatten)

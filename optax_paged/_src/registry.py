@@ -522,18 +522,17 @@ def _single_device_of(optimizer: str, leaves: Sequence[Any]) -> jax.Device:
 class StateRegistry:
   """Owns every optimizer state's buffers in this process.
 
-  A state's buffers live while some ``StateBuffers`` object refers to them.
-  When the last one is collected the record becomes an orphan: a lookup of
-  its state id soon after (a pytree rebuilt from a treedef, as Flax NNX does when
-  it merges a module back after ``nnx.jit``: it clears the module, dropping
-  every reference for a moment, then rebuilds it) revives it. An orphan is
-  freed by the next state allocation once the step that made its last
-  state has finished (until then allocations pass it by: a state dropped
-  while its step runs keeps its buffers for that step). A garbage
-  collection (of any generation once ``ORPHAN_GRACE_SECONDS`` have passed,
-  or a full one) frees only orphans that no step made, since it cannot ask
-  JAX whether a step has finished. ``free_orphans()`` frees every orphan at
-  once, waiting for their steps.
+  A state's buffers live while some ``StateBuffers`` object refers to them. When
+  the last one is collected the record becomes an orphan: a lookup of its state
+  id soon after (a pytree rebuilt from a treedef, as Flax NNX does when it
+  merges a module back after ``nnx.jit``: it clears the module, dropping every
+  reference for a moment, then rebuilds it) revives it. An orphan is freed by
+  the next state allocation once the step that made its last state has finished
+  (until then allocations pass it by: a state dropped while its step runs keeps
+  its buffers for that step). A garbage collection (of any generation once
+  ``ORPHAN_GRACE_SECONDS`` have passed, or a full one) frees only orphans that
+  no step made, since it cannot ask JAX whether a step has finished.
+  ``free_orphans()`` frees every orphan at once, waiting for their steps.
   """
 
   # Long enough for NNX to rebuild a module (microseconds to milliseconds),
