@@ -109,9 +109,22 @@ def _equal(a, b):
                                 np.asarray(b, np.float32))
 
 
-@pytest.mark.parametrize('fused', [False, True], ids=['update', 'fused'])
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize('name', list(FACTORIES))
+def _pairwise_cases():
+  # Every optimizer in every dtype; the step (update and apply, or fused)
+  # alternates, so each optimizer and each dtype runs both steps: a pairwise
+  # cover of (optimizer, dtype, step): whatever a mesh could break for one
+  # optimizer, one dtype or one step, or for a pair of them, has a case.
+  dtypes = [jnp.float32, jnp.bfloat16, jnp.float16]
+  return [
+      pytest.param(name, dtype, bool((i + j) % 2),
+                   id=f'{name}-{jnp.dtype(dtype).name}-'
+                      f'{"fused" if (i + j) % 2 else "update"}')
+      for i, name in enumerate(FACTORIES)
+      for j, dtype in enumerate(dtypes)
+  ]
+
+
+@pytest.mark.parametrize('name, dtype, fused', _pairwise_cases())
 def test_sharded_equals_one_device_and_per_shard_runs(name, dtype, fused):
   mesh = _mesh()
   params = _tree(0, dtype)
