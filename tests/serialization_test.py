@@ -133,23 +133,58 @@ else:
 '''
 
 
-@pytest.mark.parametrize('recipe, driver', [
-    (LINEN_BYTES, LINEN_DRIVER),
-    (LINEN_ORBAX, LINEN_DRIVER),
-    (NNX_ORBAX, NNX_DRIVER),
-], ids=['linen-flax-bytes', 'linen-orbax', 'nnx-orbax'])
-def test_resume_in_a_new_process_is_bit_identical(tmp_path, recipe, driver,
-                                                  python_subprocess):
-  script = COMMON + recipe + driver
-  # 'first' trains 3 steps and saves; 'resumed' restores in a new process
-  # and trains 3 more; 'straight' trains all 6 without stopping.
-  for mode in ('first', 'resumed', 'straight'):
-    result = python_subprocess(
-        f'import sys; sys.argv = ["x", {str(tmp_path)!r}, {mode!r}]\n'
-        + script, timeout=240)
+RECIPES = {
+    'linen-flax-bytes': COMMON + LINEN_BYTES + LINEN_DRIVER,
+    'linen-orbax': COMMON + LINEN_ORBAX + LINEN_DRIVER,
+    'nnx-orbax': COMMON + NNX_ORBAX + NNX_DRIVER,
+}
+
+# Runs each recipe's script in its own namespace, with sys.argv set as for a
+# script of its own; a recipe that raises writes its traceback and the next
+# runs.
+RUNNER = '''
+import os, sys, traceback
+root, modes, recipes = sys.argv[1], sys.argv[2].split(','), RECIPES
+for mode in modes:
+    for name, script in recipes.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        sys.argv = ['x', os.path.join(root, name), mode]
+        try:
+            exec(compile(script, name, 'exec'), {'__name__': '__main__'})
+        except BaseException:
+            with open(os.path.join(root, name, mode + '.err'), 'w') as f:
+                f.write(traceback.format_exc())
+'''
+
+
+@pytest.fixture(scope='module')
+def resumed_runs(tmp_path_factory):
+  """Each recipe's outputs; two processes run the three recipes.
+
+  The first trains 6 steps without stopping ('straight'), then trains 3 and
+  saves ('first'); a new process restores and trains 3 more ('resumed').
+  """
+  from tests.conftest import run_python
+
+  root = tmp_path_factory.mktemp('resume')
+  outputs = []
+  for modes in ('straight,first', 'resumed'):
+    outputs.append(run_python(
+        f'import sys; sys.argv = ["x", {str(root)!r}, {modes!r}]\n'
+        f'RECIPES = {RECIPES!r}\n' + RUNNER, timeout=600))
+  return root, outputs
+
+
+@pytest.mark.parametrize('name', list(RECIPES))
+def test_resume_in_a_new_process_is_bit_identical(resumed_runs, name):
+  root, outputs = resumed_runs
+  for result in outputs:
     assert result.returncode == 0, result.stderr[-3000:]
-  np.testing.assert_array_equal(np.load(tmp_path / 'resumed.npy'),
-                                np.load(tmp_path / 'straight.npy'))
+  for mode in ('straight', 'first', 'resumed'):
+    error = root / name / (mode + '.err')
+    assert not error.exists(), (mode, error.read_text()[-3000:])
+  np.testing.assert_array_equal(np.load(root / name / 'resumed.npy'),
+                                np.load(root / name / 'straight.npy'))
 
 
 def _linen_state():
