@@ -5,10 +5,6 @@ copies the README's recipes there gets a mesh of one device, and each view
 must run and give the plain one-device result bit for bit.
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -18,8 +14,8 @@ from jax.sharding import PartitionSpec as P
 import optax_paged
 from tests.helpers import assert_trees_equal
 from tests.helpers import update_and_apply
-from tests.readme_many_devices_test import ROOT
 from tests.readme_many_devices_test import _recipes
+from tests.readme_many_devices_test import assert_recipe_ran
 
 SPECS = {'rows': P('data', None), 'cols': P(None, 'model'), 'bias': P()}
 
@@ -142,8 +138,4 @@ def test_discarded_updates_still_step_inside_shard_map():
 
 @pytest.mark.parametrize('index', range(len(_recipes())))
 def test_readme_recipe_runs_on_one_device(index):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  result = subprocess.run(
-      [sys.executable, '-c', _recipes()[index]], capture_output=True,
-      text=True, timeout=300, env=env, cwd=ROOT)
-  assert result.returncode == 0, result.stderr[-4000:]
+  assert_recipe_ran(index, '')
