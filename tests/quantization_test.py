@@ -174,22 +174,20 @@ def test_dequantize_rejects_non_uint8_codes():
     )
 
 
-@hypothesis.settings(max_examples=40, deadline=None)
-@hypothesis.given(
-    x=hnp.arrays(
-        np.float32,
-        st.integers(1, 700),
-        # XLA's CPU code flushes subnormals to zero, so the reference cannot
-        # say what a subnormal encodes as, nor a block whose absmax is above
-        # 8.5e37 (its reciprocal is subnormal).
-        elements=st.floats(
-            -float(np.float32(1e37)), float(np.float32(1e37)),
-            allow_subnormal=False, width=32,
-        ),
+_FINITE_ARRAYS = hnp.arrays(
+    np.float32,
+    st.integers(1, 700),
+    # XLA's CPU code flushes subnormals to zero, so the reference cannot
+    # say what a subnormal encodes as, nor a block whose absmax is above
+    # 8.5e37 (its reciprocal is subnormal).
+    elements=st.floats(
+        -float(np.float32(1e37)), float(np.float32(1e37)),
+        allow_subnormal=False, width=32,
     ),
-    signed=st.booleans(),
 )
-def test_compiled_and_reference_agree_on_any_finite_input(x, signed):
+
+
+def _assert_compiled_equals_reference(x, signed):
   if not signed:
     x = np.abs(x)
   codes, absmax = quantization.quantize_blockwise(x, signed=signed)
@@ -198,6 +196,21 @@ def test_compiled_and_reference_agree_on_any_finite_input(x, signed):
   )
   np.testing.assert_array_equal(codes, np.asarray(ref_codes))
   np.testing.assert_array_equal(absmax, np.asarray(ref_absmax))
+
+
+# Each new length compiles the reference again (about 0.3 s): 10 examples
+# here, 40 in the fuzz run (-m fuzz).
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(x=_FINITE_ARRAYS, signed=st.booleans())
+def test_compiled_and_reference_agree_on_any_finite_input(x, signed):
+  _assert_compiled_equals_reference(x, signed)
+
+
+@pytest.mark.fuzz
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(x=_FINITE_ARRAYS, signed=st.booleans())
+def test_compiled_and_reference_agree_on_many_finite_inputs(x, signed):
+  _assert_compiled_equals_reference(x, signed)
 
 
 def _bit_pattern_sweep(signed: bool) -> np.ndarray:
