@@ -107,7 +107,12 @@ def _dequantized(state, shape):
   ]
 
 
-def test_stays_close_to_optax_adam_over_50_steps():
+@pytest.mark.parametrize('shape', [
+    (256, 4097),
+    # bitsandbytes' size, 4 times the default run's: a longer run (-m slow).
+    pytest.param((1024, 4097), marks=pytest.mark.slow),
+], ids=str)
+def test_stays_close_to_optax_adam_over_50_steps(shape):
   """The 8-bit test's trajectory (bitsandbytes' test) at 4 bits.
 
   optax.adam continues from our parameters and dequantized moments every 10
@@ -116,9 +121,10 @@ def test_stays_close_to_optax_adam_over_50_steps():
   5.3e-4 for 4 bits against 3.8e-5 for 8 bits on the same run (the 8-bit
   test's bound is 6e-5): 14 times larger, as 16 levels against 256 (7 on the
   negative side of the first moment's map) lead one to expect. The bound is
-  the measured peak with a margin of 1.5.
+  the measured peak with a margin of 1.5. The error is a mean over
+  elements of one distribution: a quarter of the rows (the default run)
+  peaks at the same 5.3e-4 (measured, CPU).
   """
-  shape = (1024, 4097)
   p0 = jax.random.normal(jax.random.PRNGKey(0), shape) * 0.1
   ours = optax_paged.paged_adamw4bit(1e-3, weight_decay=0.0)
   theirs = optax.adam(1e-3)
