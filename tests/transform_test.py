@@ -241,11 +241,23 @@ def test_non_finite_gradient_poisons_only_its_block():
   assert not np.isfinite(small[2]) and np.isfinite(np.delete(small, 2)).all()
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize('donate', [False, True])
-@pytest.mark.parametrize('factory', [optax_paged.paged_adamw8bit,
-                                     optax_paged.paged_adamw4bit,
-                                     optax_paged.paged_lion4bit])
+def _fused_cases():
+  # Every factory in every dtype; donation alternates, so each factory and
+  # each dtype runs with and without it: a pairwise cover of (factory,
+  # dtype, donation).
+  factories = [optax_paged.paged_adamw8bit, optax_paged.paged_adamw4bit,
+               optax_paged.paged_lion4bit]
+  dtypes = [jnp.float32, jnp.bfloat16, jnp.float16]
+  return [
+      pytest.param(factory, dtype, bool((i + j) % 2),
+                   id=f'{factory.__name__}-{jnp.dtype(dtype).name}-'
+                      f'{"donated" if (i + j) % 2 else "kept"}')
+      for i, factory in enumerate(factories)
+      for j, dtype in enumerate(dtypes)
+  ]
+
+
+@pytest.mark.parametrize('factory, dtype, donate', _fused_cases())
 def test_fused_step_is_bit_identical_to_update_and_apply(factory, dtype,
                                                          donate):
   params = random_tree(SHAPES, dtype=dtype, seed=8)
