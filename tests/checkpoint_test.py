@@ -82,12 +82,19 @@ def test_state_dict_is_numpy_with_the_format_recorded():
   assert leaf['moments'][0]['absmax'].shape == (20,)
 
 
-@pytest.fixture
-def saved_and_fresh():
+@pytest.fixture(scope='module')
+def _saved():
+  # Stepped and exported once for the module (each test gets its own copy).
   params = random_tree(SHAPES, seed=2)
   tx = _make_tx()
   _, state = _steps(tx, params, tx.init(params), 0, 2)
-  return optax_paged.state_dict(state), tx.init(params)
+  return optax_paged.state_dict(state), tx, params
+
+
+@pytest.fixture
+def saved_and_fresh(_saved):
+  saved, tx, params = _saved
+  return copy.deepcopy(saved), tx.init(params)
 
 
 def _corrupt(saved, edit):
