@@ -36,3 +36,25 @@ collect_ignore = (
 # would configure this process's devices.
 collect_ignore.append('multi_process_worker.py')
 collect_ignore.append('memory_pressure_worker.py')
+
+
+def pytest_collection_finish(session):
+  # Subprocess jobs of the selected tests (tests/background.py) start now
+  # and run beside the other tests.
+  if session.config.option.collectonly:
+    return
+  from tests import background
+
+  selected = {}
+  for item in session.items:
+    jobs = getattr(getattr(item, 'module', None), 'BACKGROUND_JOBS', {})
+    for key, (job, tests) in jobs.items():
+      if getattr(item, 'originalname', item.name) in tests:
+        selected.setdefault(key, (item.module.__name__, job))
+  for key, (_, job) in sorted(selected.items(), key=lambda kv: kv[1][0]):
+    background.submit(key, job)
+
+
+def pytest_sessionfinish(session):
+  if 'tests.background' in sys.modules:
+    sys.modules['tests.background'].stop()

@@ -1,0 +1,87 @@
+"""Subprocess jobs that run beside the suite instead of inside one test.
+
+A test module lists its jobs in ``BACKGROUND_JOBS``: key -> (job, names of
+the tests that read its result). When collection ends, tests/conftest.py
+queues the jobs of the selected tests on one worker thread, in module
+order, so that they run in their own processes (on the second core) while
+the other tests run. A test reads its job's result with ``result(key,
+job)``, which waits for the queued job, or runs the job then and there
+when it was not queued (a test run on its own). Whatever is left when the
+session ends is cancelled and its processes killed.
+"""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+_lock = threading.Lock()
+_futures: dict[str, concurrent.futures.Future] = {}
+_processes: set[subprocess.Popen] = set()
+_executor = None
+
+
+def submit(key, job) -> None:
+  """Queues ``job()`` under ``key`` (once)."""
+  global _executor
+  with _lock:
+    if key in _futures:
+      return
+    if _executor is None:
+      _executor = concurrent.futures.ThreadPoolExecutor(
+          max_workers=1, thread_name_prefix='tests-background')
+    _futures[key] = _executor.submit(job)
+
+
+def result(key, job):
+  """The result of the job queued under ``key``; runs ``job`` if none was."""
+  with _lock:
+    future = _futures.get(key)
+    if future is None:
+      future = _futures[key] = concurrent.futures.Future()
+      future.set_running_or_notify_cancel()
+      inline = True
+    else:
+      inline = False
+  if inline:
+    try:
+      future.set_result(job())
+    except BaseException as error:  # noqa: BLE001 - re-raised by result()
+      future.set_exception(error)
+  return future.result()
+
+
+def run(args, *, timeout, **kwargs) -> subprocess.CompletedProcess:
+  """subprocess.run(args, capture_output=True, text=True); stop() kills it."""
+  process = subprocess.Popen(args, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, **kwargs)
+  with _lock:
+    _processes.add(process)
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except BaseException:
+    process.kill()
+    process.communicate()
+    raise
+  finally:
+    with _lock:
+      _processes.discard(process)
+  return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def run_python(code: str, timeout: float) -> subprocess.CompletedProcess:
+  """conftest.run_python's fresh interpreter, killable by stop()."""
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
+  return run([sys.executable, '-c', textwrap.dedent(code)], timeout=timeout,
+             env=env)
+
+
+def stop() -> None:
+  """Cancels queued jobs and kills the running job's processes."""
+  with _lock:
+    if _executor is not None:
+      _executor.shutdown(wait=False, cancel_futures=True)
+    for process in list(_processes):
+      process.kill()
