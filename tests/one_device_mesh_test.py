@@ -16,6 +16,9 @@ from tests.helpers import assert_trees_equal
 from tests.helpers import update_and_apply
 from tests.readme_many_devices_test import _recipes
 from tests.readme_many_devices_test import assert_recipe_ran
+from tests.readme_many_devices_test import background_job
+
+BACKGROUND_JOBS = background_job('')
 
 SPECS = {'rows': P('data', None), 'cols': P(None, 'model'), 'bias': P()}
 

@@ -1,8 +1,13 @@
 """Whole train states through flax.serialization and Orbax, resumed in a new
 process bit-identically (Linen TrainState and NNX Optimizer)."""
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+from tests import background
 
 COMMON = '''
 import sys
@@ -157,34 +162,42 @@ for mode in modes:
 '''
 
 
-@pytest.fixture(scope='module')
-def resumed_runs(tmp_path_factory):
-  """Each recipe's outputs; two processes run the three recipes.
+def _resume_runs():
+  """Each recipe's errors and parameters; two processes run all three.
 
   The first trains 6 steps without stopping ('straight'), then trains 3 and
   saves ('first'); a new process restores and trains 3 more ('resumed').
   """
-  from tests.conftest import run_python
+  outputs, recipes = [], {}
+  with tempfile.TemporaryDirectory(prefix='optax_paged_resume_') as root:
+    for modes in ('straight,first', 'resumed'):
+      outputs.append(background.run_python(
+          f'import sys; sys.argv = ["x", {root!r}, {modes!r}]\n'
+          f'RECIPES = {RECIPES!r}\n' + RUNNER, timeout=600))
+    for name in RECIPES:
+      folder = Path(root) / name
+      recipes[name] = {
+          'errors': {p.stem: p.read_text() for p in folder.glob('*.err')},
+          'arrays': {p.stem: np.load(p) for p in folder.glob('*.npy')},
+      }
+  return outputs, recipes
 
-  root = tmp_path_factory.mktemp('resume')
-  outputs = []
-  for modes in ('straight,first', 'resumed'):
-    outputs.append(run_python(
-        f'import sys; sys.argv = ["x", {str(root)!r}, {modes!r}]\n'
-        f'RECIPES = {RECIPES!r}\n' + RUNNER, timeout=600))
-  return root, outputs
+
+BACKGROUND_JOBS = {
+    'serialization-resume': (_resume_runs,
+                             ['test_resume_in_a_new_process_is_bit_identical']),
+}
 
 
 @pytest.mark.parametrize('name', list(RECIPES))
-def test_resume_in_a_new_process_is_bit_identical(resumed_runs, name):
-  root, outputs = resumed_runs
+def test_resume_in_a_new_process_is_bit_identical(name):
+  outputs, recipes = background.result('serialization-resume', _resume_runs)
   for result in outputs:
     assert result.returncode == 0, result.stderr[-3000:]
-  for mode in ('straight', 'first', 'resumed'):
-    error = root / name / (mode + '.err')
-    assert not error.exists(), (mode, error.read_text()[-3000:])
-  np.testing.assert_array_equal(np.load(root / name / 'resumed.npy'),
-                                np.load(root / name / 'straight.npy'))
+  errors = recipes[name]['errors']
+  assert not errors, {mode: text[-3000:] for mode, text in errors.items()}
+  arrays = recipes[name]['arrays']
+  np.testing.assert_array_equal(arrays['resumed'], arrays['straight'])
 
 
 def _linen_state():
