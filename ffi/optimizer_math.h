@@ -301,6 +301,56 @@ struct Adagrad {
   }
 };
 
+// AdaBelief (Zhuang et al., 2020), as optax.adabelief, with decoupled
+// weight decay: the second moment is of the gap between the gradient and
+// its prediction m,
+//   m = (1 - b1) g + b1 m,  s = (1 - b2) (g - m)^2 + b2 s + eps_root,
+//   u = -lr (m / bc1 / (sqrt(s / bc2) + eps) + wd p).
+struct AdaBelief {
+  static constexpr const char* kName = "adabelief";
+  static constexpr int kNumMoments = 2;
+  OPTAX_PAGED_HD static constexpr bool IsSigned(int moment) {
+    return moment == 0;
+  }
+
+  struct Scalars {
+    float lr, b1, one_minus_b1, b2, one_minus_b2, eps, eps_root, weight_decay;
+    float inverse_bc1, inverse_bc2;
+  };
+
+  static constexpr std::array kSlots = {
+      "learning_rate", "b1",           "one_minus_b1",     "b2",
+      "one_minus_b2",  "eps",          "eps_root",         "weight_decay",
+      "bias_correction1", "bias_correction2"};
+
+  OPTAX_PAGED_HD static Scalars Load(const float* h) {
+    return Scalars{OPTAX_PAGED_SLOT(h, learning_rate),
+                   OPTAX_PAGED_SLOT(h, b1),
+                   OPTAX_PAGED_SLOT(h, one_minus_b1),
+                   OPTAX_PAGED_SLOT(h, b2),
+                   OPTAX_PAGED_SLOT(h, one_minus_b2),
+                   OPTAX_PAGED_SLOT(h, eps),
+                   OPTAX_PAGED_SLOT(h, eps_root),
+                   OPTAX_PAGED_SLOT(h, weight_decay),
+                   1.0f / OPTAX_PAGED_SLOT(h, bias_correction1),
+                   1.0f / OPTAX_PAGED_SLOT(h, bias_correction2)};
+  }
+
+  OPTAX_PAGED_HD static float Update(const Scalars& s, float g, float p,
+                                     bool decay, float* moments) {
+    const float m = s.one_minus_b1 * g + s.b1 * moments[0];
+    const float gap = g - m;
+    const float v = s.one_minus_b2 * (gap * gap) + s.b2 * moments[1] +
+                    s.eps_root;
+    moments[0] = m;
+    moments[1] = v;
+    float direction =
+        (m * s.inverse_bc1) / (sqrtf(v * s.inverse_bc2) + s.eps);
+    if (decay) direction = direction + s.weight_decay * p;
+    return -s.lr * direction;
+  }
+};
+
 // The optimizer table: X(Struct) for every optimizer the extension builds.
 // The CPU and CUDA handlers, their FFI targets and the table the extension
 // exports to Python (optimizer_table()) are all generated from this list;
@@ -311,7 +361,8 @@ struct Adagrad {
   X(AdEMAMix)                     \
   X(SgdMomentum)                  \
   X(RmsProp)                      \
-  X(Adagrad)
+  X(Adagrad)                      \
+  X(AdaBelief)
 
 // Whether an optimizer rounds its 4-bit codes stochastically (a struct
 // says so with kStochasticFourBit; nearest otherwise).

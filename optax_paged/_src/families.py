@@ -331,6 +331,55 @@ ADAGRAD = Family(
     initial_values=lambda v: (v['initial_accumulator_value'],),
 )
 
+def _adabelief_slots(v, count, count_inc):
+  return dict(
+      learning_rate=base.value_at(v['learning_rate'], count),
+      b1=v['b1'], one_minus_b1=hyperparams.one_minus(v['b1']),
+      b2=v['b2'], one_minus_b2=hyperparams.one_minus(v['b2']),
+      eps=v['eps'], eps_root=v['eps_root'],
+      weight_decay=base.value_at(v['weight_decay'], count),
+      bias_correction1=hyperparams.bias_correction(v['b1'], count_inc),
+      bias_correction2=hyperparams.bias_correction(v['b2'], count_inc))
+
+
+def _adabelief_update(s, g, p, decay, moments):
+  m = s['one_minus_b1'] * g + s['b1'] * moments[0]
+  gap = g - m
+  v = s['one_minus_b2'] * (gap * gap) + s['b2'] * moments[1] + s['eps_root']
+  direction = ((m * (1 / s['bias_correction1']))
+               / (jnp.sqrt(v * (1 / s['bias_correction2'])) + s['eps']))
+  if decay:
+    direction = direction + s['weight_decay'] * p
+  return -s['learning_rate'] * direction, [m, v]
+
+
+ADABELIEF = Family(
+    name='adabelief', kernel='adabelief', title='AdaBelief',
+    hyperparameters=(
+        B1, B2.replace(doc='exponential decay rate of the second moment, the '
+                       "gradient's squared gap from its prediction."),
+        EPS.replace(default=1e-16), EPS_ROOT.replace(
+            default=1e-16, keyword_only=False,
+            doc="added to the second moment at every step, as "
+            "``optax.adabelief``'s ``eps_root``."),
+        WEIGHT_DECAY.replace(default=0.0, keyword_only=True),
+        MASK.replace(keyword_only=True)),
+    slots=_adabelief_slots, variants=_EIGHT_AND_PAGED,
+    maths=r"""As ``optax.adabelief``, with decoupled weight decay: the step
+divides the first moment :math:`m` by the root of :math:`s`, the moving
+average of the squared gap between the gradient and :math:`m` (the
+"belief" in the gradient), instead of the gradient's square:
+:math:`m \leftarrow (1-b_1) g + b_1 m`, :math:`s \leftarrow (1-b_2)
+(g-m)^2 + b_2 s + \epsilon_{root}`, :math:`u = -\eta\,(\hat m /
+(\sqrt{\hat s} + \epsilon) + \lambda p)`, bias-corrected as Adam's.
+Nesterov momentum is not offered.""",
+    references=(
+        'Zhuang et al., `AdaBelief Optimizer: Adapting Stepsizes by the '
+        'Belief in Observed Gradients <https://arxiv.org/abs/2010.07468>`_, '
+        '2020.'),
+    optax='optax.adabelief', reference_update=_adabelief_update,
+)
+
 TRUST_RATIO = Hyperparameter(
     'trust_ratio', trust_ratio.OPTAX, 'str',
     "``'optax'`` or ``'bitsandbytes'`` (see above).", keyword_only=True)
@@ -499,7 +548,8 @@ other arguments by keyword.""",
 )
 
 FAMILIES = {family.name: family for family in (
-    ADAMW, ADAM, LION, ADEMAMIX, SGD, RMSPROP, ADAGRAD, LAMB, LARS)}
+    ADAMW, ADAM, LION, ADEMAMIX, SGD, RMSPROP, ADAGRAD, LAMB, LARS,
+    ADABELIEF)}
 
 
 def _plain_spec(family: Family, values) -> transform.OptimizerSpec:
