@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import optax_paged
+from optax_paged._src import registry
 from tests import helpers
 
 
@@ -34,7 +35,7 @@ def _counting_step(tx):
 
 def _drop_everything():
   gc.collect()
-  optax_paged.state_registry.free_orphans()
+  registry.REGISTRY.free_orphans()
 
 
 def test_states_made_one_after_another_share_one_compiled_step():
