@@ -48,8 +48,7 @@ from optax_paged._src import flax_serialization as _flax_serialization  # noqa: 
 
 _flax_serialization.register()
 
-__all__ = sorted([
-    *_FACTORIES,
+__all__ = [
     'AccumulateGradientsState',
     'AutoBudget',
     'MemoryGuardedStep',
@@ -73,7 +72,8 @@ __all__ = sorted([
     'shard_state_over',
     'state_dict',
     'state_nbytes',
-], key=str.lower)
+]
+__all__ += sorted(_FACTORIES)
 
 # Names of earlier releases, importable with a DeprecationWarning until the
 # next one: (where the object lives now, what to use instead).

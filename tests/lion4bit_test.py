@@ -27,7 +27,8 @@ def test_kernel_equals_reference(shape, dtype):
   params = random_tree([shape], dtype, seed=1)
   tx = optax_paged.lion4bit(1e-3, weight_decay=0.01, min_8bit_size=1)
   ref_tx = reference.reference_transformation(
-      families.spec('lion', 1e-3, weight_decay=0.01), min_8bit_size=1, code_bits=4)
+      families.spec('lion', 1e-3, weight_decay=0.01), min_8bit_size=1,
+      code_bits=4)
   state = tx.init(params)
   for i in range(4):
     state, _ = compare_one_step_exactly(

@@ -553,13 +553,13 @@ FAMILIES = {family.name: family for family in (
 
 
 def _plain_spec(family: Family, values) -> transform.OptimizerSpec:
-  def vector(count, count_inc):
+  def hyperparams_at(count, count_inc):
     return hyperparams.pack(family.kernel,
                             **family.slots(values, count, count_inc))
 
   initial = family.initial_values(values) if family.initial_values else ()
   return transform.OptimizerSpec(
-      name=family.state_name or family.name, hyperparams=vector,
+      name=family.state_name or family.name, hyperparams=hyperparams_at,
       initial_values=initial, kernel=family.kernel)
 
 

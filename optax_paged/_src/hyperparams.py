@@ -56,16 +56,16 @@ def pack(optimizer: str, **values) -> jax.Array:
   return jnp.stack([_f32(values[name]) for name in slots] + padding)
 
 
-def unpack(optimizer: str, vector: jax.Array) -> dict[str, jax.Array]:
+def unpack(optimizer: str, hyperparams: jax.Array) -> dict[str, jax.Array]:
   """The slots of ``optimizer``'s hyperparameter vector, by name."""
-  return {name: vector[i] for i, name in
+  return {name: hyperparams[i] for i, name in
           enumerate(optimizer_table.info(optimizer).slots)}
 
 
-def with_seed(vector: jax.Array, count: jax.Array) -> jax.Array:
-  """``vector`` with the step count's bits in its seed slot."""
+def with_seed(hyperparams: jax.Array, count: jax.Array) -> jax.Array:
+  """``hyperparams`` with the step count's bits in its seed slot."""
   seed = jax.lax.bitcast_convert_type(count.astype(jnp.int32), jnp.float32)
-  return vector.at[SEED_INDEX].set(seed)
+  return hyperparams.at[SEED_INDEX].set(seed)
 
 
 def _check_layout() -> None:

@@ -65,7 +65,7 @@ def _traced_position(layout: sharding.MeshLayout) -> jax.Array:
 
 
 def _call_groups(
-    record: registry.StateRecord, target: str, hyper: jax.Array,
+    record: registry.StateRecord, target: str, hyperparams: jax.Array,
     position: jax.Array, grads: Sequence[jax.Array],
     params: Sequence[jax.Array], output_mode: int,
 ) -> tuple[list[jax.Array], jax.Array]:
@@ -75,7 +75,7 @@ def _call_groups(
   for group in record.groups:
     results, group_receipt = ffi.update_call(
         target,
-        hyper,
+        hyperparams,
         position,
         [grads[i] for i in group.indices],
         [params[i] for i in group.indices],
@@ -90,7 +90,7 @@ def _call_groups(
 
 
 def update(
-    record: registry.StateRecord, target: str, hyper: jax.Array,
+    record: registry.StateRecord, target: str, hyperparams: jax.Array,
     grads: Any, params: Any, output_mode: int, *, in_float32: bool = False,
 ) -> tuple[list[jax.Array], jax.Array]:
   """The update's results (one per leaf) for ``grads`` and ``params``.
@@ -105,9 +105,9 @@ def update(
     calls run whenever the count is kept, even where the results are not.
   """
   if record.layout is None:
-    return _single_device_update(record, target, hyper, grads, params,
+    return _single_device_update(record, target, hyperparams, grads, params,
                                  output_mode, in_float32)
-  return _mesh_update(record, target, hyper, grads, params, output_mode,
+  return _mesh_update(record, target, hyperparams, grads, params, output_mode,
                       in_float32)
 
 
@@ -128,7 +128,7 @@ def _operands(
 
 
 def _single_device_update(
-    record: registry.StateRecord, target: str, hyper: jax.Array,
+    record: registry.StateRecord, target: str, hyperparams: jax.Array,
     grads: Any, params: Any, output_mode: int, in_float32: bool,
 ) -> list[jax.Array]:
   """The update of a state that lives on one device."""
@@ -144,7 +144,7 @@ def _single_device_update(
         'one entry per device.'
     )
   if axes:  # a one-device mesh: it must be the state's device
-    hyper = device_order.checked(hyper, record.optimizer, None,
+    hyperparams = device_order.checked(hyperparams, record.optimizer, None,
                                  record.devices[0])
   for x in (*grads, *params):
     mesh = _aval_mesh(x)
@@ -156,7 +156,7 @@ def _single_device_update(
           'Initialise it with the parameters on that mesh (NamedSharding): '
           'tx.init then makes one entry per device.'
       )
-  return _call_groups(record, target, hyper, jnp.zeros([], jnp.int32),
+  return _call_groups(record, target, hyperparams, jnp.zeros([], jnp.int32),
                       grads, params, output_mode)
 
 
@@ -170,7 +170,7 @@ def _aval_mesh(x: Any) -> Any:
 
 def _local_step(
     record: registry.StateRecord, target: str, output_mode: int,
-    hyper: jax.Array, grads: Sequence[jax.Array],
+    hyperparams: jax.Array, grads: Sequence[jax.Array],
     params: Sequence[jax.Array],
 ) -> list[jax.Array]:
   """The update on one device, every mesh axis manual."""
@@ -181,7 +181,7 @@ def _local_step(
       grads[i], params[i] = (
           _my_chunk(layout, x, chunk) for x in (grads[i], params[i])
       )
-  outputs, receipt = _call_groups(record, target, hyper,
+  outputs, receipt = _call_groups(record, target, hyperparams,
                                   _traced_position(layout), grads, params,
                                   output_mode)
   for i, chunk in enumerate(layout.chunks):
@@ -220,7 +220,7 @@ def _conform(x: jax.Array, layout: sharding.MeshLayout, spec: P) -> jax.Array:
 
 
 def _mesh_update(
-    record: registry.StateRecord, target: str, hyper: jax.Array,
+    record: registry.StateRecord, target: str, hyperparams: jax.Array,
     grads: Any, params: Any, output_mode: int, in_float32: bool,
 ) -> list[jax.Array]:
   """The update of a state spread over a mesh, in whatever view."""
@@ -244,19 +244,19 @@ def _mesh_update(
   if axes:
     # The global view maps over the state's own mesh; inside the user's
     # shard_map the devices' order is the user's mesh's.
-    hyper = device_order.checked(hyper, name, layout.mesh)
+    hyperparams = device_order.checked(hyperparams, name, layout.mesh)
 
-  def step(hyper, grads, params):
-    return _local_step(record, target, output_mode, hyper, grads, params)
+  def step(hyperparams, grads, params):
+    return _local_step(record, target, output_mode, hyperparams, grads, params)
 
   if set(axes) == set(layout.mesh.axis_names):
-    return step(hyper, grads, params)
+    return step(hyperparams, grads, params)
   specs = [layout.spec(i, without=axes) for i in range(len(grads))]
   if not axes:
     grads = [_conform(g, layout, s) for g, s in zip(grads, specs, strict=True)]
     params = [_conform(p, layout, s)
               for p, s in zip(params, specs, strict=True)]
-    hyper = _conform(hyper, layout, P())
+    hyperparams = _conform(hyperparams, layout, P())
   mapped = jax.shard_map(
       step,
       mesh=layout.mesh if not axes else None,
@@ -265,5 +265,5 @@ def _mesh_update(
       axis_names=frozenset(a for a in layout.mesh.axis_names if a not in axes),
       check_vma=False,
   )
-  outputs, receipt = mapped(hyper, grads, params)
+  outputs, receipt = mapped(hyperparams, grads, params)
   return list(outputs), receipt

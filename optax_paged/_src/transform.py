@@ -20,7 +20,7 @@ import optax
 from optax_paged._src import base
 from optax_paged._src import ffi
 from optax_paged._src import hyperparam_checks
-from optax_paged._src import hyperparams
+from optax_paged._src import hyperparams as hyperparams_lib
 from optax_paged._src import optimizer_table
 from optax_paged._src import paging
 from optax_paged._src import registry
@@ -97,8 +97,8 @@ def _refuse_count_without_moments(count: Any, buffers: Any) -> None:
     record.adopt_count = False
     record.set_moments_step(int(value))
   elif value > 0:
-    # A step compiled for an earlier state with this key (state_keys) runs
-    # without tracing, so it never sets ``touched``: the stamps tell.
+    # A step compiled for an earlier state of this state id (state_ids)
+    # runs without tracing, so it never sets ``touched``: the stamps tell.
     if record.moments_step() == 0:
       raise ValueError(RESTORED_WITHOUT_MOMENTS_MSG.format(int(value)))
     record.touched = True
@@ -398,15 +398,15 @@ def run_step(
   _refuse_saturated_count(spec.name, state.count, record)
   record.touched = True  # a step now writes the moments
   count_inc = optax.safe_increment(state.count)
-  hyper = hyperparams.with_seed(
+  hyperparams = hyperparams_lib.with_seed(
       spec.hyperparams(state.count, count_inc), count_inc
   )
   if spec.trust_ratio is None:
-    outputs, receipt = spmd.update(record, spec.target, hyper, grads, params,
-                                   output_mode)
+    outputs, receipt = spmd.update(record, spec.target, hyperparams, grads,
+                                   params, output_mode)
   else:
-    outputs, receipt = _trust_ratio_step(record, spec, hyper, grads, params,
-                                         state.count, output_mode)
+    outputs, receipt = _trust_ratio_step(record, spec, hyperparams, grads,
+                                         params, state.count, output_mode)
   # The new count depends on the update calls (spmd.update's receipt): a
   # step whose updates are discarded still runs them wherever the count is
   # kept, inside a shard_map or a nested jit too.
@@ -443,7 +443,7 @@ TRUST_RATIO_STOCHASTIC_MSG = (
 )
 
 
-def _trust_ratio_step(record, spec, hyper, grads, params, count,
+def _trust_ratio_step(record, spec, hyperparams, grads, params, count,
                       output_mode) -> tuple[list[jax.Array], jax.Array]:
   """The kernel's step with a trust ratio, scaled per leaf (trust_ratio).
 
@@ -466,7 +466,7 @@ def _trust_ratio_step(record, spec, hyper, grads, params, count,
                                    scaled, count, spmd.norm_axes(record)))
   # In float32, so that a 16-bit parameter's update is rounded once, after
   # the scaling, not also before it.
-  directions, receipt = spmd.update(record, spec.target, hyper, grads,
+  directions, receipt = spmd.update(record, spec.target, hyperparams, grads,
                                     params, ffi.OUTPUT_UPDATES,
                                     in_float32=True)
   if trust.before_kernel:
