@@ -85,11 +85,13 @@ _DEPRECATED = {
     'StateBuffers': ('optax_paged._src.registry:StateBuffers',
                      "an optimizer state's .buffers"),
     'StateRegistry': ('optax_paged._src.registry:StateRegistry',
-                      'optax_paged.memory_report() and free_orphans()'),
+                      'optax_paged.memory_report(state), state_nbytes(state) '
+                      'and free_orphans()'),
     'state_registry': ('optax_paged._src.registry:REGISTRY',
-                       'optax_paged.memory_report() and free_orphans()'),
+                       'optax_paged.memory_report(state), '
+                       'state_nbytes(state) and free_orphans()'),
     'MoveStats': ('optax_paged._src.registry:MoveStats',
-                  'optax_paged.memory_report()'),
+                  'optax_paged.memory_report(state).moves'),
 }
 
 
