@@ -17,11 +17,13 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_codec.h"
 #include "cpu_update.h"
 #include "element_types.h"
+#include "master_weights.h"
 #include "optimizer_math.h"
 #include "quantization.h"
 #include "state_registry.h"
@@ -92,6 +94,17 @@ struct GroupStep {
   __attribute__((always_inline)) inline void UpdateBlockBody(
       int leaf_index, bool decay, int64_t begin, int64_t length,
       float (*moments)[kBlockSize]) const {
+    if constexpr (!std::is_same_v<T, float>) {
+      const LeafState& leaf = *leaves[leaf_index];
+      if (leaf.correction_bits == 8) {
+        return MasterBlockBody<int8_t>(leaf, leaf_index, decay, begin, length,
+                                       moments);
+      }
+      if (leaf.correction_bits == 16) {
+        return MasterBlockBody<int16_t>(leaf, leaf_index, decay, begin,
+                                        length, moments);
+      }
+    }
     constexpr int kMoments = Optimizer::kNumMoments;
     // `out` may alias `g` or `p` (the call writes its results over them):
     // the operands are copied into local arrays first and the results
@@ -123,6 +136,74 @@ struct GroupStep {
       for (int64_t i = 0; i < length; ++i) {
         out[i] = OutputValue<T>(output_mode, param[i], update[i], 0u);
       }
+    }
+  }
+
+  // The update from master weights (master_weights.h): the master is
+  // decoded from the parameter and its correction, unless the block's
+  // parameters are not those the correction was written for; the result
+  // is what update + apply_updates (or the fused step) makes of the new
+  // master, and the correction is written against exactly that parameter.
+  template <typename Correction>
+  __attribute__((always_inline)) inline void MasterBlockBody(
+      const LeafState& leaf, int leaf_index, bool decay, int64_t begin,
+      int64_t length, float (*moments)[kBlockSize]) const {
+    constexpr int kMoments = Optimizer::kNumMoments;
+    constexpr int kBits = 8 * sizeof(Correction);
+    Correction* correction = static_cast<Correction*>(leaf.correction) + begin;
+    const T* g = grads[leaf_index] + begin;
+    const T* p = params[leaf_index] + begin;
+    T* out = outputs[leaf_index] + begin;
+    float grad[kBlockSize];
+    T param[kBlockSize], written[kBlockSize], result[kBlockSize];
+    int32_t offset[kBlockSize];
+    for (int64_t i = 0; i < length; ++i) {
+      grad[i] = ToFloat(g[i]);
+      param[i] = p[i];
+      offset[i] = correction[i];
+    }
+    for (int64_t first = 0; first < length; first += kMasterBlockSize) {
+      const int64_t end = std::min<int64_t>(first + kMasterBlockSize, length);
+      uint32_t fingerprint = 0;
+      bool corrected = false;
+      for (int64_t i = first; i < end; ++i) {
+        fingerprint += FingerprintTerm(Bits16(param[i]),
+                                       static_cast<int>(i - first));
+        corrected = corrected || offset[i] != 0;
+      }
+      const int64_t block = (begin + first) / kMasterBlockSize;
+      if (fingerprint != leaf.fingerprints[block] && corrected) {
+        std::fill(offset + first, offset + end, 0);
+        __atomic_fetch_add(&leaf.fingerprints[leaf.num_master_blocks], 1u,
+                           __ATOMIC_RELAXED);
+      }
+    }
+    const typename Optimizer::Scalars s = scalars;
+    for (int64_t i = 0; i < length; ++i) {
+      float element[kMoments];
+      for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
+      const float master = DecodeMaster<kBits>(param[i], offset[i]);
+      const float update =
+          Optimizer::Update(s, grad[i], master, decay, element);
+      for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+      const float new_master = AddRounded(master, update);
+      const MasterStep<T> step = StepToMaster(param[i], new_master);
+      result[i] = output_mode == kOutputUpdates ? step.update : step.param;
+      written[i] = step.param;
+      offset[i] = EncodeCorrection<kBits>(new_master, step.param);
+    }
+    for (int64_t first = 0; first < length; first += kMasterBlockSize) {
+      const int64_t end = std::min<int64_t>(first + kMasterBlockSize, length);
+      uint32_t fingerprint = 0;
+      for (int64_t i = first; i < end; ++i) {
+        fingerprint += FingerprintTerm(Bits16(written[i]),
+                                       static_cast<int>(i - first));
+      }
+      leaf.fingerprints[(begin + first) / kMasterBlockSize] = fingerprint;
+    }
+    for (int64_t i = 0; i < length; ++i) {
+      out[i] = result[i];
+      correction[i] = static_cast<Correction>(offset[i]);
     }
   }
 

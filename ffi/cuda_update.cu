@@ -25,6 +25,7 @@
 
 #include "cuda_update.h"
 #include "element_types.h"
+#include "master_weights.h"
 #include "optimizer_math.h"
 #include "quantization.h"
 #include "state_registry.h"
@@ -76,6 +77,10 @@ struct LeafArgs {
   int32_t decay;
   uint32_t id;  // index in the registry entry, for random bits
   int64_t index_offset;  // the shard's first element in the leaf, likewise
+  // Master weights (kernels with kCorrectionBits): the correction, and the
+  // fingerprints followed by the reset count.
+  void* correction;
+  uint32_t* fingerprints;
 };
 
 struct LaunchArgs {
@@ -139,10 +144,31 @@ __device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t run) {
   return lo;
 }
 
+// The sum and the "or" of a value over each half-warp (xor offsets below 16
+// stay in it).
+__device__ __forceinline__ uint32_t HalfWarpSum(uint32_t x) {
+#pragma unroll
+  for (int offset = 8; offset > 0; offset /= 2) {
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  }
+  return x;
+}
+
+__device__ __forceinline__ bool HalfWarpAny(bool x) {
+  uint32_t bit = x ? 1u : 0u;
+#pragma unroll
+  for (int offset = 8; offset > 0; offset /= 2) {
+    bit |= __shfl_xor_sync(0xffffffffu, bit, offset);
+  }
+  return bit != 0;
+}
+
 // kFourBit: the launch's quantized leaves hold 4-bit codes in blocks of 128,
 // two blocks a warp (a half-warp each); tables[0] is then the 4-bit signed
-// map's.
-template <typename Optimizer, typename T, bool kTiered, bool kFourBit>
+// map's. kCorrectionBits: 8 or 16 when the launch's (16-bit) parameters keep
+// master weights, each half-warp then one fingerprint block; else 0.
+template <typename Optimizer, typename T, bool kTiered, bool kFourBit,
+          int kCorrectionBits>
 __global__ void __launch_bounds__(
     LaunchShape<Optimizer>::kThreads,
     LaunchShape<Optimizer>::kBlocksPerMultiprocessor)
@@ -230,6 +256,51 @@ __global__ void __launch_bounds__(
       }
     }
 
+    // The master weights' corrections, zeroed where the half-warp's
+    // parameters are not those they were written for (master_weights.h).
+    using Correction =
+        std::conditional_t<kCorrectionBits == 16, int16_t, int8_t>;
+    int32_t offset[kElementsPerLane] = {};
+    const int64_t master_block = 2 * local_block + lane / 16;
+    const bool master_live = master_block * kMasterBlockSize < leaf.size;
+    if constexpr (kCorrectionBits != 0) {
+      const Correction* source =
+          static_cast<const Correction*>(leaf.correction) + first;
+      Correction c[kElementsPerLane] = {};
+      if (count == kElementsPerLane) {
+        if constexpr (sizeof(Correction) == 2) {
+          *reinterpret_cast<uint4*>(c) = *reinterpret_cast<const uint4*>(source);
+        } else {
+          *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(source);
+        }
+      } else {
+        for (int i = 0; i < count; ++i) c[i] = source[i];
+      }
+      uint32_t fingerprint = 0;
+      bool corrected = false;
+#pragma unroll
+      for (int i = 0; i < kElementsPerLane; ++i) {
+        offset[i] = c[i];
+        if (i < count) {
+          fingerprint += FingerprintTerm(Bits16(p.v[i]),
+                                         (lane % 16) * kElementsPerLane + i);
+          corrected = corrected || c[i] != 0;
+        }
+      }
+      fingerprint = HalfWarpSum(fingerprint);
+      corrected = HalfWarpAny(corrected);
+      const uint32_t saved = master_live ? leaf.fingerprints[master_block] : 0u;
+      if (fingerprint != saved && corrected) {
+#pragma unroll
+        for (int i = 0; i < kElementsPerLane; ++i) offset[i] = 0;
+        if (lane % 16 == 0) {
+          atomicAdd(leaf.fingerprints +
+                        (leaf.size + kMasterBlockSize - 1) / kMasterBlockSize,
+                    1u);
+        }
+      }
+    }
+
     float moments[kMoments][kElementsPerLane];
     float old_absmax[kMoments];
     // 4 bits: lanes 0-15 hold quantization block 2 * local_block, lanes
@@ -302,15 +373,28 @@ __global__ void __launch_bounds__(
         float element[kMoments];
 #pragma unroll
         for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-        const float param_f = ToFloat(p.v[i]);
-        const float update = Optimizer::Update(scalars, ToFloat(g.v[i]),
-                                               param_f, decay, element);
-        uint32_t random = 0u;
-        if constexpr (kMode == kOutputParamsStochastic) {
-          random = RandomBits(seed, leaf.id,
-                              static_cast<uint64_t>(leaf.index_offset + first + i));
+        if constexpr (kCorrectionBits != 0) {
+          // The step is the master's; p then holds the parameter written.
+          const float master = DecodeMaster<kCorrectionBits>(p.v[i], offset[i]);
+          const float update = Optimizer::Update(scalars, ToFloat(g.v[i]),
+                                                 master, decay, element);
+          const float new_master = AddRounded(master, update);
+          const MasterStep<T> step = StepToMaster(p.v[i], new_master);
+          result.v[i] = kMode == kOutputUpdates ? step.update : step.param;
+          p.v[i] = step.param;
+          offset[i] = EncodeCorrection<kCorrectionBits>(new_master, step.param);
+        } else {
+          const float param_f = ToFloat(p.v[i]);
+          const float update = Optimizer::Update(scalars, ToFloat(g.v[i]),
+                                                 param_f, decay, element);
+          uint32_t random = 0u;
+          if constexpr (kMode == kOutputParamsStochastic) {
+            random = RandomBits(
+                seed, leaf.id,
+                static_cast<uint64_t>(leaf.index_offset + first + i));
+          }
+          result.v[i] = OutputValue<T, kMode>(param_f, update, random);
         }
-        result.v[i] = OutputValue<T, kMode>(param_f, update, random);
 #pragma unroll
         for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
       }
@@ -326,6 +410,32 @@ __global__ void __launch_bounds__(
       StoreVec(out, result);
     } else {
       for (int i = 0; i < count; ++i) out[i] = result.v[i];
+    }
+    if constexpr (kCorrectionBits != 0) {
+      uint32_t fingerprint = 0;
+      Correction c[kElementsPerLane];
+#pragma unroll
+      for (int i = 0; i < kElementsPerLane; ++i) {
+        c[i] = static_cast<Correction>(offset[i]);
+        if (i < count) {
+          fingerprint += FingerprintTerm(Bits16(p.v[i]),
+                                         (lane % 16) * kElementsPerLane + i);
+        }
+      }
+      fingerprint = HalfWarpSum(fingerprint);
+      if (lane % 16 == 0 && master_live) {
+        leaf.fingerprints[master_block] = fingerprint;
+      }
+      Correction* target = static_cast<Correction*>(leaf.correction) + first;
+      if (count == kElementsPerLane) {
+        if constexpr (sizeof(Correction) == 2) {
+          *reinterpret_cast<uint4*>(target) = *reinterpret_cast<const uint4*>(c);
+        } else {
+          *reinterpret_cast<uint2*>(target) = *reinterpret_cast<const uint2*>(c);
+        }
+      } else {
+        for (int i = 0; i < count; ++i) target[i] = c[i];
+      }
     }
 
     if (kFourBit && leaf.quantized) {
@@ -527,6 +637,32 @@ int MultiprocessorCount(int device) {
   return count;
 }
 
+// One launch of the kernel compiled for (tiers, code width, master weights).
+template <typename Optimizer, typename T, int kCorrectionBits>
+void Launch(bool tiered, bool four_bit, int grid, cudaStream_t stream,
+            const LaunchArgs& launch, const float* hyperparams) {
+  constexpr int kThreads = LaunchShape<Optimizer>::kThreads;
+  if constexpr (kFourBitStatesOf<Optimizer>) {
+    if (four_bit) {
+      if (tiered) {
+        UpdateKernel<Optimizer, T, true, true, kCorrectionBits>
+            <<<grid, kThreads, 0, stream>>>(launch, hyperparams);
+      } else {
+        UpdateKernel<Optimizer, T, false, true, kCorrectionBits>
+            <<<grid, kThreads, 0, stream>>>(launch, hyperparams);
+      }
+      return;
+    }
+  }
+  if (tiered) {
+    UpdateKernel<Optimizer, T, true, false, kCorrectionBits>
+        <<<grid, kThreads, 0, stream>>>(launch, hyperparams);
+  } else {
+    UpdateKernel<Optimizer, T, false, false, kCorrectionBits>
+        <<<grid, kThreads, 0, stream>>>(launch, hyperparams);
+  }
+}
+
 template <typename Optimizer, typename T>
 ffi::Error LaunchGroup(cudaStream_t stream, int device,
                        const float* hyperparams, const int32_t* position,
@@ -548,6 +684,7 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     int64_t device_runs = 0;
     int num_leaves = 0;
     bool four_bit = false;
+    int correction_bits = -1;  // of the launch's leaves (all alike)
     // Device-tier leaves in the first pass, host-tier leaves in the second.
     for (const bool host_pass : {false, true}) {
       if (host_pass) device_runs = runs;
@@ -580,6 +717,15 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
         leaf.decay = state.decay ? 1 : 0;
         leaf.id = static_cast<uint32_t>(leaf_indices[k]);
         leaf.index_offset = state.index_offset;
+        leaf.correction = state.correction;
+        leaf.fingerprints = state.fingerprints;
+        if (correction_bits < 0) correction_bits = state.correction_bits;
+        if (state.correction_bits != correction_bits) {
+          return ffi::Error::InvalidArgument(
+              std::string(Optimizer::kName) +
+              ": leaves of one dtype group must all keep master weights of "
+              "one width, or none");
+        }
         runs += (leaf.num_blocks + leaf.run_blocks - 1) / leaf.run_blocks;
       }
     }
@@ -593,25 +739,23 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     const int grid = static_cast<int>(std::min<int64_t>(
         wanted, static_cast<int64_t>(MultiprocessorCount(device)) *
                     Shape::kBlocksPerMultiprocessor));
-    if (four_bit) {
-      if constexpr (kFourBitStatesOf<Optimizer>) {
-        if (launch->host_runs == 0) {
-          UpdateKernel<Optimizer, T, false, true>
-              <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
-        } else {
-          UpdateKernel<Optimizer, T, true, true>
-              <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
-        }
-      } else {
-        return ffi::Error::InvalidArgument(
-            std::string(Optimizer::kName) + " has no 4-bit kernels");
-      }
-    } else if (launch->host_runs == 0) {
-      UpdateKernel<Optimizer, T, false, false>
-          <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
+    if (four_bit && !kFourBitStatesOf<Optimizer>) {
+      return ffi::Error::InvalidArgument(
+          std::string(Optimizer::kName) + " has no 4-bit kernels");
+    }
+    const bool tiered = launch->host_runs != 0;
+    if constexpr (std::is_same_v<T, float>) {
+      Launch<Optimizer, T, 0>(tiered, four_bit, grid, stream, *launch,
+                              hyperparams);
+    } else if (correction_bits == 8) {
+      Launch<Optimizer, T, 8>(tiered, four_bit, grid, stream, *launch,
+                              hyperparams);
+    } else if (correction_bits == 16) {
+      Launch<Optimizer, T, 16>(tiered, four_bit, grid, stream, *launch,
+                               hyperparams);
     } else {
-      UpdateKernel<Optimizer, T, true, false>
-          <<<grid, Shape::kThreads, 0, stream>>>(*launch, hyperparams);
+      Launch<Optimizer, T, 0>(tiered, four_bit, grid, stream, *launch,
+                              hyperparams);
     }
     if (cudaError_t status = cudaGetLastError(); status != cudaSuccess) {
       return ffi::Error::Internal(std::string("optax_paged kernel launch: ") +

@@ -188,9 +188,11 @@ std::shared_ptr<StateEntry> CreateState(
     int platform, int num_moments, const std::vector<int64_t>& sizes,
     const std::vector<int>& code_bits, const std::vector<bool>& decay,
     const std::vector<int>& tiers, const std::vector<int64_t>& index_offsets,
-    int64_t state_id, int64_t ordinal, int32_t position) {
+    const std::vector<int>& correction_bits, int64_t state_id,
+    int64_t ordinal, int32_t position) {
   if (code_bits.size() != sizes.size() || decay.size() != sizes.size() ||
-      tiers.size() != sizes.size() || index_offsets.size() != sizes.size()) {
+      tiers.size() != sizes.size() || index_offsets.size() != sizes.size() ||
+      correction_bits.size() != sizes.size()) {
     throw std::invalid_argument("create_state: per-leaf lists differ in length");
   }
   std::vector<LeafSpec> specs(sizes.size());
@@ -202,9 +204,14 @@ std::shared_ptr<StateEntry> CreateState(
     if (code_bits[i] != 0 && code_bits[i] != 8 && code_bits[i] != 4) {
       throw std::invalid_argument("create_state: code bits must be 0, 8 or 4");
     }
+    if (correction_bits[i] != 0 && correction_bits[i] != 8 &&
+        correction_bits[i] != 16) {
+      throw std::invalid_argument(
+          "create_state: correction bits must be 0, 8 or 16");
+    }
     specs[i] = LeafSpec{sizes[i], code_bits[i],
                         static_cast<bool>(decay[i]), static_cast<Tier>(tiers[i]),
-                        index_offsets[i]};
+                        index_offsets[i], correction_bits[i]};
   }
   std::string error;
   std::shared_ptr<StateEntry> entry =
@@ -367,7 +374,8 @@ void ThrowTransferError(TransferStatus status, const std::string& error) {
 }
 
 // Per entry: (steps of its non-empty leaves, per leaf per moment (codes,
-// absmax) or (fp32 values, None)), all read under every entry's lock.
+// absmax) or (fp32 values, None), per leaf (correction, fingerprints and
+// reset count) or None), all read under every entry's lock.
 nb::list ReadEntries(const std::vector<StateEntry*>& entries) {
   std::vector<EntryCopy> copies;
   std::string error;
@@ -380,6 +388,7 @@ nb::list ReadEntries(const std::vector<StateEntry*>& entries) {
   nb::list out;
   for (EntryCopy& copy : copies) {
     nb::list leaves;
+    nb::list masters;
     for (LeafCopy& leaf : copy.leaves) {
       nb::list moments;
       for (size_t m = 0; m < leaf.data.size(); ++m) {
@@ -392,8 +401,17 @@ nb::list ReadEntries(const std::vector<StateEntry*>& entries) {
         }
       }
       leaves.append(moments);
+      if (leaf.correction_bits == 8) {
+        masters.append(nb::make_tuple(AdoptToNumpy<int8_t>(leaf.master[0]),
+                                      AdoptToNumpy<uint32_t>(leaf.master[1])));
+      } else if (leaf.correction_bits == 16) {
+        masters.append(nb::make_tuple(AdoptToNumpy<int16_t>(leaf.master[0]),
+                                      AdoptToNumpy<uint32_t>(leaf.master[1])));
+      } else {
+        masters.append(nb::none());
+      }
     }
-    out.append(nb::make_tuple(copy.steps, leaves));
+    out.append(nb::make_tuple(copy.steps, leaves, masters));
   }
   return out;
 }
@@ -423,6 +441,27 @@ void WriteEntries(
   if (status != TransferStatus::kOk) ThrowTransferError(status, error);
 }
 
+// Blocks whose master-weight corrections were dropped because their
+// parameters changed outside the optimizer, over every leaf (waits for the
+// device).
+int64_t MasterWeightResets(StateEntry& entry) {
+  std::unique_lock<std::shared_mutex> lock(entry.mutex());
+  if (entry.released()) return 0;
+  int64_t total = 0;
+  for (const LeafState& leaf : entry.leaves()) {
+    if (leaf.correction_bits == 0) continue;
+    uint32_t count = 0;
+    std::string error;
+    if (!CopyStateToHost(&count, leaf.fingerprints + leaf.num_master_blocks,
+                         sizeof(count), leaf.tier, entry.placement().ordinal,
+                         &error)) {
+      throw std::runtime_error("reading master-weight resets: " + error);
+    }
+    total += count;
+  }
+  return total;
+}
+
 nb::dict LeafInfo(const StateEntry& entry, int64_t leaf) {
   if (leaf < 0 || leaf >= static_cast<int64_t>(entry.leaves().size())) {
     throw std::out_of_range("leaf index out of range");
@@ -434,6 +473,7 @@ nb::dict LeafInfo(const StateEntry& entry, int64_t leaf) {
   info["quantized"] = state.quantized;
   info["code_bits"] = state.quantized ? (state.four_bit ? 4 : 8) : 32;
   info["decay"] = state.decay;
+  info["correction_bits"] = state.correction_bits;
   info["tier"] = TierName(state.tier);
   info["bytes"] = entry.released() ? size_t{0} : state.bytes;
   return info;
@@ -448,6 +488,8 @@ NB_MODULE(_optax_paged_ext, m) {
   // tests check that released and collected states free their memory).
   nb::set_leak_warnings(false);
   m.attr("BLOCK_SIZE") = kBlockSize;
+  m.attr("MASTER_BLOCK_SIZE") = kMasterBlockSize;
+  m.attr("MASTER_MOMENT") = kMasterMoment;
   m.attr("NUM_HYPERPARAMS") = kNumHyperparams;
 #if defined(OPTAX_PAGED_WITH_CUDA)
   m.attr("WITH_CUDA") = true;
@@ -534,6 +576,8 @@ NB_MODULE(_optax_paged_ext, m) {
       .def_prop_ro("total_bytes", &StateEntry::total_bytes)
       .def_prop_ro("released", &StateEntry::released)
       .def("leaf_info", &LeafInfo, nb::arg("leaf"))
+      .def("master_weight_resets", &MasterWeightResets,
+           nb::call_guard<nb::gil_scoped_release>())
       .def("read_moment", &ReadMoment, nb::arg("leaf"), nb::arg("moment"))
       .def("write_moment", &WriteMoment, nb::arg("leaf"), nb::arg("moment"),
            nb::arg("data"), nb::arg("absmax"))
@@ -556,7 +600,7 @@ NB_MODULE(_optax_paged_ext, m) {
   m.def("create_state", &CreateState, nb::arg("platform"),
         nb::arg("num_moments"), nb::arg("sizes"), nb::arg("code_bits"),
         nb::arg("decay"), nb::arg("tiers"), nb::arg("index_offsets"),
-        nb::arg("state_id"), nb::arg("ordinal"), nb::arg("position"));
+        nb::arg("correction_bits"), nb::arg("state_id"), nb::arg("ordinal"), nb::arg("position"));
 }
 
 }  // namespace optax_paged

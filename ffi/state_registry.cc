@@ -44,7 +44,8 @@ GlobalRegistry& Global() {
 }
 
 // Byte layout of one leaf: per moment, codes then absmax (quantized) or fp32
-// values, each aligned for 16-byte vector access.
+// values, then the master-weight correction and fingerprints, each aligned
+// for 16-byte vector access.
 size_t LayoutLeaf(LeafState* leaf, int num_moments, uint8_t* base) {
   size_t offset = 0;
   for (int m = 0; m < num_moments; ++m) {
@@ -60,6 +61,13 @@ size_t LayoutLeaf(LeafState* leaf, int num_moments, uint8_t* base) {
           base ? reinterpret_cast<float*>(base + offset) : nullptr;
       offset += AlignUp(static_cast<size_t>(leaf->size) * sizeof(float));
     }
+  }
+  if (leaf->correction_bits != 0) {
+    leaf->correction = base ? base + offset : nullptr;
+    offset += AlignUp(static_cast<size_t>(CorrectionBytes(*leaf)));
+    leaf->fingerprints =
+        base ? reinterpret_cast<uint32_t*>(base + offset) : nullptr;
+    offset += AlignUp(static_cast<size_t>(FingerprintBytes(*leaf)));
   }
   return offset;
 }
@@ -104,6 +112,9 @@ bool StateEntry::Allocate(const std::vector<LeafSpec>& specs,
     leaf.decay = specs[i].decay;
     leaf.tier = specs[i].tier;
     leaf.index_offset = specs[i].index_offset;
+    leaf.correction_bits = specs[i].correction_bits;
+    leaf.num_master_blocks =
+        (specs[i].size + kMasterBlockSize - 1) / kMasterBlockSize;
     leaf.bytes = LayoutLeaf(&leaf, num_moments_, nullptr);
     void* base = AllocateState(leaf.bytes, leaf.tier, placement_.ordinal, error);
     if (base == nullptr) {
@@ -122,6 +133,8 @@ void StateEntry::FreeAll() {
     FreeState(leaf.base, leaf.tier, placement_.ordinal);
     leaf.base = nullptr;
     for (MomentBuffers& buffers : leaf.moments) buffers = MomentBuffers{};
+    leaf.correction = nullptr;
+    leaf.fingerprints = nullptr;
   }
 }
 

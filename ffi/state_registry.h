@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "master_weights.h"
 #include "optimizer_math.h"
 #include "state_memory.h"
 #include "step_stamps.h"
@@ -34,6 +35,9 @@ struct LeafSpec {
   // Index of this shard's first element among the leaf's elements, for the
   // random bits of stochastic rounding (0 on one device).
   int64_t index_offset;
+  // Bits of the master-weight correction per element: 0 (none), 8 or 16
+  // (master_weights.h).
+  int correction_bits = 0;
 };
 
 // One moment of one leaf: codes + absmax when quantized, else fp32 values.
@@ -54,7 +58,26 @@ struct LeafState {
   void* base = nullptr;
   size_t bytes = 0;
   MomentBuffers moments[kMaxMoments];
+  // Master weights (master_weights.h): an int8 or int16 correction per
+  // element, and a fingerprint of the parameters per kMasterBlockSize
+  // elements followed by the count of blocks reset since allocation.
+  int correction_bits = 0;
+  void* correction = nullptr;
+  uint32_t* fingerprints = nullptr;
+  int64_t num_master_blocks = 0;
 };
+
+// Bytes of a leaf's master-weight correction, and of its fingerprints with
+// the reset count (0 without master weights).
+inline int64_t CorrectionBytes(const LeafState& leaf) {
+  return leaf.size * (leaf.correction_bits / 8);
+}
+inline int64_t FingerprintBytes(const LeafState& leaf) {
+  return leaf.correction_bits == 0
+             ? 0
+             : (leaf.num_master_blocks + 1) *
+                   static_cast<int64_t>(sizeof(uint32_t));
+}
 
 // Elements per quantization block of a quantized leaf.
 inline int QuantBlockSize(const LeafState& leaf) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <mutex>
 #include <shared_mutex>
+#include <utility>
 
 #include "state_memory.h"
 
@@ -38,14 +39,28 @@ bool Distinct(const std::vector<StateEntry*>& entries, std::string* error) {
   return true;
 }
 
-size_t DataBytes(const LeafState& leaf) {
+size_t DataBytes(const LeafState& leaf, int64_t moment) {
+  if (moment == kMasterMoment) return static_cast<size_t>(CorrectionBytes(leaf));
   return leaf.quantized ? static_cast<size_t>(CodeBytes(leaf))
                         : static_cast<size_t>(leaf.size) * sizeof(float);
 }
 
-size_t AbsmaxBytes(const LeafState& leaf) {
+size_t AbsmaxBytes(const LeafState& leaf, int64_t moment) {
+  if (moment == kMasterMoment) {
+    return static_cast<size_t>(FingerprintBytes(leaf));
+  }
   return leaf.quantized ? static_cast<size_t>(leaf.num_blocks) * sizeof(float)
                         : 0;
+}
+
+// Where a write of `moment` goes: its codes or values, and its absmax (the
+// correction and the fingerprints for kMasterMoment).
+std::pair<void*, void*> Targets(const LeafState& leaf, int64_t moment) {
+  if (moment == kMasterMoment) return {leaf.correction, leaf.fingerprints};
+  const MomentBuffers& buffers = leaf.moments[moment];
+  return {leaf.quantized ? static_cast<void*>(buffers.codes)
+                         : static_cast<void*>(buffers.values),
+          buffers.absmax};
 }
 
 bool CopyOut(const LeafState& leaf, int64_t device, const void* source,
@@ -63,14 +78,21 @@ bool CopyEntry(const StateEntry& entry, EntryCopy* copy, std::string* error) {
     LeafCopy& out = copy->leaves.emplace_back();
     out.quantized = leaf.quantized;
     for (int m = 0; m < entry.num_moments(); ++m) {
-      const MomentBuffers& buffers = leaf.moments[m];
-      const void* data = leaf.quantized ? static_cast<const void*>(buffers.codes)
-                                        : static_cast<const void*>(buffers.values);
-      if (!CopyOut(leaf, device, data, DataBytes(leaf), &out.data, error) ||
-          (leaf.quantized && !CopyOut(leaf, device, buffers.absmax,
-                                      AbsmaxBytes(leaf), &out.absmax, error))) {
+      const auto [data, absmax] = Targets(leaf, m);
+      if (!CopyOut(leaf, device, data, DataBytes(leaf, m), &out.data, error) ||
+          (leaf.quantized && !CopyOut(leaf, device, absmax,
+                                      AbsmaxBytes(leaf, m), &out.absmax,
+                                      error))) {
         return false;
       }
+    }
+    out.correction_bits = leaf.correction_bits;
+    if (leaf.correction_bits != 0 &&
+        (!CopyOut(leaf, device, leaf.correction,
+                  DataBytes(leaf, kMasterMoment), &out.master, error) ||
+         !CopyOut(leaf, device, leaf.fingerprints,
+                  AbsmaxBytes(leaf, kMasterMoment), &out.master, error))) {
+      return false;
     }
   }
   return true;
@@ -87,16 +109,20 @@ std::string WriteMismatch(const std::vector<StateEntry*>& entries,
       write.leaf >= static_cast<int64_t>(entry.leaves().size())) {
     return "leaf index " + std::to_string(write.leaf) + " out of range";
   }
-  if (write.moment < 0 || write.moment >= entry.num_moments()) {
+  const LeafState& leaf = entry.leaves()[write.leaf];
+  if (write.moment == kMasterMoment && leaf.correction_bits == 0) {
+    return "leaf " + std::to_string(write.leaf) + " has no master weights";
+  }
+  if (write.moment != kMasterMoment &&
+      (write.moment < 0 || write.moment >= entry.num_moments())) {
     return "moment index " + std::to_string(write.moment) + " out of range";
   }
-  const LeafState& leaf = entry.leaves()[write.leaf];
-  if (write.data_bytes != DataBytes(leaf) ||
-      write.absmax_bytes != AbsmaxBytes(leaf)) {
+  if (write.data_bytes != DataBytes(leaf, write.moment) ||
+      write.absmax_bytes != AbsmaxBytes(leaf, write.moment)) {
     return "leaf " + std::to_string(write.leaf) + " moment " +
            std::to_string(write.moment) + " holds " +
-           std::to_string(DataBytes(leaf)) + " + " +
-           std::to_string(AbsmaxBytes(leaf)) + " bytes, got " +
+           std::to_string(DataBytes(leaf, write.moment)) + " + " +
+           std::to_string(AbsmaxBytes(leaf, write.moment)) + " bytes, got " +
            std::to_string(write.data_bytes) + " + " +
            std::to_string(write.absmax_bytes);
   }
@@ -147,15 +173,13 @@ TransferStatus WriteEntriesFromHost(const std::vector<StateEntry*>& entries,
   for (const MomentWrite& write : writes) {
     StateEntry& entry = *entries[write.entry];
     const LeafState& leaf = entry.leaves()[write.leaf];
-    const MomentBuffers& buffers = leaf.moments[write.moment];
-    void* data = leaf.quantized ? static_cast<void*>(buffers.codes)
-                                : static_cast<void*>(buffers.values);
+    const auto [data, absmax] = Targets(leaf, write.moment);
     const int64_t device = entry.placement().ordinal;
     if ((write.data_bytes > 0 &&
          !CopyHostToState(data, write.data, write.data_bytes, leaf.tier,
                           device, error)) ||
         (write.absmax_bytes > 0 &&
-         !CopyHostToState(buffers.absmax, write.absmax, write.absmax_bytes,
+         !CopyHostToState(absmax, write.absmax, write.absmax_bytes,
                           leaf.tier, device, error))) {
       return TransferStatus::kFailed;
     }

@@ -38,6 +38,10 @@ struct LeafCopy {
   bool quantized = false;
   std::vector<HostBuffer> data;
   std::vector<HostBuffer> absmax;
+  // With master weights: the correction, then the fingerprints and reset
+  // count (empty without).
+  int correction_bits = 0;
+  std::vector<HostBuffer> master;
 };
 
 struct EntryCopy {
@@ -46,7 +50,9 @@ struct EntryCopy {
 };
 
 // One moment of one leaf of entry `entry` (an index into the entries), as
-// bytes: codes and absmax, or fp32 values and no absmax.
+// bytes: codes and absmax, or fp32 values and no absmax. Moment
+// `kMasterMoment` is the master-weight correction (data) and fingerprints
+// with the reset count (absmax).
 struct MomentWrite {
   size_t entry;
   int64_t leaf;
@@ -56,6 +62,8 @@ struct MomentWrite {
   const uint8_t* absmax;
   size_t absmax_bytes;
 };
+
+inline constexpr int64_t kMasterMoment = -1;
 
 enum class TransferStatus { kOk, kReleased, kInvalid, kFailed };
 

@@ -88,6 +88,13 @@ inline xla::ffi::Error ValidateUpdateCall(
           std::to_string(got) + " elements, state has " +
           std::to_string(size));
     }
+    if (entry.leaves()[index].correction_bits != 0 &&
+        dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) {
+      return ffi::Error::InvalidArgument(
+          prefix + "leaf " + std::to_string(index) +
+          " keeps master weights, which need bfloat16 or float16 "
+          "parameters");
+    }
     if (grad.element_type() != dtype || param.element_type() != dtype ||
         out->element_type() != dtype) {
       return ffi::Error::InvalidArgument(

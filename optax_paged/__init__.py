@@ -22,6 +22,7 @@ from optax_paged._src.build_info import build_info
 from optax_paged._src.checkpoint import load_state_dict
 from optax_paged._src.checkpoint import state_dict
 from optax_paged._src.factories import FACTORIES as _FACTORIES
+from optax_paged._src.master_params import master_params
 from optax_paged._src.memory_guard import MemoryGuardedStep
 from optax_paged._src.memory_guard import StepAllocation
 from optax_paged._src.memory_guard import memory_guarded
@@ -62,6 +63,7 @@ __all__ = [
     'build_info',
     'free_orphans',
     'load_state_dict',
+    'master_params',
     'memory_guarded',
     'memory_report',
     'percentile_clipping',

@@ -34,9 +34,11 @@ KINDS = {
     'max_unorm': 'non_negative', 'trust_coefficient': 'non_negative',
     'min_8bit_size': 'size', 'device_budget': 'budget',
 }
-# Arguments that are not numbers.
+# Arguments that are not numbers (master_weight_bits is a choice of two,
+# checked in master_weights_codec_test).
 NOT_NUMBERS = {'mask', 'keep_32bit', 'mu_dtype', 'accumulator_dtype',
-               'nesterov', 'trust_ratio', 'trust_ratio_mask'}
+               'nesterov', 'trust_ratio', 'trust_ratio_mask',
+               'master_weight_bits'}
 # The same number as each type a user (or optax.inject_hyperparams) may pass.
 AS_TYPES = {
     'python': float,

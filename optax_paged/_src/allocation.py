@@ -77,6 +77,7 @@ def allocate_state(state: Any, params: Any) -> Any:
         zero_axis=pending.zero_axis, initial_values=pending.initial_values,
         signed=pending.signed, paths=[leaf.path for leaf in pending.leaves],
         code_bits=pending.leaves[0].code_bits if pending.leaves else 8,
+        master_weight_bits=pending.master_weight_bits,
     ), pending.device_budget)
 
   allocated = jax.tree.map(

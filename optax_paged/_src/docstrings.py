@@ -23,6 +23,13 @@ DEVICE_BUDGET = (
     'free at init (a float in [0, 1]), None for half of it, or ``\'auto\'`` '
     "(an ``AutoBudget``) for what fits next to XLA's next step (see "
     '``set_device_budget``). 0 keeps every buffer in host RAM.')
+MASTER_WEIGHT_BITS = (
+    'None, or 24 or 32 to keep float32 master weights of bfloat16 and '
+    'float16 parameters in the state: an 8-bit (24) or 16-bit (32) '
+    'correction a parameter, from which the step rebuilds the master, '
+    'updates it in float32 and writes back its rounding; 32 keeps a '
+    "bfloat16 parameter's float32 master exactly. float32 leaves need "
+    'none. See the guide "Training in bf16 at fp32 quality".')
 
 EIGHT_BIT = (
     'Between steps the state is stored blockwise in 8 bits: one uint8 code '

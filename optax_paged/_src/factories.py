@@ -6,7 +6,7 @@ arguments, defaults and docstring; its body hands the arguments to
 ``build``. The arguments are, in order: ``learning_rate``, the family's
 positional hyperparameters, then after ``*`` its keyword-only ones and the
 variant's options (``min_8bit_size`` and ``keep_32bit`` when quantized,
-``device_budget`` when paged).
+``device_budget`` when paged, ``master_weight_bits``).
 """
 
 from collections.abc import Callable
@@ -18,6 +18,7 @@ from optax_paged._src import base
 from optax_paged._src import docstrings
 from optax_paged._src import families
 from optax_paged._src import hyperparam_checks
+from optax_paged._src import master_weights
 from optax_paged._src import optimizer_table
 from optax_paged._src import transform
 from optax_paged._src.family import VARIANTS
@@ -31,6 +32,10 @@ _VARIANT_OPTIONS = {
                                     keyword_only=True),
     'keep_32bit': Hyperparameter('keep_32bit', None, 'Any',
                                  docstrings.KEEP_32BIT, keyword_only=True),
+    'master_weight_bits': Hyperparameter(
+        'master_weight_bits', None, 'int | None',
+        docstrings.MASTER_WEIGHT_BITS, check=master_weights.check_bits,
+        keyword_only=True),
     'device_budget': Hyperparameter('device_budget', None,
                                     'int | float | str | None',
                                     docstrings.DEVICE_BUDGET,
@@ -46,6 +51,7 @@ def arguments(family: Family, variant: Variant) -> list[Hyperparameter]:
                 _VARIANT_OPTIONS['keep_32bit']]
   if variant.paged:
     options.append(_VARIANT_OPTIONS['device_budget'])
+  options.append(_VARIANT_OPTIONS['master_weight_bits'])
   positional = [h for h in family.hyperparameters if not h.keyword_only]
   keyword = [h for h in family.hyperparameters if h.keyword_only]
   return positional + keyword + options
@@ -55,13 +61,22 @@ def build(family: Family, variant: Variant,
           values: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
   """The transformation a factory returns, from its arguments by name."""
   hyperparam_checks.finite('learning_rate', values['learning_rate'])
-  for argument in family.hyperparameters:
+  for argument in (*family.hyperparameters,
+                   _VARIANT_OPTIONS['master_weight_bits']):
     if argument.check is not None:
       argument.check(argument.name, values[argument.name])
   if family.check is not None:
     family.check(values)
+  spec = families.spec_of(family, values)
+  master_weight_bits = values['master_weight_bits']
+  if master_weight_bits is not None and spec.trust_ratio is not None:
+    raise ValueError(
+        f'{variant.factory_name(family)}: master_weight_bits is not '
+        f'available with a trust ratio ({family.title}): the update is '
+        'scaled after the kernel, which keeps the master weights. Use '
+        'float32 parameters for a float32 master.')
   return transform.make_transformation(
-      families.spec_of(family, values),
+      spec,
       quantize=variant.quantized,
       min_8bit_size=values.get('min_8bit_size', base.MIN_8BIT_SIZE),
       keep_32bit=values.get('keep_32bit'),
@@ -69,6 +84,7 @@ def build(family: Family, variant: Variant,
       paged=variant.paged,
       device_budget=values.get('device_budget'),
       code_bits=variant.code_bits if variant.quantized else 8,
+      master_weight_bits=master_weight_bits,
   )
 
 

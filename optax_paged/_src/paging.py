@@ -301,6 +301,11 @@ class MemoryReport:
       to any more (dropped, not part of ``state``): freed by the next
       allocation or garbage collection once their last step is done, or at
       once by ``optax_paged.free_orphans()``.
+    master_weight_resets: blocks of 128 parameters whose master-weight
+      correction a step dropped, since the states were made, because their
+      parameters were not those the optimizer wrote (new weights loaded, a
+      transformation chained after the optimizer): their masters restarted
+      from the parameters.
   """
 
   rows: tuple[MemoryRow, ...]
@@ -309,6 +314,7 @@ class MemoryReport:
   free: dict[str, int] = dataclasses.field(default_factory=dict)
   evicted: dict[str, int] = dataclasses.field(default_factory=dict)
   orphaned: int = 0
+  master_weight_resets: int = 0
 
   @property
   def totals(self) -> dict[str, int]:
@@ -360,6 +366,10 @@ class MemoryReport:
     if self.orphaned:
       extra.append(f'orphaned: {self.orphaned:,} bytes of dropped states, '
                    'not freed yet (optax_paged.free_orphans() frees them)')
+    if self.master_weight_resets:
+      extra.append(f'master weights: {self.master_weight_resets:,} blocks of '
+                   '128 parameters changed outside the optimizer and '
+                   'restarted from the parameters')
     return '\n'.join([fmt(header), rule, *body, rule, *totals, *extra])
 
 
@@ -386,9 +396,12 @@ def memory_report(state: Any) -> MemoryReport:
   moves = registry.MoveStats()
   free, evicted = {}, {}
   paged_on_device = {}  # per GPU, over every live state: counted once
+  resets = 0
   for buffers in registry.find_buffers(state):
     record = buffers.record()
     moves.add(record.moves)
+    if record.has_master_weights:
+      resets += sum(entry.master_weight_resets() for entry in record.entries)
     if record.paged:
       for device, entry in zip(record.devices, record.entries, strict=True):
         free_bytes, total = gpu_memory(int(entry.ordinal))
@@ -417,7 +430,7 @@ def memory_report(state: Any) -> MemoryReport:
             device=str(device) if sharded else '',
         ))
   return MemoryReport(tuple(rows), moves, free, evicted,
-                      registry.REGISTRY.orphaned_bytes())
+                      registry.REGISTRY.orphaned_bytes(), resets)
 
 
 def _paged_on_device(device: jax.Device) -> int:

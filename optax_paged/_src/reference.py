@@ -18,6 +18,7 @@ import optax
 from optax_paged._src import base
 from optax_paged._src import families
 from optax_paged._src import hyperparams
+from optax_paged._src import master_weights
 from optax_paged._src import optimizer_table
 from optax_paged._src import quantization
 from optax_paged._src import transform
@@ -38,11 +39,33 @@ class FourBitMoment(NamedTuple):
   absmax: jax.Array  # shape=(ceil(n / 128),), dtype=float32
 
 
+class MasterCorrection(NamedTuple):
+  """One leaf's master-weight correction (``master_weights``)."""
+
+  correction: jax.Array  # shape=(n,), dtype=int8 or int16
+  fingerprints: jax.Array  # shape=(ceil(n / 128),), dtype=uint32
+
+
 class ReferenceState(NamedTuple):
-  """Functional state: per leaf, a tuple of moments (quantized or fp32)."""
+  """Functional state: per leaf, a tuple of moments (quantized or fp32)
+  and, with master weights, its correction (None where it keeps none)."""
 
   count: jax.Array  # shape=(), dtype=jnp.int32
   moments: Any  # tree like params; each leaf a tuple of moments
+  masters: Any = None  # tree like params; each leaf a MasterCorrection
+
+
+def init_master(leaf: jax.Array,
+                master_weight_bits: int | None) -> MasterCorrection | None:
+  """A leaf's zero correction, or None if it keeps none."""
+  bits = master_weights.correction_bits(master_weight_bits, leaf.dtype)
+  if not bits:
+    return None
+  n = int(jnp.size(leaf))
+  blocks = -(-n // master_weights.BLOCK_SIZE)
+  return MasterCorrection(
+      jnp.zeros([n], jnp.int8 if bits == 8 else jnp.int16),
+      jnp.zeros([blocks], jnp.uint32))
 
 
 def init_moments(leaf: jax.Array, num_moments: int, quantized: bool,
@@ -111,18 +134,38 @@ def leaf_step(
     moments,
     decay: bool,
     random: jax.Array | None = None,
+    master: MasterCorrection | None = None,
 ):
   """One step of one leaf: decode, update in fp32, re-encode.
 
   ``random`` (uint32 per element) rounds signed 4-bit codes stochastically.
+  With ``master`` the update is of the master weights; returns (update,
+  moments, new master correction or None).
   """
   g = jnp.ravel(grad).astype(param.dtype).astype(jnp.float32)
-  p = jnp.ravel(param).astype(jnp.float32)
+  flat = jnp.ravel(param)
+  if master is None:
+    p = flat.astype(jnp.float32)
+  else:
+    bits = 8 * master.correction.dtype.itemsize
+    correction = master_weights.valid_corrections(
+        flat, master.correction, master.fingerprints)
+    p = master_weights.decode(flat, correction, bits)
   update, values = element_update(
       slots, g, p, decay, decode_moments(moments, signed)
   )
-  update = update.astype(param.dtype).reshape(param.shape)
-  return update, encode_moments(values, moments, signed, random)
+  new_master = None
+  if master is None:
+    update = update.astype(param.dtype)
+  else:
+    target = p + update
+    update, applied = master_weights.step_to_master(flat, target)
+    new_master = MasterCorrection(
+        master_weights.encode(target, applied, bits).astype(
+            master.correction.dtype),
+        master_weights.fingerprints(applied))
+  return (update.reshape(param.shape),
+          encode_moments(values, moments, signed, random), new_master)
 
 
 def reference_transformation(
@@ -132,6 +175,7 @@ def reference_transformation(
     min_8bit_size: int = base.MIN_8BIT_SIZE,
     weight_decay_mask: Any = None,
     code_bits: int = 8,
+    master_weight_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A functional optax transformation computing what the kernels compute.
 
@@ -141,10 +185,15 @@ def reference_transformation(
     min_8bit_size: leaves with fewer elements keep fp32 state.
     weight_decay_mask: as the optimizers' ``mask``.
     code_bits: bits of a quantized moment's codes, 8 or 4.
+    master_weight_bits: None, or 24 or 32 for the master weights of 16-bit
+      parameters, as the optimizers' option.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a functional state.
   """
+  master_weights.check_bits('master_weight_bits', master_weight_bits)
+  if master_weight_bits is not None and spec.trust_ratio is not None:
+    raise ValueError('master_weight_bits is not available with a trust ratio.')
   element_update = families.reference_update(spec.kernel)
   signed = spec.signed
   stochastic = code_bits == 4 and optimizer_table.info(
@@ -164,6 +213,8 @@ def reference_transformation(
             ),
             params,
         ),
+        masters=jax.tree.map(
+            lambda p: init_master(p, master_weight_bits), params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -195,11 +246,15 @@ def reference_transformation(
         if stochastic else None
         for i, p in enumerate(param_leaves)
     ]
+    master_leaves = (treedef.flatten_up_to(state.masters)
+                     if state.masters is not None
+                     else [None] * len(param_leaves))
     results = [
         leaf_step(element_update, signed, slots, as_computed(g),
-                  as_computed(p), m, d, r)
-        for g, p, m, d, r in zip(
-            grads, param_leaves, moment_leaves, decay, randoms, strict=True
+                  as_computed(p), m, d, r, master)
+        for g, p, m, d, r, master in zip(
+            grads, param_leaves, moment_leaves, decay, randoms,
+            master_leaves, strict=True
         )
     ]
     outputs = [r[0] for r in results]
@@ -211,7 +266,10 @@ def reference_transformation(
                                   state.count)
     new_updates = treedef.unflatten(outputs)
     new_moments = treedef.unflatten([r[1] for r in results])
-    return new_updates, ReferenceState(count=count_inc, moments=new_moments)
+    new_masters = (treedef.unflatten([r[2] for r in results])
+                   if state.masters is not None else None)
+    return new_updates, ReferenceState(count=count_inc, moments=new_moments,
+                                       masters=new_masters)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -229,6 +287,7 @@ def adamw8bit(
     eps_root: float = 0.0,
     nesterov: bool = False,
     code_bits: int = 8,
+    master_weight_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Pure-JAX :func:`optax_paged.adamw8bit` with a functional state.
 
@@ -245,6 +304,7 @@ def adamw8bit(
     eps_root: added inside the square root, as ``optax.adamw``'s.
     nesterov: Nesterov momentum, as ``optax.adamw``'s.
     code_bits: 4 for :func:`optax_paged.adamw4bit`'s 4-bit moments.
+    master_weight_bits: None, 24 or 32, as the optimizers' option.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state holds the codes
@@ -260,4 +320,5 @@ def adamw8bit(
       min_8bit_size=min_8bit_size,
       weight_decay_mask=mask,
       code_bits=code_bits,
+      master_weight_bits=master_weight_bits,
   )

@@ -31,6 +31,7 @@ import numpy as np
 from optax_paged._src import base
 from optax_paged._src import devices as devices_lib
 from optax_paged._src import ffi
+from optax_paged._src import master_weights
 from optax_paged._src import orbax_guard
 from optax_paged._src import sharding
 from optax_paged._src import state_ids
@@ -54,6 +55,7 @@ class LeafLayout:
   quantized: bool
   decay: bool
   code_bits: int = 8  # of a quantized leaf's codes: 8 or 4
+  correction_bits: int = 0  # of its master-weight correction: 0, 8 or 16
 
   @property
   def size(self) -> int:
@@ -85,6 +87,7 @@ class PendingInit:
   zero_axis: str | None
   initial_values: tuple[float, ...]
   signed: tuple[bool, ...]
+  master_weight_bits: int | None = None
 
 
 @dataclasses.dataclass
@@ -173,6 +176,11 @@ class StateRecord:
   def code_bits(self) -> int:
     """Bits of the quantized leaves' codes (8 or 4; 8 if none is)."""
     return next((leaf.code_bits for leaf in self.leaves if leaf.quantized), 8)
+
+  @property
+  def has_master_weights(self) -> bool:
+    """Whether any leaf keeps a master-weight correction."""
+    return any(leaf.correction_bits for leaf in self.leaves)
 
   @property
   def num_moments(self) -> int:
@@ -271,10 +279,18 @@ class StateRecord:
       moment: ``(codes, absmax)`` of a quantized leaf, else
       ``(fp32 values, None)``.
     """
+    step, moments, _ = self.read_state()
+    return step, moments
+
+  def read_state(self) -> tuple[int | None, list[Any], list[Any]]:
+    """``read_moments`` and, per entry, per leaf, the master weights'
+    ``(correction, fingerprints with the reset count last)`` or None, read
+    in the same moment."""
     copies = ffi.extension().read_entries(list(self.entries))
-    steps = {step for steps, _ in copies for step in steps}
+    steps = {step for steps, _, _ in copies for step in steps}
     return (steps.pop() if len(steps) == 1 else None,
-            [leaves for _, leaves in copies])
+            [leaves for _, leaves, _ in copies],
+            [masters for _, _, masters in copies])
 
   def write_moments(self, writes: Sequence[tuple[Any, ...]],
                     step: int) -> None:
@@ -620,6 +636,7 @@ class StateRegistry:
       signed: tuple[bool, ...] = (),
       paths: Sequence[str] | None = None,
       code_bits: int = 8,
+      master_weight_bits: int | None = None,
   ) -> StateBuffers:
     """Allocates state for ``params``; abstract (pending) under tracing.
 
@@ -628,7 +645,9 @@ class StateRegistry:
     caller applies ``device_budget`` with ``paging.apply_budget``; it is
     kept here for an allocation still pending); unpaged state is plain
     device memory. Moments start at ``initial_values`` (zero where not
-    given). Quantized leaves hold ``code_bits``-bit codes (8 or 4).
+    given). Quantized leaves hold ``code_bits``-bit codes (8 or 4). With
+    ``master_weight_bits`` (24 or 32) the 16-bit leaves keep an 8- or
+    16-bit master-weight correction.
     """
     orbax_guard.register(StateBuffers)  # pending states, too, are refused
     leaves, treedef = jax.tree.flatten(params)
@@ -649,12 +668,17 @@ class StateRegistry:
       _check_size(optimizer, path, np.shape(leaf), num_moments)
       layouts.append(
           LeafLayout(path, tuple(np.shape(leaf)), dtype, bool(q), bool(d),
-                     code_bits)
+                     code_bits,
+                     master_weights.correction_bits(master_weight_bits,
+                                                    dtype))
       )
+    master_weights.check_leaves(optimizer, master_weight_bits,
+                                [layout.dtype for layout in layouts])
     if any(base.is_tracer(leaf) for leaf in leaves):
       return StateBuffers(0, None, PendingInit(
           optimizer, num_moments, tuple(layouts), paged, device_budget,
-          zero_axis, tuple(initial_values), tuple(signed)))
+          zero_axis, tuple(initial_values), tuple(signed),
+          master_weight_bits))
     mesh_layout = sharding.mesh_layout_of(optimizer, leaves, paths, zero_axis)
     if mesh_layout is None:
       devices = [_single_device_of(optimizer, leaves)]
@@ -721,6 +745,7 @@ class StateRegistry:
             [layout.decay for layout in layouts],
             [TIER_CODES[tier]] * len(layouts),
             offsets,
+            [layout.correction_bits for layout in layouts],
             state_id,
             devices_lib.ordinal_of(device),
             position,

@@ -175,10 +175,13 @@ def make_transformation(
     device_budget: Any = None,
     keep_32bit: Any = None,
     code_bits: int = 8,
+    master_weight_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the optax transformation for ``spec``.
 
-  ``code_bits`` (8 or 4) is the width of the quantized moments' codes.
+  ``code_bits`` (8 or 4) is the width of the quantized moments' codes;
+  ``master_weight_bits`` (None, 24 or 32) that of the 16-bit parameters'
+  master weights.
   """
   if paged:
     paging.check_budget(device_budget)
@@ -206,6 +209,7 @@ def make_transformation(
         paged=paged, device_budget=device_budget, zero_axis=zero_axis,
         initial_values=tuple(map(float, spec.initial_values)),
         signed=spec.signed, code_bits=code_bits,
+        master_weight_bits=master_weight_bits,
     ), device_budget)
     return OptimizerState._make((state_io.zero_count(buffers), buffers))
 
@@ -326,6 +330,8 @@ def apply_gradients(
   spec = _registered(
       _SPECS, tx, 'apply_gradients',
       'for a chain, apply the earlier transformations to the gradients first')
+  if stochastic_rounding and state.buffers.record().has_master_weights:
+    raise ValueError(MASTER_STOCHASTIC_MSG.format(spec.name))
   mode = (
       ffi.OUTPUT_PARAMS_STOCHASTIC if stochastic_rounding
       else ffi.OUTPUT_PARAMS
@@ -333,6 +339,13 @@ def apply_gradients(
   new_params, count = run_step(spec, grads, state, params, output_mode=mode)
   return new_params, OptimizerState(count=count, buffers=state.buffers)
 
+
+MASTER_STOCHASTIC_MSG = (
+    '{}: stochastic_rounding with master weights: the master keeps the '
+    'bits that stochastic rounding would keep only on average, and the '
+    'parameter is rounded to nearest from it. Drop stochastic_rounding '
+    '(or master_weight_bits).'
+)
 
 REINIT_MSG = (
     'optax_paged: tx.init was called inside a step that also ran tx.update '

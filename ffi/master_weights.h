@@ -1,0 +1,142 @@
+// Master-weight correction: a 16-bit parameter and a signed 8- or 16-bit
+// correction stand for a float32 master weight.
+//
+// The correction q is the master's offset from the parameter p in units of
+// 2^-bits of the gap from p to its neighbour on the master's side:
+//   master = p + q * gap(p, side of q) / 2^bits,  q in [-2^(bits-1), 2^(bits-1)).
+// After a step the parameter is the master rounded to nearest with ties
+// toward +infinity, so |master - p| <= gap / 2 and q = -2^(bits-1) only at a
+// tie: every offset fits. (Ties toward +infinity rather than to even, since
+// a tie rounded down would need q = +2^(bits-1).)
+//
+// bf16 with 16 bits: the unit gap / 2^16 is float32's ulp at the master (bf16
+// has float32's exponent range, subnormals included; below a power of two
+// the downward gap is half the upward one, as is the ulp), so every float32
+// master whose bf16 rounding is finite is kept exactly. fp16 with 16 bits:
+// exact while the parameter is a normal fp16 number. With 8 bits the master
+// has 8 more significant bits than the parameter (bf16: 16 of float32's 24),
+// the offset rounded to nearest even.
+//
+// The parameters the correction belongs to are fingerprinted per block of
+// kMasterBlockSize: a block whose parameters changed outside the optimizer
+// (new weights loaded, a tie, an update scaled after the optimizer) drops
+// its correction, so that its master restarts from those parameters, and
+// is counted in the leaf's reset counter.
+#ifndef OPTAX_PAGED_FFI_MASTER_WEIGHTS_H_
+#define OPTAX_PAGED_FFI_MASTER_WEIGHTS_H_
+
+#include <cmath>
+#include <cstdint>
+
+#include "element_types.h"
+#include "quantization.h"
+
+namespace optax_paged {
+
+// Parameters per fingerprint: a half-warp's eight elements a lane on the GPU.
+inline constexpr int kMasterBlockSize = 128;
+
+OPTAX_PAGED_HD uint16_t Bits16(BFloat16 x) { return x.bits; }
+OPTAX_PAGED_HD uint16_t Bits16(Half x) { return x.bits; }
+
+template <typename T>
+OPTAX_PAGED_HD T FromBits16(uint32_t bits) {
+  return T{static_cast<uint16_t>(bits)};
+}
+
+OPTAX_PAGED_HD bool IsFinite16(BFloat16 x) {
+  return (x.bits & 0x7f80u) != 0x7f80u;
+}
+OPTAX_PAGED_HD bool IsFinite16(Half x) {
+  return (x.bits & 0x7c00u) != 0x7c00u;
+}
+
+// The next value toward +infinity (up) or -infinity (down): bit patterns are
+// sign and magnitude, so a step in magnitude is a step of the pattern.
+template <typename T>
+OPTAX_PAGED_HD T Neighbour(T x, bool up) {
+  const uint32_t bits = Bits16(x);
+  const bool negative = (bits & 0x8000u) != 0;
+  if ((bits & 0x7fffu) == 0) return FromBits16<T>(up ? 0x0001u : 0x8001u);
+  return FromBits16<T>(negative == up ? bits - 1u : bits + 1u);
+}
+
+// |neighbour - x| on that side: a power of two, exact in float32 (infinity
+// past the largest finite value).
+template <typename T>
+OPTAX_PAGED_HD float GapToward(T x, bool up) {
+  const float next = ToFloat(Neighbour(x, up));
+  return up ? next - ToFloat(x) : ToFloat(x) - next;
+}
+
+// x rounded to nearest, ties toward +infinity.
+template <typename T>
+OPTAX_PAGED_HD T RoundTiesUp(float x) {
+  T rounded = FromFloat<T>(x);
+  if (!IsFinite16(rounded)) return rounded;
+  // Exact: x is within half a gap of its rounding (or is it, at 0).
+  const float below = x - ToFloat(rounded);
+  if (below > 0.0f && below == 0.5f * GapToward(rounded, true)) {
+    rounded = Neighbour(rounded, true);
+  }
+  return rounded;
+}
+
+template <int kBits>
+OPTAX_PAGED_HD float CorrectionUnits() {
+  return kBits == 16 ? 65536.0f : 256.0f;
+}
+
+// The correction of `master` against `param` (0 where either is not finite
+// or the gap is infinite: the correction cannot reach past the largest
+// finite parameter).
+template <int kBits, typename T>
+OPTAX_PAGED_HD int32_t EncodeCorrection(float master, T param) {
+  constexpr float kLimit = kBits == 16 ? 32767.0f : 127.0f;
+  if (!IsFinite16(param)) return 0;
+  const float offset = master - ToFloat(param);
+  const float gap = GapToward(param, offset > 0.0f);
+  // Powers of two: the scaling is exact.
+  const float units = (offset * CorrectionUnits<kBits>()) / gap;
+  if (!(units == units) || !(gap < INFINITY)) return 0;
+  return static_cast<int32_t>(
+      rintf(fminf(fmaxf(units, -kLimit - 1.0f), kLimit)));
+}
+
+template <int kBits, typename T>
+OPTAX_PAGED_HD float DecodeMaster(T param, int32_t correction) {
+  const float p = ToFloat(param);
+  if (correction == 0 || !IsFinite16(param)) return p;
+  const float gap = GapToward(param, correction > 0);
+  return AddRounded(
+      p, (static_cast<float>(correction) * gap) / CorrectionUnits<kBits>());
+}
+
+template <typename T>
+struct MasterStep {
+  T update;  // what tx.update returns
+  T param;   // what optax.apply_updates (or the fused step) makes of it
+};
+
+// The step from `param` toward the new master: the update that takes the
+// parameter to the master's rounding (ties up), and the parameter that
+// update + apply_updates gives, as XLA rounds it: the rounding itself
+// unless the update is not exact in T (a step across many binades), when
+// the correction is written against the parameter actually reached.
+template <typename T>
+OPTAX_PAGED_HD MasterStep<T> StepToMaster(T param, float master) {
+  const T target = RoundTiesUp<T>(master);
+  const T update = FromFloat<T>(AddRounded(ToFloat(target), -ToFloat(param)));
+  return {update, FromFloat<T>(AddRounded(ToFloat(param), ToFloat(update)))};
+}
+
+// One element's share of its block's fingerprint: a wrapping sum over the
+// block, so that any order of summation (lanes, threads) agrees. An odd
+// multiplier per position: a change of one element always changes the sum.
+OPTAX_PAGED_HD uint32_t FingerprintTerm(uint32_t bits, int position) {
+  return (bits + 1u) * (0x9e3779b1u * (2u * static_cast<uint32_t>(position) + 1u));
+}
+
+}  // namespace optax_paged
+
+#endif  // OPTAX_PAGED_FFI_MASTER_WEIGHTS_H_
