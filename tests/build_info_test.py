@@ -22,5 +22,5 @@ def test_build_info_describes_the_extension():
   assert info['cuda_usable'] == ffi.has_cuda_backend()
   assert info['cuda_usable'] <= info['cuda']
   assert set(info['optimizers']) == set(optimizer_table.table())
-  assert info['block_size'] == 256 and info['format_version'] == 4
+  assert info['block_size'] == 256 and info['format_version'] == 5
   assert info['jax'] == jax.__version__

@@ -70,7 +70,7 @@ def test_state_dict_is_numpy_with_the_format_recorded():
   saved = optax_paged.state_dict(state)[1]
   assert all(isinstance(x, np.ndarray) or np.isscalar(x)
              for x in jax.tree.leaves(saved))
-  assert int(saved['format_version']) == 4
+  assert int(saved['format_version']) == 5
   assert int(saved['code_bits']) == 8
   assert int(saved['block_size']) == 256
   np.testing.assert_array_equal(

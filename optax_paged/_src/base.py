@@ -41,9 +41,11 @@ MIN_8BIT_SIZE = 4096
 # 3: Flax's export of the buffers field carries the moments' step (it was 0).
 # 4: 'code_bits' (8 or 4; absent before, meaning 8); a 4-bit state's
 #    block_size and maps are the 4-bit ones.
-FORMAT_VERSION = 4
+# 5: a leaf with master weights has 'master': its 'correction' and
+#    'fingerprints' (the reset count last), covered by the checksums.
+FORMAT_VERSION = 5
 # Versions load_state_dict still reads (1: the checksum skips the count).
-READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
 
 NO_PARAMS_MSG = (
     'optax_paged optimizers need the parameters: call '

@@ -26,6 +26,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optax_paged._src import base
+from optax_paged._src import ffi
+from optax_paged._src import master_weights
 from optax_paged._src import registry
 from optax_paged._src import sharding
 
@@ -67,6 +69,31 @@ def _array_specs(layout: sharding.MeshLayout, i: int, quantized: bool,
   return specs
 
 
+def _master_specs(layout: sharding.MeshLayout, i: int
+                  ) -> dict[str, tuple[tuple[int, ...], P, tuple[int, ...]]]:
+  """name -> (global shape, spec, local shape) of leaf i's master weights:
+  the correction laid out as fp32 values are, the fingerprints (with the
+  reset count) as absmax are."""
+  correction = _array_specs(layout, i, False)['values']
+  blocks = -(-layout.state_size(i) // master_weights.BLOCK_SIZE) + 1
+  grid = _grid(layout, i)
+  dims = list(layout.spec(i))
+  ones = (1,) * len(grid)
+  if layout.chunks[i]:
+    n = layout.axis_sizes[layout.zero_axis]
+    fingerprints = ((*grid, n * blocks), P(*dims, layout.zero_axis),
+                    (*ones, blocks))
+  else:
+    fingerprints = ((*grid, blocks), P(*dims, None), (*ones, blocks))
+  return {'correction': correction, 'fingerprints': fingerprints}
+
+
+def _global(layout: sharding.MeshLayout, spec, local: list[jax.Array]
+            ) -> jax.Array:
+  return jax.make_array_from_single_device_arrays(
+      spec[0], NamedSharding(layout.mesh, spec[1]), local)
+
+
 def _position_array(layout: sharding.MeshLayout,
                     values: dict[jax.Device, np.ndarray], dtype) -> jax.Array:
   """An array of one value per mesh position, each device holding its own."""
@@ -80,14 +107,15 @@ def _position_array(layout: sharding.MeshLayout,
 
 
 def export(record: registry.StateRecord, read: list[Any],
-           count: bytes) -> dict[str, Any]:
+           count: bytes, masters: list[Any]) -> dict[str, Any]:
   """The per-leaf arrays and per-device checksums of a sharded record.
 
   Args:
     record: the state's record.
-    read: its moments as ``record.read_moments`` read them (all devices
+    read: its moments as ``record.read_state`` read them (all devices
       at once, so that no step lands between two devices' reads).
     count: the step count's bytes, which every device's checksum covers.
+    masters: its master weights, read with the moments.
   """
   layout = record.layout
   crcs = {device: 0 for device in record.devices}
@@ -114,11 +142,24 @@ def export(record: registry.StateRecord, read: list[Any],
               local[name])
           for name in specs
       })
-    leaves.append({
+    leaf = {
         'shape': np.asarray(leaf_layout.shape, dtype=np.int64),
         'quantized': np.asarray(leaf_layout.quantized),
         'moments': moments,
-    })
+    }
+    if leaf_layout.correction_bits:
+      master_specs = _master_specs(layout, i)
+      local = {name: [] for name in master_specs}
+      for e, device in enumerate(record.devices):
+        parts = dict(zip(('correction', 'fingerprints'), masters[e][i],
+                         strict=True))
+        for name in sorted(parts):
+          crcs[device] = zlib.crc32(parts[name].tobytes(), crcs[device])
+          local[name].append(jax.device_put(
+              parts[name].reshape(master_specs[name][2]), device))
+      leaf['master'] = {name: _global(layout, spec, local[name])
+                        for name, spec in master_specs.items()}
+    leaves.append(leaf)
   crcs = {device: zlib.crc32(count, crc) for device, crc in crcs.items()}
   return {
       'mesh_shape': np.asarray(layout.mesh.devices.shape, np.int64),
@@ -214,6 +255,7 @@ def check(record: registry.StateRecord, saved: dict[str, Any], count: bytes,
         for name in sorted(parts):
           crcs[device] = zlib.crc32(parts[name].tobytes(), crcs[device])
         writes.append((e, i, m, parts))
+    writes += _check_master(record, i, leaf, crcs, refuse)
   for device in record.devices:
     stored = _local(saved['device_checksums'], device, mesh_axes,
                     tuple(layout.mesh.devices.shape))
@@ -226,10 +268,65 @@ def check(record: registry.StateRecord, saved: dict[str, Any], count: bytes,
   return writes
 
 
+def _check_master(record: registry.StateRecord, i: int, leaf: dict[str, Any],
+                  crcs: dict[jax.Device, int], refuse
+                  ) -> list[tuple[int, int, int, dict[str, np.ndarray]]]:
+  """Leaf i's master-weight writes from the checkpoint (zeros from one
+  without them), checked; adds what it read to the device checksums."""
+  layout = record.layout
+  leaf_layout = record.leaves[i]
+  saved = leaf.get('master')
+  if not leaf_layout.correction_bits:
+    if saved is not None:
+      raise refuse(
+          f'leaf {leaf_layout.path}: the checkpoint keeps master weights, and '
+          'this state has none: make the optimizer with the '
+          'master_weight_bits it was saved with.')
+    return []
+  dtype = np.int8 if leaf_layout.correction_bits == 8 else np.int16
+  specs = _master_specs(layout, i)
+  writes = []
+  for e, device in enumerate(record.devices):
+    if saved is None:
+      parts = {name: np.zeros([math.prod(local)],
+                              dtype if name == 'correction' else np.uint32)
+               for name, (_, _, local) in specs.items()}
+    else:
+      parts = {}
+      for name, (shape, spec, _) in specs.items():
+        if tuple(np.shape(saved[name])) != shape:
+          raise refuse(
+              f'leaf {leaf_layout.path} master {name}: expected shape '
+              f'{shape}, got {tuple(np.shape(saved[name]))}.')
+        want = dtype if name == 'correction' else np.uint32
+        part = np.ascontiguousarray(_local(
+            saved[name], device, NamedSharding(layout.mesh, spec), shape))
+        if part.dtype != want:
+          raise refuse(
+              f'leaf {leaf_layout.path} master {name}: expected '
+              f'{np.dtype(want).name}, got {part.dtype} (master_weight_bits '
+              'differs from the saved one?).')
+        parts[name] = part
+      for name in sorted(parts):
+        crcs[device] = zlib.crc32(parts[name].tobytes(), crcs[device])
+    writes.append((e, i, MASTER_MOMENT, parts))
+  return writes
+
+
+# StateRecord.write_moments' moment index of the master weights.
+MASTER_MOMENT = ffi.extension().MASTER_MOMENT
+
+
 def moment_writes(writes) -> list[tuple[Any, ...]]:
   """What ``check`` accepted, as ``StateRecord.write_moments`` takes it."""
   empty = np.zeros([0], np.uint8)
-  return [(e, i, m, parts['codes'], parts['absmax'].view(np.uint8))
-          if 'codes' in parts else
-          (e, i, m, parts['values'].view(np.uint8), empty)
-          for e, i, m, parts in writes]
+  out = []
+  for e, i, m, parts in writes:
+    if 'correction' in parts:
+      out.append((e, i, m, parts['correction'].view(np.uint8),
+                  parts['fingerprints'].view(np.uint8)))
+    elif 'codes' in parts:
+      out.append((e, i, m, parts['codes'], parts['absmax'].view(np.uint8)))
+    else:
+      out.append((e, i, m, parts['values'].view(np.uint8), empty))
+  return out

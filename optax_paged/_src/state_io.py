@@ -19,6 +19,7 @@ import numpy as np
 
 from optax_paged._src import base
 from optax_paged._src import ffi
+from optax_paged._src import master_weights
 from optax_paged._src import paging
 from optax_paged._src import quantization
 from optax_paged._src import registry
@@ -44,12 +45,14 @@ def zero_count(buffers: registry.StateBuffers) -> jax.Array:
 
 
 def _checksum(leaves: list[dict[str, Any]], count: int | None) -> int:
-  """CRC32 of the moments and (format 2 on) the step count."""
+  """CRC32 of the moments, (format 5 on) the master weights and (format 2
+  on) the step count."""
   crc = 0
   for leaf in leaves:
-    for moment in leaf['moments']:
-      for name in sorted(moment):
-        crc = zlib.crc32(np.ascontiguousarray(moment[name]).tobytes(), crc)
+    for part in (*leaf['moments'], *([leaf['master']] if 'master' in leaf
+                                     else [])):
+      for name in sorted(part):
+        crc = zlib.crc32(np.ascontiguousarray(part[name]).tobytes(), crc)
   if count is not None:
     crc = zlib.crc32(count_bytes(count), crc)
   return crc
@@ -80,21 +83,22 @@ def export_state(state: Any) -> dict[str, Any]:
   count = int(np.asarray(jax.device_get(state.count)))
   # Read at once, so that a step on another thread lands before the read of
   # every leaf or after it.
-  step, moments = record.read_moments()
+  step, moments, masters = record.read_state()
   # A count from another point of training than the moments (a stale copy,
   # a reset count, a step that landed since the count was made) would make
   # a checkpoint that resumes wrongly.
   record.check_count(count, step)
-  return _export(record, count, state.count, moments)
+  return _export(record, count, state.count, moments, masters)
 
 
 def _export(record: Any, count: int, count_array: Any,
-            moments: list[Any]) -> dict[str, Any]:
-  """The state dictionary of moments read by ``record.read_moments``."""
+            moments: list[Any], masters: list[Any]) -> dict[str, Any]:
+  """The state dictionary of what ``record.read_state`` read."""
   if record.layout is not None:
     # The count stays a global array on the mesh, as the moments are.
     return {**_header(record), 'count': count_array,
-            **sharded_checkpoint.export(record, moments, count_bytes(count))}
+            **sharded_checkpoint.export(record, moments, count_bytes(count),
+                                        masters)}
   entry = record.entries[0]
   leaves = []
   for index, layout in enumerate(record.leaves):
@@ -104,13 +108,18 @@ def _export(record: Any, count: int, count_array: Any,
         moments_out.append({'codes': data, 'absmax': absmax})
       else:
         moments_out.append({'values': data})
-    leaves.append({
+    leaf = {
         'shape': np.asarray(layout.shape, dtype=np.int64),
         'quantized': np.asarray(layout.quantized),
         'tier': np.asarray(
             registry.TIER_CODES[entry.leaf_info(index)['tier']], np.int32),
         'moments': moments_out,
-    })
+    }
+    if masters[0][index] is not None:
+      correction, fingerprints = masters[0][index]
+      leaf['master'] = {'correction': correction,
+                        'fingerprints': fingerprints}
+    leaves.append(leaf)
   return {
       **_header(record),
       'count': np.asarray(count, dtype=np.int32),
@@ -185,6 +194,53 @@ def _expected_arrays(layout: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
   return {'values': ((layout.size,), np.float32)}
 
 
+MASTER_MOMENT = sharded_checkpoint.MASTER_MOMENT
+
+
+def master_write(layout: Any, saved: dict[str, Any] | None, where: str
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+  """(correction, fingerprints) bytes to write for a leaf from its saved
+  ``master`` dict (None: the checkpoint has none), or None for a leaf
+  without master weights. A checkpoint without them restores the state's
+  corrections as zero: the masters start from the parameters.
+
+  Args:
+    layout: the leaf's ``LeafLayout``.
+    saved: its saved ``{'correction', 'fingerprints'}``, flat.
+    where: the leaf, for messages.
+  """
+  bits = layout.correction_bits
+  if not bits:
+    if saved is not None:
+      raise refuse(
+          f'leaf {where}: the checkpoint keeps master weights, and this '
+          'state has none: make the optimizer with the master_weight_bits '
+          'it was saved with (or take the masters out with '
+          'optax_paged.master_params before changing it).')
+    return None
+  blocks = -(-layout.size // master_weights.BLOCK_SIZE) + 1
+  dtype = np.int8 if bits == 8 else np.int16
+  if saved is None:
+    return (np.zeros([layout.size], dtype).view(np.uint8),
+            np.zeros([blocks], np.uint32).view(np.uint8))
+  correction = np.asarray(saved['correction'])
+  fingerprints = np.asarray(saved['fingerprints'])
+  if correction.dtype != dtype or correction.size != layout.size:
+    raise refuse(
+        f'leaf {where}: the checkpoint holds a {correction.dtype} master '
+        f'correction of {correction.size} elements, the state '
+        f'{np.dtype(dtype).name} of {layout.size} (master_weight_bits '
+        'differs from the saved one?).')
+  if fingerprints.dtype != np.uint32 or fingerprints.size != blocks:
+    raise refuse(f'leaf {where}: wrong master-weight fingerprints.')
+  return (np.ascontiguousarray(correction).reshape(-1).view(np.uint8),
+          np.ascontiguousarray(fingerprints).reshape(-1).view(np.uint8))
+
+
+def _master_write(layout: Any, leaf: dict[str, Any]):
+  return master_write(layout, leaf.get('master'), layout.path)
+
+
 class Planned:
   """A state whose checkpoint passed every check, not yet written."""
 
@@ -223,6 +279,7 @@ def plan_import(state: Any, saved: Any) -> Planned:
         'state initialised with the parameters on the same mesh.'
     )
   checked = []
+  master_writes = []
   pairs = zip(record.leaves, saved['leaves'], strict=True)
   for index, (layout, leaf) in enumerate(pairs):
     if tuple(np.asarray(leaf['shape']).tolist()) != layout.shape or bool(
@@ -248,6 +305,7 @@ def plan_import(state: Any, saved: Any) -> Planned:
               f'{list(shape)}, got {array.dtype}{list(array.shape)}.'
           )
       checked.append((index, m, moment))
+    master_writes.append(_master_write(layout, leaf))
   stored = _int_scalar(saved, 'checksum', 0, 2**32 - 1)
   # Format 1 checksums cover the moments only.
   if stored != _checksum(saved['leaves'], count if version >= 2 else None):
@@ -262,7 +320,10 @@ def plan_import(state: Any, saved: Any) -> Planned:
         if 'codes' in moment else
         (0, index, m, np.ascontiguousarray(moment['values']).view(np.uint8),
          empty)
-        for index, m, moment in checked], count)
+        for index, m, moment in checked] + [
+            (0, index, MASTER_MOMENT, *write)
+            for index, write in enumerate(master_writes)
+            if write is not None], count)
     if record.paged:
       _restore_tiers(record, tiers)
 
@@ -331,14 +392,14 @@ def export_buffers(buffers: registry.StateBuffers) -> dict[str, Any]:
   """
   record = buffers.record()
   registry.wait_for_devices(record)
-  step, moments = record.read_moments()
+  step, moments, masters = record.read_state()
   if not record.has_moments:
     step = 0  # any count fits a state without moments
   elif step is None:
     raise ValueError(
         f'{record.optimizer}: the leaves of this state are at different '
         'steps; it cannot be exported.')
-  return _export(record, step, zero_count(buffers) + step, moments)
+  return _export(record, step, zero_count(buffers) + step, moments, masters)
 
 
 def restore_buffers(target: registry.StateBuffers,
