@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax_paged
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import optax_paged
 from tests.helpers import assert_trees_equal
 from tests.multi_device.mesh_test import EXACT
 from tests.multi_device.mesh_test import SPECS
