@@ -34,8 +34,7 @@ _VARIANT_OPTIONS = {
                                  docstrings.KEEP_32BIT, keyword_only=True),
     'master_weight_bits': Hyperparameter(
         'master_weight_bits', None, 'int | None',
-        docstrings.MASTER_WEIGHT_BITS, check=master_weights.check_bits,
-        keyword_only=True),
+        docstrings.MASTER_WEIGHT_BITS, keyword_only=True),
     'device_budget': Hyperparameter('device_budget', None,
                                     'int | float | str | None',
                                     docstrings.DEVICE_BUDGET,
@@ -61,10 +60,11 @@ def build(family: Family, variant: Variant,
           values: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
   """The transformation a factory returns, from its arguments by name."""
   hyperparam_checks.finite('learning_rate', values['learning_rate'])
-  for argument in (*family.hyperparameters,
-                   _VARIANT_OPTIONS['master_weight_bits']):
+  for argument in family.hyperparameters:
     if argument.check is not None:
       argument.check(argument.name, values[argument.name])
+  values = {**values, 'master_weight_bits': master_weights.check_bits(
+      'master_weight_bits', values['master_weight_bits'])}
   if family.check is not None:
     family.check(values)
   spec = families.spec_of(family, values)

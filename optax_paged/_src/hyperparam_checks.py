@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from optax_paged._src import base
@@ -37,8 +38,10 @@ def concrete(name: str, value: Any) -> float | None:
     return None
   if isinstance(value, (int, float, np.number)):
     return float(value)
+  # jnp.issubdtype: NumPy does not count bfloat16 (as optax's
+  # inject_hyperparams passes it for bf16 parameters) as a number.
   if (isinstance(value, (np.ndarray, jax.Array)) and value.shape == ()
-      and (np.issubdtype(value.dtype, np.number)
+      and (jnp.issubdtype(value.dtype, jnp.number)
            or value.dtype == np.bool_)):
     return float(value)
   raise TypeError(

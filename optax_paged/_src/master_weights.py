@@ -20,11 +20,14 @@ optimizer drops its correction, so a correction never applies to a
 parameter it was not computed for.
 """
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from optax_paged._src import base
 
 # Parameters per fingerprint (kMasterBlockSize).
 BLOCK_SIZE = 128
@@ -35,23 +38,40 @@ _EXPONENT_MASK = {np.dtype(jnp.bfloat16): 0x7f80, np.dtype(jnp.float16): 0x7c00}
 _FINGERPRINT_MULTIPLIER = np.uint32(0x9e3779b1)
 
 
-def check_bits(name: str, value: Any) -> None:
-  """Refuses a ``master_weight_bits`` that is not None, 24 or 32."""
-  if value is None:
-    return
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+INJECTED_MSG = (
+    '{name} decides the state\'s layout at init, so it must be known there: '
+    'under optax.inject_hyperparams pass static_args=({name!r},).')
+
+
+def check_bits(name: str, value: Any) -> int | None:
+  """``master_weight_bits`` as None, 24 or 32; refuses anything else.
+
+  A concrete array (as optax.inject_hyperparams passes numbers) counts by
+  its value; a traced one is returned as it is, and refused if an init
+  needs it (``correction_bits``).
+  """
+  if value is None or base.is_tracer(value):
+    return value
+  if isinstance(value, (jax.Array, np.ndarray)) and value.shape == ():
+    number = value.item()
+  elif isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f'{name} must be None, 24 or 32, got {value!r}.')
-  if int(value) not in CORRECTION_BITS:
+  else:
+    number = int(value)
+  if number not in CORRECTION_BITS:
     raise ValueError(
         f'{name} must be None, 24 (an 8-bit correction a parameter) or 32 '
         f'(16 bits: the exact float32 master of a bfloat16 parameter), got '
         f'{value}.')
+  return int(number)
 
 
 def correction_bits(master_weight_bits: int | None, dtype: np.dtype) -> int:
   """Bits of a leaf's correction: 0 unless it is a 16-bit parameter."""
   if master_weight_bits is None or np.dtype(dtype) not in _SIXTEEN_BIT:
     return 0
+  if base.is_tracer(master_weight_bits):
+    raise TypeError(INJECTED_MSG.format(name='master_weight_bits'))
   return CORRECTION_BITS[int(master_weight_bits)]
 
 
@@ -66,6 +86,24 @@ def check_leaves(optimizer: str, master_weight_bits: int | None,
         'master weights for bfloat16 and float16 parameters, and these '
         f'parameters are all {np.dtype(dtypes[0]).name}: they are their own '
         'masters. Leave master_weight_bits=None.')
+
+
+# The GPU kernel's master-weight path is compiled but has not run on a GPU
+# yet: until the GPU suite has passed with it (scripts/gpu_check.sh sets
+# this variable for its tests), a GPU state with master weights is refused
+# rather than trusted.
+UNVERIFIED_GPU_VARIABLE = 'OPTAX_PAGED_UNVERIFIED_GPU_MASTER_WEIGHTS'
+
+
+def refuse_unverified_gpu(optimizer: str) -> None:
+  """Refuses master weights on a GPU until the GPU suite has verified them."""
+  if os.environ.get(UNVERIFIED_GPU_VARIABLE) == '1':
+    return
+  raise NotImplementedError(
+      f'{optimizer}: master weights on the GPU are built but not yet '
+      'verified on a GPU; until they are, they run on the CPU only. Use '
+      'stochastic_rounding=True in apply_gradients for bf16 parameters on '
+      'the GPU meanwhile.')
 
 
 def _bits(x: jax.Array) -> jax.Array:
