@@ -4,6 +4,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_paged._src import base
 from optax_paged._src import master_weights
@@ -46,22 +47,79 @@ def master_params(state: Any, params: base.Params) -> base.Params:
         f'in the tree, found {len(found)} (make the optimizer with '
         'master_weight_bits=24 or 32).')
   record = found[0].record()
-  if record.layout is not None:
-    raise NotImplementedError(
-        'master_params of a state on a mesh is not available yet; '
-        'optax_paged.state_dict(state) holds its corrections.')
   record.check_paths('master_params', 'params', params)
   _, _, masters = record.read_state()
   leaves, treedef = jax.tree.flatten(params)
   out = []
-  for leaf, master in zip(leaves, masters[0], strict=True):
-    if master is None:
-      out.append(jnp.asarray(leaf, jnp.float32))
-      continue
-    correction, fingerprints = master
-    flat = jnp.ravel(jnp.asarray(leaf))
-    valid = master_weights.valid_corrections(
-        flat, jnp.asarray(correction), jnp.asarray(fingerprints[:-1]))
-    out.append(master_weights.decode(flat, valid, 8 * correction.itemsize)
-               .reshape(jnp.shape(leaf)))
+  for i, leaf in enumerate(leaves):
+    if not record.leaves[i].correction_bits:
+      out.append(jnp.asarray(leaf).astype(jnp.float32))
+    elif record.layout is None:
+      out.append(_decoded(np.ravel(np.asarray(leaf)), masters[0][i])
+                 .reshape(np.shape(leaf)))
+    else:
+      out.append(_mesh_masters(record, i, leaf, [m[i] for m in masters]))
   return treedef.unflatten(out)
+
+
+def _decoded(flat: np.ndarray, master: tuple[np.ndarray, np.ndarray]
+             ) -> jax.Array:
+  """The masters of ``flat`` parameters, as one entry's kernel saw them."""
+  correction, fingerprints = master
+  valid = master_weights.valid_corrections(
+      jnp.asarray(flat), jnp.asarray(correction),
+      jnp.asarray(fingerprints[:-1]))
+  return master_weights.decode(jnp.asarray(flat), valid,
+                               8 * correction.itemsize)
+
+
+def _mesh_masters(record: registry.StateRecord, i: int, leaf: jax.Array,
+                  masters: list[Any]) -> jax.Array:
+  """Leaf i's masters on a mesh, sharded as the parameter is.
+
+  Each entry holds the corrections of its device's parameter shard (or, under
+  ZeRO-1, of its chunk of that shard): the shards are decoded where their
+  entries are, and a ZeRO-1 shard is put together from its chunks.
+  """
+  layout = record.layout
+  shards = {shard.device: np.ravel(np.asarray(shard.data))
+            for shard in leaf.addressable_shards}
+  chunk = layout.chunks[i]
+  decoded = {}
+  for device, master in zip(record.devices, masters, strict=True):
+    flat = shards[device]
+    if chunk:
+      # The kernel's chunk: zero-padded past the shard's end (spmd).
+      start = layout.chunk_start(device, i)
+      piece = np.zeros([chunk], flat.dtype)
+      taken = flat[start:start + chunk]
+      piece[:taken.size] = taken
+      decoded[device] = np.asarray(_decoded(piece, master))
+    else:
+      decoded[device] = np.asarray(_decoded(flat, master))
+  blocks = []
+  for device in record.devices:
+    if chunk:
+      # The chunks of this device's shard: the devices holding the same
+      # shard, one a ZeRO-1 position.
+      full = np.zeros([layout.local_size(i)], np.float32)
+      covered = np.zeros([full.size], bool)
+      for other in record.devices:
+        if layout.shard_index(other, i) != layout.shard_index(device, i):
+          continue
+        start = layout.chunk_start(other, i)
+        stop = min(start + chunk, full.size)
+        if stop > start:
+          full[start:stop] = decoded[other][:stop - start]
+          covered[start:stop] = True
+      if not covered.all():
+        raise NotImplementedError(
+            'master_params: this ZeRO-1 state keeps chunks of a shard in '
+            'other processes; gather the masters per process with '
+            'optax_paged.state_dict(state) instead.')
+    else:
+      full = decoded[device]
+    blocks.append(jax.device_put(full.reshape(layout.local_shapes[i]),
+                                 device))
+  return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding,
+                                                  blocks)

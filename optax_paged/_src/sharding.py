@@ -151,18 +151,24 @@ class MeshLayout:
     every replica of a shard draws the same bits, and a contiguous row split
     draws exactly the one-device bits.
     """
+    return [self.shard_index(device, i) * self.local_size(i)
+            + self.chunk_start(device, i) for i in range(len(self.dims))]
+
+  def shard_index(self, device: jax.Device, i: int) -> int:
+    """Which shard of leaf i the device holds (replicas share one)."""
     coords = self._coords[device]
-    offsets = []
-    for i, dims in enumerate(self.dims):
-      shard = 0
-      for axes in dims:
-        for name in axes:
-          shard = shard * self.axis_sizes[name] + coords[name]
-      offset = shard * self.local_size(i)
-      if self.chunks[i]:
-        offset += coords[self.zero_axis] * self.chunks[i]
-      offsets.append(offset)
-    return offsets
+    shard = 0
+    for axes in self.dims[i]:
+      for name in axes:
+        shard = shard * self.axis_sizes[name] + coords[name]
+    return shard
+
+  def chunk_start(self, device: jax.Device, i: int) -> int:
+    """Where the device's ZeRO-1 chunk starts in its (flattened, zero-padded)
+    shard of leaf i; 0 for a leaf without chunks."""
+    if not self.chunks[i]:
+      return 0
+    return self._coords[device][self.zero_axis] * self.chunks[i]
 
   def local_shape_in(self, i: int, manual: Sequence[str]) -> tuple[int, ...]:
     """Leaf i's shape where the axes in ``manual`` are already split."""

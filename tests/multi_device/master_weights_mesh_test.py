@@ -105,9 +105,27 @@ def test_checkpoint_round_trip_with_masters():
     optax_paged.load_state_dict(plain.init(p_half), saved)
 
 
-def test_master_params_on_a_mesh_says_it_is_not_available_yet():
+@pytest.mark.parametrize('zero', [False, True], ids=['fsdp', 'zero1'])
+def test_master_params_on_a_mesh_equal_one_device_s(zero):
+  # The exact leaves' shards are contiguous runs of the one-device leaf, so
+  # their masters match it; each comes back sharded as its parameter.
   mesh = _mesh()
-  params = _put(_tree(2, jnp.bfloat16), mesh)
-  state = _make(24).init(params)
-  with pytest.raises(NotImplementedError, match='mesh'):
-    optax_paged.master_params(state, params)
+  params = _tree(2, jnp.bfloat16)
+  grads = [_tree(30 + i, jnp.bfloat16, 0.1) for i in range(3)]
+  tx = _make(32)
+  if zero:
+    tx = optax_paged.shard_state_over(tx, 'data')
+  p_mesh, s_mesh = _run(tx, _put(params, mesh),
+                        [_put(g, mesh) for g in grads], True)
+  p_one, s_one = _run(_make(32), params, grads, True)
+  m_mesh = optax_paged.master_params(s_mesh, p_mesh)
+  m_one = optax_paged.master_params(s_one, p_one)
+  for leaf in EXACT:
+    assert m_mesh[leaf].sharding == p_mesh[leaf].sharding
+    np.testing.assert_array_equal(np.asarray(m_mesh[leaf]),
+                                  np.asarray(m_one[leaf]))
+  for leaf in m_mesh:
+    # Every leaf: the masters lie within a bf16 ulp of their parameters.
+    np.testing.assert_allclose(np.asarray(m_mesh[leaf]),
+                               np.asarray(p_mesh[leaf], np.float32),
+                               rtol=2 ** -7, atol=0)
