@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import optax_paged
 from optax_paged.train_state import FusedTrainState
@@ -106,3 +107,50 @@ def test_fused_train_state_keeps_the_masters():
   np.testing.assert_equal(_bits(state.params), _bits(plain))
   masters = optax_paged.master_params(state, state.params)
   assert all(m.dtype == jnp.float32 for m in masters.values())
+
+
+class _BfloatMlp(nnx.Module):
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(64, 128, param_dtype=jnp.bfloat16, rngs=rngs)
+    self.out = nnx.Linear(128, 4, param_dtype=jnp.bfloat16, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.relu(self.hidden(x)))
+
+
+def test_nnx_optimizer_with_master_weights_matches_plain_jax():
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 64))
+  y = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
+
+  def loss(model):
+    return jnp.mean((model(x).astype(jnp.float32) - y) ** 2)
+
+  model = _BfloatMlp(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, _make(), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(loss)(model))
+
+  graphdef, params = nnx.split(_BfloatMlp(nnx.Rngs(0)))
+  tx = _make()
+  state = tx.init(params)
+
+  @jax.jit
+  def plain_step(params, state):
+    grads = jax.grad(lambda p: loss(nnx.merge(graphdef, p)))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(4):
+    step(model, optimizer)
+    params, state = plain_step(params, state)
+  ours = nnx.state(model, nnx.Param)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(params),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint16),
+                                  np.asarray(b).view(np.uint16))
+  masters = optax_paged.master_params(optimizer, ours)
+  for leaf in jax.tree.leaves(masters):
+    assert leaf.dtype == jnp.float32
