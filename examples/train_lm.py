@@ -28,6 +28,12 @@ Run it from the repository root (1.5 to 2 minutes on a 2-core CPU):
 ``optax.lion`` instead (a tenth of the learning rate, ten times the weight
 decay), plotting to ``--plot`` as well.
 
+``--precision bf16`` compares parameter precisions instead, with the
+family's 8-bit optimizer (the guide "Training in bf16 at fp32 quality"):
+fp32 parameters; bf16 parameters; bf16 with stochastic rounding; bf16 with
+24-bit and 32-bit master weights; and the 4-bit optimizer with 24-bit master
+weights. The bf16 runs take the fused step (the gradients clipped first).
+
 A larger configuration on a GPU (the state of both optimizers is allocated
 at once, so let XLA allocate on demand rather than take most of the memory):
 
@@ -150,6 +156,49 @@ def make_train_step(model: nn.Module,
   return train_step
 
 
+def make_fused_step(model: nn.Module, optimizer: optax.GradientTransformation,
+                    stochastic_rounding: bool) -> TrainStep:
+  """A jitted step: gradients, clipped, then ``apply_gradients``."""
+  clip = optax.clip_by_global_norm(1.0)
+
+  @jax.jit
+  def train_step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(
+        lambda p: loss_fn(model, p, tokens))(params)
+    grads, _ = clip.update(grads, clip.init(params))
+    params, opt_state = optax_paged.apply_gradients(
+        optimizer, grads, opt_state, params,
+        stochastic_rounding=stochastic_rounding)
+    return params, opt_state, loss
+
+  return train_step
+
+
+def precision_runs(factories, schedule, hyperparams, model, params
+                   ) -> list['Run']:
+  """The runs of ``--precision bf16``: the 8-bit optimizer on fp32 and
+  bf16 parameters, then bf16 with stochastic rounding and master weights."""
+  eight, four = factories[0], factories[1]
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  name = eight.__name__
+
+  def make(factory, **options):
+    return factory(schedule, **hyperparams, **options)
+
+  return [
+      Run(f'{name}, fp32 params', make(eight), model, params, fused=True),
+      Run(f'{name}, bf16', make(eight), model, bf16, fused=True),
+      Run(f'{name}, bf16 + SR', make(eight), model, bf16, fused=True,
+          stochastic_rounding=True),
+      Run(f'{name}, bf16 + 24-bit', make(eight, master_weight_bits=24),
+          model, bf16, fused=True),
+      Run(f'{name}, bf16 + 32-bit', make(eight, master_weight_bits=32),
+          model, bf16, fused=True),
+      Run(f'{four.__name__}, bf16 + 24-bit',
+          make(four, master_weight_bits=24), model, bf16, fused=True),
+  ]
+
+
 def held_out_loss(model: nn.Module, params: Any, data: np.ndarray,
                   context: int, batch_size: int) -> float:
   """Mean loss over consecutive, non-overlapping windows of ``data``."""
@@ -167,12 +216,17 @@ class Run:
   """One optimizer's training run: parameters, state, losses, step times."""
 
   def __init__(self, name: str, optimizer: optax.GradientTransformation,
-               model: nn.Module, params: Any):
+               model: nn.Module, params: Any, fused: bool = False,
+               stochastic_rounding: bool = False):
     self.name = name
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optimizer)
     self.params = params
-    self.opt_state = tx.init(params)  # Outside jit: allocates the state.
-    self.train_step = make_train_step(model, tx)
+    if fused:
+      self.opt_state = optimizer.init(params)
+      self.train_step = make_fused_step(model, optimizer, stochastic_rounding)
+    else:
+      tx = optax.chain(optax.clip_by_global_norm(1.0), optimizer)
+      self.opt_state = tx.init(params)  # Outside jit: allocates the state.
+      self.train_step = make_train_step(model, tx)
     self.losses: list[float] = []
     self.step_seconds: list[float] = []
 
@@ -198,8 +252,9 @@ def progress(step: int, steps: int, runs: list[Run], width: int = 20) -> None:
 
 def summary(runs: list[Run], held_out: list[float], num_params: int) -> str:
   """The final table: losses, step time and optimizer state size per run."""
+  width = max(28, *(len(run.name) for run in runs))
   lines = [
-      f'{"optimizer":<28} {"train loss":>10} {"val loss":>9} '
+      f'{"optimizer":<{width}} {"train loss":>10} {"val loss":>9} '
       f'{"step ms":>8} {"state bytes":>12} {"bytes/param":>11}'
   ]
   for run, val in zip(runs, held_out, strict=True):
@@ -207,14 +262,15 @@ def summary(runs: list[Run], held_out: list[float], num_params: int) -> str:
     final = np.mean(run.losses[-FINAL_WINDOW:])
     step_ms = 1e3 * np.mean(run.step_seconds[1:])
     lines.append(
-        f'{run.name:<28} {final:>10.4f} {val:>9.4f} {step_ms:>8.1f} '
+        f'{run.name:<{width}} {final:>10.4f} {val:>9.4f} {step_ms:>8.1f} '
         f'{size:>12,} {size / num_params:>11.3f}'
     )
   return '\n'.join(lines)
 
 
-def plot(runs: list[Run], num_params: int, path: str) -> None:
-  """Save the loss curves and, below, each run's minus the last one's."""
+def plot(runs: list[Run], num_params: int, path: str,
+         baseline: int = -1) -> None:
+  """Save the loss curves and, below, each run's minus the baseline run's."""
   fig = Figure(figsize=(8, 6))
   FigureCanvasAgg(fig)  # Render with Agg: no display needed.
   top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
@@ -223,20 +279,21 @@ def plot(runs: list[Run], num_params: int, path: str) -> None:
   steps = np.arange(FINAL_WINDOW, len(runs[0].losses) + 1)
   top.plot(np.arange(1, len(runs[0].losses) + 1), runs[0].losses,
            color='0.6', linewidth=0.6, label=f'{runs[0].name}, per step')
-  for run, curve, style in zip(runs, smooth, ('-', '-.', '--'), strict=False):
-    top.plot(steps, curve, style, linewidth=1.8,
+  styles = ('-', '-.', '--', ':')
+  for i, (run, curve) in enumerate(zip(runs, smooth, strict=True)):
+    top.plot(steps, curve, styles[i % len(styles)], linewidth=1.8,
              label=f'{run.name}, {FINAL_WINDOW}-step mean')
   top.set_ylabel('training loss (nats/char)')
   top.set_title(f'Character-level transformer, {num_params:,} parameters')
-  top.legend()
-  for run, curve, color in zip(runs[:-1], smooth, ('tab:red', 'tab:green'),
-                               strict=False):
-    bottom.plot(steps, curve - smooth[-1], color=color,
-                label=run.name.split('.')[-1])
+  top.legend(fontsize='small')
+  base = runs[baseline]
+  for run, curve in zip(runs, smooth, strict=True):
+    if run is not base:
+      bottom.plot(steps, curve - smooth[baseline], label=run.name)
   bottom.axhline(0.0, color='black', linewidth=0.6)
   bottom.set_xlabel('step')
-  bottom.set_ylabel(f'minus {runs[-1].name.split(".")[-1]}')
-  bottom.legend(fontsize='small')
+  bottom.set_ylabel(f'minus {base.name.split(".")[-1]}', fontsize='small')
+  bottom.legend(fontsize='x-small')
   for ax in (top, bottom):
     ax.grid(True, alpha=0.3)
   fig.tight_layout()
@@ -257,6 +314,11 @@ def main() -> None:
   parser.add_argument('--family', choices=sorted(FAMILIES), default='adamw',
                       help='adamw (8-bit, 4-bit, optax.adamw) or lion '
                       '(8-bit, 4-bit, optax.lion)')
+  parser.add_argument('--precision', choices=('fp32', 'bf16'),
+                      default='fp32',
+                      help='fp32: the family\'s 8-bit, 4-bit and optax '
+                      'optimizers; bf16: parameter precisions and master '
+                      'weights (see the module docstring)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--plot', default='examples/train_lm_loss.png')
   args = parser.parse_args()
@@ -279,11 +341,14 @@ def main() -> None:
       init_value=0.0, peak_value=peak,
       warmup_steps=max(1, args.steps // 10), decay_steps=args.steps,
       end_value=peak / 10)
-  runs = [
-      Run(f'{factory.__module__.split(".")[0]}.{factory.__name__}',
-          factory(schedule, **hyperparams), model, params)
-      for factory in factories
-  ]
+  if args.precision == 'bf16':
+    runs = precision_runs(factories, schedule, hyperparams, model, params)
+  else:
+    runs = [
+        Run(f'{factory.__module__.split(".")[0]}.{factory.__name__}',
+            factory(schedule, **hyperparams), model, params)
+        for factory in factories
+    ]
   start = time.perf_counter()
   data_stream = batches(train, args.context, args.batch, args.seed)
   for step in range(1, args.steps + 1):
@@ -297,7 +362,8 @@ def main() -> None:
   print()
   print(summary(runs, held_out, num_params))
   print(f'\ntotal wall time {total:.1f} s (including JIT compilation)')
-  plot(runs, num_params, args.plot)
+  plot(runs, num_params, args.plot,
+       baseline=0 if args.precision == 'bf16' else -1)
   print(f'loss curves saved to {args.plot}')
   for run in runs:
     optax_paged.release(run.opt_state)
