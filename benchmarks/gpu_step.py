@@ -68,6 +68,10 @@ def traffic_bytes(name: str, itemsize: int) -> int:
   # Read g, read+write p, read+write one code per moment (half a byte at
   # 4 bits).
   fused = 3 * itemsize + (moments if '4bit' in name else 2 * moments)
+  # Master weights: read and write the correction.
+  fused += {'24-bit master': 2, '32-bit master': 4}.get(
+      next((k for k in ('24-bit master', '32-bit master') if k in name), ''),
+      0)
   if 'fused' in name or 'host' in name:
     return fused
   # Not fused: also write u, then read p and u and write p again.
@@ -158,6 +162,7 @@ def adamw_runners(params):
              True, stochastic_rounding=True),
       Runner('paged_adamw8bit, host tier, fused', optax_paged.paged_adamw8bit(
           **HYPER, device_budget=0), params, True),
+      *master_runners(params),
       Runner('paged_adamw4bit, host tier, fused', optax_paged.paged_adamw4bit(
           **HYPER, device_budget=0), params, True),
       Runner('paged_adamw8bit, grads donated', optax_paged.paged_adamw8bit(
@@ -167,6 +172,20 @@ def adamw_runners(params):
       Runner('paged_adamw8bit, grads made in the step',
              optax_paged.paged_adamw8bit(**HYPER, device_budget=1.0), params,
              False, make_grads=True),
+  ]
+
+
+def master_runners(params):
+  """Fused steps with master weights (16-bit parameters only)."""
+  if params_dtype(params) == jnp.float32:
+    return []
+  return [
+      Runner(f'{factory.__name__}, fused, {bits}-bit master',
+             factory(**HYPER, device_budget=1.0, master_weight_bits=bits),
+             params, True)
+      for factory, bits in ((optax_paged.paged_adamw8bit, 24),
+                            (optax_paged.paged_adamw8bit, 32),
+                            (optax_paged.paged_adamw4bit, 24))
   ]
 
 

@@ -19,6 +19,9 @@ OUT="${OUT:-$PWD/gpu_logs}"
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONUNBUFFERED=1
+# The master weights' GPU path runs only where asked (master_weights.py):
+# this script is what verifies it (tests) and measures it (bench).
+export OPTAX_PAGED_UNVERIFIED_GPU_MASTER_WEIGHTS=1
 steps=("${@:-all}")
 gpus=$(nvidia-smi -L | wc -l)
 want() {
@@ -37,8 +40,6 @@ grep -E "registers|spill" "$OUT/build.log" | head -6
 python3 -c "import optax_paged, jax; from optax_paged._src import ffi; print('cuda build:', ffi.extension().WITH_CUDA, 'backend:', jax.default_backend(), 'cuda:', ffi.has_cuda_backend())"
 
 if want tests; then
-  # The master weights' GPU path runs only when asked (master_weights.py).
-  export OPTAX_PAGED_UNVERIFIED_GPU_MASTER_WEIGHTS=1
   timeout 480 python3 -m pytest -q -p no:cacheprovider --durations=8 tests 2>&1 | tee "$OUT/tests.log" | tail -25
   status=$((status | ${PIPESTATUS[0]}))
 fi
