@@ -124,10 +124,13 @@ def test_gpu_agrees_with_the_cpu_kernel(dtype, bits):
                                atol=1e-7)
 
 
-def test_parameters_changed_outside_reset_on_the_gpu_too():
+@pytest.mark.parametrize('budget', [1.0, 0], ids=['device', 'host'])
+def test_parameters_changed_outside_reset_on_the_gpu_too(budget):
+  # On the host tier the reset count is an atomic add in host memory.
   params = {'w': jnp.ones((512,), jnp.bfloat16)}
   grads = {'w': jnp.full((512,), 0.3, jnp.bfloat16)}
-  tx = optax_paged.sgd8bit(1e-4, master_weight_bits=32)
+  tx = optax_paged.paged_adamw8bit(1e-4, master_weight_bits=32,
+                                   device_budget=budget)
   state = tx.init(params)
   for _ in range(3):
     updates, state = tx.update(grads, state, params)
