@@ -178,20 +178,26 @@ struct GroupStep {
                            __ATOMIC_RELAXED);
       }
     }
+    // Three loops, each simple enough to vectorize: decode, update, step.
+    float master[kBlockSize], update[kBlockSize];
+    for (int64_t i = 0; i < length; ++i) {
+      master[i] = DecodeMaster<kBits>(param[i], offset[i]);
+    }
     const typename Optimizer::Scalars s = scalars;
     for (int64_t i = 0; i < length; ++i) {
       float element[kMoments];
       for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-      const float master = DecodeMaster<kBits>(param[i], offset[i]);
-      const float update =
-          Optimizer::Update(s, grad[i], master, decay, element);
+      update[i] = Optimizer::Update(s, grad[i], master[i], decay, element);
       for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
-      const float new_master = AddRounded(master, update);
+    }
+    for (int64_t i = 0; i < length; ++i) {
+      const float new_master = AddRounded(master[i], update[i]);
       const MasterStep<T> step = StepToMaster(param[i], new_master);
-      result[i] = output_mode == kOutputUpdates ? step.update : step.param;
+      result[i] = step.update;
       written[i] = step.param;
       offset[i] = EncodeCorrection<kBits>(new_master, step.param);
     }
+    const T* chosen = output_mode == kOutputUpdates ? result : written;
     for (int64_t first = 0; first < length; first += kMasterBlockSize) {
       const int64_t end = std::min<int64_t>(first + kMasterBlockSize, length);
       uint32_t fingerprint = 0;
@@ -202,7 +208,7 @@ struct GroupStep {
       leaf.fingerprints[(begin + first) / kMasterBlockSize] = fingerprint;
     }
     for (int64_t i = 0; i < length; ++i) {
-      out[i] = result[i];
+      out[i] = chosen[i];
       correction[i] = static_cast<Correction>(offset[i]);
     }
   }

@@ -67,19 +67,18 @@ OPTAX_PAGED_HD float FromFloat<float>(float x) {
 
 template <>
 OPTAX_PAGED_HD BFloat16 FromFloat<BFloat16>(float x) {
-  uint32_t bits = FloatBits(x);
-  if (x != x) {
-    return BFloat16{static_cast<uint16_t>((bits >> 16) | 0x40u)};  // quiet NaN
-  }
+  const uint32_t bits = FloatBits(x);
+  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
 #if defined(__CUDA_ARCH__)
   // One conversion instruction where the rounding below takes seven; the
   // same result for every non-NaN (the hardware's NaN would be canonical,
-  // not the quieted input, hence the test above).
-  return BFloat16{__bfloat16_as_ushort(__float2bfloat16_rn(x))};
+  // not the quieted input, hence the select).
+  const uint32_t rounded = __bfloat16_as_ushort(__float2bfloat16_rn(x));
 #else
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return BFloat16{static_cast<uint16_t>(bits >> 16)};
+  // A select rather than an early return: loops of conversions vectorize.
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
 #endif
+  return BFloat16{static_cast<uint16_t>(x != x ? quiet_nan : rounded)};
 }
 
 template <>

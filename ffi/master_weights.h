@@ -31,59 +31,72 @@
 #include "element_types.h"
 #include "quantization.h"
 
+// Inlined on the host too: the CPU kernel's loops over these vectorize only
+// when no call is left in them.
+#if defined(__CUDACC__)
+#define OPTAX_PAGED_MASTER OPTAX_PAGED_HD
+#else
+#define OPTAX_PAGED_MASTER inline __attribute__((always_inline))
+#endif
+
 namespace optax_paged {
 
 // Parameters per fingerprint: a half-warp's eight elements a lane on the GPU.
 inline constexpr int kMasterBlockSize = 128;
 
-OPTAX_PAGED_HD uint16_t Bits16(BFloat16 x) { return x.bits; }
-OPTAX_PAGED_HD uint16_t Bits16(Half x) { return x.bits; }
+OPTAX_PAGED_MASTER uint16_t Bits16(BFloat16 x) { return x.bits; }
+OPTAX_PAGED_MASTER uint16_t Bits16(Half x) { return x.bits; }
 
 template <typename T>
-OPTAX_PAGED_HD T FromBits16(uint32_t bits) {
+OPTAX_PAGED_MASTER T FromBits16(uint32_t bits) {
   return T{static_cast<uint16_t>(bits)};
 }
 
-OPTAX_PAGED_HD bool IsFinite16(BFloat16 x) {
+OPTAX_PAGED_MASTER bool IsFinite16(BFloat16 x) {
   return (x.bits & 0x7f80u) != 0x7f80u;
 }
-OPTAX_PAGED_HD bool IsFinite16(Half x) {
+OPTAX_PAGED_MASTER bool IsFinite16(Half x) {
   return (x.bits & 0x7c00u) != 0x7c00u;
 }
 
 // The next value toward +infinity (up) or -infinity (down): bit patterns are
 // sign and magnitude, so a step in magnitude is a step of the pattern.
+// Branch-free (selects, no early returns) here and below, so that the CPU
+// compiler vectorizes the element loops and GPU lanes do not diverge.
 template <typename T>
-OPTAX_PAGED_HD T Neighbour(T x, bool up) {
+OPTAX_PAGED_MASTER T Neighbour(T x, bool up) {
   const uint32_t bits = Bits16(x);
   const bool negative = (bits & 0x8000u) != 0;
-  if ((bits & 0x7fffu) == 0) return FromBits16<T>(up ? 0x0001u : 0x8001u);
-  return FromBits16<T>(negative == up ? bits - 1u : bits + 1u);
+  const uint32_t stepped = negative == up ? bits - 1u : bits + 1u;
+  const uint32_t from_zero = up ? 0x0001u : 0x8001u;
+  return FromBits16<T>((bits & 0x7fffu) == 0 ? from_zero : stepped);
 }
 
 // |neighbour - x| on that side: a power of two, exact in float32 (infinity
 // past the largest finite value).
 template <typename T>
-OPTAX_PAGED_HD float GapToward(T x, bool up) {
-  const float next = ToFloat(Neighbour(x, up));
-  return up ? next - ToFloat(x) : ToFloat(x) - next;
+OPTAX_PAGED_MASTER float GapToward(T x, bool up) {
+  // One subtraction and a select of its sign: a float operation in each
+  // arm of a select is not if-converted (it might trap), a negation is.
+  const float difference = ToFloat(Neighbour(x, up)) - ToFloat(x);
+  return up ? difference : -difference;
 }
 
 // x rounded to nearest, ties toward +infinity.
 template <typename T>
-OPTAX_PAGED_HD T RoundTiesUp(float x) {
-  T rounded = FromFloat<T>(x);
-  if (!IsFinite16(rounded)) return rounded;
-  // Exact: x is within half a gap of its rounding (or is it, at 0).
+OPTAX_PAGED_MASTER T RoundTiesUp(float x) {
+  const T rounded = FromFloat<T>(x);
+  // Exact: x is within half a gap of its rounding. (Past the finite range
+  // `below` is -inf or NaN: no tie.)
   const float below = x - ToFloat(rounded);
-  if (below > 0.0f && below == 0.5f * GapToward(rounded, true)) {
-    rounded = Neighbour(rounded, true);
-  }
-  return rounded;
+  // & and |, not && and ||: no short circuit, no control flow.
+  const bool tie = IsFinite16(rounded) & (below > 0.0f) &
+                   (below == 0.5f * GapToward(rounded, true));
+  return tie ? Neighbour(rounded, true) : rounded;
 }
 
 template <int kBits>
-OPTAX_PAGED_HD float CorrectionUnits() {
+OPTAX_PAGED_MASTER float CorrectionUnits() {
   return kBits == 16 ? 65536.0f : 256.0f;
 }
 
@@ -91,25 +104,27 @@ OPTAX_PAGED_HD float CorrectionUnits() {
 // or the gap is infinite: the correction cannot reach past the largest
 // finite parameter).
 template <int kBits, typename T>
-OPTAX_PAGED_HD int32_t EncodeCorrection(float master, T param) {
+OPTAX_PAGED_MASTER int32_t EncodeCorrection(float master, T param) {
   constexpr float kLimit = kBits == 16 ? 32767.0f : 127.0f;
-  if (!IsFinite16(param)) return 0;
   const float offset = master - ToFloat(param);
   const float gap = GapToward(param, offset > 0.0f);
   // Powers of two: the scaling is exact.
   const float units = (offset * CorrectionUnits<kBits>()) / gap;
-  if (!(units == units) || !(gap < INFINITY)) return 0;
-  return static_cast<int32_t>(
-      rintf(fminf(fmaxf(units, -kLimit - 1.0f), kLimit)));
+  const bool usable = IsFinite16(param) & (units == units) & (gap < INFINITY);
+  // Comparisons, not fminf/fmaxf (library calls on the host); a NaN or
+  // unusable value becomes 0 before the conversion, which is then defined.
+  const float low = units < -kLimit - 1.0f ? -kLimit - 1.0f : units;
+  const float clamped = low > kLimit ? kLimit : low;
+  return static_cast<int32_t>(rintf(usable ? clamped : 0.0f));
 }
 
 template <int kBits, typename T>
-OPTAX_PAGED_HD float DecodeMaster(T param, int32_t correction) {
+OPTAX_PAGED_MASTER float DecodeMaster(T param, int32_t correction) {
   const float p = ToFloat(param);
-  if (correction == 0 || !IsFinite16(param)) return p;
   const float gap = GapToward(param, correction > 0);
-  return AddRounded(
+  const float master = AddRounded(
       p, (static_cast<float>(correction) * gap) / CorrectionUnits<kBits>());
+  return (correction == 0) | !IsFinite16(param) ? p : master;
 }
 
 template <typename T>
@@ -124,7 +139,7 @@ struct MasterStep {
 // unless the update is not exact in T (a step across many binades), when
 // the correction is written against the parameter actually reached.
 template <typename T>
-OPTAX_PAGED_HD MasterStep<T> StepToMaster(T param, float master) {
+OPTAX_PAGED_MASTER MasterStep<T> StepToMaster(T param, float master) {
   const T target = RoundTiesUp<T>(master);
   const T update = FromFloat<T>(AddRounded(ToFloat(target), -ToFloat(param)));
   return {update, FromFloat<T>(AddRounded(ToFloat(param), ToFloat(update)))};
@@ -133,7 +148,7 @@ OPTAX_PAGED_HD MasterStep<T> StepToMaster(T param, float master) {
 // One element's share of its block's fingerprint: a wrapping sum over the
 // block, so that any order of summation (lanes, threads) agrees. An odd
 // multiplier per position: a change of one element always changes the sum.
-OPTAX_PAGED_HD uint32_t FingerprintTerm(uint32_t bits, int position) {
+OPTAX_PAGED_MASTER uint32_t FingerprintTerm(uint32_t bits, int position) {
   return (bits + 1u) * (0x9e3779b1u * (2u * static_cast<uint32_t>(position) + 1u));
 }
 
