@@ -169,10 +169,17 @@ def compare_one_step_exactly(state, ref_state, params, grads, ffi_tx, ref_tx):
   return state, updates
 
 
-def compare_one_step(state, ref_state, params, grads, ffi_tx, ref_tx):
-  """One step of both from the same moments: updates and moments agree."""
+def compare_one_step(state, ref_state, params, grads, ffi_tx, ref_tx,
+                     jit_reference=True):
+  """One step of both from the same moments: updates and moments agree.
+
+  ``jit_reference=False`` runs the reference op by op, as
+  compare_one_step_exactly does: no compilation of its own where the suite
+  has already compiled its operations for these shapes.
+  """
   updates, state = jax.jit(ffi_tx.update)(grads, state, params)
-  ref_updates, ref_state = jax.jit(ref_tx.update)(grads, ref_state, params)
+  ref_update = jax.jit(ref_tx.update) if jit_reference else ref_tx.update
+  ref_updates, ref_state = ref_update(grads, ref_state, params)
   for name in params:
     expected = as_f32(ref_updates[name])
     if params[name].dtype == jnp.float32:
