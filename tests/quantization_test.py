@@ -4,6 +4,7 @@ import pathlib
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -187,19 +188,25 @@ _FINITE_ARRAYS = hnp.arrays(
 )
 
 
+# The reference as one compiled program: a new length then costs one
+# compilation instead of one per operation. (test_compiled_equals_reference
+# runs it op by op.) A max, a reciprocal, one multiply and compares leave
+# fusion nothing to reassociate or contract.
+_jitted_reference = jax.jit(quantization.reference_quantize_blockwise,
+                            static_argnames=('signed', 'code_bits'))
+
+
 def _assert_compiled_equals_reference(x, signed):
   if not signed:
     x = np.abs(x)
   codes, absmax = quantization.quantize_blockwise(x, signed=signed)
-  ref_codes, ref_absmax = quantization.reference_quantize_blockwise(
-      jnp.asarray(x), signed=signed
-  )
+  ref_codes, ref_absmax = _jitted_reference(jnp.asarray(x), signed=signed)
   np.testing.assert_array_equal(codes, np.asarray(ref_codes))
   np.testing.assert_array_equal(absmax, np.asarray(ref_absmax))
 
 
-# Each new length compiles the reference again (about 0.3 s): 10 examples
-# here, 40 in the fuzz run (-m fuzz).
+# Each new length compiles the reference again: 10 examples here, 40 in the
+# fuzz run (-m fuzz).
 @hypothesis.settings(max_examples=10, deadline=None)
 @hypothesis.given(x=_FINITE_ARRAYS, signed=st.booleans())
 def test_compiled_and_reference_agree_on_any_finite_input(x, signed):
