@@ -17,7 +17,12 @@ from tests.helpers import reference_state_from
 from tests.helpers import teacher_problem
 from tests.helpers import train
 
-ODD_SHAPES = [(1,), (255,), (257,), (4095,), (4096,), (1024, 4097)]
+# Either side of a 256-block, a partial last block, and a 2-D leaf of over
+# 2^18 elements, which the CPU kernel splits into chunks of 64 blocks over
+# its thread pool (4097 blocks: a partial last chunk). bitsandbytes' size,
+# four times as many rows, runs with -m slow.
+ODD_SHAPES = [(1,), (255,), (257,), (4095,), (4096,), (256, 4097),
+              pytest.param((1024, 4097), marks=pytest.mark.slow)]
 
 
 def _grads(params, seed):
