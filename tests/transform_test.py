@@ -70,8 +70,9 @@ def test_lax_scan_over_steps_matches_python_loop():
   p_scan, s_scan = scanned(params, tx.init(params), stacked)
   state = tx.init(params)
   p_loop = params
+  step = jax.jit(update_and_apply(tx))
   for g in grads:
-    p_loop, state = jax.jit(update_and_apply(tx))(p_loop, state, g)
+    p_loop, state = step(p_loop, state, g)
   assert_trees_equal(p_scan, p_loop)
   assert int(s_scan.count) == 5
   assert_trees_equal(optax_paged.state_dict(s_scan),
@@ -118,12 +119,13 @@ def test_schedule_needs_no_recompilation_and_follows_optax():
   ref = optax.adamw(schedule, weight_decay=1e-4)
   traces, count = _trace_counter()
   step = jax.jit(count(update_and_apply(tx)))
+  ref_step = jax.jit(update_and_apply(ref))
   p, s = params, tx.init(params)
   rp, rs = params, ref.init(params)
   for i in range(6):
     g = _grads(params, i)
     p, s = step(p, s, g)
-    rp, rs = jax.jit(update_and_apply(ref))(rp, rs, g)
+    rp, rs = ref_step(rp, rs, g)
   assert len(traces) == 1
   # With every leaf in fp32 state the update is optax.adamw's.
   jax.tree.map(
@@ -142,6 +144,7 @@ def test_inject_hyperparams_changes_values_without_recompiling():
   )
   traces, count = _trace_counter()
   step = jax.jit(count(update_and_apply(tx)))
+  ref_step = jax.jit(update_and_apply(ref))
   p, s = params, tx.init(params)
   rp, rs = params, ref.init(params)
   for i, lr in enumerate([1e-2, 5e-3, 0.0, 2e-2]):
@@ -150,7 +153,7 @@ def test_inject_hyperparams_changes_values_without_recompiling():
     g = _grads(params, i)
     before = p
     p, s = step(p, s, g)
-    rp, rs = jax.jit(update_and_apply(ref))(rp, rs, g)
+    rp, rs = ref_step(rp, rs, g)
     if lr == 0.0:
       assert_trees_equal(p, before)
   assert len(traces) == 1
@@ -184,13 +187,14 @@ def test_two_optimizers_never_touch_each_others_state():
   params = random_tree(SHAPES, seed=7)
   tx_a = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
   tx_b = optax_paged.paged_adamw8bit(1e-2, min_8bit_size=256)
-  alone, _ = _run(tx_a, params, 3)
+  step_a = jax.jit(update_and_apply(tx_a))
+  alone, _ = _run(tx_a, params, 3, step_a)
   state_a, state_b = tx_a.init(params), tx_b.init(params)
   assert state_a.buffers.state_id != state_b.buffers.state_id
   untouched = optax_paged.state_dict(state_b)
   p_a = params
   for i in range(3):
-    p_a, state_a = jax.jit(update_and_apply(tx_a))(p_a, state_a, _grads(p_a, i))
+    p_a, state_a = step_a(p_a, state_a, _grads(p_a, i))
   assert_trees_equal(optax_paged.state_dict(state_b), untouched)
   assert_trees_equal(p_a, alone)
 
@@ -333,10 +337,11 @@ def test_keep_32bit_keeps_chosen_leaves_in_fp32_state(keep):
   ref = optax.adamw(1e-2, weight_decay=0.0)
   ref_state = ref.init(params)
   p, rp = params, params
+  step, ref_step = jax.jit(update_and_apply(tx)), jax.jit(update_and_apply(ref))
   for i in range(3):
     g = _grads(params, i)
-    p, state = jax.jit(update_and_apply(tx))(p, state, g)
-    rp, ref_state = jax.jit(update_and_apply(ref))(rp, ref_state, g)
+    p, state = step(p, state, g)
+    rp, ref_state = ref_step(rp, ref_state, g)
   np.testing.assert_allclose(p['embed'], rp['embed'], rtol=1e-6, atol=1e-7)
 
 

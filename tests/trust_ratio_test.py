@@ -231,9 +231,9 @@ def test_lars_refuses_gradients_of_another_shape_before_scaling():
 def test_bitsandbytes_lars_takes_the_trust_ratio_mask():
   def run(**kwargs):
     tx = optax_paged.paged_lars(0.1, trust_ratio='bitsandbytes', **kwargs)
-    p, s = PARAMS, tx.init(PARAMS)
+    p, s, step = PARAMS, tx.init(PARAMS), jitted_step(tx)
     for i in range(3):
-      p, s = jitted_step(tx)(p, s, random_grads(PARAMS, i, 0.1))
+      p, s = step(p, s, random_grads(PARAMS, i, 0.1))
     return p
 
   masked = run(trust_ratio_mask=TRUST_MASK)
