@@ -71,6 +71,37 @@ def run(args, *, timeout, **kwargs) -> subprocess.CompletedProcess:
   return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
+def run_together(commands, envs, *, timeout,
+                 **kwargs) -> list[subprocess.CompletedProcess]:
+  """run() for processes that must run at once, one env each.
+
+  Each is waited for up to ``timeout`` seconds in turn; when one does not
+  finish, all are killed (as stop() kills them).
+  """
+  processes = []
+  try:
+    for args, env in zip(commands, envs, strict=True):
+      process = subprocess.Popen(args, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env,
+                                 **kwargs)
+      with _lock:
+        _processes.add(process)
+      processes.append(process)
+    results = []
+    for args, process in zip(commands, processes, strict=True):
+      stdout, stderr = process.communicate(timeout=timeout)
+      results.append(subprocess.CompletedProcess(args, process.returncode,
+                                                 stdout, stderr))
+    return results
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.communicate()
+      with _lock:
+        _processes.discard(process)
+
+
 def run_python(code: str, timeout: float) -> subprocess.CompletedProcess:
   """conftest.run_python's fresh interpreter, killable by stop()."""
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))

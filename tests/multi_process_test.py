@@ -5,9 +5,11 @@ With OPTAX_PAGED_WORKER_GPU=1 (scripts/gpu_check.sh mesh), one GPU each.
 
 import os
 import socket
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from tests import background
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,8 +20,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_update_their_shards_and_resume_from_orbax(tmp_path):
-  port = _free_port()
+def _run_workers():
+  """Each worker's (exit status, stdout, stderr)."""
   on_gpu = os.environ.get('OPTAX_PAGED_WORKER_GPU') == '1'
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
@@ -29,22 +31,23 @@ def test_two_processes_update_their_shards_and_resume_from_orbax(tmp_path):
   def worker_env(i):
     return dict(env, CUDA_VISIBLE_DEVICES=str(i)) if on_gpu else env
 
-  workers = [
-      subprocess.Popen(
-          [sys.executable, '-m', 'tests.multi_process_worker', str(i),
-           str(port), str(tmp_path)],
-          cwd=ROOT, env=worker_env(i), stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True)
-      for i in range(2)
-  ]
-  outputs = []
-  try:
-    for worker in workers:
-      out, err = worker.communicate(timeout=240)
-      outputs.append((worker.returncode, out, err))
-  finally:
-    for worker in workers:
-      if worker.poll() is None:
-        worker.kill()
-  for code, out, err in outputs:
+  with tempfile.TemporaryDirectory(prefix='optax_paged_workers_') as path:
+    port = _free_port()
+    results = background.run_together(
+        [[sys.executable, '-m', 'tests.multi_process_worker', str(i),
+          str(port), path] for i in range(2)],
+        [worker_env(i) for i in range(2)], timeout=240, cwd=ROOT)
+  return [(r.returncode, r.stdout, r.stderr) for r in results]
+
+
+# The two workers run beside the other tests (tests/background.py).
+BACKGROUND_JOBS = {
+    'two-processes': (
+        _run_workers,
+        ['test_two_processes_update_their_shards_and_resume_from_orbax']),
+}
+
+
+def test_two_processes_update_their_shards_and_resume_from_orbax():
+  for code, out, err in background.result('two-processes', _run_workers):
     assert code == 0 and 'OK' in out, f'exit {code}\n{out}\n{err[-4000:]}'
