@@ -11,6 +11,7 @@ session ends is cancelled and its processes killed.
 """
 
 import concurrent.futures
+import functools
 import os
 import subprocess
 import sys
@@ -107,6 +108,11 @@ def run_python(code: str, timeout: float) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
   return run([sys.executable, '-c', textwrap.dedent(code)], timeout=timeout,
              env=env)
+
+
+def python_job(code: str, timeout: float = 120):
+  """A job for ``BACKGROUND_JOBS``: run_python(code, timeout)."""
+  return functools.partial(run_python, code, timeout)
 
 
 def stop() -> None:

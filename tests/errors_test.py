@@ -9,6 +9,7 @@ import pytest
 
 import optax_paged
 from optax_paged._src import registry
+from tests import background
 from tests.helpers import random_tree
 from tests.helpers import refusal_of
 
@@ -106,8 +107,7 @@ def test_state_of_another_kind_is_refused(setup):
     tx.update(grads, (), params)
 
 
-def test_compiled_step_after_release_fails_cleanly(python_subprocess):
-  result = python_subprocess('''
+_COMPILED_STEP_AFTER_RELEASE = background.python_job('''
       import jax, jax.numpy as jnp, optax_paged
       params = {'w': jnp.ones((64, 80))}
       tx = optax_paged.paged_adamw8bit(1e-3)
@@ -123,15 +123,19 @@ def test_compiled_step_after_release_fails_cleanly(python_subprocess):
         print('refused')
       else:
         raise SystemExit('a released state was updated')
-  ''')
+''')
+
+
+def test_compiled_step_after_release_fails_cleanly():
+  result = background.result('errors-compiled-step-after-release',
+                             _COMPILED_STEP_AFTER_RELEASE)
   assert result.returncode == 0, result.stderr
   assert 'refused' in result.stdout
 
 
-def test_kernel_validates_operands_it_is_given(python_subprocess):
-  # Bypasses the Python checks: the handler itself must refuse a call whose
-  # operands do not match the registry entry, without touching memory.
-  result = python_subprocess('''
+# Bypasses the Python checks: the handler itself must refuse a call whose
+# operands do not match the registry entry, without touching memory.
+_KERNEL_OPERANDS = background.python_job('''
       import jax.numpy as jnp, optax_paged
       from optax_paged._src import ffi
       params = {'w': jnp.ones((64, 80))}
@@ -167,7 +171,11 @@ def test_kernel_validates_operands_it_is_given(python_subprocess):
       else:
         raise SystemExit('a call for another mesh position was accepted')
       print('ok')
-  ''')
+''')
+
+
+def test_kernel_validates_operands_it_is_given():
+  result = background.result('errors-kernel-operands', _KERNEL_OPERANDS)
   assert result.returncode == 0, result.stderr
   assert 'ok' in result.stdout
 
@@ -186,8 +194,7 @@ def test_updates_of_another_tree_are_refused(setup, make_grads):
     optax_paged.apply_gradients(tx, make_grads(grads), state, params)
 
 
-def test_float64_parameters_are_refused_at_init(python_subprocess):
-  result = python_subprocess('''
+_FLOAT64_AT_INIT = background.python_job('''
       import jax
       jax.config.update('jax_enable_x64', True)
       import jax.numpy as jnp, optax_paged
@@ -196,7 +203,11 @@ def test_float64_parameters_are_refused_at_init(python_subprocess):
       except TypeError as error:
         assert 'float32' in str(error), error
         print('refused')
-  ''')
+''')
+
+
+def test_float64_parameters_are_refused_at_init():
+  result = background.result('errors-float64-at-init', _FLOAT64_AT_INIT)
   assert result.returncode == 0, result.stderr
   assert 'refused' in result.stdout
 
@@ -266,3 +277,15 @@ def test_a_count_at_the_int32_limit_is_refused_naming_the_overflow(how):
                    r'tx\.init\(params\)', message, re.S), message
   after = optax_paged.state_dict(state)  # refused: nothing moved
   assert int(after['checksum']) == int(before['checksum'])
+
+
+# The fresh interpreters above run beside the other tests (tests/background.py).
+BACKGROUND_JOBS = {
+    'errors-compiled-step-after-release': (
+        _COMPILED_STEP_AFTER_RELEASE,
+        ['test_compiled_step_after_release_fails_cleanly']),
+    'errors-kernel-operands': (
+        _KERNEL_OPERANDS, ['test_kernel_validates_operands_it_is_given']),
+    'errors-float64-at-init': (
+        _FLOAT64_AT_INIT, ['test_float64_parameters_are_refused_at_init']),
+}

@@ -18,6 +18,7 @@ import pytest
 
 import optax_paged
 from optax_paged._src import state_io
+from tests import background
 from tests.helpers import moments_of
 from tests.helpers import random_tree
 from tests.helpers import update_and_apply
@@ -187,9 +188,7 @@ def test_load_state_dict_while_another_thread_steps_is_never_torn():
   assert torn == 0, f'{torn} of {trials} loads were torn'
 
 
-def test_release_of_a_mesh_state_another_thread_steps_fails_in_one_line(
-    python_subprocess):
-  result = python_subprocess('''
+_RELEASE_OF_A_STEPPED_MESH_STATE = background.python_job('''
       import os
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
       import threading, time
@@ -231,7 +230,19 @@ def test_release_of_a_mesh_state_another_thread_steps_fails_in_one_line(
       print(len(errors))
       for error in errors:
         print(repr(error))
-  ''', timeout=300)
+''', timeout=300)
+
+# It runs beside the other tests (tests/background.py).
+BACKGROUND_JOBS = {
+    'threads-release-of-a-stepped-mesh-state': (
+        _RELEASE_OF_A_STEPPED_MESH_STATE,
+        ['test_release_of_a_mesh_state_another_thread_steps_fails_in_one_line']),
+}
+
+
+def test_release_of_a_mesh_state_another_thread_steps_fails_in_one_line():
+  result = background.result('threads-release-of-a-stepped-mesh-state',
+                             _RELEASE_OF_A_STEPPED_MESH_STATE)
   assert result.returncode == 0, result.stderr[-3000:]
   count, *errors = result.stdout.strip().splitlines()
   assert int(count) == len(errors) > 0, result.stdout[-3000:]
