@@ -48,6 +48,10 @@ def master_params(state: Any, params: base.Params) -> base.Params:
         'master_weight_bits=24 or 32).')
   record = found[0].record()
   record.check_paths('master_params', 'params', params)
+  # The step that wrote the corrections may still be running: read them
+  # after it (the parameters it made are among the arrays waited for).
+  jax.block_until_ready(params)
+  registry.wait_for_devices(record)
   _, _, masters = record.read_state()
   leaves, treedef = jax.tree.flatten(params)
   out = []
