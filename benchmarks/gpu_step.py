@@ -266,6 +266,8 @@ def main() -> None:
                       help='Lion and AdEMAMix instead of AdamW')
   parser.add_argument('--tiers', action='store_true',
                       help='the fused step at partial device budgets')
+  parser.add_argument('--dtypes', default='float32,bfloat16',
+                      help='the AdamW tables to run (comma-separated)')
   parser.add_argument('--write', type=pathlib.Path, default=None,
                       help='a RESULTS.md to write this section into')
   args = parser.parse_args()
@@ -288,7 +290,8 @@ def main() -> None:
                 'parameters')
     make_runners, dtypes, marks = tier_runners, (jnp.float32,), TIER_MARKS
   else:
-    make_runners, dtypes = adamw_runners, (jnp.float32, jnp.bfloat16)
+    make_runners = adamw_runners
+    dtypes = tuple(jnp.dtype(name) for name in args.dtypes.split(','))
   for dtype in dtypes:
     runners, num_params, num_leaves = run_dtype(
         dtype, args.layers, args.rounds, args.steps, make_runners)

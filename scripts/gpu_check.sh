@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for the GPU machine (no package registry
 # there: it builds against the image's packages). Logs go to $OUT (or ./gpu_logs).
-#   bash scripts/gpu_check.sh [tests|sanitizer|bench|family|profile|tiers|probe|pressure|mesh|shardbench|capacity|all]...
+#   bash scripts/gpu_check.sh [tests|master|sanitizer|bench|family|profile|tiers|probe|pressure|mesh|shardbench|capacity|all]...
 # `mesh` and `shardbench` need two or more GPUs (the multi-device suite on
 # every GPU, two processes with one GPU each, compute-sanitizer over the
 # suite's kernels; the FSDP and ZeRO-1 benchmark). `capacity` (the largest
@@ -27,7 +27,7 @@ gpus=$(nvidia-smi -L | wc -l)
 want() {
   if [[ " ${steps[*]} " == *" $1 "* ]]; then return 0; fi
   [[ " ${steps[*]} " == *" all "* ]] || return 1
-  case $1 in mesh|shardbench) (( gpus > 1 )) ;; capacity|probe|pressure|family|profile) false ;; *) true ;; esac
+  case $1 in mesh|shardbench) (( gpus > 1 )) ;; master|capacity|probe|pressure|family|profile) false ;; *) true ;; esac
 }
 status=0
 
@@ -42,6 +42,17 @@ python3 -c "import optax_paged, jax; from optax_paged._src import ffi; print('cu
 if want tests; then
   timeout 480 python3 -m pytest -q -p no:cacheprovider --durations=8 tests 2>&1 | tee "$OUT/tests.log" | tail -25
   status=$((status | ${PIPESTATUS[0]}))
+fi
+if want master; then
+  # The master-weight files on the GPU backend (their CPU tests then step the
+  # CUDA kernel), and the bf16 table alone for the speed against the plain step.
+  timeout 300 python3 -m pytest -q -p no:cacheprovider --durations=5 \
+    tests/master_weights_gpu_test.py tests/master_weights_test.py \
+    tests/master_weights_integration_test.py tests/master_weights_checkpoint_test.py \
+    2>&1 | tee "$OUT/master_tests.log" | tail -25
+  status=$((status | ${PIPESTATUS[0]}))
+  timeout 200 python3 benchmarks/gpu_step.py --dtypes bfloat16 --rounds 5 \
+    2>&1 | tee "$OUT/master_bench.log" | tail -16
 fi
 if want sanitizer; then
   for tool in memcheck racecheck; do

@@ -3,7 +3,8 @@
 Covers fp32/bf16/fp16, 8-bit and fp32 leaves, partial blocks and vectors,
 the fused step (with and without stochastic rounding), the host tier,
 updates written over gradients made in the step, and the optimizers with
-one and three moments.
+one and three moments, and master-weight corrections (24 and 32 bits, both
+tiers, with a parameter changed outside the optimizer so the reset path runs).
 """
 
 import functools
@@ -47,4 +48,28 @@ for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         jax.jit(functools.partial(optax_paged.apply_gradients, tx))(
             grads, state, params))
     optax_paged.release(state)
+
+# Few configurations: every launch under the sanitizer compiles slowly.
+MASTER_RUNS = [
+    (jnp.bfloat16, optax_paged.paged_adamw8bit, 24, 1.0),
+    (jnp.bfloat16, optax_paged.paged_adamw8bit, 32, 0),
+    (jnp.bfloat16, optax_paged.paged_adamw4bit, 24, 0),
+    (jnp.float16, optax_paged.paged_adamw8bit, 24, 0),
+]
+for dtype, factory, bits, budget in MASTER_RUNS:
+  params = {
+      f'p{i}': jnp.full(shape, 0.5, dtype) for i, shape in enumerate(SHAPES)
+  }
+  grads = jax.tree.map(lambda p: (p * 0.01).astype(p.dtype), params)
+  tx = factory(1e-3, min_8bit_size=256, device_budget=budget,
+               master_weight_bits=bits)
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  params2 = optax.apply_updates(params, updates)
+  fused = jax.jit(functools.partial(optax_paged.apply_gradients, tx))
+  params3, state = fused(grads, state, params2)
+  changed = dict(params3, p0=params3['p0'].at[:7].set(2.0))
+  params4, state = fused(grads, state, changed)
+  jax.block_until_ready(optax_paged.master_params(state, params4))
+  optax_paged.release(state)
 print('workload done')
