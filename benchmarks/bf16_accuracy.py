@@ -10,6 +10,11 @@ float32 masters, where it keeps them) from the float32-parameter
   .venv/bin/python benchmarks/bf16_accuracy.py [--steps 300]
       [--write benchmarks/RESULTS.md]
 
+Where flashoptim-jax is installed and the backend is a GPU (its kernels are
+Pallas GPU kernels), its fused ``flash_adamw`` with and without its 24-bit
+master weights adds two rows (it is not a dependency: install it for the
+benchmark alone).
+
 Accuracy does not depend on the device: the CPU and GPU kernels compute the
 same maths (the GPU contracts into FMA), so the table from a CPU run holds
 for the GPU; step times belong to benchmarks/gpu_step.py.
@@ -104,6 +109,35 @@ def _make(factory, bits=None):
   return getattr(optax_paged, factory)(LEARNING_RATE, master_weight_bits=bits)
 
 
+def _flash_rows(bf16, optimum, reference, moved, steps):
+  """flashoptim-jax's rows, where it is installed and runs (GPU)."""
+  try:
+    import flashoptim_jax  # noqa: PLC0415
+  except ImportError:
+    return []
+  if jax.default_backend() != 'gpu':
+    return []
+  out = []
+  for bits in (24, None):
+    tx = flashoptim_jax.flash_adamw(LEARNING_RATE, weight_decay=1e-4,
+                                    master_weight_bits=bits)
+    params, state = bf16, tx.init(bf16)
+    step = jax.jit(lambda p, s, g, tx=tx: tx.step(p, s, g))
+    start = time.perf_counter()
+    for i in range(steps):
+      params, state = step(params, state, _grads(params, optimum, i))
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
+    weights = (flashoptim_jax.reconstruct_weights(params, state.ecc) if bits
+               else params)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    name = (f'flashoptim-jax `flash_adamw`, '
+            f'{"24-bit master" if bits else "master weights off"}')
+    out.append((name, nbytes / 2**20, _distance(weights, reference) / moved,
+                float('nan'), 1e3 * seconds / steps))
+  return out
+
+
 def rows(steps):
   """Per run: (row, state MiB, error against optax.adamw in fp32, error
   against the same optimizer with fp32 parameters, CPU ms a step)."""
@@ -128,7 +162,7 @@ def rows(steps):
                 1e3 * seconds / steps))
     print(f'{name:64s} {out[-1][1]:6.1f} MiB  error {out[-1][2]:.4f} '
           f'/ {out[-1][3]:.4f}', flush=True)
-  return out
+  return out + _flash_rows(bf16, optimum, reference, moved, steps)
 
 
 def table(results, steps):
@@ -143,18 +177,20 @@ def table(results, steps):
       'fp32-parameter run, as a fraction of the distance `optax.adamw` moved '
       'in fp32: against `optax.adamw` in fp32, and against the same '
       'optimizer with fp32 parameters (what the bf16 parameters alone cost). '
-      'CPU step times, for orientation only (the GPU\'s are in gpu_step.py).',
+      f'{jax.default_backend().upper()} step times of this loop, for '
+      'orientation only (gpu_step.py times steps properly).',
       '',
       '| run | state | error vs `optax.adamw` fp32 | vs same optimizer fp32 '
-      '| CPU ms/step |',
+      '| ms/step |',
       '|---|---:|---:|---:|---:|',
   ]
   for name, mib, error, own, ms in results:
     if mib != mib:  # an fp32-parameter baseline
       lines.append(f'| {name} | | {error:.4f} | | |')
     else:
+      own = '' if own != own else f'{own:.4f}'  # nan: no fp32 twin run
       lines.append(f'| bf16: {name} | {mib:.1f} MiB | {error:.4f} | '
-                   f'{own:.4f} | {ms:.1f} |')
+                   f'{own} | {ms:.1f} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -82,7 +82,8 @@ class Runner:
   """One configuration's parameters, state and compiled step."""
 
   def __init__(self, name, tx, params, fused, stochastic_rounding=False,
-               make_grads=False, device_share=None, donate_grads=False):
+               make_grads=False, device_share=None, donate_grads=False,
+               own_step=False):
     self.name = name
     self.donate_grads = donate_grads
     self.params = jax.tree.map(jnp.copy, params)
@@ -94,6 +95,8 @@ class Runner:
     def step(g, s, p, scale):
       if make_grads:
         g = jax.lax.optimization_barrier(jax.tree.map(lambda x: x * scale, g))
+      if own_step:  # a peer's fused step, (params, state, grads) -> (p, s)
+        return tx.step(p, s, g)
       if fused:
         return optax_paged.apply_gradients(
             tx, g, s, p, stochastic_rounding=stochastic_rounding)
@@ -176,10 +179,12 @@ def adamw_runners(params):
 
 
 def master_runners(params):
-  """Fused steps with master weights (16-bit parameters only)."""
+  """Fused steps with master weights (16-bit parameters only), and
+  flashoptim-jax's fused ``flash_adamw`` with and without its 24-bit master
+  where that package is installed (it is not a dependency)."""
   if params_dtype(params) == jnp.float32:
     return []
-  return [
+  runners = [
       Runner(f'{factory.__name__}, fused, {bits}-bit master',
              factory(**HYPER, device_budget=1.0, master_weight_bits=bits),
              params, True)
@@ -187,6 +192,17 @@ def master_runners(params):
                             (optax_paged.paged_adamw8bit, 32),
                             (optax_paged.paged_adamw4bit, 24))
   ]
+  try:
+    import flashoptim_jax  # noqa: PLC0415
+  except ImportError:
+    print('flashoptim-jax is not installed: its rows are left out')
+    return runners
+  for bits, label in ((24, '24-bit master'), (None, 'no master')):
+    runners.append(Runner(
+        f'flashoptim-jax flash_adamw, fused, {label}',
+        flashoptim_jax.flash_adamw(**HYPER, master_weight_bits=bits),
+        params, True, own_step=True))
+  return runners
 
 
 def family_runners(params):
