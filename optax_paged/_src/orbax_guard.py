@@ -4,12 +4,21 @@ The moments live in the state registry, so ``StateBuffers`` is a pytree node
 with no leaves, and Orbax's ``StandardCheckpointer``, ``PyTreeCheckpointer``
 and ``CheckpointManager`` take such an "empty node" for an unserializable
 object and skip it: a raw train state would be saved with its step count and
-without its moments, and the loss would show up only at restore. Orbax does
-look every empty node's type up in its global ``TypeHandlerRegistry`` before
-it writes any array, so a registry entry for ``StateBuffers`` turns that
-silent loss into an error at save time (Orbax then leaves only its
-uncommitted ``*.orbax-checkpoint-tmp`` directory, which it never reads as a
-checkpoint). A restore whose target holds a raw state is refused the same way.
+without its moments, and the loss would show up only at restore.
+
+Two refusals turn that silent loss into one ``TypeError``:
+
+- at save, when the save's arguments are made (``ocp.args.StandardSave`` and
+  ``ocp.args.PyTreeSave``, which ``StandardCheckpointer.save``,
+  ``PyTreeCheckpointer.save`` and ``CheckpointManager.save`` callers build):
+  before Orbax creates a directory or starts a thread, so a refused save
+  leaves nothing behind. Orbax's argument classes are dataclasses whose
+  ``__init__`` calls ``__post_init__``; the check wraps theirs.
+- at every lookup of ``StateBuffers`` in Orbax's global
+  ``TypeHandlerRegistry``, which Orbax makes for every empty node before it
+  writes or reads any array: a restore whose target holds a raw state, and
+  saves through arguments the first refusal does not see (a handler called
+  with its own arguments class), are refused there.
 
 Flax NNX would hide the node: ``nnx.state(optimizer)`` flattens the state
 with NNX's own registry, which keeps a leafless node in the graph
@@ -27,6 +36,8 @@ was imported (``nnx.Optimizer`` makes its state itself).
 import sys
 from typing import Any
 
+import jax
+
 ORBAX_SAVE_MSG = (
     'optax_paged: Orbax cannot checkpoint an optax_paged optimizer state '
     'inside a pytree: the moments live in the state registry, so it would '
@@ -34,9 +45,11 @@ ORBAX_SAVE_MSG = (
     'carries them instead: flax.serialization.to_state_dict(train_state) for '
     'a Flax TrainState, or optax_paged.state_dict(opt_state) for an optimizer '
     'state (for an NNX optimizer, optimizer.opt_state: nnx.state(optimizer) '
-    'does not hold the moments; README, "Checkpoints", has recipes for '
-    'Linen, NNX and plain optax). A save refused here commits no checkpoint.'
+    'does not hold the moments; the guide docs/checkpoints.md has recipes '
+    'for Linen, NNX and plain optax). Nothing was written.'
 )
+# Orbax's save arguments that carry the pytree to save as ``item``.
+_SAVE_ARGS = ('StandardSave', 'PyTreeSave')
 
 _registered = False
 _nnx_registered = False
@@ -50,9 +63,12 @@ def register(buffers_type: type) -> None:
     return
   _registered = True
   try:
-    from orbax.checkpoint import type_handlers  # noqa: PLC0415 - lazy import
+    from orbax.checkpoint import args  # noqa: PLC0415 - lazy import
+    from orbax.checkpoint import type_handlers  # noqa: PLC0415
   except ImportError:
     return
+  for name in _SAVE_ARGS:
+    _refuse_in_save_args(getattr(args, name), buffers_type)
 
   class _RefusingHandler(type_handlers.TypeHandler):
     """Never reached: the lookup itself raises (see ``_matches``)."""
@@ -78,6 +94,24 @@ def register(buffers_type: type) -> None:
 
   type_handlers.register_type_handler(
       buffers_type, _RefusingHandler(), func=_matches, override=True)
+
+
+def holds_state(tree: Any, buffers_type: type) -> bool:
+  """Whether ``tree`` holds an optimizer state's ``buffers_type`` node."""
+  is_buffers = lambda x: isinstance(x, buffers_type)  # noqa: E731
+  return any(map(is_buffers, jax.tree.leaves(tree, is_leaf=is_buffers)))
+
+
+def _refuse_in_save_args(args_type: type, buffers_type: type) -> None:
+  """Makes ``args_type(item, ...)`` raise when ``item`` holds a state."""
+  check = args_type.__post_init__
+
+  def __post_init__(self: Any) -> None:
+    if holds_state(self.item, buffers_type):
+      raise TypeError(ORBAX_SAVE_MSG)
+    check(self)
+
+  args_type.__post_init__ = __post_init__
 
 
 def _register_nnx(buffers_type: type) -> None:
