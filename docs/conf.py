@@ -5,6 +5,8 @@ import pathlib
 
 import optax_paged
 from optax_paged._src import factories
+from optax_paged._src import families
+from optax_paged._src.family import VARIANTS
 
 project = 'optax_paged'
 release = optax_paged.__version__
@@ -20,11 +22,34 @@ exclude_patterns = ['_build', '_optimizer_list.rst']
 autosummary_generate = ['api.rst', '_optimizer_list.rst']
 templates_path = ['_templates']
 autodoc_typehints = 'description'
+# Types beside the documented arguments (a class's fields are documented as
+# its Attributes, not again as constructor parameters).
+autodoc_typehints_description_target = 'documented_params'
+# Aliases as the annotations name them (the factories and reference keep
+# their annotations as strings), not expanded into long unions.
+autodoc_type_aliases = {
+    f'{module}.{alias}': f'optax.{alias}'
+    for module in ('base', 'optax')
+    for alias in ('ScalarOrSchedule', 'Params', 'Updates', 'OptState')
+}
 autodoc_member_order = 'bysource'
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 # Attributes sections as fields: NamedTuple fields are documented once.
 napoleon_use_ivar = True
+
+
+def _skip_tuple_fields(app, what, name, obj, skip, options):
+  """NamedTuple fields, documented under Attributes, get no entries of
+  their own ("Alias for field number 0")."""
+  del app, what, name, options
+  return True if type(obj).__name__ == '_tuplegetter' else skip
+
+
+def setup(app):
+  app.connect('autodoc-skip-member', _skip_tuple_fields)
+
+
 myst_heading_anchors = 3
 suppress_warnings = [
     # README sections start at ## or ### under each guide's title.
@@ -44,8 +69,19 @@ nitpick_ignore_regex = [
 ]
 
 # api.rst includes the optimizer factories as the family table makes them,
-# so that a new optimizer needs no line here.
+# one section a family, so that a new optimizer needs no line here.
+def _optimizer_list() -> str:
+  lines = ['.. currentmodule:: optax_paged', '']
+  listed = []
+  for family in families.FAMILIES.values():
+    names = [VARIANTS[key].factory_name(family) for key in family.variants]
+    listed += names
+    lines += [family.title, '~' * len(family.title), '',
+              '.. autosummary::', '   :toctree: _autosummary', '']
+    lines += [f'   {name}' for name in names] + ['']
+  assert sorted(listed) == sorted(factories.FACTORIES), 'a factory unlisted'
+  return '\n'.join(lines)
+
+
 (pathlib.Path(__file__).parent / '_optimizer_list.rst').write_text(
-    '.. currentmodule:: optax_paged\n\n'
-    '.. autosummary::\n   :toctree: _autosummary\n\n'
-    + ''.join(f'   {name}\n' for name in factories.FACTORIES))
+    _optimizer_list())

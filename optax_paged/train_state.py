@@ -4,6 +4,8 @@ Imported on its own (``from optax_paged.train_state import FusedTrainState``)
 so that optax_paged does not need Flax.
 """
 
+from __future__ import annotations
+
 from typing import Any
 
 from flax.training import train_state
@@ -30,7 +32,17 @@ class FusedTrainState(train_state.TrainState):
     >>> state = state.apply_gradients(grads=params)
   """
 
-  def apply_gradients(self, *, grads: Any, **kwargs: Any) -> 'FusedTrainState':
+  def apply_gradients(self, *, grads: Any, **kwargs: Any) -> FusedTrainState:
+    """The fused step: ``optax_paged.apply_gradients(tx, grads, ...)``.
+
+    Args:
+      grads: gradients with the structure of ``params``.
+      **kwargs: other fields to replace, as ``TrainState.apply_gradients``.
+
+    Returns:
+      The train state one step on: ``step + 1``, the new ``params`` and
+      ``opt_state``.
+    """
     params, opt_state = apply_gradients(
         self.tx, grads, self.opt_state, self.params
     )

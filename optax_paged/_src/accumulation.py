@@ -7,14 +7,14 @@ in place, so a discarded call would still have moved the moments:
 wrapper runs the inner update only on the micro-steps that apply it.
 """
 
+from __future__ import annotations
+
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-
-from optax_paged._src import base
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -24,11 +24,20 @@ class AccumulateGradientsState(NamedTuple):
     mini_step: micro-steps accumulated since the last update, shape ``()``.
     grad_sum: float32 sums of the gradients of those micro-steps.
     inner_state: the wrapped optimizer's state.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_paged
+    >>> tx = optax_paged.accumulate_gradients(optax_paged.adamw8bit(1e-3), 4)
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.ones((64, 64))}, state, params)
+    >>> int(state.mini_step), state.grad_sum['w'].dtype
+    (1, dtype('float32'))
   """
 
   mini_step: jax.Array  # shape=(), dtype=jnp.int32
-  grad_sum: base.Updates
-  inner_state: base.OptState
+  grad_sum: optax.Updates
+  inner_state: optax.OptState
 
 
 def accumulate_gradients(

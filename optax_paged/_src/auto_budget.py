@@ -43,6 +43,13 @@ class AutoBudget:
   Attributes:
     margin: bytes always left free on the device besides XLA's reserve.
     grow_threshold: room above the current budget that makes it grow.
+
+  Example:
+    >>> import optax_paged
+    >>> budget = optax_paged.AutoBudget(margin=2 * 2**30)  # leave 2 GiB free
+    >>> tx = optax_paged.paged_adamw8bit(1e-3, device_budget=budget)
+    >>> budget.grow_threshold == optax_paged.AutoBudget().grow_threshold
+    True
   """
 
   margin: int = DEFAULT_MARGIN

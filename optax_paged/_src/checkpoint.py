@@ -9,6 +9,8 @@ back into a freshly initialised state. One state's export and import live in
 ``state_io``.
 """
 
+from __future__ import annotations
+
 from typing import Any
 
 import jax
@@ -40,6 +42,16 @@ def state_dict(state: base.OptState) -> Any:
 
   Returns:
     A pytree of arrays, suitable for any checkpointing library.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  optax_paged.adamw8bit(1e-3))
+    >>> saved = optax_paged.state_dict(tx.init(params))
+    >>> moments = saved[1]['leaves'][0]['moments']  # codes and absmax
+    >>> [m['codes'].dtype.name for m in moments], int(saved[1]['count'])
+    (['uint8', 'uint8'], 0)
   """
   jax.block_until_ready(state)
   return jax.tree.map(
@@ -76,6 +88,16 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
       and, from format 2, the count) does not match. Every optax_paged state
       in the tree is checked before any is written: after a refusal every
       state is as it was.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.adamw8bit(1e-3)
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> saved = optax_paged.state_dict(state)  # save it with any library
+    >>> restored = optax_paged.load_state_dict(tx.init(params), saved)
+    >>> int(restored.count)
+    1
   """
   jax.block_until_ready(state)
   planned = state_io.checked(lambda: jax.tree.map(

@@ -163,6 +163,7 @@ def docstring(family: Family, variant: Variant) -> str:
              _arg('keep_32bit', KEEP_32BIT)]
   if variant.paged:
     args.append(_arg('device_budget', DEVICE_BUDGET))
+  args.append(_arg('master_weight_bits', MASTER_WEIGHT_BITS))
   parts.append('Args:\n' + '\n'.join(args))
   parts.append('Returns:\n' + _fill(RETURNS, '  '))
   example = EXAMPLE.format(name=variant.factory_name(family),

@@ -91,7 +91,10 @@ def build(family: Family, variant: Variant,
 def _source(name: str, args: list[Hyperparameter]) -> str:
   """Source of ``_make``, which returns a ``def`` of ``name`` calling
   ``build`` with its arguments (``_d``: their defaults, in order)."""
-  lines = ['def _make(_d, _family, _variant):', f'  def {name}(',
+  # Annotations kept as written ('base.ScalarOrSchedule'), so that the docs
+  # show the alias (docs/conf.py's autodoc_type_aliases), not its expansion.
+  lines = ['from __future__ import annotations',
+           'def _make(_d, _family, _variant):', f'  def {name}(',
            '      learning_rate: base.ScalarOrSchedule,']
   starred = False
   for i, argument in enumerate(args):

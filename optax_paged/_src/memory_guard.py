@@ -49,6 +49,13 @@ class StepAllocation:
       donated arguments.
     temporaries: bytes of its temporaries, one buffer: its largest single
       allocation.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_paged
+    >>> step = optax_paged.memory_guarded(lambda x: x * 2 + 1)
+    >>> need = step.allocation(jnp.ones((1024, 1024)))
+    >>> need.total >= 4 * 1024 * 1024  # at least the output
+    True
   """
 
   total: int
@@ -82,6 +89,15 @@ class MemoryGuardedStep:
     needs: what the compiled step allocates, by argument signature (see
       ``allocation``); analysed when the arguments hold paged GPU state.
     retries: steps run again after an out-of-memory (``retry=True``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_paged
+    >>> evaluate = optax_paged.memory_guarded(lambda x: jnp.sum(x * x),
+    ...                                       retry=True)
+    >>> float(evaluate(jnp.ones((256, 256))))
+    65536.0
+    >>> evaluate.retries  # reruns after an out-of-memory
+    0
   """
 
   def __init__(self, step: Callable[..., Any], jitted: Any,

@@ -245,6 +245,14 @@ def set_device_budget(state: Any, device_budget: DeviceBudget) -> None:
 
   Raises:
     ValueError: if ``state`` holds no paged GPU state.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_paged
+    >>> tx = optax_paged.paged_adamw8bit(1e-3, device_budget=2**30)
+    >>> state = tx.init({'w': jnp.ones((4096, 256))})
+    >>> if jax.default_backend() == 'gpu':  # a CPU state has one tier
+    ...   optax_paged.set_device_budget(state, 0)  # all to host RAM
+    ...   optax_paged.set_device_budget(state, 'auto')  # back, as it fits
   """
   paged = [
       b for b in registry.find_buffers(state)
@@ -306,6 +314,16 @@ class MemoryReport:
       parameters were not those the optimizer wrote (new weights loaded, a
       transformation chained after the optimizer): their masters restarted
       from the parameters.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_paged
+    >>> tx = optax_paged.paged_adamw8bit(1e-3)
+    >>> report = optax_paged.memory_report(tx.init({'w': jnp.ones((64, 64))}))
+    >>> row = report.rows[0]
+    >>> row.path, row.shape, row.bits, row.bytes  # 2 x (4096 + 16 x 4) bytes
+    ("['w']", (64, 64), 8, 8704)
+    >>> report.total_bytes
+    8704
   """
 
   rows: tuple[MemoryRow, ...]
@@ -458,6 +476,14 @@ def state_nbytes(state: Any) -> int:
 
   Returns:
     The total in bytes.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> optax_paged.state_nbytes(optax.adamw(1e-3).init(params))
+    32772
+    >>> optax_paged.state_nbytes(optax_paged.adamw8bit(1e-3).init(params))
+    8708
   """
   def is_buffers(x: Any) -> bool:
     return isinstance(x, registry.StateBuffers)

@@ -18,6 +18,15 @@ class PercentileClippingState(NamedTuple):
     count: steps taken so far, int32.
     history: per leaf, float32[100]: the squared gradient norms of the last
       100 steps, at ``step % 100`` (steps count from 1).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_paged
+    >>> clip = optax_paged.percentile_clipping(5)
+    >>> grads = {'w': jnp.full((3, 4), 2.0)}
+    >>> state = clip.init(grads)
+    >>> _, state = clip.update(grads, state)
+    >>> int(state.count), float(state.history['w'][1])  # |g|^2 at step 1
+    (1, 48.0)
   """
 
   count: jax.Array

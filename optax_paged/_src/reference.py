@@ -2,10 +2,30 @@
 
 Each function here computes what the FFI kernels compute, operation for
 operation in float32, with the quantized moments held as ordinary arrays in
-a functional optax state. The transformations below are also a portable
-fallback: they run wherever JAX runs (any backend, sharded, vmapped), at the
-cost of XLA's unfused memory traffic.
+a functional optax state (:class:`ReferenceState`). The transformations
+below are also a portable fallback: they run wherever JAX runs (any backend,
+sharded, vmapped), at the cost of XLA's unfused memory traffic.
+
+``adamw8bit`` is :func:`optax_paged.adamw8bit`'s reference;
+``reference_transformation(spec(name, ...))`` that of any family of the
+optimizer table (``'adamw'``, ``'lion'``, ``'ademamix'``, ``'sgd'``, ...).
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from optax_paged import reference
+  >>> params = {'w': jnp.ones((64, 64))}
+  >>> tx = reference.adamw8bit(1e-3)
+  >>> state = tx.init(params)  # the codes and absmax are leaves
+  >>> state.moments['w'][0].codes.shape, state.moments['w'][0].absmax.shape
+  ((4096,), (16,))
+  >>> vmapped = jax.vmap(tx.update, in_axes=(0, None, None))
+  >>> grads = jnp.ones((3, 64, 64)) * jnp.arange(1., 4.)[:, None, None]
+  >>> updates, _ = vmapped({'w': grads}, state, params)
+  >>> updates['w'].shape
+  (3, 64, 64)
 """
+
+from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +43,16 @@ from optax_paged._src import optimizer_table
 from optax_paged._src import quantization
 from optax_paged._src import transform
 from optax_paged._src import trust_ratio
+
+__all__ = [
+    'adamw8bit',
+    'reference_transformation',
+    'spec',
+    'ReferenceState',
+    'QuantizedMoment',
+    'FourBitMoment',
+    'MasterCorrection',
+]
 
 
 class QuantizedMoment(NamedTuple):
@@ -168,6 +198,30 @@ def leaf_step(
           encode_moments(values, moments, signed, random), new_master)
 
 
+def spec(name: str, learning_rate: base.ScalarOrSchedule,
+         **arguments: Any) -> transform.OptimizerSpec:
+  """The optimizer ``reference_transformation`` computes.
+
+  Args:
+    name: a family of the optimizer table: ``'adamw'``, ``'adam'``,
+      ``'lion'``, ``'ademamix'``, ``'sgd'``, ``'rmsprop'``, ``'adagrad'``,
+      ``'adabelief'``, ``'lamb'`` or ``'lars'``.
+    learning_rate: a scalar or an optax schedule of the step count.
+    **arguments: the family's factory arguments (``b1``, ``weight_decay``,
+      ...); those not given take the factories' defaults.
+
+  Returns:
+    What its factories build from these arguments.
+
+  Example:
+    >>> from optax_paged import reference
+    >>> lion = reference.spec('lion', 1e-4, weight_decay=1e-2)
+    >>> lion.num_moments
+    1
+  """
+  return families.spec(name, learning_rate, **arguments)
+
+
 def reference_transformation(
     spec: transform.OptimizerSpec,
     *,
@@ -180,7 +234,7 @@ def reference_transformation(
   """A functional optax transformation computing what the kernels compute.
 
   Args:
-    spec: the optimizer, as its module's ``*_spec`` function builds it.
+    spec: the optimizer, as :func:`spec` builds it.
     quantize: ``False`` keeps every moment in fp32.
     min_8bit_size: leaves with fewer elements keep fp32 state.
     weight_decay_mask: as the optimizers' ``mask``.
@@ -190,6 +244,18 @@ def reference_transformation(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a functional state.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_paged
+    >>> from optax_paged import reference
+    >>> params = {'w': jnp.linspace(-1., 1., 8192)}
+    >>> grads = {'w': jnp.full(8192, 0.1)}
+    >>> ref = reference.reference_transformation(reference.spec('lion', 1e-3))
+    >>> ref_updates, _ = ref.update(grads, ref.init(params), params)
+    >>> tx = optax_paged.lion8bit(1e-3)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> bool(jnp.allclose(updates['w'], ref_updates['w'], rtol=1e-6, atol=0))
+    True
   """
   master_weights.check_bits('master_weight_bits', master_weight_bits)
   if master_weight_bits is not None and spec.trust_ratio is not None:
@@ -309,6 +375,18 @@ def adamw8bit(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state holds the codes
     and absmax arrays as leaves.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from optax_paged import reference
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = reference.adamw8bit(1e-3, weight_decay=0.01)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.full((64, 64), 0.1)}, state,
+    ...                            params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int(state.count)
+    1
   """
 
   spec = families.spec('adamw', learning_rate, b1=b1, b2=b2, eps=eps,

@@ -838,6 +838,17 @@ def release(state: Any) -> None:
   Args:
     state: an optimizer state, or any pytree containing one (a chain's state,
       a Flax TrainState).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.adamw8bit(1e-3)
+    >>> state = tx.init(params)
+    >>> optax_paged.release(state)  # its 8704 bytes are free now
+    >>> tx.update(params, state, params)
+    Traceback (most recent call last):
+    ...
+    ValueError: optimizer state ...: this optimizer state was released ...
   """
   found = find_buffers(state)
   records = [b._record for b in found
@@ -867,6 +878,15 @@ def free_orphans() -> int:
 
   Returns:
     The bytes freed.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.adamw8bit(1e-3)
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> del state  # dropped after a step: an orphan until freed
+    >>> optax_paged.free_orphans() >= 8704
+    True
   """
   return REGISTRY.free_orphans()
 

@@ -6,6 +6,8 @@ module turns that into an ``optax.GradientTransformationExtraArgs`` whose
 state is ``(count, buffers)``, and runs one FFI call per dtype group.
 """
 
+from __future__ import annotations
+
 import inspect
 import weakref
 from collections.abc import Callable
@@ -46,6 +48,17 @@ class OptimizerState(_OptimizerStateFields):
   buffers that no step and no load ever wrote raises: that is a state whose
   count a checkpointer restored without its moments (Orbax on a raw train
   state), which would otherwise train on silently from zeroed moments.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_paged
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> tx = optax_paged.adamw8bit(1e-3)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(params, state, params)
+    >>> int(state.count)
+    1
+    >>> jax.tree.leaves(state)  # the moments are in the registry, not leaves
+    [Array(1, dtype=int32)]
   """
 
   __slots__ = ()
@@ -55,10 +68,10 @@ class OptimizerState(_OptimizerStateFields):
     registry.note_count(buffers, count)
     return super().__new__(cls, count, buffers)
 
-  def __copy__(self) -> 'OptimizerState':
+  def __copy__(self) -> OptimizerState:
     return OptimizerState._make(self)  # shares the buffers
 
-  def __deepcopy__(self, memo: dict[int, Any]) -> 'OptimizerState':
+  def __deepcopy__(self, memo: dict[int, Any]) -> OptimizerState:
     del memo
     return state_io.copy_state(self)
 
