@@ -1,8 +1,8 @@
 """Every view of "Many devices" on a one-device mesh equals one device.
 
 A single GPU (or the CPU) gives ``jax.make_mesh((1,), ('data',))``: whoever
-copies the README's recipes there gets a mesh of one device, and each view
-must run and give the plain one-device result bit for bit.
+copies the recipes of docs/many_devices.md there gets a mesh of one device,
+and each view must run and give the plain one-device result bit for bit.
 """
 
 import jax

@@ -1,15 +1,16 @@
-"""The README's "Many devices" recipes run as written, on 4 CPU devices."""
+"""The recipes of the guide "Many devices" (docs/many_devices.md) run as
+written, on 4 CPU devices."""
 
 import functools
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests import background
+from tests.readme_blocks_test import file_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,9 +32,7 @@ print('RECIPE RESULTS ' + json.dumps(results))
 
 
 def _recipes() -> list[str]:
-  text = (ROOT / 'README.md').read_text()
-  section = text[text.index('## Many devices'):text.index('## How it works')]
-  return re.findall(r'```python\n(.*?)```', section, flags=re.S)
+  return [block.code for block in file_blocks('docs/many_devices.md')]
 
 
 def _run_recipes(xla_flags: str) -> tuple[int, str, list]:

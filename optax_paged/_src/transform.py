@@ -91,7 +91,7 @@ RESTORED_WITHOUT_MOMENTS_MSG = (
     'CheckpointManager given a raw train state saves only the count). '
     'Training on would start from zeroed moments. Save and restore with '
     'flax.serialization.to_state_dict / from_state_dict around Orbax, or '
-    'optax_paged.state_dict / load_state_dict (README, "Flax and Orbax").'
+    'optax_paged.state_dict / load_state_dict (docs/checkpoints.md).'
 )
 
 
