@@ -155,7 +155,7 @@ struct GroupStep {
     const T* p = params[leaf_index] + begin;
     T* out = outputs[leaf_index] + begin;
     float grad[kBlockSize];
-    T param[kBlockSize], written[kBlockSize], result[kBlockSize];
+    T param[kBlockSize];
     int32_t offset[kBlockSize];
     for (int64_t i = 0; i < length; ++i) {
       grad[i] = ToFloat(g[i]);
@@ -165,14 +165,14 @@ struct GroupStep {
     for (int64_t first = 0; first < length; first += kMasterBlockSize) {
       const int64_t end = std::min<int64_t>(first + kMasterBlockSize, length);
       uint32_t fingerprint = 0;
-      bool corrected = false;
+      int32_t corrected = 0;  // | rather than ||: no branch, a reduction
       for (int64_t i = first; i < end; ++i) {
         fingerprint += FingerprintTerm(Bits16(param[i]),
                                        static_cast<int>(i - first));
-        corrected = corrected || offset[i] != 0;
+        corrected |= offset[i];
       }
       const int64_t block = (begin + first) / kMasterBlockSize;
-      if (fingerprint != leaf.fingerprints[block] && corrected) {
+      if (fingerprint != leaf.fingerprints[block] && corrected != 0) {
         std::fill(offset + first, offset + end, 0);
         __atomic_fetch_add(&leaf.fingerprints[leaf.num_master_blocks], 1u,
                            __ATOMIC_RELAXED);
@@ -190,25 +190,28 @@ struct GroupStep {
       update[i] = Optimizer::Update(s, grad[i], master[i], decay, element);
       for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
     }
+    // Bit patterns, not T: a loop storing two structs a step does not
+    // vectorize.
+    uint16_t result[kBlockSize], written[kBlockSize];
     for (int64_t i = 0; i < length; ++i) {
       const float new_master = AddRounded(master[i], update[i]);
       const MasterStep<T> step = StepToMaster(param[i], new_master);
-      result[i] = step.update;
-      written[i] = step.param;
+      result[i] = Bits16(step.update);
+      written[i] = Bits16(step.param);
       offset[i] = EncodeCorrection<kBits>(new_master, step.param);
     }
-    const T* chosen = output_mode == kOutputUpdates ? result : written;
+    const uint16_t* chosen = output_mode == kOutputUpdates ? result : written;
     for (int64_t first = 0; first < length; first += kMasterBlockSize) {
       const int64_t end = std::min<int64_t>(first + kMasterBlockSize, length);
       uint32_t fingerprint = 0;
       for (int64_t i = first; i < end; ++i) {
-        fingerprint += FingerprintTerm(Bits16(written[i]),
+        fingerprint += FingerprintTerm(written[i],
                                        static_cast<int>(i - first));
       }
       leaf.fingerprints[(begin + first) / kMasterBlockSize] = fingerprint;
     }
     for (int64_t i = 0; i < length; ++i) {
-      out[i] = chosen[i];
+      out[i] = FromBits16<T>(chosen[i]);
       correction[i] = static_cast<Correction>(offset[i]);
     }
   }
