@@ -32,10 +32,7 @@ RUN_ELSEWHERE = {
 }
 # Files whose blocks do not run yet: expected to fail (strict, so that the
 # entry goes once they run), with the reason.
-DOES_NOT_RUN_YET = {
-    'docs/bf16_training.md': 'its block uses params and grads it does not '
-                             'define (the guide is edited elsewhere)',
-}
+DOES_NOT_RUN_YET: dict[str, str] = {}
 _FENCE = re.compile(r'^```python\n(.*?)^```', re.S | re.M)
 _SKIP = re.compile(r'<!--\s*skip:\s*(.*?)\s*-->')
 
