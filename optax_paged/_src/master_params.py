@@ -1,5 +1,7 @@
 """The float32 master weights an optimizer keeps for 16-bit parameters."""
 
+from __future__ import annotations
+
 from typing import Any
 
 import jax
