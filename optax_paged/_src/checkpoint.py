@@ -19,11 +19,25 @@ import numpy as np
 
 from optax_paged._src import base
 from optax_paged._src import state_io
+from optax_paged._src import tpu_checkpoint
+from optax_paged._src import tpu_state
 from optax_paged._src import transform
 
 
 def _is_optax_paged_state(x: Any) -> bool:
-  return isinstance(x, transform.OptimizerState)
+  return isinstance(x, (transform.OptimizerState, tpu_state.TpuState))
+
+
+def _export(x: Any) -> dict[str, Any]:
+  if isinstance(x, tpu_state.TpuState):  # the TPU path's functional state
+    return tpu_checkpoint.export_state(x)
+  return state_io.export_state(x)
+
+
+def _plan_import(fresh: Any, stored: Any) -> state_io.Planned:
+  if isinstance(fresh, tpu_state.TpuState):
+    return tpu_checkpoint.plan_import(fresh, stored)
+  return state_io.plan_import(fresh, stored)
 
 
 def state_dict(state: base.OptState) -> Any:
@@ -55,7 +69,7 @@ def state_dict(state: base.OptState) -> Any:
   """
   jax.block_until_ready(state)
   return jax.tree.map(
-      lambda x: (state_io.export_state(x) if _is_optax_paged_state(x)
+      lambda x: (_export(x) if _is_optax_paged_state(x)
                  else _host_leaf(x)),
       state,
       is_leaf=_is_optax_paged_state,
@@ -102,7 +116,7 @@ def load_state_dict(state: base.OptState, saved: Any) -> base.OptState:
   jax.block_until_ready(state)
   planned = state_io.checked(lambda: jax.tree.map(
       lambda fresh, stored: (
-          state_io.plan_import(fresh, stored)
+          _plan_import(fresh, stored)
           if _is_optax_paged_state(fresh)
           else _restore_leaf(fresh, stored)
       ),

@@ -20,6 +20,8 @@ from optax_paged._src import families
 from optax_paged._src import hyperparam_checks
 from optax_paged._src import master_weights
 from optax_paged._src import optimizer_table
+from optax_paged._src import reference
+from optax_paged._src import tpu_transform
 from optax_paged._src import transform
 from optax_paged._src.family import VARIANTS
 from optax_paged._src.family import Family
@@ -75,6 +77,9 @@ def build(family: Family, variant: Variant,
         f'available with a trust ratio ({family.title}): the update is '
         'scaled after the kernel, which keeps the master weights. Use '
         'float32 parameters for a float32 master.')
+  tpu_mode = tpu_transform.selected()
+  if tpu_mode is not None:
+    return _tpu_transformation(spec, variant, values, tpu_mode)
   return transform.make_transformation(
       spec,
       quantize=variant.quantized,
@@ -86,6 +91,26 @@ def build(family: Family, variant: Variant,
       code_bits=variant.code_bits if variant.quantized else 8,
       master_weight_bits=master_weight_bits,
   )
+
+
+def _tpu_transformation(spec: transform.OptimizerSpec, variant: Variant,
+                        values: dict[str, Any],
+                        mode: str) -> optax.GradientTransformationExtraArgs:
+  """The TPU path (tpu_transform): Pallas kernels on a functional state;
+  the pure-JAX reference where they do not run the optimizer."""
+  code_bits = variant.code_bits if variant.quantized else 8
+  min_8bit_size = values.get('min_8bit_size', base.MIN_8BIT_SIZE)
+  if not tpu_transform.supports(spec, code_bits,
+                                values['master_weight_bits']):
+    return reference.reference_transformation(
+        spec, quantize=variant.quantized, min_8bit_size=min_8bit_size,
+        weight_decay_mask=values.get('mask'), code_bits=code_bits,
+        master_weight_bits=values['master_weight_bits'])
+  return tpu_transform.make_transformation(
+      spec, mode=mode, quantize=variant.quantized,
+      min_8bit_size=min_8bit_size, weight_decay_mask=values.get('mask'),
+      paged=variant.paged, device_budget=values.get('device_budget'),
+      keep_32bit=values.get('keep_32bit'))
 
 
 def _source(name: str, args: list[Hyperparameter]) -> str:

@@ -159,6 +159,9 @@ class OptimizerSpec(NamedTuple):
 _SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # update_fn -> init taking a ZeRO-1 axis, for shard_state_over.
 _INITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# update_fn -> fused step of a transformation not built here (the TPU
+# path's), which apply_gradients runs instead of run_step.
+FUSED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_mask(mask: Any, params: Any, default: bool = True) -> list[bool]:
@@ -340,6 +343,10 @@ def apply_gradients(
     ...                donate_argnums=(1, 2))
     >>> params, state = step({'w': jnp.ones((64, 64))}, state, params)
   """
+  fused = FUSED_STEPS.get(getattr(tx, 'update', None))
+  if fused is not None:  # another path's fused step (tpu_transform)
+    return fused(grads, state, params,
+                 stochastic_rounding=stochastic_rounding)
   spec = _registered(
       _SPECS, tx, 'apply_gradients',
       'for a chain, apply the earlier transformations to the gradients first')

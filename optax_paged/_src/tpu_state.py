@@ -1,0 +1,196 @@
+"""The TPU path's functional state: codes and absmax as ordinary JAX arrays.
+
+TPUs have no managed memory and no user custom calls, so on a TPU the
+state is not in the registry: every moment of a large leaf is a
+``TpuMoment`` (uint8 codes, float32 absmax), every moment of a small one a
+float32 array of the leaf's shape, all leaves of the optimizer state. They
+shard like the parameters, move to host memory (``pinned_host``) by their
+sharding's memory kind, and checkpoint with any pytree checkpointer or with
+``optax_paged.state_dict`` in the format of the GPU and CPU states.
+
+Layout of a quantized moment (``tpu_kernel`` says why):
+
+- native, for a leaf of two or more dimensions whose last ``B`` is a
+  multiple of 256: codes of the leaf's shape, absmax of shape
+  ``shape[:-2] + (B // 256, shape[-2])`` (per row of ``B`` elements,
+  ``B / 256`` blocks; transposed so that it is lane-dense);
+- flat, for any other leaf: the leaf flattened and padded with zeros to
+  rows of 2048 (codes ``(rows, 2048)``, absmax ``(8, rows)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_paged._src import base
+from optax_paged._src import quantization
+
+BLOCK = base.BLOCK_SIZE
+FLAT_LANES = 2048
+
+
+class TpuMoment(NamedTuple):
+  """One blockwise 8-bit moment of one leaf, in the TPU layout."""
+
+  codes: jax.Array  # uint8, the leaf's shape (native) or (rows, 2048)
+  absmax: jax.Array  # float32, (..., B // 256, M) or (8, rows)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class TpuLeafState:
+  """The moments of one leaf, with static data: the leaf's shape, the
+  tier of its state (``'device'`` or ``'host'``: ``pinned_host`` memory)
+  and the parameter's ``NamedSharding`` on a mesh (None off a mesh), which
+  the state's arrays follow."""
+
+  def __init__(self, moments: tuple[Any, ...], shape: tuple[int, ...],
+               tier: str = 'device',
+               sharding: jax.sharding.NamedSharding | None = None):
+    self.moments = tuple(moments)
+    self.shape = tuple(shape)
+    self.tier = tier
+    self.sharding = sharding
+
+  def tree_flatten_with_keys(self):
+    return ([(jax.tree_util.GetAttrKey('moments'), self.moments)],
+            (self.shape, self.tier, self.sharding))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], *aux)
+
+  def with_moments(self, moments: tuple[Any, ...]) -> TpuLeafState:
+    return TpuLeafState(moments, self.shape, self.tier, self.sharding)
+
+  @property
+  def quantized(self) -> bool:
+    return bool(self.moments) and isinstance(self.moments[0], TpuMoment)
+
+  def __repr__(self) -> str:
+    return (f'TpuLeafState(shape={self.shape}, tier={self.tier!r}, '
+            f'moments={self.moments!r})')
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class TpuState:
+  """State of an optax_paged optimizer on the TPU path.
+
+  Attributes:
+    count: number of updates applied so far, shape ``()``, int32.
+    leaves: a tree like the parameters; each leaf a ``TpuLeafState``.
+    optimizer: the optimizer its states belong to (``'adamw'``, ...).
+    signed: per moment, whether it uses the signed map.
+  """
+
+  def __init__(self, count: Any, leaves: Any, optimizer: str,
+               signed: tuple[bool, ...]):
+    self.count = count
+    self.leaves = leaves
+    self.optimizer = optimizer
+    self.signed = tuple(signed)
+
+  def tree_flatten_with_keys(self):
+    return ([(jax.tree_util.GetAttrKey('count'), self.count),
+             (jax.tree_util.GetAttrKey('leaves'), self.leaves)],
+            (self.optimizer, self.signed))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], children[1], *aux)
+
+  def replace(self, **changes: Any) -> TpuState:
+    fields = {'count': self.count, 'leaves': self.leaves,
+              'optimizer': self.optimizer, 'signed': self.signed, **changes}
+    return TpuState(**fields)
+
+  def __repr__(self) -> str:
+    return (f'TpuState(optimizer={self.optimizer!r}, count={self.count!r}, '
+            f'leaves={self.leaves!r})')
+
+
+def is_leaf_state(x: Any) -> bool:
+  return isinstance(x, TpuLeafState)
+
+
+def is_native(shape: tuple[int, ...]) -> bool:
+  """Whether a leaf's moments use the native layout (no flattening)."""
+  return len(shape) >= 2 and shape[-1] % BLOCK == 0
+
+
+def view(shape: tuple[int, ...]) -> tuple[int, int, int]:
+  """The kernel's (L, M, B) view of a leaf."""
+  if is_native(shape):
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+  return 1, -(-math.prod(shape) // FLAT_LANES), FLAT_LANES
+
+
+def moment_shapes(shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(codes shape, absmax shape) of a quantized moment of a leaf."""
+  if is_native(shape):
+    return shape, shape[:-2] + (shape[-1] // BLOCK, shape[-2])
+  rows = view(shape)[1]
+  return (rows, FLAT_LANES), (FLAT_LANES // BLOCK, rows)
+
+
+def kernel_view(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """A parameter-shaped array as the kernel's (L, M, B) view."""
+  lead, rows, lanes = view(shape)
+  if is_native(shape):
+    return x.reshape(lead, rows, lanes)
+  flat = x.reshape(-1)
+  return jnp.pad(flat, (0, rows * lanes - flat.size)).reshape(1, rows, lanes)
+
+
+def from_kernel_view(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  if is_native(shape):
+    return x.reshape(shape)
+  return x.reshape(-1)[:math.prod(shape)].reshape(shape)
+
+
+def moment_view(moment: TpuMoment, shape: tuple[int, ...]) -> TpuMoment:
+  lead, rows, lanes = view(shape)
+  return TpuMoment(moment.codes.reshape(lead, rows, lanes),
+                   moment.absmax.reshape(lead, lanes // BLOCK, rows))
+
+
+def moment_from_view(moment: TpuMoment, shape: tuple[int, ...]) -> TpuMoment:
+  codes_shape, absmax_shape = moment_shapes(shape)
+  return TpuMoment(moment.codes.reshape(codes_shape),
+                   moment.absmax.reshape(absmax_shape))
+
+
+def to_flat(moment: TpuMoment, shape: tuple[int, ...]
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """The (codes, absmax) of the GPU/CPU format: flat, block order."""
+  n = math.prod(shape)
+  codes = np.asarray(moment.codes).reshape(-1)[:n]
+  absmax = np.swapaxes(np.asarray(moment.absmax), -1, -2).reshape(-1)
+  return codes, absmax[:-(-n // BLOCK)]
+
+
+def from_flat(codes: np.ndarray, absmax: np.ndarray, shape: tuple[int, ...],
+              signed: bool) -> TpuMoment:
+  """A TPU-layout moment from flat codes and absmax (NumPy)."""
+  codes_shape, absmax_shape = moment_shapes(shape)
+  padded = np.full(math.prod(codes_shape),
+                   quantization.tables(signed).zero_code, np.uint8)
+  padded[:codes.size] = codes
+  blocks = np.zeros(math.prod(absmax_shape), np.float32)
+  blocks[:absmax.size] = absmax
+  swapped = absmax_shape[:-2] + (absmax_shape[-1], absmax_shape[-2])
+  return TpuMoment(padded.reshape(codes_shape),
+                   np.swapaxes(blocks.reshape(swapped), -1, -2))
+
+
+def absmax_spec(spec: Any, ndim: int) -> Any:
+  """The PartitionSpec of a native absmax for a leaf's spec: the last two
+  dimensions' entries swapped (the block axis splits as the last does)."""
+  entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+  return jax.sharding.PartitionSpec(*entries[:-2], entries[-1], entries[-2])

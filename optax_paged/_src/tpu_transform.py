@@ -1,0 +1,336 @@
+"""The optimizers on the TPU path: a functional state and Pallas TPU kernels.
+
+The factories (``paged_adamw8bit``, ``adamw8bit``, ``lion8bit``, ...) build
+this transformation instead of the registry's when ``selected()`` says so:
+on a TPU backend, or when a test forces it (``force('interpret')`` runs the
+kernels in Pallas' TPU interpreter on any backend; ``force('tpu')`` builds
+the compiled kernels, for an ahead-of-time compile on TPU topologies).
+
+The state is a ``tpu_state.TpuState``: per large leaf and moment, uint8
+codes and float32 absmax, updated by one Pallas kernel call per leaf
+(``tpu_kernel``); small leaves keep float32 moments updated in XLA with the
+same element maths. Paging is JAX's host memory: with a device budget
+(``paged_*`` factories) the leaves beyond it keep their state in
+``pinned_host`` memory, and the step copies each one to the device, runs
+its kernel and copies it back. A state on a mesh shards like the
+parameters; the kernels run per shard under ``jax.shard_map``.
+
+Not on this path (the factories then build the pure-JAX reference
+transformation, which runs anywhere): 4-bit states, master weights and the
+trust-ratio families (LAMB, LARS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_paged._src import base
+from optax_paged._src import families
+from optax_paged._src import hyperparams as hyperparams_lib
+from optax_paged._src import optimizer_table
+from optax_paged._src import paging
+from optax_paged._src import quantization
+from optax_paged._src import reference
+from optax_paged._src import tpu_state
+from optax_paged._src import transform
+from optax_paged._src.tpu_state import TpuLeafState
+from optax_paged._src.tpu_state import TpuMoment
+from optax_paged._src.tpu_state import TpuState
+
+# The environment variable that forces a path: 'tpu', 'interpret' or 'off'.
+ENV = 'OPTAX_PAGED_TPU_PATH'
+MODES = ('tpu', 'interpret', 'off')
+_forced: list[str] = []
+
+
+def selected() -> str | None:
+  """The TPU path's mode for factories built now: ``'tpu'`` (compiled
+  kernels), ``'interpret'`` (Pallas' TPU interpreter) or None (the
+  registry's path). Forced by ``force`` or ``$OPTAX_PAGED_TPU_PATH``; else
+  ``'tpu'`` exactly when JAX's default backend is a TPU."""
+  mode = _forced[-1] if _forced else os.environ.get(ENV)
+  if mode:
+    if mode not in MODES:
+      raise ValueError(f'{ENV}={mode!r}: expected one of {MODES}.')
+    return None if mode == 'off' else mode
+  return 'tpu' if jax.default_backend() == 'tpu' else None
+
+
+@contextlib.contextmanager
+def force(mode: str) -> Iterator[None]:
+  """Factories called inside build the TPU path in ``mode`` (see
+  ``selected``): ``'interpret'`` tests the kernels on a CPU."""
+  if mode not in MODES:
+    raise ValueError(f'force: expected one of {MODES}, got {mode!r}.')
+  _forced.append(mode)
+  try:
+    yield
+  finally:
+    _forced.pop()
+
+
+def supports(spec: transform.OptimizerSpec, code_bits: int,
+             master_weight_bits: int | None) -> bool:
+  """Whether the TPU kernels run this optimizer."""
+  return (code_bits == 8 and master_weight_bits is None
+          and spec.trust_ratio is None
+          and any(f.name == spec.kernel and f.reference_update is not None
+                  for f in families.FAMILIES.values()))
+
+
+def make_transformation(
+    spec: transform.OptimizerSpec,
+    *,
+    mode: str,
+    quantize: bool,
+    min_8bit_size: int,
+    weight_decay_mask: Any,
+    paged: bool,
+    device_budget: Any = None,
+    keep_32bit: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The TPU path's transformation of ``spec`` (see the module docstring).
+
+  ``mode`` is ``'tpu'`` or ``'interpret'``.
+  """
+  if paged:
+    paging.check_budget(device_budget)
+  interpret = mode == 'interpret'
+  info = optimizer_table.info(spec.kernel)
+
+  def init_fn(params: base.Params) -> TpuState:
+    leaves, treedef = jax.tree.flatten(params)
+    kept = transform.resolve_mask(keep_32bit, params, default=False)
+    quantized = [quantize and np.size(p) >= min_8bit_size and not keep
+                 for p, keep in zip(leaves, kept, strict=True)]
+    initial = tuple(float(v) for v in spec.initial_values) or (
+        0.0,) * info.num_moments
+    states = [_init_leaf(p, q, initial, info.signed)
+              for p, q in zip(leaves, quantized, strict=True)]
+    if paged:
+      states = _place(states, leaves, device_budget)
+    return TpuState(jnp.zeros([], jnp.int32), treedef.unflatten(states),
+                    spec.name, spec.signed)
+
+  def step(grads, state, params, output_params):
+    if params is None:
+      raise ValueError(base.NO_PARAMS_MSG)
+    if not isinstance(state, TpuState):
+      raise TypeError(f'{spec.name}: expected the state made by this '
+                      f"optimizer's init, got {type(state).__name__}.")
+    if state.optimizer != spec.name:
+      raise ValueError(
+          f'{spec.name}: this state was made by {state.optimizer}.')
+    param_leaves, treedef = jax.tree.flatten(params)
+    grad_leaves = treedef.flatten_up_to(grads)
+    leaf_states = treedef.flatten_up_to(state.leaves)
+    decay = transform.resolve_mask(weight_decay_mask, params)
+    count_inc = optax.safe_increment(state.count)
+    h = spec.hyperparams(state.count, count_inc)
+    outs, new_states = [], []
+    for g, p, ls, d in zip(grad_leaves, param_leaves, leaf_states, decay,
+                           strict=True):
+      if np.shape(g) != np.shape(p) or tuple(np.shape(p)) != ls.shape:
+        raise ValueError(
+            f'{spec.name}: a gradient of shape {np.shape(g)} for a parameter '
+            f'of shape {np.shape(p)}, state for {ls.shape}.')
+      out, new = _leaf_step(spec, h, g, p, ls, d, output_params, interpret)
+      outs.append(out)
+      new_states.append(new)
+    return (treedef.unflatten(outs),
+            state.replace(count=count_inc,
+                          leaves=treedef.unflatten(new_states)))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    return step(updates, state, params, output_params=False)
+
+  def fused(grads, state, params, *, stochastic_rounding=False):
+    if stochastic_rounding:
+      raise ValueError(
+          f'{spec.name}: stochastic_rounding is not on the TPU path yet; '
+          'use apply_gradients without it.')
+    return step(grads, state, params, output_params=True)
+
+  transform.FUSED_STEPS[update_fn] = fused
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _sharding_of(x: Any) -> jax.sharding.NamedSharding | None:
+  sharding = getattr(x, 'sharding', None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and (
+      sharding.mesh.size > 1):
+    return sharding
+  return None
+
+
+def _shards_over(sharding: jax.sharding.NamedSharding, entry: Any) -> int:
+  names = entry if isinstance(entry, tuple) else (entry,)
+  return math.prod(sharding.mesh.shape[n] for n in names if n is not None)
+
+
+def _check_shardable(shape: tuple[int, ...],
+                     sharding: jax.sharding.NamedSharding | None) -> None:
+  if sharding is None or sharding.is_fully_replicated:
+    return
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  if not tpu_state.is_native(shape) or (
+      shape[-1] // _shards_over(sharding, spec[-1])) % tpu_state.BLOCK:
+    raise ValueError(
+        f'optax_paged (TPU): a parameter of shape {shape} sharded as '
+        f'{sharding.spec}: its quantized state splits into whole blocks of '
+        '256 elements only for two or more dimensions whose last, per '
+        'shard, is a multiple of 256. Shard another dimension, or keep it '
+        'in float32 (keep_32bit).')
+
+
+def _constant_moment(shape, value, signed) -> tuple[int, float]:
+  """(code, absmax) of a moment whose every element is ``value``."""
+  codes, absmax = quantization.quantize_blockwise(
+      jnp.full([tpu_state.BLOCK], value, jnp.float32), signed)
+  return int(codes[0]), float(absmax[0])
+
+
+def _init_leaf(param, quantized, initial, signed) -> TpuLeafState:
+  shape = tuple(np.shape(param))
+  sharding = _sharding_of(param)
+  moments = []
+  for value, is_signed in zip(initial, signed, strict=True):
+    if not quantized:
+      moments.append(_full(shape, value, jnp.float32, sharding, None))
+      continue
+    _check_shardable(shape, sharding)
+    codes_shape, absmax_shape = tpu_state.moment_shapes(shape)
+    if value == 0 or tpu_state.is_native(shape):
+      code, absmax = (_constant_moment(shape, value, is_signed) if value
+                      else (quantization.tables(is_signed).zero_code, 0.0))
+      spec = sharding.spec if sharding is not None else None
+      moments.append(TpuMoment(
+          _full(codes_shape, code, jnp.uint8, sharding, spec),
+          _full(absmax_shape, absmax, jnp.float32, sharding,
+                None if spec is None else tpu_state.absmax_spec(
+                    spec, len(shape)))))
+    else:
+      code, absmax = _constant_moment(shape, value, is_signed)
+      n = math.prod(shape)
+      moments.append(tpu_state.from_flat(
+          np.full(n, code, np.uint8),
+          np.full(-(-n // tpu_state.BLOCK), absmax, np.float32), shape,
+          is_signed))
+  return TpuLeafState(tuple(moments), shape, 'device', sharding)
+
+
+def _full(shape, value, dtype, sharding, spec):
+  if sharding is None:
+    return jnp.full(shape, value, dtype)
+  target = jax.sharding.NamedSharding(
+      sharding.mesh, sharding.spec if spec is None else spec)
+  return jax.jit(lambda: jnp.full(shape, value, dtype),
+                 out_shardings=target)()
+
+
+def _memory_kinds(x: Any) -> set[str]:
+  return {m.kind for d in getattr(x, 'devices', lambda: [])()
+          for m in d.addressable_memories()}
+
+
+def _place(states: list[TpuLeafState], params: list[Any],
+           device_budget: Any) -> list[TpuLeafState]:
+  """The states with the leaves beyond the device budget in pinned host
+  memory (paging.place's order: parameter order, device first)."""
+  sizes = [sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s))
+           for s in states]
+  budget = _budget(device_budget, params, sum(sizes))
+  tiers = paging.place(sizes, budget)
+  placed = []
+  for state, param, tier in zip(states, params, tiers, strict=True):
+    if tier == 'host':
+      kinds = _memory_kinds(param)
+      if kinds and 'pinned_host' not in kinds:
+        raise ValueError(
+            'optax_paged (TPU): this backend has no pinned_host memory for '
+            'the host tier; use a larger device_budget.')
+      state = TpuLeafState(
+          jax.device_put(state.moments, jax.memory.Space.Host), state.shape,
+          'host', state.sharding)
+    placed.append(state)
+  return placed
+
+
+def _budget(device_budget: Any, params: list[Any], total: int) -> int:
+  """Bytes of state the device keeps: an int as is; a fraction, None or
+  'auto' of the memory XLA reports free on the first device (all of it
+  where XLA reports none, as on the CPU)."""
+  if isinstance(device_budget, int) and not isinstance(device_budget, bool):
+    return device_budget
+  devices = [d for p in params for d in getattr(p, 'devices', lambda: [])()]
+  stats = paging.xla_stats(devices[0]) if devices else None
+  if not stats or 'bytes_limit' not in stats:
+    return total
+  free = stats['bytes_limit'] - stats.get('bytes_in_use', 0)
+  fraction = (device_budget if isinstance(device_budget, float)
+              else paging.DEFAULT_DEVICE_FRACTION)
+  return int(free * fraction)
+
+
+def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
+               interpret):
+  if not ls.quantized:
+    slots = hyperparams_lib.unpack(spec.kernel, h)
+    update, moments, _ = reference.leaf_step(
+        families.reference_update(spec.kernel), spec.signed, slots, grad,
+        param, tuple(m.reshape(-1) for m in ls.moments), decay)
+    moments = tuple(m.reshape(ls.shape) for m in moments)
+    out = (jnp.asarray(param + update).astype(param.dtype) if output_params
+           else update)
+    return out, ls.with_moments(moments)
+  host = ls.tier == 'host'
+  moments = ls.moments
+  if host:
+    moments = jax.device_put(moments, jax.memory.Space.Device)
+  run = functools.partial(_run_kernel, spec.kernel, ls.shape, decay,
+                          output_params, interpret)
+  sharding = ls.sharding
+  if sharding is not None and not sharding.is_fully_replicated:
+    spec_p = sharding.spec
+    spec_a = tpu_state.absmax_spec(spec_p, len(ls.shape))
+    moment_specs = tuple(TpuMoment(spec_p, spec_a) for _ in moments)
+    run = jax.shard_map(
+        run, mesh=sharding.mesh,
+        in_specs=(jax.sharding.PartitionSpec(), spec_p, spec_p,
+                  moment_specs),
+        out_specs=(spec_p, moment_specs), check_vma=False)
+  out, moments = run(h, grad, param, moments)
+  if host:
+    moments = jax.device_put(moments, jax.memory.Space.Host)
+  return out, ls.with_moments(moments)
+
+
+def _run_kernel(kernel, shape, decay, output_params, interpret, h, grad,
+                param, moments):
+  """The kernel on one leaf (or one shard of it: ``shape`` is then the
+  global shape, and the local arrays' own shapes are used)."""
+  from optax_paged._src import tpu_kernel  # noqa: PLC0415 - Pallas on use
+
+  local = tuple(param.shape)
+  if tpu_state.is_native(shape):
+    del shape
+    shape = local
+  out, new = tpu_kernel.leaf_step(
+      kernel, h, tpu_state.kernel_view(grad, shape),
+      tpu_state.kernel_view(param, shape),
+      [tuple(tpu_state.moment_view(m, shape)) for m in moments],
+      decay=decay, output_params=output_params, interpret=interpret)
+  return (tpu_state.from_kernel_view(out, shape),
+          tuple(tpu_state.moment_from_view(TpuMoment(*m), shape)
+                for m in new))
