@@ -119,8 +119,10 @@ def make_transformation(
               for p, q in zip(leaves, quantized, strict=True)]
     if paged:
       states = _place(states, leaves, device_budget)
-    return TpuState(jnp.zeros([], jnp.int32), treedef.unflatten(states),
-                    spec.name, spec.signed)
+    count = (_abstract((), jnp.int32, leaves[0], jax.sharding.PartitionSpec())
+             if leaves and _is_abstract(leaves[0])
+             else jnp.zeros([], jnp.int32))
+    return TpuState(count, treedef.unflatten(states), spec.name, spec.signed)
 
   def step(grads, state, params, output_params):
     if params is None:
@@ -201,9 +203,25 @@ def _constant_moment(shape, value, signed) -> tuple[int, float]:
   return int(codes[0]), float(absmax[0])
 
 
+def _is_abstract(param: Any) -> bool:
+  return isinstance(param, jax.ShapeDtypeStruct)
+
+
+def _abstract(shape, dtype, param, spec) -> jax.ShapeDtypeStruct:
+  """An array of the state laid out as ``param``'s, for an ahead-of-time
+  compile (``tx.init`` of ``jax.ShapeDtypeStruct`` parameters)."""
+  sharding = getattr(param, 'sharding', None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(
+        sharding.mesh, sharding.spec if spec is None else spec)
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
 def _init_leaf(param, quantized, initial, signed) -> TpuLeafState:
   shape = tuple(np.shape(param))
   sharding = _sharding_of(param)
+  if _is_abstract(param):
+    return _init_abstract(param, shape, quantized, len(initial), sharding)
   moments = []
   for value, is_signed in zip(initial, signed, strict=True):
     if not quantized:
@@ -230,6 +248,29 @@ def _init_leaf(param, quantized, initial, signed) -> TpuLeafState:
   return TpuLeafState(tuple(moments), shape, 'device', sharding)
 
 
+def _init_abstract(param, shape, quantized, num_moments, sharding
+                   ) -> TpuLeafState:
+  if not quantized:
+    moment = _abstract(shape, jnp.float32, param, None)
+  else:
+    _check_shardable(shape, sharding)
+    codes_shape, absmax_shape = tpu_state.moment_shapes(shape)
+    spec = None if sharding is None else sharding.spec
+    moment = TpuMoment(
+        _abstract(codes_shape, jnp.uint8, param, spec),
+        _abstract(absmax_shape, jnp.float32, param,
+                  None if spec is None else tpu_state.absmax_spec(
+                      spec, len(shape))))
+  return TpuLeafState((moment,) * num_moments, shape, 'device', sharding)
+
+
+def _to_host(x: Any) -> Any:
+  if _is_abstract(x):
+    return jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=x.sharding.with_memory_kind('pinned_host'))
+  return jax.device_put(x, jax.memory.Space.Host)
+
+
 def _full(shape, value, dtype, sharding, spec):
   if sharding is None:
     return jnp.full(shape, value, dtype)
@@ -248,7 +289,8 @@ def _place(states: list[TpuLeafState], params: list[Any],
            device_budget: Any) -> list[TpuLeafState]:
   """The states with the leaves beyond the device budget in pinned host
   memory (paging.place's order: parameter order, device first)."""
-  sizes = [sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s))
+  sizes = [sum(math.prod(x.shape) * x.dtype.itemsize
+               for x in jax.tree.leaves(s))
            for s in states]
   budget = _budget(device_budget, params, sum(sizes))
   tiers = paging.place(sizes, budget)
@@ -261,7 +303,7 @@ def _place(states: list[TpuLeafState], params: list[Any],
             'optax_paged (TPU): this backend has no pinned_host memory for '
             'the host tier; use a larger device_budget.')
       state = TpuLeafState(
-          jax.device_put(state.moments, jax.memory.Space.Host), state.shape,
+          jax.tree.map(_to_host, state.moments), state.shape,
           'host', state.sharding)
     placed.append(state)
   return placed
