@@ -1,10 +1,14 @@
 #include "cpu_codec.h"
 
+#include <cstdio>
+#include <cstdlib>
+#include <string_view>
+
 namespace optax_paged {
 
 void EncodeBlock(const QuantTables& tables, const float* values, float inverse,
                  int64_t length, uint8_t* codes) {
-  if (HasAvx512()) {
+  if (UseGathers()) {
     EncodeBlockAvx512(tables, values, inverse, length, codes);
     return;
   }
@@ -19,6 +23,10 @@ void EncodeBlock(const QuantTables& tables, const float* values, float inverse,
 
 void DecodeBlock(const QuantTables& tables, const uint8_t* codes, float absmax,
                  int64_t length, float* values) {
+  if (UseGathers()) {
+    DecodeBlockGather(tables, codes, absmax, length, values);
+    return;
+  }
   if (HasAvx2()) {
     DecodeBlockAvx2(tables, codes, absmax, length, values);
     return;
@@ -84,9 +92,39 @@ float BlockAbsmaxScalar(const float* values, int64_t length) {
   return BitsToFloat(largest);
 }
 
+namespace {
+
+// The widest instruction set the CPU path may use, from OPTAX_PAGED_CPU_ISA:
+// "avx2" runs this processor as one without AVX-512, "sse2" as one without
+// AVX2 (x86-64's baseline); unset, the processor's own. Tests and benchmarks
+// use it to run, on any x86 CPU, the paths other CPUs take; the results are
+// bit-identical whichever path runs.
+enum class IsaCap { kSse2, kAvx2, kAvx512 };
+
+IsaCap IsaCapFromEnvironment() {
+  static const IsaCap cap = [] {
+    const char* text = std::getenv("OPTAX_PAGED_CPU_ISA");
+    if (text == nullptr || *text == '\0') return IsaCap::kAvx512;
+    const std::string_view value(text);
+    if (value == "sse2") return IsaCap::kSse2;
+    if (value == "avx2") return IsaCap::kAvx2;
+    if (value != "avx512") {
+      std::fprintf(stderr,
+                   "optax_paged: OPTAX_PAGED_CPU_ISA=%s is not sse2, avx2 or "
+                   "avx512; ignored\n",
+                   text);
+    }
+    return IsaCap::kAvx512;
+  }();
+  return cap;
+}
+
+}  // namespace
+
 bool HasAvx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") &&
+                               IsaCapFromEnvironment() >= IsaCap::kAvx2;
   return has_avx2;
 #else
   return false;
@@ -97,8 +135,18 @@ bool HasAvx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool has_avx512 = __builtin_cpu_supports("avx512f") &&
                                  __builtin_cpu_supports("avx512bw") &&
-                                 __builtin_cpu_supports("avx512vl");
+                                 __builtin_cpu_supports("avx512vl") &&
+                                 IsaCapFromEnvironment() >= IsaCap::kAvx512;
   return has_avx512;
+#else
+  return false;
+#endif
+}
+
+bool UseGathers() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool use_gathers = HasAvx512() && __builtin_cpu_is("intel");
+  return use_gathers;
 #else
   return false;
 #endif

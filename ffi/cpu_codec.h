@@ -1,6 +1,7 @@
-// Block encode/decode for the CPU path, with an AVX2 version chosen at run
-// time when the processor has it (the scalar loops cannot use vector
-// gathers). Both give exactly the codes and values of Encode and Decode.
+// Block encode/decode for the CPU path, with AVX2 and AVX-512 versions
+// chosen at run time by what the processor has (the scalar loops do not
+// vectorize: they look values up in tables). All give exactly the codes and
+// values of Encode and Decode.
 #ifndef OPTAX_PAGED_FFI_CPU_CODEC_H_
 #define OPTAX_PAGED_FFI_CPU_CODEC_H_
 
@@ -25,14 +26,19 @@ float BlockAbsmax(const float* values, int64_t length);
 // The same by the scalar loop, whatever the processor.
 float BlockAbsmaxScalar(const float* values, int64_t length);
 
-// The same with vector gathers; only call when HasAvx2() is true.
+// The same with AVX2 and no gathers (table entries by scalar loads); only
+// call when HasAvx2() is true.
 void EncodeBlockAvx2(const QuantTables& tables, const float* values,
                      float inverse, int64_t length, uint8_t* codes);
 void DecodeBlockAvx2(const QuantTables& tables, const uint8_t* codes,
                      float absmax, int64_t length, float* values);
-
 float BlockAbsmaxAvx2(const float* values, int64_t length);
-// Only call when HasAvx512() is true.
+
+// The same with vector gathers, used where gathers are fast
+// (UseGathers()): DecodeBlockGather needs HasAvx2(), EncodeBlockAvx512
+// HasAvx512().
+void DecodeBlockGather(const QuantTables& tables, const uint8_t* codes,
+                       float absmax, int64_t length, float* values);
 void EncodeBlockAvx512(const QuantTables& tables, const float* values,
                        float inverse, int64_t length, uint8_t* codes);
 
@@ -49,9 +55,16 @@ void EncodeFourBitBlockStochastic(const float* values, float inverse,
                                   int64_t length, uint32_t key,
                                   uint64_t first_index, uint8_t* codes);
 
+// What the CPU path may use: the processor's instruction sets, capped by
+// OPTAX_PAGED_CPU_ISA ("avx2" or "sse2") so that tests and benchmarks run the
+// paths of other CPUs; every path gives the same bits.
 bool HasAvx2();
 // AVX-512 F, BW and VL.
 bool HasAvx512();
+// Whether the codec uses gathers: on Intel processors with AVX-512, where
+// they were measured faster than scalar loads. AMD implements them in
+// microcode, and processors with AVX2 alone take the path without them.
+bool UseGathers();
 
 }  // namespace optax_paged
 

@@ -60,6 +60,7 @@ struct GroupStep {
   void RunChunk(const Chunk& chunk) const {
     const LeafState& leaf = *leaves[chunk.leaf];
     for (int64_t block = chunk.first_block; block < chunk.last_block; ++block) {
+      if (block + 2 < chunk.last_block) Prefetch(leaf, chunk.leaf, block + 2);
       if (leaf.four_bit) {
         FourBitBlock(leaf, chunk.leaf, block);
       } else if (leaf.quantized) {
@@ -67,6 +68,45 @@ struct GroupStep {
       } else {
         FullPrecisionBlock(leaf, chunk.leaf, block);
       }
+    }
+  }
+
+  // Asks for a block's operands and moments two blocks ahead of its loads,
+  // into L2 (prefetcht2): without it each block's first loads waited on
+  // memory (perf, 2-core AMD EPYC Zen 4: 30% of the fused step in the
+  // copies of the gradients and parameters, 2.76 -> 2.17 ns a parameter on
+  // one core; into L1 or one block ahead 2.3-2.4). Inlined by force: GCC
+  // finds a function of nothing but prefetches free of side effects and
+  // drops the calls.
+  __attribute__((always_inline)) inline void Prefetch(
+      const LeafState& leaf, int leaf_index, int64_t block) const {
+    const int64_t block_size = leaf.four_bit ? kFourBitBlockSize : kBlockSize;
+    const int64_t begin = block * block_size;
+    const int64_t length = std::min<int64_t>(block_size, leaf.size - begin);
+    PrefetchBytes(grads[leaf_index] + begin, length * sizeof(T));
+    PrefetchBytes(params[leaf_index] + begin, length * sizeof(T));
+    for (int m = 0; m < Optimizer::kNumMoments; ++m) {
+      const MomentBuffers& moment = leaf.moments[m];
+      if (!leaf.quantized) {
+        PrefetchBytes(moment.values + begin, length * sizeof(float));
+      } else if (leaf.four_bit) {
+        PrefetchBytes(moment.codes + begin / 2, (length + 1) / 2);
+      } else {
+        PrefetchBytes(moment.codes + begin, length);
+      }
+    }
+    if (leaf.correction_bits != 0) {
+      PrefetchBytes(static_cast<const char*>(leaf.correction) +
+                        begin * (leaf.correction_bits / 8),
+                    length * (leaf.correction_bits / 8));
+    }
+  }
+
+  __attribute__((always_inline)) static inline void PrefetchBytes(
+      const void* start, int64_t bytes) {
+    const char* p = static_cast<const char*>(start);
+    for (int64_t offset = 0; offset < bytes; offset += 64) {
+      __builtin_prefetch(p + offset, 0, 1);
     }
   }
 

@@ -1,0 +1,142 @@
+"""Every instruction-set path of the CPU kernel gives the same bits.
+
+The CPU codec and update loop choose at run time between AVX-512 (with
+gathers, on Intel), AVX2 (without gathers: AMD, and every CPU with AVX2 but
+no AVX-512) and x86-64's baseline (ffi/cpu_codec.cc). ``OPTAX_PAGED_CPU_ISA``
+caps the choice, so one machine runs the paths other CPUs take: a worker
+makes the same codes and steps in a fresh process under each cap, and every
+result must equal the default path's bit for bit. CI thereby covers the AVX2
+path on an AVX-512 runner, and the baseline path anywhere.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from optax_paged._src import ffi
+
+WORKER = textwrap.dedent('''
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import optax_paged
+    from optax_paged._src import ffi
+
+    ext = ffi.extension()
+    out = {'avx2': np.asarray(ext.has_avx2()),
+           'avx512': np.asarray(ext.testing.has_avx512())}
+
+    # The kernel's codec: codes, absmax and decoded values of blocks with
+    # every kind of value, and a partial last block.
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(70001) *
+         np.exp(rng.uniform(-40, 5, 70001))).astype(np.float32)
+    x[rng.integers(0, x.size, 20)] = [np.inf, -np.inf, np.nan, -0.0, 1e-45] * 4
+    for signed in (True, False):
+      codes, absmax = ext.quantize_blockwise(x, signed)
+      out[f'codes_{signed}'] = np.asarray(codes)
+      out[f'absmax_{signed}'] = np.asarray(absmax)
+      out[f'values_{signed}'] = np.asarray(
+          ext.dequantize_blockwise(codes, absmax, signed))
+
+    # Steps of optimizers over leaves whose sizes cut blocks and vectors
+    # (the largest is split among threads), fused and strict.
+    shapes = [(1,), (7,), (129,), (255,), (257,), (4099,), (600, 1001)]
+    cases = {
+        'adamw8bit': (optax_paged.paged_adamw8bit(1e-3, weight_decay=0.1),
+                      jnp.float32),
+        'adamw4bit': (optax_paged.adamw4bit(1e-3), jnp.float32),
+        'lion4bit': (optax_paged.lion4bit(1e-4), jnp.float32),
+        'ademamix8bit': (optax_paged.ademamix8bit(1e-3), jnp.float32),
+        'adamw8bit_bf16_master': (
+            optax_paged.adamw8bit(1e-3, master_weight_bits=24), jnp.bfloat16),
+    }
+    keys = jax.random.split(jax.random.key(1), len(shapes))
+    for name, (tx, dtype) in cases.items():
+      params = {f'p{i}': (0.1 * jax.random.normal(k, s)).astype(dtype)
+                for i, (k, s) in enumerate(zip(keys, shapes))}
+
+      def grads_at(step, params=params):
+        return jax.tree.map(
+            lambda p: (1e-2 * jax.random.normal(jax.random.key(step), p.shape)
+                       ).astype(p.dtype), params)
+
+      def strict(params, state, grads, tx=tx):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+      def fused(params, state, grads, tx=tx):
+        return optax_paged.apply_gradients(tx, grads, state, params)
+
+      for kind, step in (('strict', strict), ('fused', fused)):
+        step = jax.jit(step)
+        p, state = params, tx.init(params)
+        for t in range(3):
+          p, state = step(p, state, grads_at(t))
+        for leaf, value in p.items():
+          out[f'{name}_{kind}_{leaf}'] = np.asarray(
+              jax.lax.bitcast_convert_type(value, jnp.uint16)
+              if value.dtype == jnp.bfloat16 else value)
+        saved = optax_paged.state_dict(state)
+        for i, leaf in enumerate(saved['leaves']):
+          for m, moment in enumerate(leaf['moments']):
+            for field, array in moment.items():
+              out[f'{name}_{kind}_state_{i}_{m}_{field}'] = np.asarray(array)
+    np.savez(sys.argv[1], **out)
+''')
+
+
+def _run_worker(path, isa):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('OPTAX_PAGED_CPU_ISA', None)
+  if isa is not None:
+    env['OPTAX_PAGED_CPU_ISA'] = isa
+  done = subprocess.run([sys.executable, '-c', WORKER, str(path)],
+                        capture_output=True, text=True, timeout=600, env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with np.load(path) as results:
+    return dict(results)
+
+
+@pytest.fixture(scope='module')
+def default_path(tmp_path_factory):
+  return _run_worker(tmp_path_factory.mktemp('cpu_paths') / 'default.npz',
+                     None)
+
+
+@pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64'),
+                    reason='the instruction-set paths are x86-64 paths')
+@pytest.mark.parametrize('isa', ['avx2', 'sse2'])
+def test_capped_path_gives_the_default_paths_bits(isa, default_path,
+                                                  tmp_path):
+  if isa == 'avx2' and not ffi.extension().has_avx2():
+    pytest.skip('this CPU has no AVX2')
+  capped = _run_worker(tmp_path / f'{isa}.npz', isa)
+  # The cap took effect: no AVX-512 under it, and no AVX2 under sse2.
+  assert not capped['avx512']
+  assert bool(capped['avx2']) == (isa == 'avx2')
+  assert capped.keys() == default_path.keys()
+  for name, expected in default_path.items():
+    if name in ('avx2', 'avx512'):
+      continue
+    np.testing.assert_array_equal(capped[name], expected, err_msg=name)
+
+
+def test_default_path_fused_step_equals_update_and_apply(default_path):
+  # The worker's fused and strict steps agree bitwise (and so, by the test
+  # above, do those of every path).
+  strict = {k: v for k, v in default_path.items() if '_strict_' in k}
+  assert strict
+  for name, expected in strict.items():
+    np.testing.assert_array_equal(
+        default_path[name.replace('_strict_', '_fused_')], expected,
+        err_msg=name)
