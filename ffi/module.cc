@@ -495,10 +495,13 @@ NB_MODULE(_optax_paged_ext, m) {
   m.attr("WITH_CUDA") = true;
   m.attr("CUDA_VERSION") = OPTAX_PAGED_CUDA_VERSION;
   m.attr("CUDA_ARCHITECTURES") = OPTAX_PAGED_CUDA_ARCHITECTURES;
+  m.attr("CPU_ONLY_REASON") = nb::none();
 #else
   m.attr("WITH_CUDA") = false;
   m.attr("CUDA_VERSION") = nb::none();
   m.attr("CUDA_ARCHITECTURES") = nb::none();
+  // Why the build has no CUDA handlers (CMakeLists.txt says it in words).
+  m.attr("CPU_ONLY_REASON") = OPTAX_PAGED_CPU_ONLY_REASON;
 #endif
   m.def("cpu_registrations", &CpuRegistrations);
   m.def("optimizer_table", &OptimizerTable,

@@ -19,8 +19,12 @@ def test_build_info_describes_the_extension():
   else:
     assert info['cuda_version'] is None
     assert info['cuda_architectures'] is None
-  assert info['cuda_usable'] == ffi.has_cuda_backend()
-  assert info['cuda_usable'] <= info['cuda']
+    assert info['gpu_missing'].startswith(
+        'optax_paged was built without its CUDA kernels because ')
+  # What a GPU state's error would say (tests/cuda_support_test.py).
+  assert info['gpu_missing'] == ffi.gpu_missing()
+  assert info['cuda_usable'] is (info['gpu_missing'] is None)
+  assert info['cuda_usable'] <= ffi.has_cuda_backend() <= info['cuda']
   assert set(info['optimizers']) == set(optimizer_table.table())
   assert info['block_size'] == 256 and info['format_version'] == 5
   assert info['jax'] == jax.__version__

@@ -16,7 +16,9 @@ def build_info() -> dict[str, Any]:
     A dict with ``cuda`` (whether the CUDA kernels were built),
     ``cuda_version`` and ``cuda_architectures`` (the toolkit and the
     ``CMAKE_CUDA_ARCHITECTURES`` they were built for; None without CUDA),
-    ``cuda_usable`` (built and a CUDA GPU visible to JAX), ``avx2`` (the CPU
+    ``cuda_usable`` (the kernels run on every CUDA GPU JAX sees, and it
+    sees one), ``gpu_missing`` (None where they are usable, else what is
+    missing, in the words a GPU state's error uses), ``avx2`` (the CPU
     codec's AVX2 path is used on this machine), ``optimizers`` (the compiled
     optimizer table's names), ``block_size`` and ``format_version`` (of
     ``state_dict``), and ``jax`` (the running JAX version).
@@ -28,14 +30,13 @@ def build_info() -> dict[str, Any]:
     True
   """
   extension = ffi.extension()
-  architectures = extension.CUDA_ARCHITECTURES
+  gpu_missing = ffi.gpu_missing()
   return {
       'cuda': bool(extension.WITH_CUDA),
       'cuda_version': extension.CUDA_VERSION,
-      'cuda_architectures': (
-          architectures.replace(',', ';').split(';') if architectures else None
-      ),
-      'cuda_usable': ffi.has_cuda_backend(),
+      'cuda_architectures': ffi.cuda_architectures(),
+      'cuda_usable': gpu_missing is None,
+      'gpu_missing': gpu_missing,
       'avx2': bool(extension.has_avx2()),
       'optimizers': sorted(optimizer_table.table()),
       'block_size': int(extension.BLOCK_SIZE),

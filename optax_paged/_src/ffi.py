@@ -19,6 +19,7 @@ from jax.interpreters import mlir
 from jax.interpreters import partial_eval
 
 from optax_paged import _optax_paged_ext
+from optax_paged._src import cuda_support
 
 # OutputMode of ffi/element_types.h, as the extension exports it.
 OUTPUT_UPDATES, OUTPUT_PARAMS, OUTPUT_PARAMS_STOCHASTIC = (
@@ -40,14 +41,38 @@ def extension():
   return _optax_paged_ext
 
 
+def cuda_gpus() -> list[jax.Device]:
+  """The CUDA GPUs JAX sees (none without a CUDA backend)."""
+  try:
+    return [d for d in jax.devices('gpu') if d.platform == 'gpu']
+  except RuntimeError:
+    return []
+
+
 def has_cuda_backend() -> bool:
   """Whether JAX has a CUDA GPU and this build has the CUDA kernels."""
-  if not _optax_paged_ext.WITH_CUDA:
-    return False
-  try:
-    return any(d.platform == 'gpu' for d in jax.devices('gpu'))
-  except RuntimeError:
-    return False
+  return bool(_optax_paged_ext.WITH_CUDA) and bool(cuda_gpus())
+
+
+def cuda_architectures() -> list[str] | None:
+  """The CMAKE_CUDA_ARCHITECTURES entries the kernels were built for."""
+  architectures = _optax_paged_ext.CUDA_ARCHITECTURES
+  return architectures.split(',') if architectures else None
+
+
+def gpu_missing(gpus: Sequence[jax.Device] | None = None) -> str | None:
+  """What keeps this build from updating on ``gpus``, or None.
+
+  Args:
+    gpus: CUDA devices; JAX's (``cuda_gpus()``) when None.
+  """
+  if gpus is None:
+    gpus = cuda_gpus()
+  return cuda_support.gpu_missing(
+      _optax_paged_ext.CPU_ONLY_REASON,
+      cuda_architectures(),
+      [(d.device_kind, getattr(d, 'compute_capability', None)) for d in gpus],
+  )
 
 
 @functools.cache

@@ -714,7 +714,14 @@ class StateRegistry:
     """Allocates zeroed buffers for ``layouts``, one entry per device.
 
     Paged buffers start in the host tier; ``paging.apply_budget`` moves them.
+    A GPU state of a build whose kernels cannot run there (built without
+    CUDA, or for other architectures) is refused with what is missing, as
+    ``build_info()['gpu_missing']`` says it.
     """
+    if platform == 'cuda':
+      missing = ffi.gpu_missing(devices)
+      if missing is not None:
+        raise RuntimeError(missing)
     # Memory is asked for: what dropped states held goes back first, except
     # those whose step is still running (waiting here could block on a
     # computation that is waiting for this very call).
