@@ -7,6 +7,7 @@ compiled) with a CUDA compiler that does not work and a JAX CUDA plugin's
 metadata where the build's Python finds it.
 """
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -16,7 +17,6 @@ import sys
 import tempfile
 
 import jax
-import nanobind
 import pytest
 
 from optax_paged._src import cuda_support
@@ -206,14 +206,16 @@ def _configure(with_plugin: bool) -> subprocess.CompletedProcess | None:
 
   Its Python is a venv that sees this one's packages (a .pth) and, with
   ``with_plugin``, a JAX CUDA plugin's metadata; CUDACXX names a compiler
-  that does not work. None where cmake is not installed or the source is
-  not here (the tests run against an installed wheel).
+  that does not work. None where cmake or nanobind is not installed or the
+  source is not here (the tests run against an installed wheel).
   """
   cmake = shutil.which('cmake')
   source = (ROOT / 'CMakeLists.txt').is_file() and (
       ROOT / 'optax_paged' / '_src').is_dir()
-  if cmake is None or not source:
+  if cmake is None or not source or importlib.util.find_spec(
+      'nanobind') is None:
     return None
+  import nanobind  # a build requirement, imported where it is installed
   with tempfile.TemporaryDirectory() as tmp:
     venv = pathlib.Path(tmp) / 'venv'
     subprocess.run([sys.executable, '-m', 'venv', '--without-pip', venv],
@@ -245,7 +247,7 @@ def test_configure_without_nvcc(with_plugin):
   result = background.result(f'cuda-support-configure-{with_plugin}',
                              _configure_job(with_plugin))
   if result is None:
-    pytest.skip('no cmake, or no source tree to configure')
+    pytest.skip('no cmake or nanobind, or no source tree to configure')
   output = ' '.join((result.stdout + result.stderr).split())
   # A machine whose own Python has a CUDA plugin, or that has a driver (the
   # GPU machine), stops either way.
