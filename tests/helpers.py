@@ -138,6 +138,23 @@ def kernel_runs_on_cpu() -> bool:
   return jax.default_backend() == 'cpu'
 
 
+def assert_equal_but_for_code_flips(ours, theirs, *, learning_rate,
+                                    flipped_fraction):
+  """Float32 results of two kernels that agree but for 8-bit code flips.
+
+  The GPU contracts into FMA, so a moment an fp32 ulp from a code boundary
+  may take the neighbouring code on one path (tests/cuda_test.py); that
+  element's later updates then differ by a code step, a fraction of one
+  step's update. So: all but ``flipped_fraction`` of the elements agree to
+  rtol 1e-5, and none differs by a whole learning rate.
+  """
+  ours = np.asarray(ours, np.float32)
+  theirs = np.asarray(theirs, np.float32)
+  far = ~np.isclose(ours, theirs, rtol=1e-5, atol=1e-7)
+  assert np.mean(far) <= flipped_fraction, (int(far.sum()), far.size)
+  assert np.max(np.abs(ours - theirs)) < learning_rate
+
+
 def _assert_bitwise_equal(ours, theirs, name):
   ours, theirs = np.asarray(ours), np.asarray(theirs)
   assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name

@@ -15,6 +15,7 @@ import optax_paged
 from optax_paged._src import ffi
 from optax_paged._src import master_weights
 from tests.helpers import _ulp
+from tests.helpers import assert_equal_but_for_code_flips
 from tests.helpers import random_tree
 
 pytestmark = pytest.mark.skipif(
@@ -105,7 +106,8 @@ def test_automatic_budget_runs_with_masters():
                          ids=lambda d: d.__name__)
 def test_gpu_agrees_with_the_cpu_kernel(dtype, bits):
   # The GPU contracts into FMA: an update an fp32 ulp away may round to the
-  # neighbouring parameter, so parameters agree to one ulp, masters closely.
+  # neighbouring parameter, so parameters agree to one ulp, masters but for
+  # the elements whose moments took a neighbouring code.
   params = random_tree(SHAPES, dtype, seed=4)
   tx = optax_paged.adamw8bit(1e-3, master_weight_bits=bits)
   p_gpu, s_gpu = _run(tx, params, 3, True)
@@ -120,8 +122,9 @@ def test_gpu_agrees_with_the_cpu_kernel(dtype, bits):
     assert np.all(np.abs(a - b) <= _ulp(b, dtype)), np.max(np.abs(a - b))
   for a, b in zip(jax.tree.leaves(m_gpu), jax.tree.leaves(m_cpu),
                   strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                               atol=1e-7)
+    # cuda_test's rule for three steps of the plain kernel.
+    assert_equal_but_for_code_flips(a, b, learning_rate=1e-3,
+                                    flipped_fraction=1e-4)
 
 
 @pytest.mark.parametrize('budget', [1.0, 0], ids=['device', 'host'])

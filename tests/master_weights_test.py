@@ -10,6 +10,7 @@ import optax_paged
 from optax_paged._src import families
 from optax_paged._src import reference
 from tests.helpers import _ulp
+from tests.helpers import assert_equal_but_for_code_flips
 from tests.helpers import kernel_runs_on_cpu
 from tests.helpers import random_grads
 from tests.helpers import random_tree
@@ -89,9 +90,10 @@ def test_a_32_bit_master_is_the_float32_run_bit_for_bit():
                      grads_at, 100)
   masters = optax_paged.master_params(state, ours)
   if not kernel_runs_on_cpu():
-    # On the GPU the two runs' kernels may contract differently into FMA.
-    np.testing.assert_allclose(np.asarray(masters['w']),
-                               np.asarray(theirs['w']), rtol=1e-5)
+    # On the GPU the two runs' kernels (two instantiations) may contract
+    # differently into FMA; over 100 steps more moments meet a code boundary.
+    assert_equal_but_for_code_flips(masters['w'], theirs['w'],
+                                    learning_rate=1e-3, flipped_fraction=1e-3)
     return
   np.testing.assert_array_equal(np.asarray(masters['w']).view(np.uint32),
                                 np.asarray(theirs['w']).view(np.uint32))
