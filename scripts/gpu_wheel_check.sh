@@ -9,6 +9,8 @@
 #    wheelhouse, as scripts/build_wheel.sh left it); where there is none,
 #    scripts/build_wheel.sh builds one here from the image's packages
 #    (OPTAX_PAGED_WHEEL_OFFLINE=1; plain linux_x86_64 tag, no auditwheel).
+#    That build and the suite may not fit one 600 s device call: build in a
+#    call of its own first (wheelhouse/ stays while the machine is warm).
 # 2. A venv made with --system-site-packages (jax, its CUDA plugin, optax,
 #    pytest... come from the image), the wheel installed into it without
 #    dependencies.
@@ -18,6 +20,8 @@
 #    wheel's (checked before they start). The one test that compiles a CUDA
 #    program with nvcc (cuda_test's four-bit codec check) is left out: it
 #    needs the toolkit, not the wheel; scripts/gpu_check.sh runs it.
+# From this session's machine: the device tool's run with command
+# "bash scripts/gpu_wheel_check.sh" and carry ["wheelhouse"] (24 MiB).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_logs}"
@@ -68,7 +72,9 @@ echo "gpu_wheel_check.sh: wheel $(basename "$wheel") ($(( $(stat -c %s "$wheel")
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/optax_paged_gpu_wheel.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
-"$PYTHON" -m venv --system-site-packages "$tmp/venv"
+# --without-pip: the image's pip (a system site package) installs into it,
+# and a Python without ensurepip (Debian's without python3-venv) makes one.
+"$PYTHON" -m venv --without-pip --system-site-packages "$tmp/venv" || exit 1
 "$tmp/venv/bin/python" -m pip install --no-deps --no-index --quiet "$wheel" \
   || exit 1
 # The tree without the package: tests, docs, examples, README...
@@ -108,7 +114,8 @@ EOF
 (( PIPESTATUS[0] == 0 )) || exit 1
 
 tests=("${@:-tests}")
-run_clean timeout 540 python -m pytest -q -p no:cacheprovider --durations=8 \
+# As scripts/gpu_check.sh: inside the device call's 600 s with the setup.
+run_clean timeout 480 python -m pytest -q -p no:cacheprovider --durations=8 \
   --deselect tests/cuda_test.py::test_four_bit_codec_on_the_device_matches_its_definition \
   "${tests[@]}" 2>&1 | tee "$OUT/wheel_tests.log" | tail -25
 status=${PIPESTATUS[0]}
