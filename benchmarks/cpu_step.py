@@ -18,6 +18,10 @@ Run it from the repository root:
 
   python benchmarks/cpu_step.py            # print the table
   python benchmarks/cpu_step.py --write    # also update benchmarks/RESULTS.md
+
+RESULTS.md keeps one section per kind of CPU (``--section``, default
+``cpu_step``), and ``OPTAX_PAGED_CPU_ISA=avx2`` times the path a CPU without
+AVX-512 takes (``sse2``: one without AVX2) on any x86 CPU.
 """
 
 import argparse
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_paged
+from optax_paged._src import ffi
 
 HIDDEN = 1024
 INTERMEDIATE = 2816
@@ -184,11 +189,34 @@ def benchmark(layers: int, rounds: int, steps_per_round: int,
 
 
 def cpu_model() -> str:
+  """The model name, with family and model (virtual machines often show a
+  bare 'AMD EPYC')."""
+  return (f"{cpuinfo('model name')} (family {cpuinfo('cpu family')}, "
+          f"model {cpuinfo('model')})")
+
+
+def cpuinfo(field: str) -> str:
+  """The first value of ``field`` in /proc/cpuinfo, or 'unknown'."""
   with open('/proc/cpuinfo') as f:
     for line in f:
-      if line.startswith('model name'):
+      if line.split(':', 1)[0].strip() == field:
         return line.split(':', 1)[1].strip()
   return 'unknown'
+
+
+def instruction_sets() -> str:
+  """The instruction sets the CPU kernel uses here, its codec (as
+  UseGathers in ffi/cpu_codec.cc chooses), and the cap if one is set."""
+  extension = ffi.extension()
+  avx2, avx512 = extension.has_avx2(), extension.testing.has_avx512()
+  used = [name for name, on in (('AVX2', avx2), ('AVX-512', avx512)) if on]
+  if avx512 and cpuinfo('vendor_id') == 'GenuineIntel':
+    codec = 'gathers'
+  else:
+    codec = 'table loads, no gathers' if avx2 else 'scalar'
+  cap = os.environ.get('OPTAX_PAGED_CPU_ISA')
+  return (', '.join(used) or 'x86-64 baseline') + f'; codec: {codec}' + (
+      f' (capped: OPTAX_PAGED_CPU_ISA={cap})' if cap else '')
 
 
 def facts(num_params: int, num_leaves: int) -> list[tuple[str, str]]:
@@ -198,6 +226,7 @@ def facts(num_params: int, num_leaves: int) -> list[tuple[str, str]]:
       ('date (UTC)', now.strftime('%Y-%m-%d %H:%M')),
       ('CPU', cpu_model()),
       ('cores (os.cpu_count)', str(os.cpu_count())),
+      ('kernel instruction sets', instruction_sets()),
       ('jax', jax.__version__),
       ('backend', jax.default_backend()),
       ('parameters', f'{num_params:,} fp32 in {num_leaves} leaves'),
@@ -225,7 +254,9 @@ def table(results: Sequence[Result], num_params: int) -> str:
 def report(results: Sequence[Result], num_params: int, num_leaves: int,
            rounds: int, steps_per_round: int) -> str:
   """The facts, the method and the table, as markdown."""
-  lines = ['## CPU: one jitted AdamW step', '']
+  cap = os.environ.get('OPTAX_PAGED_CPU_ISA')
+  lines = [f'## CPU: one jitted AdamW step, {cpu_model()}'
+           + (f', OPTAX_PAGED_CPU_ISA={cap}' if cap else ''), '']
   lines += [f'- {label}: {value}' for label, value in
             facts(num_params, num_leaves)]
   lines += [
@@ -260,6 +291,9 @@ def main() -> None:
   parser.add_argument('--lr', type=float, default=1e-3)
   parser.add_argument('--write', action='store_true',
                       help=f'write the results into {RESULTS_PATH.name}')
+  parser.add_argument('--section', default='cpu_step',
+                      help='the section of RESULTS.md to write (one per '
+                      'kind of CPU)')
   args = parser.parse_args()
   results, num_params, num_leaves = benchmark(
       args.layers, args.rounds, args.steps_per_round, args.lr)
@@ -267,7 +301,8 @@ def main() -> None:
                    args.steps_per_round)
   print(section)
   if args.write:
-    write_results(section)
+    write_results(section, marks=(f'<!-- {args.section}:begin -->',
+                                  f'<!-- {args.section}:end -->'))
     print(f'\nwrote {RESULTS_PATH}')
 
 
