@@ -19,9 +19,6 @@ OUT="${OUT:-$PWD/gpu_logs}"
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONUNBUFFERED=1
-# The master weights' GPU path runs only where asked (master_weights.py):
-# this script is what verifies it (tests) and measures it (bench).
-export OPTAX_PAGED_UNVERIFIED_GPU_MASTER_WEIGHTS=1
 steps=("${@:-all}")
 gpus=$(nvidia-smi -L | wc -l)
 want() {

@@ -28,8 +28,6 @@ OUT="${OUT:-$PWD/gpu_logs}"
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONUNBUFFERED=1
-# As scripts/gpu_check.sh: the master weights' GPU path runs where asked.
-export OPTAX_PAGED_UNVERIFIED_GPU_MASTER_WEIGHTS=1
 PYTHON="${PYTHON:-python3}"
 start=$SECONDS
 

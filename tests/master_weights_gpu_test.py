@@ -1,9 +1,4 @@
-"""Master weights on the GPU kernel: tiers, budgets, agreement with the CPU.
-
-Until this file has passed on a GPU, a GPU state with master weights is
-refused unless OPTAX_PAGED_UNVERIFIED_GPU_MASTER_WEIGHTS=1 (set here, and by
-scripts/gpu_check.sh for the whole suite).
-"""
+"""Master weights on the GPU kernel: tiers, budgets, agreement with the CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +8,6 @@ import pytest
 
 import optax_paged
 from optax_paged._src import ffi
-from optax_paged._src import master_weights
 from tests.helpers import _ulp
 from tests.helpers import assert_equal_but_for_code_flips
 from tests.helpers import random_tree
@@ -25,11 +19,6 @@ pytestmark = pytest.mark.skipif(
 SHAPES = [(300,), (4096, 257), (8192 * 3 + 700,), (3, 7)]
 FACTORIES = [optax_paged.paged_adamw8bit, optax_paged.paged_adamw4bit,
              optax_paged.paged_lion8bit, optax_paged.paged_adamw]
-
-
-@pytest.fixture(autouse=True)
-def _verifying(monkeypatch):
-  monkeypatch.setenv(master_weights.UNVERIFIED_GPU_VARIABLE, '1')
 
 
 def _grads(params, seed):

@@ -20,7 +20,6 @@ optimizer drops its correction, so a correction never applies to a
 parameter it was not computed for.
 """
 
-import os
 from typing import Any
 
 import jax
@@ -86,24 +85,6 @@ def check_leaves(optimizer: str, master_weight_bits: int | None,
         'master weights for bfloat16 and float16 parameters, and these '
         f'parameters are all {np.dtype(dtypes[0]).name}: they are their own '
         'masters. Leave master_weight_bits=None.')
-
-
-# The GPU kernel's master-weight path is compiled but has not run on a GPU
-# yet: until the GPU suite has passed with it (scripts/gpu_check.sh sets
-# this variable for its tests), a GPU state with master weights is refused
-# rather than trusted.
-UNVERIFIED_GPU_VARIABLE = 'OPTAX_PAGED_UNVERIFIED_GPU_MASTER_WEIGHTS'
-
-
-def refuse_unverified_gpu(optimizer: str) -> None:
-  """Refuses master weights on a GPU until the GPU suite has verified them."""
-  if os.environ.get(UNVERIFIED_GPU_VARIABLE) == '1':
-    return
-  raise NotImplementedError(
-      f'{optimizer}: master weights on the GPU are built but not yet '
-      'verified on a GPU; until they are, they run on the CPU only. Use '
-      'stochastic_rounding=True in apply_gradients for bf16 parameters on '
-      'the GPU meanwhile.')
 
 
 def _bits(x: jax.Array) -> jax.Array:

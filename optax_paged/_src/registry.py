@@ -690,8 +690,6 @@ class StateRegistry:
           f'{optimizer}: parameters live on platform {platform!r}; '
           'optax_paged supports cpu and cuda.'
       )
-    if platform == 'cuda' and any(leaf.correction_bits for leaf in layouts):
-      master_weights.refuse_unverified_gpu(optimizer)
     buffers = self.create(optimizer, num_moments, platform, treedef, layouts,
                           devices, mesh_layout,
                           paged=paged and platform == 'cuda')
