@@ -142,6 +142,29 @@ struct GroupStep {
   }
 #endif
 
+  // One block's optimizer step on float operands, shared by the plain and
+  // the master-weight bodies (their arithmetic must stay the same): the
+  // moments in place, the update out, and each moment's largest magnitude
+  // (as bits: a max that vectorizes).
+  __attribute__((always_inline)) static inline void StepMoments(
+      const typename Optimizer::Scalars& s, const float* __restrict grad,
+      const float* __restrict param, bool decay, int64_t length,
+      float (*moments)[kBlockSize], float* __restrict update,
+      uint32_t* largest) {
+    constexpr int kMoments = Optimizer::kNumMoments;
+    int32_t magnitude[kMoments] = {};
+    for (int64_t i = 0; i < length; ++i) {
+      float element[kMoments];
+      for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
+      update[i] = Optimizer::Update(s, grad[i], param[i], decay, element);
+      for (int m = 0; m < kMoments; ++m) {
+        moments[m][i] = element[m];
+        magnitude[m] = std::max(magnitude[m], MagnitudeBits(element[m]));
+      }
+    }
+    for (int m = 0; m < kMoments; ++m) largest[m] = magnitude[m];
+  }
+
   __attribute__((always_inline)) inline void UpdateBlockBody(
       int leaf_index, bool decay, int64_t begin, int64_t length,
       float (*moments)[kBlockSize], uint32_t* largest) const {
@@ -181,17 +204,7 @@ struct GroupStep {
       } else {
         grad = grad_copy;
       }
-      int32_t magnitude[kMoments] = {};
-      for (int64_t i = 0; i < length; ++i) {
-        float element[kMoments];
-        for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-        update[i] = Optimizer::Update(s, grad[i], param[i], decay, element);
-        for (int m = 0; m < kMoments; ++m) {
-          moments[m][i] = element[m];
-          magnitude[m] = std::max(magnitude[m], MagnitudeBits(element[m]));
-        }
-      }
-      for (int m = 0; m < kMoments; ++m) largest[m] = magnitude[m];
+      StepMoments(s, grad, param, decay, length, moments, update, largest);
     }
     if (output_mode == kOutputParamsStochastic) {
       for (int64_t i = 0; i < length; ++i) {
@@ -252,17 +265,7 @@ struct GroupStep {
       master[i] = DecodeMaster<kBits>(param[i], offset[i]);
     }
     const typename Optimizer::Scalars s = scalars;
-    int32_t magnitude[kMoments] = {};
-    for (int64_t i = 0; i < length; ++i) {
-      float element[kMoments];
-      for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-      update[i] = Optimizer::Update(s, grad[i], master[i], decay, element);
-      for (int m = 0; m < kMoments; ++m) {
-        moments[m][i] = element[m];
-        magnitude[m] = std::max(magnitude[m], MagnitudeBits(element[m]));
-      }
-    }
-    for (int m = 0; m < kMoments; ++m) largest[m] = magnitude[m];
+    StepMoments(s, grad, master, decay, length, moments, update, largest);
     // Bit patterns, not T: a loop storing two structs a step does not
     // vectorize.
     uint16_t result[kBlockSize], written[kBlockSize];
