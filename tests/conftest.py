@@ -38,13 +38,6 @@ collect_ignore.append('multi_process_worker.py')
 collect_ignore.append('memory_pressure_worker.py')
 
 
-def pytest_configure(config):
-  # Beside pyproject.toml's markers (edited elsewhere as this was added).
-  config.addinivalue_line(
-      'markers', 'tpu_compile: ahead-of-time compiles by the TPU compiler '
-      "(libtpu, from pip install 'jax[tpu]'); skipped where it is absent")
-
-
 def pytest_collection_finish(session):
   # Subprocess jobs of the selected tests (tests/background.py) start now
   # and run beside the other tests.
