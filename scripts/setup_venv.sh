@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs optax_paged with its test and
-# example dependencies. Sourced by scripts/test.sh and scripts/demo.sh.
+# example dependencies. Run by scripts/test.sh and scripts/demo.sh.
 # Shows its progress: each stage, the packages pip downloads and the C++
 # extension's compile steps ([n/N]); pip's whole output goes to a log, shown
 # at the end if pip fails.
@@ -38,5 +38,15 @@ pip_install "scikit-build-core>=0.10" "nanobind>=2.4" "jax>=0.5.3"
 echo "==> optax_paged and its test and example dependencies; the C++ extension" \
   "compiles in the steps [n/N] (minutes on a few cores)"
 pip_install --no-build-isolation --editable ".[test,examples]"
-rm -f "$log"
+# libtpu, for the tests that compile the TPU kernels ahead of time (marker
+# tpu_compile); they skip where it does not install (it has wheels for
+# x86-64 Linux only).
+jax_version=$(.venv/bin/python -c 'import jax; print(jax.__version__)')
+echo "==> libtpu for the TPU compile tests (jax[tpu]==$jax_version)"
+if ! .venv/bin/python -m pip install --quiet "jax[tpu]==$jax_version" >>"$log" 2>&1; then
+  echo "    libtpu did not install here; the tpu_compile tests will skip" \
+    "(pip's output: $log)"
+else
+  rm -f "$log"
+fi
 echo "==> .venv is ready"

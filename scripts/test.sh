@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_venv.sh
+source scripts/jax_platforms.sh
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
