@@ -1,4 +1,4 @@
-"""Times one jitted optimizer step on CPU: paged_adamw8bit against optax.adamw.
+"""Times one jitted optimizer step on CPU: the paged ones against optax.adamw.
 
 The parameters are fp32 and shaped like the blocks of a small llama: per layer
 four 1024x1024 attention projections, two 1024x2816 MLP input projections and
@@ -12,7 +12,10 @@ gradient sets). After compiling and two warm-up steps each, they alternate
 over several rounds (which one goes first alternates too) and every step is
 timed on its own with ``time.perf_counter`` and ``jax.block_until_ready``.
 The table reports median step times and the bytes of optimizer state: the
-jax arrays of the state plus, for optax_paged, its registry buffers.
+jax arrays of the state plus, for optax_paged, its registry buffers. Rows:
+paged_adamw8bit strict, fused and with the gradients donated, and the fused
+steps of the 4-bit optimizers (paged_adamw4bit, paged_lion4bit beside
+optax.lion), each against the same run's optax.adamw.
 
 Run it from the repository root:
 
@@ -166,6 +169,7 @@ def benchmark(layers: int, rounds: int, steps_per_round: int,
       for i in range(NUM_GRAD_SETS)
   ]
   hyper = dict(learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
+  lion_hyper = dict(learning_rate=lr / 10, b1=0.9, b2=0.99, weight_decay=1e-3)
   runners = [
       Runner('optax.adamw', optax.adamw(**hyper), params, grads),
       Runner('optax_paged.paged_adamw8bit',
@@ -177,6 +181,12 @@ def benchmark(layers: int, rounds: int, steps_per_round: int,
       Runner('optax_paged.paged_adamw8bit, gradients donated',
              optax_paged.paged_adamw8bit(**hyper), params, grads,
              donate_grads=True),
+      Runner('optax_paged.paged_adamw4bit, fused step',
+             optax_paged.paged_adamw4bit(**hyper), params, grads, fused=True),
+      Runner('optax.lion', optax.lion(**lion_hyper), params, grads),
+      Runner('optax_paged.paged_lion4bit, fused step',
+             optax_paged.paged_lion4bit(**lion_hyper), params, grads,
+             fused=True),
   ]
   for runner in runners:
     runner.warm_up()
@@ -255,7 +265,7 @@ def report(results: Sequence[Result], num_params: int, num_leaves: int,
            rounds: int, steps_per_round: int) -> str:
   """The facts, the method and the table, as markdown."""
   cap = os.environ.get('OPTAX_PAGED_CPU_ISA')
-  lines = [f'## CPU: one jitted AdamW step, {cpu_model()}'
+  lines = [f'## CPU: one jitted optimizer step, {cpu_model()}'
            + (f', OPTAX_PAGED_CPU_ISA={cap}' if cap else ''), '']
   lines += [f'- {label}: {value}' for label, value in
             facts(num_params, num_leaves)]
