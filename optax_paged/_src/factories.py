@@ -100,8 +100,7 @@ def _tpu_transformation(spec: transform.OptimizerSpec, variant: Variant,
   the pure-JAX reference where they do not run the optimizer."""
   code_bits = variant.code_bits if variant.quantized else 8
   min_8bit_size = values.get('min_8bit_size', base.MIN_8BIT_SIZE)
-  if not tpu_transform.supports(spec, code_bits,
-                                values['master_weight_bits']):
+  if not tpu_transform.supports(spec, code_bits):
     return reference.reference_transformation(
         spec, quantize=variant.quantized, min_8bit_size=min_8bit_size,
         weight_decay_mask=values.get('mask'), code_bits=code_bits,
@@ -110,7 +109,8 @@ def _tpu_transformation(spec: transform.OptimizerSpec, variant: Variant,
       spec, mode=mode, quantize=variant.quantized,
       min_8bit_size=min_8bit_size, weight_decay_mask=values.get('mask'),
       paged=variant.paged, device_budget=values.get('device_budget'),
-      keep_32bit=values.get('keep_32bit'))
+      keep_32bit=values.get('keep_32bit'),
+      master_weight_bits=values['master_weight_bits'])
 
 
 def _source(name: str, args: list[Hyperparameter]) -> str:

@@ -11,6 +11,8 @@ import numpy as np
 from optax_paged._src import base
 from optax_paged._src import master_weights
 from optax_paged._src import registry
+from optax_paged._src import tpu_checkpoint
+from optax_paged._src import tpu_state
 
 
 def master_params(state: Any, params: base.Params) -> base.Params:
@@ -43,11 +45,18 @@ def master_params(state: Any, params: base.Params) -> base.Params:
   """
   found = [buffers for buffers in registry.find_buffers(state)
            if buffers.record().has_master_weights]
-  if len(found) != 1:
+  # The TPU path's functional states (tpu_transform).
+  tpu_found = [x for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, tpu_state.TpuState))
+               if isinstance(x, tpu_state.TpuState)
+               and tpu_checkpoint.has_master_weights(x)]
+  if len(found) + len(tpu_found) != 1:
     raise ValueError(
         'master_params: expected one optax_paged state with master weights '
-        f'in the tree, found {len(found)} (make the optimizer with '
-        'master_weight_bits=24 or 32).')
+        f'in the tree, found {len(found) + len(tpu_found)} (make the '
+        'optimizer with master_weight_bits=24 or 32).')
+  if tpu_found:
+    return tpu_checkpoint.masters(tpu_found[0], params)
   record = found[0].record()
   record.check_paths('master_params', 'params', params)
   # The step that wrote the corrections may still be running: read them

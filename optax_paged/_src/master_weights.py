@@ -162,6 +162,12 @@ def step_to_master(param: jax.Array,
   return update, applied
 
 
+def fingerprint_terms(param: jax.Array, position: jax.Array) -> jax.Array:
+  """Each element's uint32 share of its block's fingerprint (a wrapping
+  sum over the block), ``position`` its place in the block (uint32)."""
+  return (_bits(param) + 1) * (_FINGERPRINT_MULTIPLIER * (2 * position + 1))
+
+
 def fingerprints(param: jax.Array) -> jax.Array:
   """The uint32 fingerprint of each block of ``BLOCK_SIZE`` elements."""
   flat = jnp.ravel(param)
@@ -169,8 +175,8 @@ def fingerprints(param: jax.Array) -> jax.Array:
   blocks = -(-n // BLOCK_SIZE)
   position = (jnp.arange(blocks * BLOCK_SIZE, dtype=jnp.uint32)
               % BLOCK_SIZE)
-  bits = jnp.pad(_bits(flat), (0, blocks * BLOCK_SIZE - n))
-  terms = (bits + 1) * (_FINGERPRINT_MULTIPLIER * (2 * position + 1))
+  terms = fingerprint_terms(jnp.pad(flat, (0, blocks * BLOCK_SIZE - n)),
+                            position)
   live = jnp.arange(blocks * BLOCK_SIZE) < n
   terms = jnp.where(live, terms, jnp.uint32(0))
   return jnp.sum(terms.reshape(blocks, BLOCK_SIZE), axis=1, dtype=jnp.uint32)

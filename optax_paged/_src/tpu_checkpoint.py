@@ -1,8 +1,10 @@
 """``state_dict`` / ``load_state_dict`` of TPU-path states, in the format of
 the GPU and CPU states (``state_io``), so that a checkpoint moves between
 the paths: the same header, leaves, flat codes and absmax in block order,
-count and CRC32. A TPU-path state's own arrays are in its layout
-(``tpu_state``); they are converted here.
+count and CRC32, and with master weights each 16-bit leaf's ``master``
+(flat correction, fingerprints in block order with the reset count last).
+A TPU-path state's own arrays are in its layout (``tpu_state``); they are
+converted here, and read by ``optax_paged.master_params`` (``masters``).
 """
 
 import types
@@ -13,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_paged._src import base
+from optax_paged._src import master_weights
 from optax_paged._src import registry
 from optax_paged._src import state_io
 from optax_paged._src import tpu_state
 from optax_paged._src.tpu_state import TpuLeafState
+from optax_paged._src.tpu_state import TpuMaster
 from optax_paged._src.tpu_state import TpuMoment
 from optax_paged._src.tpu_state import TpuState
 
@@ -42,12 +46,18 @@ def export_state(state: TpuState) -> dict[str, Any]:
                           strict=True)) for m in ls.moments]
     else:
       moments = [{'values': np.asarray(m).reshape(-1)} for m in ls.moments]
-    leaves.append({
+    leaf = {
         'shape': np.asarray(ls.shape, dtype=np.int64),
         'quantized': np.asarray(ls.quantized),
         'tier': np.asarray(registry.TIER_CODES[ls.tier], np.int32),
         'moments': moments,
-    })
+    }
+    if ls.master is not None:
+      leaf['master'] = dict(zip(
+          ('correction', 'fingerprints'),
+          tpu_state.master_to_flat(ls.master, ls.shape, ls.quantized),
+          strict=True))
+    leaves.append(leaf)
   return {
       **state_io._header(_record(state, leaves)),  # noqa: SLF001 - one format
       'count': np.asarray(count, dtype=np.int32),
@@ -77,9 +87,7 @@ def plan_import(state: TpuState, saved: Any) -> state_io.Planned:
           f'a leaf: checkpoint has shape {shape} (quantized='
           f'{bool(leaf["quantized"])}), the state has {ls.shape} '
           f'(quantized={ls.quantized}).')
-    if 'master' in leaf:
-      raise refuse('the checkpoint keeps master weights, which the TPU path '
-                   'does not.')
+    master = _import_master(ls, leaf.get('master'))
     if len(leaf['moments']) != len(ls.moments):
       raise refuse('a leaf has the wrong number of moments.')
     n = int(np.prod(shape))
@@ -102,7 +110,7 @@ def plan_import(state: TpuState, saved: Any) -> state_io.Planned:
         if values.shape != (n,) or values.dtype != np.float32:
           raise refuse(f'a leaf of shape {shape}: wrong values.')
         moments.append(jax.device_put(values.reshape(shape), fresh.sharding))
-    restored.append(ls.with_moments(tuple(moments)))
+    restored.append(ls.replace(moments=tuple(moments), master=master))
   stored = state_io._int_scalar(saved, 'checksum', 0, 2**32 - 1)  # noqa: SLF001
   if stored != state_io._checksum(  # noqa: SLF001
       saved['leaves'], count if version >= 2 else None):
@@ -113,3 +121,77 @@ def plan_import(state: TpuState, saved: Any) -> state_io.Planned:
                            getattr(state.count, 'sharding', None)),
       leaves=jax.tree.unflatten(treedef, restored))
   return state_io.Planned(lambda: None, lambda: result)
+
+
+def _import_master(ls: TpuLeafState, saved: Any) -> TpuMaster | None:
+  """A leaf's restored master weights, placed as the fresh state's, from
+  its saved ``master`` (None: the checkpoint has none, and the masters
+  start from the parameters, as on the registry's path)."""
+  refuse = state_io.refuse
+  if ls.master is None:
+    if saved is not None:
+      raise refuse(
+          f'a leaf of shape {ls.shape}: the checkpoint keeps master '
+          'weights, and this state has none: make the optimizer with the '
+          'master_weight_bits it was saved with (or take the masters out '
+          'with optax_paged.master_params before changing it).')
+    return None
+  if saved is None:
+    return ls.master
+  n = int(np.prod(ls.shape))
+  dtype = ls.master.correction.dtype
+  correction = np.asarray(saved['correction'])
+  fingerprints = np.asarray(saved['fingerprints'])
+  if correction.dtype != dtype or correction.shape != (n,):
+    raise refuse(
+        f'a leaf of shape {ls.shape}: the checkpoint holds a '
+        f'{correction.dtype} master correction of {correction.size} '
+        f'elements, the state {np.dtype(dtype).name} of {n} '
+        '(master_weight_bits differs from the saved one?).')
+  if fingerprints.dtype != np.uint32 or fingerprints.shape != (
+      -(-n // master_weights.BLOCK_SIZE) + 1,):
+    raise refuse(f'a leaf of shape {ls.shape}: wrong master-weight '
+                 'fingerprints.')
+  new = tpu_state.master_from_flat(correction, fingerprints, ls.shape,
+                                   ls.quantized)
+  return TpuMaster(*(jax.device_put(a, f.sharding)
+                     for a, f in zip(new, ls.master, strict=True)))
+
+
+def has_master_weights(state: TpuState) -> bool:
+  return any(ls.master is not None for ls in _leaf_states(state))
+
+
+def masters(state: TpuState, params: base.Params) -> base.Params:
+  """``optax_paged.master_params`` of a TPU-path state: each corrected
+  leaf's float32 master (``master_weights.decode`` of its valid
+  corrections), other leaves cast to float32; in JAX, placed as XLA
+  places the parameters."""
+  leaves, treedef = jax.tree.flatten(params)
+  leaf_states = _leaf_states(state)
+  if len(leaves) != len(leaf_states) or any(
+      tuple(np.shape(p)) != ls.shape
+      for p, ls in zip(leaves, leaf_states, strict=True)):
+    raise ValueError(
+        'master_params: the parameters are not those the state was made '
+        f'for ({len(leaves)} leaves of shapes '
+        f'{[tuple(np.shape(p)) for p in leaves]}, the state has '
+        f'{[ls.shape for ls in leaf_states]}).')
+  out = []
+  for param, ls in zip(leaves, leaf_states, strict=True):
+    param = jnp.asarray(param)
+    if ls.master is None:
+      out.append(param.astype(jnp.float32))
+      continue
+    n = param.size
+    correction = ls.master.correction.reshape(-1)[:n]
+    prints = ls.master.fingerprints
+    if ls.quantized:
+      prints = jnp.swapaxes(prints, -1, -2)
+    prints = jax.lax.bitcast_convert_type(
+        prints.reshape(-1)[:-(-n // master_weights.BLOCK_SIZE)], jnp.uint32)
+    flat = param.reshape(-1)
+    valid = master_weights.valid_corrections(flat, correction, prints)
+    out.append(master_weights.decode(flat, valid, 8 * correction.itemsize)
+               .reshape(param.shape))
+  return treedef.unflatten(out)

@@ -20,6 +20,19 @@ decodes the moments, runs the family's element update in float32 (the
 ``jax.numpy`` function the reference uses), re-encodes with the new block
 maxima (``tpu_codec``) and writes the update or the new parameter. The
 moments' codes and absmax are updated in place (input/output aliases).
+
+With master weights (bfloat16 or float16 parameters, ``master_weight_bits``)
+the kernel also takes the leaf's correction (int8 or int16, the view's
+shape) and the fingerprints of its blocks of 128 parameters (int32, stored
+transposed as the absmax is: ``(L, B / 128, M)``), both aliased in place.
+In the same pass it fingerprints each 128-lane half-group of the incoming
+parameters, drops the corrections of a half-group whose fingerprint is not
+the saved one (parameters changed outside the optimizer), reconstructs the
+float32 master, updates it, writes the master's rounding (ties up) or the
+update to it, the new correction and the new parameters' fingerprints.
+The element maths is ``master_weights``' ``jax.numpy`` functions, which
+Mosaic lowers as they are; the fingerprint's wrapping sum is an int32 lane
+reduction (Mosaic has no unsigned reductions; the bits are the same).
 """
 
 import functools
@@ -32,6 +45,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from optax_paged._src import base
 from optax_paged._src import families
+from optax_paged._src import master_weights
 from optax_paged._src import optimizer_table
 from optax_paged._src import tpu_codec
 
@@ -39,6 +53,8 @@ BLOCK = base.BLOCK_SIZE
 TILE_ROWS = 128
 TILE_LANES = 2048
 CHUNK_ROWS = 32
+# Parameters per master-weight fingerprint: half a quantization block.
+FINGERPRINT = master_weights.BLOCK_SIZE
 
 
 def tile_shape(rows: int, lanes: int) -> tuple[int, int]:
@@ -56,74 +72,123 @@ def _eye(n: int) -> jax.Array:
 
 
 def _columns(x: jax.Array) -> jax.Array:
-  """The transpose of a float32 (groups, rows) tile, one masked lane
-  reduction a group: exact (a sum of the value and zeros), and lowered by
-  Mosaic for any shape."""
+  """The transpose of a float32 or int32 (groups, rows) tile, one masked
+  lane reduction a group: exact (a sum of the value and zeros), and lowered
+  by Mosaic for any shape."""
   eye = _eye(x.shape[1])
   return jnp.concatenate(
-      [jnp.sum(jnp.where(eye, x[k:k + 1, :], 0.0), axis=1, keepdims=True)
+      [jnp.sum(jnp.where(eye, x[k:k + 1, :], 0), axis=1, keepdims=True)
        for k in range(x.shape[0])], axis=1)
 
 
 def _rows(x: jax.Array) -> jax.Array:
-  """The transpose of a float32 (rows, groups) tile (``_columns`` back)."""
+  """The transpose of a (rows, groups) tile (``_columns`` back)."""
   eye = _eye(x.shape[0])
   return jnp.concatenate(
-      [jnp.sum(jnp.where(eye, x[:, k:k + 1], 0.0), axis=0, keepdims=True)
+      [jnp.sum(jnp.where(eye, x[:, k:k + 1], 0), axis=0, keepdims=True)
        for k in range(x.shape[1])], axis=0)
 
 
+def _fingerprints(param: jax.Array, live: jax.Array | None) -> jax.Array:
+  """int32[rows, 2]: the fingerprints of the two 128-lane halves of a
+  (rows, 256) group of parameters (``master_weights.fingerprints``' wrapping
+  sums; ``live`` masks a flat leaf's padding)."""
+  position = jax.lax.broadcasted_iota(jnp.uint32, param.shape, 1) % FINGERPRINT
+  terms = master_weights.fingerprint_terms(param, position)
+  if live is not None:
+    terms = jnp.where(live, terms, jnp.uint32(0))
+  terms = jax.lax.bitcast_convert_type(terms, jnp.int32)
+  return jnp.concatenate(
+      [jnp.sum(terms[:, h * FINGERPRINT:(h + 1) * FINGERPRINT], axis=1,
+               keepdims=True) for h in range(BLOCK // FINGERPRINT)], axis=1)
+
+
 def _kernel(h_ref, g_ref, p_ref, *refs, kernel, decay, num_moments, signed,
-            output_params, tile_rows, tile_lanes):
-  codes_in = refs[0:2 * num_moments:2]
-  absmax_in = refs[1:2 * num_moments:2]
-  tables_ref = refs[2 * num_moments]
-  out_ref = refs[2 * num_moments + 1]
-  codes_out = refs[2 * num_moments + 2:4 * num_moments + 2:2]
-  absmax_out = refs[2 * num_moments + 3:4 * num_moments + 2:2]
-  columns_in = refs[4 * num_moments + 2]
-  columns_out = refs[4 * num_moments + 3]
+            output_params, tile_rows, tile_lanes, correction_bits, size):
+  refs = iter(refs)
+  moments_in = [(next(refs), next(refs)) for _ in range(num_moments)]
+  if correction_bits:
+    correction_in, fingerprints_in = next(refs), next(refs)
+  tables_ref = next(refs)
+  out_ref = next(refs)
+  moments_out = [(next(refs), next(refs)) for _ in range(num_moments)]
+  if correction_bits:
+    correction_out, fingerprints_out = next(refs), next(refs)
+  columns_in, columns_out = next(refs), next(refs)
+  if correction_bits:
+    prints_in, prints_out = next(refs), next(refs)
+    prints_in[...] = _columns(fingerprints_in[...])
   groups = tile_lanes // BLOCK
+  halves = BLOCK // FINGERPRINT
   update_fn = families.reference_update(kernel)
   slots = optimizer_table.info(kernel).slots
   s = {name: h_ref[i] for i, name in enumerate(slots)}
   for m in range(num_moments):
-    columns_in[m] = _columns(absmax_in[m][...])
+    columns_in[m] = _columns(moments_in[m][1][...])
   chunk = _chunk_rows(tile_rows)
 
   def body(c, carry):
     r0 = pl.multiple_of(c * chunk, chunk)
     rows = pl.ds(r0, chunk)
+    if size is not None:
+      # A flat leaf (rows one tile wide): the element's index in the leaf.
+      index = ((pl.program_id(1) * tile_rows + r0
+                + jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 0))
+               * tile_lanes
+               + jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 1))
     for k in range(groups):
       lanes = pl.ds(k * BLOCK, BLOCK)
       p_raw = p_ref[rows, lanes]
       g = g_ref[rows, lanes].astype(p_raw.dtype).astype(jnp.float32)
-      p = p_raw.astype(jnp.float32)
       moments = []
       for m in range(num_moments):
-        codes = codes_in[m][rows, lanes].astype(jnp.int32)
+        codes = moments_in[m][0][rows, lanes].astype(jnp.int32)
         values = tables_ref[m, 0:2, :]
         scale = columns_in[m, rows, k:k + 1]
         moments.append(tpu_codec.decode(codes, values) * scale)
-      update, new = update_fn(s, g, p, decay, moments)
-      update = update.astype(p_raw.dtype)
-      if output_params:
-        out_ref[rows, lanes] = (
-            p + update.astype(jnp.float32)).astype(p_raw.dtype)
+      if correction_bits:
+        # Padding has no share in its block's fingerprint.
+        live = None if size is None else index + k * BLOCK < size
+        # Each lane's fingerprint, new and saved, compared as int32 (Mosaic
+        # does not broadcast booleans).
+        first = jax.lax.broadcasted_iota(jnp.int32, p_raw.shape, 1) < (
+            FINGERPRINT)
+        found = _fingerprints(p_raw, live)
+        saved = prints_in[rows, halves * k:halves * (k + 1)]
+        correction = jnp.where(
+            jnp.where(first, found[:, 0:1], found[:, 1:2])
+            == jnp.where(first, saved[:, 0:1], saved[:, 1:2]),
+            correction_in[rows, lanes].astype(jnp.int32), 0)
+        p = master_weights.decode(p_raw, correction, correction_bits)
       else:
-        out_ref[rows, lanes] = update
+        p = p_raw.astype(jnp.float32)
+      update, new = update_fn(s, g, p, decay, moments)
+      if correction_bits:
+        master = p + update
+        update, param = master_weights.step_to_master(p_raw, master)
+        correction_out[rows, lanes] = master_weights.encode(
+            master, param, correction_bits).astype(correction_out.dtype)
+        prints_out[rows, halves * k:halves * (k + 1)] = _fingerprints(
+            param, live)
+      else:
+        update = update.astype(p_raw.dtype)
+        param = (p + update.astype(jnp.float32)).astype(
+            p_raw.dtype) if output_params else None
+      out_ref[rows, lanes] = param if output_params else update
       for m in range(num_moments):
         absmax = jnp.max(jnp.abs(new[m]), axis=1, keepdims=True)
         midpoints = tables_ref[m, 2:4, :]
         codes = tpu_codec.encode(new[m] * tpu_codec.inverse_scale(absmax),
                                  midpoints, signed[m])
-        codes_out[m][rows, lanes] = codes.astype(jnp.uint8)
+        moments_out[m][0][rows, lanes] = codes.astype(jnp.uint8)
         columns_out[m, rows, k:k + 1] = absmax
     return carry
 
   jax.lax.fori_loop(0, tile_rows // chunk, body, 0)
   for m in range(num_moments):
-    absmax_out[m][...] = _rows(columns_out[m])
+    moments_out[m][1][...] = _rows(columns_out[m])
+  if correction_bits:
+    fingerprints_out[...] = _rows(prints_out[...])
 
 
 @functools.cache
@@ -140,8 +205,11 @@ def code_tables(signed: tuple[bool, ...]) -> np.ndarray:
 
 def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
               param: jax.Array, moments: list[tuple[jax.Array, jax.Array]],
-              *, decay: bool, output_params: bool, interpret: bool
-              ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+              *, decay: bool, output_params: bool, interpret: bool,
+              master: tuple[jax.Array, jax.Array] | None = None,
+              size: int | None = None,
+              ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]],
+                         tuple[jax.Array, jax.Array] | None]:
   """One step of one leaf in its (L, M, B) view.
 
   Args:
@@ -152,59 +220,72 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
     decay: whether the leaf takes weight decay.
     output_params: return the new parameter instead of the update.
     interpret: run in Pallas' TPU interpreter (any backend).
+    master: with master weights, (correction int8 or int16[L, M, B],
+      fingerprints int32[L, B / 128, M]); the parameter is 16-bit.
+    size: the elements of a flat leaf (its view is padded past them), None
+      for a native one.
 
   Returns:
-    (update or new parameter, new moments).
+    (update or new parameter, new moments, new master or None).
   """
   info = optimizer_table.info(kernel)
   lead, rows, lanes = param.shape
   tile_rows, tile_lanes = tile_shape(rows, lanes)
+  if size is not None and tile_lanes != lanes:
+    raise ValueError(f'a flat leaf is one tile wide, got {lanes} lanes.')
   groups = tile_lanes // BLOCK
   grid = (lead, pl.cdiv(rows, tile_rows), pl.cdiv(lanes, tile_lanes))
   data = pl.BlockSpec((None, tile_rows, tile_lanes), lambda b, i, j: (b, i, j))
   scale = pl.BlockSpec((None, groups, tile_rows), lambda b, i, j: (b, j, i))
+  prints = pl.BlockSpec((None, tile_lanes // FINGERPRINT, tile_rows),
+                        lambda b, i, j: (b, j, i))
   num = info.num_moments
   tables = jnp.asarray(code_tables(info.signed))
-  in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), data, data]
-  in_specs += [data, scale] * num
-  in_specs.append(pl.BlockSpec(tables.shape, lambda b, i, j: (0, 0, 0)))
-  out_shape = [jax.ShapeDtypeStruct(param.shape, param.dtype)]
-  for codes, absmax in moments:
-    out_shape += [jax.ShapeDtypeStruct(codes.shape, codes.dtype),
-                  jax.ShapeDtypeStruct(absmax.shape, absmax.dtype)]
+  state = [a for pair in moments for a in pair]
+  state_specs = [data, scale] * num
+  correction_bits = 0
+  if master is not None:
+    state += list(master)
+    state_specs += [data, prints]
+    correction_bits = 8 * master[0].dtype.itemsize
+  in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), data, data, *state_specs,
+              pl.BlockSpec(tables.shape, lambda b, i, j: (0, 0, 0))]
+  out_shape = [jax.ShapeDtypeStruct(param.shape, param.dtype)] + [
+      jax.ShapeDtypeStruct(a.shape, a.dtype) for a in state]
   # Operand 0 is the hyperparameters, 1 the gradient, 2 the parameter.
-  aliases = {3 + i: 1 + i for i in range(2 * num)}
+  aliases = {3 + i: 1 + i for i in range(len(state))}
   if output_params:
     aliases[2] = 0
+  scratch = [pltpu.VMEM((num, tile_rows, groups), jnp.float32),
+             pltpu.VMEM((num, tile_rows, groups), jnp.float32)]
+  if master is not None:
+    scratch += [pltpu.VMEM((tile_rows, tile_lanes // FINGERPRINT), jnp.int32)
+                ] * 2
   body = functools.partial(
       _kernel, kernel=kernel, decay=decay, num_moments=num,
       signed=info.signed, output_params=output_params, tile_rows=tile_rows,
-      tile_lanes=tile_lanes)
-  bytes_accessed = sum(
-      x.size * x.dtype.itemsize
-      for x in (grad, param, param, *[a for pair in moments for a in pair],
-                *[a for pair in moments for a in pair]))
+      tile_lanes=tile_lanes, correction_bits=correction_bits, size=size)
+  bytes_accessed = sum(x.size * x.dtype.itemsize
+                       for x in (grad, param, param, *state, *state))
   call = pl.pallas_call(
       body,
       grid=grid,
       in_specs=in_specs,
-      out_specs=[data] + [data, scale] * num,
+      out_specs=[data] + state_specs,
       out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((num, tile_rows, groups), jnp.float32),
-                      pltpu.VMEM((num, tile_rows, groups), jnp.float32)],
+      scratch_shapes=scratch,
       # Pallas' interpreter (jax 0.10.2) returns an aliased output padded to
       # whole blocks; without aliases it returns the right shape.
       input_output_aliases={} if interpret else aliases,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel')),
       cost_estimate=pl.CostEstimate(
-          flops=60 * param.size, transcendentals=param.size,
-          bytes_accessed=bytes_accessed),
+          flops=(60 + 40 * (master is not None)) * param.size,
+          transcendentals=param.size, bytes_accessed=bytes_accessed),
       interpret=pltpu.InterpretParams() if interpret else False,
   )
-  operands = [hyperparams, grad, param]
-  for codes, absmax in moments:
-    operands += [codes, absmax]
-  operands.append(tables)
-  out = call(*operands)
-  return out[0], [(out[1 + 2 * m], out[2 + 2 * m]) for m in range(num)]
+  out = call(hyperparams, grad, param, *state, tables)
+  new_moments = [(out[1 + 2 * m], out[2 + 2 * m]) for m in range(num)]
+  new_master = (None if master is None
+                else (out[1 + 2 * num], out[2 + 2 * num]))
+  return out[0], new_moments, new_master

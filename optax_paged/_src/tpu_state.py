@@ -16,6 +16,16 @@ Layout of a quantized moment (``tpu_kernel`` says why):
   ``B / 256`` blocks; transposed so that it is lane-dense);
 - flat, for any other leaf: the leaf flattened and padded with zeros to
   rows of 2048 (codes ``(rows, 2048)``, absmax ``(8, rows)``).
+
+With master weights (``master_weights``) a bfloat16 or float16 leaf also
+keeps a ``TpuMaster``: its correction (int8 or int16) laid out as the codes,
+the fingerprints of its blocks of 128 parameters laid out as the absmax
+(``shape[:-2] + (B // 128, M)``, or ``(16, rows)`` flat), and the count of
+blocks whose correction was dropped, which the TPU path carries from a
+checkpoint and does not add to. A leaf with float32 moments keeps the
+registry's flat fingerprints and a correction of its own shape. The
+fingerprints are the registry's uint32 bits held as int32: Mosaic reduces
+signed integers only, and a bitcast outside the kernel would be a copy.
 """
 
 from __future__ import annotations
@@ -29,10 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_paged._src import base
+from optax_paged._src import master_weights
 from optax_paged._src import quantization
 
 BLOCK = base.BLOCK_SIZE
 FLAT_LANES = 2048
+FINGERPRINT = master_weights.BLOCK_SIZE
 
 
 class TpuMoment(NamedTuple):
@@ -42,39 +54,58 @@ class TpuMoment(NamedTuple):
   absmax: jax.Array  # float32, (..., B // 256, M) or (8, rows)
 
 
+class TpuMaster(NamedTuple):
+  """One 16-bit leaf's master-weight correction, in the TPU layout."""
+
+  correction: jax.Array  # int8 or int16, laid out as the codes
+  fingerprints: jax.Array  # int32 (uint32 bits), laid out as the absmax
+  resets: jax.Array  # uint32[], blocks whose correction was dropped
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class TpuLeafState:
-  """The moments of one leaf, with static data: the leaf's shape, the
-  tier of its state (``'device'`` or ``'host'``: ``pinned_host`` memory)
-  and the parameter's ``NamedSharding`` on a mesh (None off a mesh), which
-  the state's arrays follow."""
+  """The moments of one leaf and its master-weight correction (None
+  without one), with static data: the leaf's shape, the tier of its state
+  (``'device'`` or ``'host'``: ``pinned_host`` memory) and the parameter's
+  ``NamedSharding`` on a mesh (None off a mesh), which the state's arrays
+  follow."""
 
   def __init__(self, moments: tuple[Any, ...], shape: tuple[int, ...],
                tier: str = 'device',
-               sharding: jax.sharding.NamedSharding | None = None):
+               sharding: jax.sharding.NamedSharding | None = None,
+               master: TpuMaster | None = None):
     self.moments = tuple(moments)
     self.shape = tuple(shape)
     self.tier = tier
     self.sharding = sharding
+    self.master = master
 
   def tree_flatten_with_keys(self):
-    return ([(jax.tree_util.GetAttrKey('moments'), self.moments)],
+    return ([(jax.tree_util.GetAttrKey('moments'), self.moments),
+             (jax.tree_util.GetAttrKey('master'), self.master)],
             (self.shape, self.tier, self.sharding))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(children[0], *aux)
+    return cls(children[0], *aux, master=children[1])
+
+  def replace(self, **changes: Any) -> TpuLeafState:
+    fields = {'moments': self.moments, 'shape': self.shape,
+              'tier': self.tier, 'sharding': self.sharding,
+              'master': self.master, **changes}
+    return TpuLeafState(**fields)
 
   def with_moments(self, moments: tuple[Any, ...]) -> TpuLeafState:
-    return TpuLeafState(moments, self.shape, self.tier, self.sharding)
+    return self.replace(moments=moments)
 
   @property
   def quantized(self) -> bool:
     return bool(self.moments) and isinstance(self.moments[0], TpuMoment)
 
   def __repr__(self) -> str:
+    master = '' if self.master is None else f', master={self.master!r}'
     return (f'TpuLeafState(shape={self.shape}, tier={self.tier!r}, '
-            f'moments={self.moments!r})')
+            f'moments={self.moments!r}{master})')
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -194,3 +225,60 @@ def absmax_spec(spec: Any, ndim: int) -> Any:
   dimensions' entries swapped (the block axis splits as the last does)."""
   entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
   return jax.sharding.PartitionSpec(*entries[:-2], entries[-1], entries[-2])
+
+
+def fingerprint_shape(shape: tuple[int, ...], quantized: bool
+                      ) -> tuple[int, ...]:
+  """The shape of a leaf's master-weight fingerprints: the absmax's, a
+  row a block of 128 (quantized), or the registry's flat one."""
+  if not quantized:
+    return (-(-math.prod(shape) // FINGERPRINT),)
+  if is_native(shape):
+    return shape[:-2] + (shape[-1] // FINGERPRINT, shape[-2])
+  return FLAT_LANES // FINGERPRINT, view(shape)[1]
+
+
+def master_view(correction: jax.Array, fingerprints: jax.Array,
+                shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """A quantized leaf's (correction, fingerprints) in the kernel's view."""
+  lead, rows, lanes = view(shape)
+  return (correction.reshape(lead, rows, lanes),
+          fingerprints.reshape(lead, lanes // FINGERPRINT, rows))
+
+
+def master_from_view(correction: jax.Array, fingerprints: jax.Array,
+                     shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  return (correction.reshape(moment_shapes(shape)[0]),
+          fingerprints.reshape(fingerprint_shape(shape, True)))
+
+
+def master_to_flat(master: TpuMaster, shape: tuple[int, ...],
+                   quantized: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(correction, fingerprints with the reset count last) in the GPU/CPU
+  format: flat, block order."""
+  n = math.prod(shape)
+  correction = np.asarray(master.correction).reshape(-1)[:n]
+  prints = np.asarray(master.fingerprints).view(np.uint32)
+  if quantized:
+    prints = np.swapaxes(prints, -1, -2)
+  prints = prints.reshape(-1)[:-(-n // FINGERPRINT)]
+  return correction, np.append(prints, np.asarray(master.resets, np.uint32))
+
+
+def master_from_flat(correction: np.ndarray, fingerprints: np.ndarray,
+                     shape: tuple[int, ...], quantized: bool) -> TpuMaster:
+  """A TPU-layout master from the flat format's arrays (NumPy)."""
+  if not quantized:
+    return TpuMaster(correction.reshape(shape),
+                     fingerprints[:-1].view(np.int32).copy(),
+                     np.asarray(fingerprints[-1], np.uint32))
+  codes_shape = moment_shapes(shape)[0]
+  padded = np.zeros(math.prod(codes_shape), correction.dtype)
+  padded[:correction.size] = correction
+  prints_shape = fingerprint_shape(shape, True)
+  prints = np.zeros(math.prod(prints_shape), np.uint32)
+  prints[:fingerprints.size - 1] = fingerprints[:-1]
+  swapped = prints_shape[:-2] + (prints_shape[-1], prints_shape[-2])
+  return TpuMaster(padded.reshape(codes_shape),
+                   np.swapaxes(prints.view(np.int32).reshape(swapped), -1, -2),
+                   np.asarray(fingerprints[-1], np.uint32))

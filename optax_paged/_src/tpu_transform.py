@@ -15,9 +15,15 @@ same element maths. Paging is JAX's host memory: with a device budget
 its kernel and copies it back. A state on a mesh shards like the
 parameters; the kernels run per shard under ``jax.shard_map``.
 
+With ``master_weight_bits`` (24 or 32) each bfloat16 or float16 leaf also
+keeps a master-weight correction and the fingerprints of its blocks of 128
+parameters (``tpu_state.TpuMaster``), updated in the same kernel pass as
+the moments (``tpu_kernel``) with ``master_weights``' arithmetic: the
+update is the step to the master's rounding, as on the registry's path.
+
 Not on this path (the factories then build the pure-JAX reference
-transformation, which runs anywhere): 4-bit states, master weights and the
-trust-ratio families (LAMB, LARS).
+transformation, which runs anywhere): 4-bit states and the trust-ratio
+families (LAMB, LARS).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import optax
 from optax_paged._src import base
 from optax_paged._src import families
 from optax_paged._src import hyperparams as hyperparams_lib
+from optax_paged._src import master_weights
 from optax_paged._src import optimizer_table
 from optax_paged._src import paging
 from optax_paged._src import quantization
@@ -44,6 +51,7 @@ from optax_paged._src import reference
 from optax_paged._src import tpu_state
 from optax_paged._src import transform
 from optax_paged._src.tpu_state import TpuLeafState
+from optax_paged._src.tpu_state import TpuMaster
 from optax_paged._src.tpu_state import TpuMoment
 from optax_paged._src.tpu_state import TpuState
 
@@ -79,11 +87,10 @@ def force(mode: str) -> Iterator[None]:
     _forced.pop()
 
 
-def supports(spec: transform.OptimizerSpec, code_bits: int,
-             master_weight_bits: int | None) -> bool:
-  """Whether the TPU kernels run this optimizer."""
-  return (code_bits == 8 and master_weight_bits is None
-          and spec.trust_ratio is None
+def supports(spec: transform.OptimizerSpec, code_bits: int) -> bool:
+  """Whether the TPU kernels run this optimizer (with or without master
+  weights)."""
+  return (code_bits == 8 and spec.trust_ratio is None
           and any(f.name == spec.kernel and f.reference_update is not None
                   for f in families.FAMILIES.values()))
 
@@ -98,10 +105,12 @@ def make_transformation(
     paged: bool,
     device_budget: Any = None,
     keep_32bit: Any = None,
+    master_weight_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The TPU path's transformation of ``spec`` (see the module docstring).
 
-  ``mode`` is ``'tpu'`` or ``'interpret'``.
+  ``mode`` is ``'tpu'`` or ``'interpret'``; ``master_weight_bits`` None, 24
+  or 32.
   """
   if paged:
     paging.check_budget(device_budget)
@@ -115,7 +124,11 @@ def make_transformation(
                  for p, keep in zip(leaves, kept, strict=True)]
     initial = tuple(float(v) for v in spec.initial_values) or (
         0.0,) * info.num_moments
-    states = [_init_leaf(p, q, initial, info.signed)
+    master_weights.check_leaves(spec.name, master_weight_bits,
+                                [p.dtype for p in leaves])
+    states = [_init_leaf(p, q, initial, info.signed,
+                         master_weights.correction_bits(master_weight_bits,
+                                                        p.dtype))
               for p, q in zip(leaves, quantized, strict=True)]
     if paged:
       states = _place(states, leaves, device_budget)
@@ -146,6 +159,11 @@ def make_transformation(
         raise ValueError(
             f'{spec.name}: a gradient of shape {np.shape(g)} for a parameter '
             f'of shape {np.shape(p)}, state for {ls.shape}.')
+      if ls.master is not None and (
+          master_weights.correction_bits(24, p.dtype) == 0):
+        raise ValueError(
+            f'{spec.name}: a {np.dtype(p.dtype).name} parameter whose state '
+            'keeps a master-weight correction, made for a 16-bit one.')
       out, new = _leaf_step(spec, h, g, p, ls, d, output_params, interpret)
       outs.append(out)
       new_states.append(new)
@@ -217,11 +235,15 @@ def _abstract(shape, dtype, param, spec) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def _init_leaf(param, quantized, initial, signed) -> TpuLeafState:
+def _init_leaf(param, quantized, initial, signed, correction_bits
+               ) -> TpuLeafState:
   shape = tuple(np.shape(param))
   sharding = _sharding_of(param)
+  master = (_init_master(param, shape, quantized, correction_bits, sharding)
+            if correction_bits else None)
   if _is_abstract(param):
-    return _init_abstract(param, shape, quantized, len(initial), sharding)
+    return _init_abstract(param, shape, quantized, len(initial),
+                          sharding).replace(master=master)
   moments = []
   for value, is_signed in zip(initial, signed, strict=True):
     if not quantized:
@@ -245,7 +267,28 @@ def _init_leaf(param, quantized, initial, signed) -> TpuLeafState:
           np.full(n, code, np.uint8),
           np.full(-(-n // tpu_state.BLOCK), absmax, np.float32), shape,
           is_signed))
-  return TpuLeafState(tuple(moments), shape, 'device', sharding)
+  return TpuLeafState(tuple(moments), shape, 'device', sharding, master)
+
+
+def _init_master(param, shape, quantized, bits, sharding) -> TpuMaster:
+  """A zero correction and fingerprints (none written yet: every block
+  is kept) for a 16-bit leaf, laid out as its moments (``tpu_state``)."""
+  if quantized:
+    _check_shardable(shape, sharding)
+  spec = None if sharding is None else sharding.spec
+  correction_shape = (tpu_state.moment_shapes(shape)[0] if quantized
+                      else shape)
+  prints_shape = tpu_state.fingerprint_shape(shape, quantized)
+  replicated = jax.sharding.PartitionSpec()
+  prints_spec = replicated
+  if quantized and spec is not None:
+    prints_spec = tpu_state.absmax_spec(spec, len(shape))
+  arrays = [(correction_shape, jnp.int8 if bits == 8 else jnp.int16, spec),
+            (prints_shape, jnp.int32, prints_spec),
+            ((), jnp.uint32, replicated)]
+  if _is_abstract(param):
+    return TpuMaster(*(_abstract(s, d, param, p) for s, d, p in arrays))
+  return TpuMaster(*(_full(s, 0, d, sharding, p) for s, d, p in arrays))
 
 
 def _init_abstract(param, shape, quantized, num_moments, sharding
@@ -302,9 +345,9 @@ def _place(states: list[TpuLeafState], params: list[Any],
         raise ValueError(
             'optax_paged (TPU): this backend has no pinned_host memory for '
             'the host tier; use a larger device_budget.')
-      state = TpuLeafState(
-          jax.tree.map(_to_host, state.moments), state.shape,
-          'host', state.sharding)
+      state = state.replace(moments=jax.tree.map(_to_host, state.moments),
+                            master=jax.tree.map(_to_host, state.master),
+                            tier='host')
     placed.append(state)
   return placed
 
@@ -328,18 +371,13 @@ def _budget(device_budget: Any, params: list[Any], total: int) -> int:
 def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
                interpret):
   if not ls.quantized:
-    slots = hyperparams_lib.unpack(spec.kernel, h)
-    update, moments, _ = reference.leaf_step(
-        families.reference_update(spec.kernel), spec.signed, slots, grad,
-        param, tuple(m.reshape(-1) for m in ls.moments), decay)
-    moments = tuple(m.reshape(ls.shape) for m in moments)
-    out = (jnp.asarray(param + update).astype(param.dtype) if output_params
-           else update)
-    return out, ls.with_moments(moments)
+    return _xla_leaf_step(spec, h, grad, param, ls, decay, output_params)
   host = ls.tier == 'host'
   moments = ls.moments
+  master = None if ls.master is None else ls.master[:2]
   if host:
-    moments = jax.device_put(moments, jax.memory.Space.Device)
+    moments, master = jax.device_put((moments, master),
+                                     jax.memory.Space.Device)
   run = functools.partial(_run_kernel, spec.kernel, ls.shape, decay,
                           output_params, interpret)
   sharding = ls.sharding
@@ -347,32 +385,66 @@ def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
     spec_p = sharding.spec
     spec_a = tpu_state.absmax_spec(spec_p, len(ls.shape))
     moment_specs = tuple(TpuMoment(spec_p, spec_a) for _ in moments)
+    # The fingerprints are laid out, and split, as the absmax.
+    master_specs = None if master is None else (spec_p, spec_a)
     run = jax.shard_map(
         run, mesh=sharding.mesh,
         in_specs=(jax.sharding.PartitionSpec(), spec_p, spec_p,
-                  moment_specs),
-        out_specs=(spec_p, moment_specs), check_vma=False)
-  out, moments = run(h, grad, param, moments)
+                  moment_specs, master_specs),
+        out_specs=(spec_p, moment_specs, master_specs), check_vma=False)
+  out, moments, master = run(h, grad, param, moments, master)
   if host:
-    moments = jax.device_put(moments, jax.memory.Space.Host)
-  return out, ls.with_moments(moments)
+    moments, master = jax.device_put((moments, master),
+                                     jax.memory.Space.Host)
+  if master is not None:
+    master = TpuMaster(*master, ls.master.resets)
+  return out, ls.replace(moments=moments, master=master)
+
+
+def _xla_leaf_step(spec, h, grad, param, ls: TpuLeafState, decay,
+                   output_params):
+  """A leaf with float32 moments: the reference's step, in XLA."""
+  slots = hyperparams_lib.unpack(spec.kernel, h)
+  master = ls.master
+  if master is not None:
+    master = reference.MasterCorrection(
+        master.correction.reshape(-1),
+        jax.lax.bitcast_convert_type(master.fingerprints, jnp.uint32))
+  update, moments, new = reference.leaf_step(
+      families.reference_update(spec.kernel), spec.signed, slots, grad,
+      param, tuple(m.reshape(-1) for m in ls.moments), decay, master=master)
+  moments = tuple(m.reshape(ls.shape) for m in moments)
+  if new is not None:
+    new = TpuMaster(
+        new.correction.reshape(ls.shape),
+        jax.lax.bitcast_convert_type(new.fingerprints, jnp.int32),
+        ls.master.resets)
+  out = (jnp.asarray(param + update).astype(param.dtype) if output_params
+         else update)
+  return out, ls.replace(moments=moments, master=new)
 
 
 def _run_kernel(kernel, shape, decay, output_params, interpret, h, grad,
-                param, moments):
+                param, moments, master):
   """The kernel on one leaf (or one shard of it: ``shape`` is then the
   global shape, and the local arrays' own shapes are used)."""
   from optax_paged._src import tpu_kernel  # noqa: PLC0415 - Pallas on use
 
   local = tuple(param.shape)
-  if tpu_state.is_native(shape):
+  native = tpu_state.is_native(shape)
+  if native:
     del shape
     shape = local
-  out, new = tpu_kernel.leaf_step(
+  if master is not None:
+    master = tpu_state.master_view(*master, shape)
+  out, new, master = tpu_kernel.leaf_step(
       kernel, h, tpu_state.kernel_view(grad, shape),
       tpu_state.kernel_view(param, shape),
       [tuple(tpu_state.moment_view(m, shape)) for m in moments],
-      decay=decay, output_params=output_params, interpret=interpret)
+      decay=decay, output_params=output_params, interpret=interpret,
+      master=master, size=None if native else math.prod(shape))
+  if master is not None:
+    master = tpu_state.master_from_view(*master, shape)
   return (tpu_state.from_kernel_view(out, shape),
           tuple(tpu_state.moment_from_view(TpuMoment(*m), shape)
-                for m in new))
+                for m in new), master)
