@@ -48,19 +48,17 @@ void PackFourBit(int64_t length, uint8_t* codes, CodeOf code_of) {
   }
 }
 
-}  // namespace
-
-void EncodeFourBitBlock(bool is_signed, const float* values, float inverse,
-                        int64_t length, uint8_t* codes) {
+void EncodeFourBitBlockScalar(bool is_signed, const float* values,
+                              float inverse, int64_t length, uint8_t* codes) {
   const QuantTables& tables = SignedFourBitTables();
   PackFourBit(length, codes, [&](int64_t i) {
     return EncodeFourBit(tables, is_signed, values[i] * inverse);
   });
 }
 
-void EncodeFourBitBlockStochastic(const float* values, float inverse,
-                                  int64_t length, uint32_t key,
-                                  uint64_t first_index, uint8_t* codes) {
+void EncodeFourBitBlockStochasticScalar(const float* values, float inverse,
+                                        int64_t length, uint32_t key,
+                                        uint64_t first_index, uint8_t* codes) {
   const QuantTables& tables = SignedFourBitTables();
   PackFourBit(length, codes, [&](int64_t i) {
     return EncodeFourBitStochastic(
@@ -69,13 +67,26 @@ void EncodeFourBitBlockStochastic(const float* values, float inverse,
   });
 }
 
-void DecodeFourBitBlock(bool is_signed, const uint8_t* codes, float absmax,
-                        int64_t length, float* values) {
+void DecodeFourBitBlockScalar(bool is_signed, const uint8_t* codes,
+                              float absmax, int64_t length, float* values) {
   const QuantTables& tables = SignedFourBitTables();
   for (int64_t i = 0; i < length; ++i) {
     const uint8_t code = (codes[i / 2] >> (4 * (i & 1))) & 0xfu;
     values[i] = DecodeFourBit(tables, is_signed, code, absmax);
   }
+}
+
+}  // namespace
+
+const FourBitCodec kFourBitScalar = {EncodeFourBitBlockScalar,
+                                     EncodeFourBitBlockStochasticScalar,
+                                     DecodeFourBitBlockScalar};
+
+const FourBitCodec& CpuFourBitCodec() {
+  static const FourBitCodec& codec = HasAvx512() ? kFourBitAvx512
+                                     : HasAvx2() ? kFourBitAvx2
+                                                 : kFourBitScalar;
+  return codec;
 }
 
 float BlockAbsmax(const float* values, int64_t length) {

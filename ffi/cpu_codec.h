@@ -42,18 +42,32 @@ void DecodeBlockGather(const QuantTables& tables, const uint8_t* codes,
 void EncodeBlockAvx512(const QuantTables& tables, const float* values,
                        float inverse, int64_t length, uint8_t* codes);
 
-// The 4-bit versions (scalar): element i's code in the low nibble of byte
-// i / 2 for even i, the high nibble for odd i; an odd length leaves the
-// last high nibble zero.
-void EncodeFourBitBlock(bool is_signed, const float* values, float inverse,
-                        int64_t length, uint8_t* codes);
-void DecodeFourBitBlock(bool is_signed, const uint8_t* codes, float absmax,
-                        int64_t length, float* values);
-// Signed codes rounded stochastically (EncodeFourBitStochastic) with the
-// leaf's StateRoundingKey; `first_index` is values[0]'s index in the leaf.
-void EncodeFourBitBlockStochastic(const float* values, float inverse,
-                                  int64_t length, uint32_t key,
-                                  uint64_t first_index, uint8_t* codes);
+// The 4-bit block codec: element i's code in the low nibble of byte i / 2
+// for even i, the high nibble for odd i; an odd length leaves the last high
+// nibble zero. `encode` gives the codes of `values[i] * inverse`
+// (EncodeFourBit), `encode_stochastic` signed codes rounded stochastically
+// (EncodeFourBitStochastic) with the leaf's StateRoundingKey, `first_index`
+// being values[0]'s index in the leaf, and `decode` DecodeFourBit's values.
+// One per instruction set; all give the same bits.
+struct FourBitCodec {
+  void (*encode)(bool is_signed, const float* values, float inverse,
+                 int64_t length, uint8_t* codes);
+  void (*encode_stochastic)(const float* values, float inverse,
+                            int64_t length, uint32_t key,
+                            uint64_t first_index, uint8_t* codes);
+  void (*decode)(bool is_signed, const uint8_t* codes, float absmax,
+                 int64_t length, float* values);
+};
+
+// The scalar loops, for any processor.
+extern const FourBitCodec kFourBitScalar;
+// Vector codecs without gathers or tables in memory (register permutes and
+// the unsigned map in closed form): kFourBitAvx2 needs HasAvx2(),
+// kFourBitAvx512 HasAvx512().
+extern const FourBitCodec kFourBitAvx2;
+extern const FourBitCodec kFourBitAvx512;
+// The widest of these that the processor has (capped as HasAvx2 says).
+const FourBitCodec& CpuFourBitCodec();
 
 // What the CPU path may use: the processor's instruction sets, capped by
 // OPTAX_PAGED_CPU_ISA ("avx2" or "sse2") so that tests and benchmarks run the

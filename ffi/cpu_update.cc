@@ -318,14 +318,14 @@ struct GroupStep {
   void FourBitBlock(const LeafState& leaf, int leaf_index,
                     int64_t block) const {
     constexpr int kMoments = Optimizer::kNumMoments;
+    const FourBitCodec& codec = CpuFourBitCodec();
     const int64_t begin = block * kFourBitBlockSize;
     const int64_t length =
         std::min<int64_t>(kFourBitBlockSize, leaf.size - begin);
     float moments[kMoments][kBlockSize];
     for (int m = 0; m < kMoments; ++m) {
-      DecodeFourBitBlock(Optimizer::IsSigned(m),
-                         leaf.moments[m].codes + begin / 2,
-                         leaf.moments[m].absmax[block], length, moments[m]);
+      codec.decode(Optimizer::IsSigned(m), leaf.moments[m].codes + begin / 2,
+                   leaf.moments[m].absmax[block], length, moments[m]);
     }
     uint32_t largest[kMoments];
     UpdateBlock(leaf_index, leaf.decay, begin, length, moments, largest);
@@ -333,13 +333,13 @@ struct GroupStep {
       const float absmax = BitsToFloat(largest[m]);
       uint8_t* codes = leaf.moments[m].codes + begin / 2;
       if (kStochasticFourBitOf<Optimizer> && Optimizer::IsSigned(m)) {
-        EncodeFourBitBlockStochastic(
+        codec.encode_stochastic(
             moments[m], InverseScale(absmax), length,
             StateRoundingKey(seed, leaf_ids[leaf_index]),
             static_cast<uint64_t>(index_offsets[leaf_index] + begin), codes);
       } else {
-        EncodeFourBitBlock(Optimizer::IsSigned(m), moments[m],
-                           InverseScale(absmax), length, codes);
+        codec.encode(Optimizer::IsSigned(m), moments[m], InverseScale(absmax),
+                     length, codes);
       }
       leaf.moments[m].absmax[block] = absmax;
     }

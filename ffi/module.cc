@@ -177,6 +177,61 @@ HostArray<uint8_t> EncodeScaled(InputArray<float> x, float inverse,
   return CopyToNumpy(codes.data(), n);
 }
 
+// The CPU kernel's 4-bit codec (the processor's path, capped as
+// OPTAX_PAGED_CPU_ISA says) over blocks of 128 as a leaf of x.size
+// elements holds them: codes and absmax, the signed codes rounded
+// stochastically with `key` when `stochastic` (x[0] being element
+// `first_index` of the leaf). The tests run it under each cap and compare
+// the bits.
+nb::tuple QuantizeFourBit(InputArray<float> x, bool is_signed,
+                          bool stochastic, uint32_t key,
+                          uint64_t first_index) {
+  const FourBitCodec& codec = CpuFourBitCodec();
+  const int64_t n = static_cast<int64_t>(x.shape(0));
+  const int64_t blocks = (n + kFourBitBlockSize - 1) / kFourBitBlockSize;
+  std::vector<uint8_t> codes((n + 1) / 2);
+  std::vector<float> absmax(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kFourBitBlockSize;
+    const int64_t length = std::min<int64_t>(kFourBitBlockSize, n - begin);
+    absmax[b] = BlockAbsmax(x.data() + begin, length);
+    const float inverse = InverseScale(absmax[b]);
+    uint8_t* block_codes = codes.data() + begin / 2;
+    if (stochastic) {
+      codec.encode_stochastic(x.data() + begin, inverse, length, key,
+                              first_index + static_cast<uint64_t>(begin),
+                              block_codes);
+    } else {
+      codec.encode(is_signed, x.data() + begin, inverse, length, block_codes);
+    }
+  }
+  return nb::make_tuple(CopyToNumpy(codes.data(), codes.size()),
+                        CopyToNumpy(absmax.data(), absmax.size()));
+}
+
+// The values of a leaf of `size` elements from its 4-bit codes and absmax.
+HostArray<float> DequantizeFourBit(InputArray<uint8_t> codes,
+                                   InputArray<float> absmax, bool is_signed,
+                                   int64_t size) {
+  const int64_t blocks = (size + kFourBitBlockSize - 1) / kFourBitBlockSize;
+  if (size < 0 || static_cast<int64_t>(codes.shape(0)) != (size + 1) / 2 ||
+      static_cast<int64_t>(absmax.shape(0)) != blocks) {
+    throw std::invalid_argument(
+        "dequantize_four_bit: " + std::to_string(size) + " elements need " +
+        std::to_string((size + 1) / 2) + " bytes of codes and " +
+        std::to_string(blocks) + " absmax values");
+  }
+  const FourBitCodec& codec = CpuFourBitCodec();
+  std::vector<float> out(size);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kFourBitBlockSize;
+    codec.decode(is_signed, codes.data() + begin / 2, absmax.data()[b],
+                 std::min<int64_t>(kFourBitBlockSize, size - begin),
+                 out.data() + begin);
+  }
+  return CopyToNumpy(out.data(), out.size());
+}
+
 // The block absmax of the CPU kernel, by the scalar loop or the AVX2 one.
 float BlockAbsmaxOf(InputArray<float> x, bool vector) {
   const int64_t n = static_cast<int64_t>(x.shape(0));
@@ -557,6 +612,11 @@ NB_MODULE(_optax_paged_ext, m) {
     return CopyToNumpy(codes.data(), n);
   }, nb::arg("x"), nb::arg("inverse"), nb::arg("signed"));
   testing.def("has_avx512", &HasAvx512);
+  testing.def("quantize_four_bit", &QuantizeFourBit, nb::arg("x"),
+              nb::arg("signed"), nb::arg("stochastic"), nb::arg("key"),
+              nb::arg("first_index"));
+  testing.def("dequantize_four_bit", &DequantizeFourBit, nb::arg("codes"),
+              nb::arg("absmax"), nb::arg("signed"), nb::arg("size"));
   testing.def("live_state_count", &LiveStateCount);
 
   nb::class_<StateEntry>(m, "StateEntry")

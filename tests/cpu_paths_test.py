@@ -2,11 +2,12 @@
 
 The CPU codec and update loop choose at run time between AVX-512 (with
 gathers, on Intel), AVX2 (without gathers: AMD, and every CPU with AVX2 but
-no AVX-512) and x86-64's baseline (ffi/cpu_codec.cc). ``OPTAX_PAGED_CPU_ISA``
-caps the choice, so one machine runs the paths other CPUs take: a worker
-makes the same codes and steps in a fresh process under each cap, and every
-result must equal the default path's bit for bit. CI thereby covers the AVX2
-path on an AVX-512 runner, and the baseline path anywhere.
+no AVX-512) and x86-64's baseline (ffi/cpu_codec.cc); the 4-bit codec between
+AVX-512, AVX2 and the scalar loops. ``OPTAX_PAGED_CPU_ISA`` caps the choice,
+so one machine runs the paths other CPUs take: a worker makes the same codes
+and steps in a fresh process under each cap, and every result must equal the
+default path's bit for bit, and so the baseline (scalar) path's. CI thereby
+covers the AVX2 path on an AVX-512 runner, and the baseline path anywhere.
 """
 
 import os
@@ -29,6 +30,7 @@ WORKER = textwrap.dedent('''
     import optax
 
     import optax_paged
+    from optax_paged._src import dynamic_map
     from optax_paged._src import ffi
 
     ext = ffi.extension()
@@ -47,6 +49,54 @@ WORKER = textwrap.dedent('''
       out[f'absmax_{signed}'] = np.asarray(absmax)
       out[f'values_{signed}'] = np.asarray(
           ext.dequantize_blockwise(codes, absmax, signed))
+
+    # The 4-bit codec (blocks of 128). Each block of `sweep` holds 1.0, so
+    # that its scale is exactly 1 and the sweep's values are the scaled
+    # values the codec compares: every entry of both 4-bit maps, every
+    # midpoint between neighbours (float32, as the tables compute them) and
+    # the floats on either side of each, with both signs (each twice, side
+    # by side: in both nibbles of a byte); then blocks with
+    # a NaN, an infinity, only zeros, only subnormals (a zero scale), and a
+    # short odd last block. Stochastic rounding takes the signed ones from
+    # element 2^32 - 300 of a leaf, so that the index's high half changes
+    # inside the sweep.
+    def around(points):
+      points = np.asarray(points, np.float32)
+      return np.concatenate([points, np.nextafter(points, np.float32(-2)),
+                             np.nextafter(points, np.float32(2))])
+
+    points = []
+    for entries in (dynamic_map.four_bit_signed_map(),
+                    dynamic_map.four_bit_unsigned_map()):
+      entries = np.asarray(entries, np.float32)
+      middle = np.float32(0.5) * (entries[:-1] + entries[1:])
+      points.append(around(np.concatenate([entries, middle])))
+    points = np.concatenate(points + [np.float32([0.0, 1e-45, 1e-38])])
+    points = np.repeat(np.concatenate([points, -points]), 2)
+    blocks = [np.concatenate([[np.float32(1.0)], np.resize(chunk, 127)])
+              for chunk in np.array_split(points, -(-points.size // 127))]
+    blocks += [np.resize(np.float32(b), 128) for b in
+               ([0.5, np.nan, -0.25], [np.inf, 0.1], [-np.inf, 0.1], [0.0],
+                [1e-40, -3e-39, 0.0])]
+    sweep = np.concatenate(blocks + [
+        rng.standard_normal(77).astype(np.float32)])
+    for signed, stochastic in ((True, False), (False, False), (True, True)):
+      codes, absmax = ext.testing.quantize_four_bit(
+          sweep, signed, stochastic, 0x9e3779b9, 2**32 - 300)
+      kind = f'four_bit_{signed}_{stochastic}'
+      out[f'{kind}_codes'] = np.asarray(codes)
+      out[f'{kind}_absmax'] = np.asarray(absmax)
+      out[f'{kind}_values'] = np.asarray(ext.testing.dequantize_four_bit(
+          codes, absmax, signed, sweep.size))
+    # Every byte (both nibbles of every code pair) against scales of every
+    # kind, decoded; the odd size leaves the last high nibble unread.
+    every_byte = np.tile(np.arange(256, dtype=np.uint8), 8)
+    scales = np.resize(np.float32([1.0, 0.37, 0.0, np.nan, np.inf, 1e-40,
+                                   3e38, -0.0, 2.5e-5, 7.0, -1.5]), 32)
+    for signed in (True, False):
+      out[f'four_bit_every_byte_{signed}'] = np.asarray(
+          ext.testing.dequantize_four_bit(every_byte, scales, signed,
+                                          2 * every_byte.size - 1))
 
     # Steps of optimizers over leaves whose sizes cut blocks and vectors
     # (the largest is split among threads), fused and strict.
@@ -140,3 +190,12 @@ def test_default_path_fused_step_equals_update_and_apply(default_path):
     np.testing.assert_array_equal(
         default_path[name.replace('_strict_', '_fused_')], expected,
         err_msg=name)
+
+
+@pytest.mark.parametrize('kind', ['True_False', 'False_False', 'True_True'])
+def test_four_bit_sweep_meets_every_code(kind, default_path):
+  # The sweep that the capped paths must reproduce reaches all sixteen
+  # codes of each rounding, in both nibbles.
+  codes = default_path[f'four_bit_{kind}_codes']
+  for nibble in (codes & 0xF, codes >> 4):
+    assert set(np.unique(nibble)) == set(range(16)), kind
