@@ -130,11 +130,13 @@ def test_host_tier_copies_are_the_planned_ones():
   assert memory.host_output_size_in_bytes >= host_state
 
 
-def test_sharded_step_compiles_per_shard():
+@pytest.mark.parametrize('master_weight_bits', [None, 24])
+def test_sharded_step_compiles_per_shard(master_weight_bits):
   def spec(name):
     return (jax.sharding.PartitionSpec(None, 'x', None) if name == 'embedding'
             else jax.sharding.PartitionSpec('x', None))
-  compiled, state = compile_step('v5e:2x2', jnp.bfloat16, mesh_spec=spec)
+  compiled, state = compile_step('v5e:2x2', jnp.bfloat16, mesh_spec=spec,
+                                 master_weight_bits=master_weight_bits)
   hlo = compiled.as_text()
   # Every kernel runs on its shard: no collectives at all.
   assert not re.search(r'all-gather|all-reduce|all-to-all|collective-permute',
@@ -144,3 +146,9 @@ def test_sharded_step_compiles_per_shard():
   assert codes.sharding.spec == jax.sharding.PartitionSpec('x', None)
   absmax = state.leaves['embedding'].moments[1].absmax
   assert absmax.sharding.spec == jax.sharding.PartitionSpec(None, None, 'x')
+  if master_weight_bits:
+    # The correction splits as the codes, the fingerprints as the absmax.
+    master = state.leaves['embedding'].master
+    assert master.correction.sharding.spec == jax.sharding.PartitionSpec(
+        None, 'x', None)
+    assert master.fingerprints.sharding.spec == absmax.sharding.spec

@@ -229,6 +229,20 @@ def test_refusals_and_float32_leaves():
                               'b': params['b']})
 
 
+def test_host_tier_holds_the_master_too():
+  # Each leaf's state: two moments (32768 codes, 512 absmax bytes), its
+  # correction (32768) and fingerprints (1024): the budget keeps one.
+  params = {'a': jnp.ones((64, 512), jnp.bfloat16),
+            'b': jnp.ones((64, 512), jnp.bfloat16)}
+  tx = tpu_optimizer(optax_paged.paged_adamw8bit, LR, device_budget=110_000,
+                     master_weight_bits=24)
+  state = tx.init(params)
+  kinds = {k: {x.sharding.memory_kind
+               for x in jax.tree.leaves(state.leaves[k].master)}
+           for k in params}
+  assert kinds == {'a': {'device'}, 'b': {'pinned_host'}}
+
+
 def exact_mismatches() -> dict[str, int]:
   """Bytes that differ between the two paths (``EXACT_JOB``'s process)."""
   mismatches = {}

@@ -11,8 +11,9 @@ side. The step updates the master in float32, makes the parameter the
 master rounded to nearest (ties toward +infinity, so that every offset
 fits the correction's range) and writes the new correction against it.
 The functions here are the kernels' (``ffi/master_weights.h``) in
-``jax.numpy``, bit for bit: the reference optimizers and
-``optax_paged.master_params`` use them.
+``jax.numpy``, bit for bit: the reference optimizers,
+``optax_paged.master_params`` and the TPU path's Pallas kernel
+(``tpu_kernel``, where Mosaic lowers them) use them.
 
 The parameters a correction belongs to are fingerprinted per block of
 ``BLOCK_SIZE`` elements; a block whose parameters changed outside the

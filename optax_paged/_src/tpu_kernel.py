@@ -31,8 +31,10 @@ the saved one (parameters changed outside the optimizer), reconstructs the
 float32 master, updates it, writes the master's rounding (ties up) or the
 update to it, the new correction and the new parameters' fingerprints.
 The element maths is ``master_weights``' ``jax.numpy`` functions, which
-Mosaic lowers as they are; the fingerprint's wrapping sum is an int32 lane
-reduction (Mosaic has no unsigned reductions; the bits are the same).
+Mosaic lowers as they are for bfloat16 (libtpu 0.0.42.1 has no float16
+vectors: float16 runs in the interpreter only); the fingerprint's wrapping
+sum is an int32 lane reduction (Mosaic has no unsigned reductions; the bits
+are the same).
 """
 
 import functools
