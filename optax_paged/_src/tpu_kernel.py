@@ -286,7 +286,16 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
           transcendentals=param.size, bytes_accessed=bytes_accessed),
       interpret=pltpu.InterpretParams() if interpret else False,
   )
-  out = call(hyperparams, grad, param, *state, tables)
+  streamed = [grad, param, *state]
+  if not interpret:
+    # The kernel streams these through VMEM tile by tile. Left free, XLA's
+    # memory-space assignment stages the ones that fit into VMEM whole
+    # around the call (copy-start/copy-done): the same HBM bytes, but
+    # copies the cost analysis counts on top of the kernel's accesses, and
+    # VMEM held that the rest of a training step could use.
+    streamed = [pltpu.with_memory_space_constraint(x, pltpu.HBM)
+                for x in streamed]
+  out = call(hyperparams, *streamed, tables)
   new_moments = [(out[1 + 2 * m], out[2 + 2 * m]) for m in range(num)]
   new_master = (None if master is None
                 else (out[1 + 2 * num], out[2 + 2 * num]))
