@@ -215,8 +215,9 @@ def cpuinfo(field: str) -> str:
 
 
 def instruction_sets() -> str:
-  """The instruction sets the CPU kernel uses here, its codec (as
-  UseGathers in ffi/cpu_codec.cc chooses), and the cap if one is set."""
+  """The instruction sets the CPU kernel uses here, its 8-bit codec (as
+  UseGathers in ffi/cpu_codec.cc chooses) and 4-bit codec (CpuFourBitCodec),
+  and the cap if one is set."""
   extension = ffi.extension()
   avx2, avx512 = extension.has_avx2(), extension.testing.has_avx512()
   used = [name for name, on in (('AVX2', avx2), ('AVX-512', avx512)) if on]
@@ -224,9 +225,11 @@ def instruction_sets() -> str:
     codec = 'gathers'
   else:
     codec = 'table loads, no gathers' if avx2 else 'scalar'
+  four_bit = used[-1] + ' permutes' if used else 'scalar'
   cap = os.environ.get('OPTAX_PAGED_CPU_ISA')
-  return (', '.join(used) or 'x86-64 baseline') + f'; codec: {codec}' + (
-      f' (capped: OPTAX_PAGED_CPU_ISA={cap})' if cap else '')
+  capped = f' (capped: OPTAX_PAGED_CPU_ISA={cap})' if cap else ''
+  return (', '.join(used) or 'x86-64 baseline') + (
+      f'; codec: {codec}; 4-bit codec: {four_bit}{capped}')
 
 
 def facts(num_params: int, num_leaves: int) -> list[tuple[str, str]]:
