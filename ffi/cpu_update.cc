@@ -179,7 +179,6 @@ struct GroupStep {
                                         length, moments, largest);
       }
     }
-    constexpr int kMoments = Optimizer::kNumMoments;
     // `out` may alias `g` or `p` (the call writes its results over them):
     // the parameters are copied into a local array first (the gradients
     // too, unless already float) and the results written after, so that
@@ -229,7 +228,6 @@ struct GroupStep {
   __attribute__((always_inline)) inline void MasterBlockBody(
       const LeafState& leaf, int leaf_index, bool decay, int64_t begin,
       int64_t length, float (*moments)[kBlockSize], uint32_t* largest) const {
-    constexpr int kMoments = Optimizer::kNumMoments;
     constexpr int kBits = 8 * sizeof(Correction);
     Correction* correction = static_cast<Correction*>(leaf.correction) + begin;
     const T* g = grads[leaf_index] + begin;
