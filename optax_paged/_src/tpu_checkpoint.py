@@ -18,6 +18,8 @@ from optax_paged._src import base
 from optax_paged._src import master_weights
 from optax_paged._src import registry
 from optax_paged._src import state_io
+from optax_paged._src import tpu_host_tier
+from optax_paged._src import tpu_sharded_checkpoint
 from optax_paged._src import tpu_state
 from optax_paged._src.tpu_state import TpuLeafState
 from optax_paged._src.tpu_state import TpuMaster
@@ -36,11 +38,15 @@ def _leaf_states(state: TpuState) -> list[TpuLeafState]:
 
 
 def export_state(state: TpuState) -> dict[str, Any]:
-  """The state dictionary of a TPU-path state (arrays gathered to host)."""
+  """The state dictionary of a TPU-path state (arrays gathered to host;
+  on a mesh the registry's sharded one, ``tpu_sharded_checkpoint``)."""
+  if tpu_sharded_checkpoint.on_mesh(state):
+    return tpu_sharded_checkpoint.export_state(state)
   jax.block_until_ready(state)
   count = int(np.asarray(jax.device_get(state.count)))
   leaves = []
   for ls in _leaf_states(state):
+    ls = tpu_host_tier.in_device_layout(ls)
     if ls.quantized:
       moments = [dict(zip(('codes', 'absmax'), tpu_state.to_flat(m, ls.shape),
                           strict=True)) for m in ls.moments]
@@ -76,8 +82,7 @@ def plan_import(state: TpuState, saved: Any) -> state_io.Planned:
   leaf_states = _leaf_states(state)
   version = state_io._check_header(saved, _record(state, leaf_states))  # noqa: SLF001
   if 'mesh_shape' in saved:
-    raise refuse('the checkpoint was saved from a registry state on a mesh; '
-                 'the TPU path restores unsharded state dictionaries.')
+    return tpu_sharded_checkpoint.plan_import(state, saved, version)
   count = state_io._int_scalar(saved, 'count', 0, 2**31 - 1)  # noqa: SLF001
   restored = []
   for ls, leaf in zip(leaf_states, saved['leaves'], strict=True):
@@ -103,8 +108,8 @@ def plan_import(state: TpuState, saved: Any) -> state_io.Planned:
           raise refuse(f'a leaf of shape {shape}: wrong codes or absmax.')
         new = tpu_state.from_flat(codes, absmax, shape, signed)
         moments.append(TpuMoment(*(
-            jax.device_put(a, f.sharding) for a, f in zip(new, fresh,
-                                                          strict=True))))
+            jax.device_put(tpu_host_tier.as_stored(ls, a), f.sharding)
+            for a, f in zip(new, fresh, strict=True))))
       else:
         values = np.asarray(moment['values'])
         if values.shape != (n,) or values.dtype != np.float32:
@@ -154,7 +159,7 @@ def _import_master(ls: TpuLeafState, saved: Any) -> TpuMaster | None:
                  'fingerprints.')
   new = tpu_state.master_from_flat(correction, fingerprints, ls.shape,
                                    ls.quantized)
-  return TpuMaster(*(jax.device_put(a, f.sharding)
+  return TpuMaster(*(jax.device_put(tpu_host_tier.as_stored(ls, a), f.sharding)
                      for a, f in zip(new, ls.master, strict=True)))
 
 
@@ -180,6 +185,8 @@ def masters(state: TpuState, params: base.Params) -> base.Params:
   out = []
   for param, ls in zip(leaves, leaf_states, strict=True):
     param = jnp.asarray(param)
+    if ls.tier == 'host':
+      ls = tpu_host_tier.to_device(ls)
     if ls.master is None:
       out.append(param.astype(jnp.float32))
       continue

@@ -48,6 +48,7 @@ from optax_paged._src import optimizer_table
 from optax_paged._src import paging
 from optax_paged._src import quantization
 from optax_paged._src import reference
+from optax_paged._src import tpu_host_tier
 from optax_paged._src import tpu_state
 from optax_paged._src import transform
 from optax_paged._src.tpu_state import TpuLeafState
@@ -307,13 +308,6 @@ def _init_abstract(param, shape, quantized, num_moments, sharding
   return TpuLeafState((moment,) * num_moments, shape, 'device', sharding)
 
 
-def _to_host(x: Any) -> Any:
-  if _is_abstract(x):
-    return jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=x.sharding.with_memory_kind('pinned_host'))
-  return jax.device_put(x, jax.memory.Space.Host)
-
-
 def _full(shape, value, dtype, sharding, spec):
   if sharding is None:
     return jnp.full(shape, value, dtype)
@@ -345,9 +339,7 @@ def _place(states: list[TpuLeafState], params: list[Any],
         raise ValueError(
             'optax_paged (TPU): this backend has no pinned_host memory for '
             'the host tier; use a larger device_budget.')
-      state = state.replace(moments=jax.tree.map(_to_host, state.moments),
-                            master=jax.tree.map(_to_host, state.master),
-                            tier='host')
+      state = tpu_host_tier.to_host(state)
     placed.append(state)
   return placed
 
@@ -370,18 +362,21 @@ def _budget(device_budget: Any, params: list[Any], total: int) -> int:
 
 def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
                interpret):
+  if ls.tier == 'host':
+    out, new = _leaf_step(spec, h, grad, param, tpu_host_tier.to_device(ls),
+                          decay, output_params, interpret)
+    return out, tpu_host_tier.to_host(new)
   if not ls.quantized:
     return _xla_leaf_step(spec, h, grad, param, ls, decay, output_params)
-  host = ls.tier == 'host'
   moments = ls.moments
   master = None if ls.master is None else ls.master[:2]
-  if host:
-    moments, master = jax.device_put((moments, master),
-                                     jax.memory.Space.Device)
   run = functools.partial(_run_kernel, spec.kernel, ls.shape, decay,
                           output_params, interpret)
   sharding = ls.sharding
-  if sharding is not None and not sharding.is_fully_replicated:
+  # Replicated leaves too: on a mesh every kernel is one call over all its
+  # devices, as Pallas' TPU interpreter needs (a call's devices meet at
+  # barriers; a one-device call between them fails its shared memory).
+  if sharding is not None:
     spec_p = sharding.spec
     spec_a = tpu_state.absmax_spec(spec_p, len(ls.shape))
     moment_specs = tuple(TpuMoment(spec_p, spec_a) for _ in moments)
@@ -393,9 +388,6 @@ def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
                   moment_specs, master_specs),
         out_specs=(spec_p, moment_specs, master_specs), check_vma=False)
   out, moments, master = run(h, grad, param, moments, master)
-  if host:
-    moments, master = jax.device_put((moments, master),
-                                     jax.memory.Space.Host)
   if master is not None:
     master = TpuMaster(*master, ls.master.resets)
   return out, ls.replace(moments=moments, master=master)

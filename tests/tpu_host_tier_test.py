@@ -1,0 +1,71 @@
+"""The TPU path's host tier (tpu_host_tier) in Pallas' TPU interpreter.
+
+The step runs eagerly: jax 0.10.2 fails to lower a jitted interpreted step
+whose arguments carry memory kinds (a length mismatch inside JAX's
+lowering); the compiled host-tier step is checked by tests/tpu_compile_test.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_paged
+from optax_paged._src import tpu_transform
+
+PARAMS = {
+    'native': jnp.linspace(-1, 1, 16 * 512).reshape(16, 512),
+    'flat': jnp.linspace(-1, 1, 3000).reshape(3, 1000),
+    'bf16': jnp.linspace(-2, 2, 8 * 256).reshape(8, 256).astype(jnp.bfloat16),
+    'small': jnp.ones((10,), jnp.bfloat16),
+}
+
+
+def _run(budget, master_weight_bits):
+  with tpu_transform.force('interpret'):
+    tx = optax_paged.paged_adamw8bit(
+        1e-2, weight_decay=0.01, device_budget=budget, min_8bit_size=1000,
+        master_weight_bits=master_weight_bits)
+  state = tx.init(PARAMS)
+  params = PARAMS
+  for i in range(2):
+    grads = jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)).astype(x.dtype),
+                         params)
+    params, state = optax_paged.apply_gradients(tx, grads, state, params)
+  return tx, params, state
+
+
+def _saved(state):
+  saved = optax_paged.state_dict(state)
+  for leaf in saved['leaves']:
+    leaf.pop('tier')
+  return saved
+
+
+def _equal(a, b):
+  return jax.tree.all(jax.tree.map(
+      lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b))
+
+
+@pytest.mark.parametrize('master_weight_bits', [None, 24])
+def test_host_tier_steps_as_the_device_tier(master_weight_bits):
+  _, device_params, device_state = _run(None, master_weight_bits)
+  tx, host_params, host_state = _run(0, master_weight_bits)
+  assert {ls.tier for ls in host_state.leaves.values()} == {'host'}
+  codes = host_state.leaves['native'].moments[0].codes
+  # Narrow arrays are kept one row (a shard) in host memory.
+  assert codes.shape == (16 * 512,)
+  assert codes.sharding.memory_kind == 'pinned_host'
+  assert _equal(device_params, host_params)
+  assert _equal(_saved(device_state), _saved(host_state))
+  if master_weight_bits:
+    assert _equal(optax_paged.master_params(device_state, device_params),
+                  optax_paged.master_params(host_state, host_params))
+  # A checkpoint restores into the host tier in its host layout.
+  restored = optax_paged.load_state_dict(tx.init(PARAMS),
+                                         optax_paged.state_dict(device_state))
+  fresh = tx.init(PARAMS)
+  assert ([(x.shape, x.sharding.memory_kind) for x in jax.tree.leaves(restored)]
+          == [(x.shape, x.sharding.memory_kind)
+              for x in jax.tree.leaves(fresh)])
+  assert _equal(_saved(restored), _saved(device_state))
