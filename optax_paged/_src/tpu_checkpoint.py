@@ -19,6 +19,7 @@ from optax_paged._src import master_weights
 from optax_paged._src import registry
 from optax_paged._src import state_io
 from optax_paged._src import tpu_host_tier
+from optax_paged._src import tpu_sharded_checkpoint
 from optax_paged._src import tpu_state
 from optax_paged._src.tpu_state import TpuLeafState
 from optax_paged._src.tpu_state import TpuMaster
@@ -37,7 +38,10 @@ def _leaf_states(state: TpuState) -> list[TpuLeafState]:
 
 
 def export_state(state: TpuState) -> dict[str, Any]:
-  """The state dictionary of a TPU-path state (arrays gathered to host)."""
+  """The state dictionary of a TPU-path state (arrays gathered to host;
+  on a mesh the registry's sharded one, ``tpu_sharded_checkpoint``)."""
+  if tpu_sharded_checkpoint.on_mesh(state):
+    return tpu_sharded_checkpoint.export_state(state)
   jax.block_until_ready(state)
   count = int(np.asarray(jax.device_get(state.count)))
   leaves = []
@@ -78,8 +82,7 @@ def plan_import(state: TpuState, saved: Any) -> state_io.Planned:
   leaf_states = _leaf_states(state)
   version = state_io._check_header(saved, _record(state, leaf_states))  # noqa: SLF001
   if 'mesh_shape' in saved:
-    raise refuse('the checkpoint was saved from a registry state on a mesh; '
-                 'the TPU path restores unsharded state dictionaries.')
+    return tpu_sharded_checkpoint.plan_import(state, saved, version)
   count = state_io._int_scalar(saved, 'count', 0, 2**31 - 1)  # noqa: SLF001
   restored = []
   for ls, leaf in zip(leaf_states, saved['leaves'], strict=True):

@@ -222,8 +222,12 @@ def from_flat(codes: np.ndarray, absmax: np.ndarray, shape: tuple[int, ...],
 
 def absmax_spec(spec: Any, ndim: int) -> Any:
   """The PartitionSpec of a native absmax for a leaf's spec: the last two
-  dimensions' entries swapped (the block axis splits as the last does)."""
+  dimensions' entries swapped (the block axis splits as the last does).
+  A replicated spec stays replicated, whatever the leaf's rank: a flat
+  leaf's absmax on a mesh is replicated, as its codes are."""
   entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+  if not any(entries):
+    return jax.sharding.PartitionSpec()
   return jax.sharding.PartitionSpec(*entries[:-2], entries[-1], entries[-2])
 
 
