@@ -195,7 +195,7 @@ def _print_blocks(ls: TpuLeafState, device: jax.Device, i: int,
   # Contiguous: every dimension before the first one split has one index
   # in the shard, every one after it is whole.
   lengths = [stop - start for start, stop in ranges]
-  k = next(d for d, length in enumerate(lengths) if length != 1)
+  k = next((d for d, length in enumerate(lengths) if length != 1), 0)
   start = int(np.ravel_multi_index([a for a, _ in ranges], ls.shape))
   if (any(length != ls.shape[d] for d, length in enumerate(lengths)
           if d > k) or size % FINGERPRINT or start % FINGERPRINT):
