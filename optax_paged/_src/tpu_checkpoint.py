@@ -86,15 +86,8 @@ def plan_import(state: TpuState, saved: Any) -> state_io.Planned:
   count = state_io._int_scalar(saved, 'count', 0, 2**31 - 1)  # noqa: SLF001
   restored = []
   for ls, leaf in zip(leaf_states, saved['leaves'], strict=True):
-    shape = tuple(np.asarray(leaf['shape']).tolist())
-    if shape != ls.shape or bool(leaf['quantized']) != ls.quantized:
-      raise refuse(
-          f'a leaf: checkpoint has shape {shape} (quantized='
-          f'{bool(leaf["quantized"])}), the state has {ls.shape} '
-          f'(quantized={ls.quantized}).')
+    shape = tpu_sharded_checkpoint.check_leaf(ls, leaf)
     master = _import_master(ls, leaf.get('master'))
-    if len(leaf['moments']) != len(ls.moments):
-      raise refuse('a leaf has the wrong number of moments.')
     n = int(np.prod(shape))
     moments = []
     for moment, fresh, signed in zip(leaf['moments'], ls.moments,

@@ -222,14 +222,7 @@ def plan_import(state: TpuState, saved: dict[str, Any],
     raise refuse('states on a mesh need checkpoint format version 2.')
   leaf_states = _leaf_states(state)
   for ls, leaf in zip(leaf_states, saved['leaves'], strict=True):
-    shape = tuple(np.asarray(leaf['shape']).tolist())
-    if shape != ls.shape or bool(leaf['quantized']) != ls.quantized:
-      raise refuse(
-          f'a leaf: checkpoint has shape {shape} (quantized='
-          f'{bool(leaf["quantized"])}), the state has {ls.shape} '
-          f'(quantized={ls.quantized}).')
-    if len(leaf['moments']) != len(ls.moments):
-      raise refuse('a leaf has the wrong number of moments.')
+    check_leaf(ls, leaf)
   count = state_io._int_scalar(saved, 'count', 0, 2**31 - 1)  # noqa: SLF001
   record = _record(state)
   writes = sharded_checkpoint.check(record, saved,
@@ -327,3 +320,17 @@ def _restore_master(record: Any, ls: TpuLeafState, i: int,
                    _assemble(ls.master.fingerprints, record,
                              [prints.view(np.int32)] * len(parts)),
                    resets)
+
+
+def check_leaf(ls: TpuLeafState, leaf: dict[str, Any]) -> tuple[int, ...]:
+  """Refuses a saved leaf of another shape, quantization or number of
+  moments than ``ls``; returns its shape."""
+  shape = tuple(np.asarray(leaf['shape']).tolist())
+  if shape != ls.shape or bool(leaf['quantized']) != ls.quantized:
+    raise state_io.refuse(
+        f'a leaf: checkpoint has shape {shape} (quantized='
+        f'{bool(leaf["quantized"])}), the state has {ls.shape} '
+        f'(quantized={ls.quantized}).')
+  if len(leaf['moments']) != len(ls.moments):
+    raise state_io.refuse('a leaf has the wrong number of moments.')
+  return shape
