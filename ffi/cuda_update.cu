@@ -44,17 +44,16 @@ constexpr int kWarpSize = 32;
 static_assert(kElementsPerLane * kWarpSize == kBlockSize,
               "a warp covers exactly one quantization block");
 // Threads per block and blocks per SM: 1024 threads an SM cap registers at
-// 64 a thread, too few for AdEMAMix's three moments without spilling;
-// 768 threads an SM give it 80.
-template <typename Optimizer>
+// 64 a thread, too few for AdEMAMix's three moments or for a master
+// weight's correction and fingerprint beside two moments without spilling
+// (ptxas: 88-104 B of stack a thread; benchmarks/NOTES.md); 768 threads an
+// SM give them 80.
+template <typename Optimizer, int kCorrectionBits>
 struct LaunchShape {
-  static constexpr int kThreads = 512;
-  static constexpr int kBlocksPerMultiprocessor = 2;
-};
-template <>
-struct LaunchShape<AdEMAMix> {
-  static constexpr int kThreads = 256;
-  static constexpr int kBlocksPerMultiprocessor = 3;
+  static constexpr bool kRoomy =
+      std::is_same_v<Optimizer, AdEMAMix> || kCorrectionBits != 0;
+  static constexpr int kThreads = kRoomy ? 256 : 512;
+  static constexpr int kBlocksPerMultiprocessor = kRoomy ? 3 : 2;
 };
 // Leaves per launch: the table rides in the kernel's parameters (up to 32 KB
 // since CUDA 12.1); groups with more leaves take several launches.
@@ -170,8 +169,8 @@ __device__ __forceinline__ bool HalfWarpAny(bool x) {
 template <typename Optimizer, typename T, bool kTiered, bool kFourBit,
           int kCorrectionBits>
 __global__ void __launch_bounds__(
-    LaunchShape<Optimizer>::kThreads,
-    LaunchShape<Optimizer>::kBlocksPerMultiprocessor)
+    LaunchShape<Optimizer, kCorrectionBits>::kThreads,
+    LaunchShape<Optimizer, kCorrectionBits>::kBlocksPerMultiprocessor)
     UpdateKernel(const __grid_constant__ LaunchArgs args,
                  const float* __restrict__ hyperparams) {
   constexpr int kMoments = Optimizer::kNumMoments;
@@ -221,7 +220,8 @@ __global__ void __launch_bounds__(
   __syncthreads();
 
   const int lane = threadIdx.x % kWarpSize;
-  constexpr int kWarpsPerBlock = LaunchShape<Optimizer>::kThreads / kWarpSize;
+  constexpr int kWarpsPerBlock =
+      LaunchShape<Optimizer, kCorrectionBits>::kThreads / kWarpSize;
   const int warp = static_cast<int>(blockIdx.x) * kWarpsPerBlock +
                    static_cast<int>(threadIdx.x) / kWarpSize;
   const int warps = static_cast<int>(gridDim.x) * kWarpsPerBlock;
@@ -637,11 +637,19 @@ int MultiprocessorCount(int device) {
   return count;
 }
 
-// One launch of the kernel compiled for (tiers, code width, master weights).
+// One launch of the kernel compiled for (tiers, code width, master weights)
+// over `runs` runs: a warp a run, at most one wave of blocks.
 template <typename Optimizer, typename T, int kCorrectionBits>
-void Launch(bool tiered, bool four_bit, int grid, cudaStream_t stream,
-            const LaunchArgs& launch, const float* hyperparams) {
-  constexpr int kThreads = LaunchShape<Optimizer>::kThreads;
+void Launch(bool tiered, bool four_bit, int64_t runs, int device,
+            cudaStream_t stream, const LaunchArgs& launch,
+            const float* hyperparams) {
+  using Shape = LaunchShape<Optimizer, kCorrectionBits>;
+  constexpr int kThreads = Shape::kThreads;
+  constexpr int kWarpsPerBlock = kThreads / kWarpSize;
+  const int grid = static_cast<int>(std::min<int64_t>(
+      (runs + kWarpsPerBlock - 1) / kWarpsPerBlock,
+      static_cast<int64_t>(MultiprocessorCount(device)) *
+          Shape::kBlocksPerMultiprocessor));
   if constexpr (kFourBitStatesOf<Optimizer>) {
     if (four_bit) {
       if (tiered) {
@@ -733,29 +741,23 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     launch->num_leaves = num_leaves;
     launch->total_runs = runs;
     launch->host_runs = runs - device_runs;
-    using Shape = LaunchShape<Optimizer>;
-    constexpr int kWarpsPerBlock = Shape::kThreads / kWarpSize;
-    const int64_t wanted = (runs + kWarpsPerBlock - 1) / kWarpsPerBlock;
-    const int grid = static_cast<int>(std::min<int64_t>(
-        wanted, static_cast<int64_t>(MultiprocessorCount(device)) *
-                    Shape::kBlocksPerMultiprocessor));
     if (four_bit && !kFourBitStatesOf<Optimizer>) {
       return ffi::Error::InvalidArgument(
           std::string(Optimizer::kName) + " has no 4-bit kernels");
     }
     const bool tiered = launch->host_runs != 0;
     if constexpr (std::is_same_v<T, float>) {
-      Launch<Optimizer, T, 0>(tiered, four_bit, grid, stream, *launch,
-                              hyperparams);
+      Launch<Optimizer, T, 0>(tiered, four_bit, runs, device, stream,
+                              *launch, hyperparams);
     } else if (correction_bits == 8) {
-      Launch<Optimizer, T, 8>(tiered, four_bit, grid, stream, *launch,
-                              hyperparams);
+      Launch<Optimizer, T, 8>(tiered, four_bit, runs, device, stream,
+                              *launch, hyperparams);
     } else if (correction_bits == 16) {
-      Launch<Optimizer, T, 16>(tiered, four_bit, grid, stream, *launch,
-                               hyperparams);
+      Launch<Optimizer, T, 16>(tiered, four_bit, runs, device, stream,
+                               *launch, hyperparams);
     } else {
-      Launch<Optimizer, T, 0>(tiered, four_bit, grid, stream, *launch,
-                              hyperparams);
+      Launch<Optimizer, T, 0>(tiered, four_bit, runs, device, stream,
+                              *launch, hyperparams);
     }
     if (cudaError_t status = cudaGetLastError(); status != cudaSuccess) {
       return ffi::Error::Internal(std::string("optax_paged kernel launch: ") +

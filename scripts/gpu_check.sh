@@ -68,8 +68,9 @@ if want family; then
     | tee "$OUT/family.log" | tail -12
 fi
 if want profile; then
-  # PROFILE_RUNS="bf16 adamw,bf16 adamw4bit" picks the launches (dtype and
-  # optimizer of tools/profile_fused.py, comma-separated).
+  # PROFILE_RUNS="bf16 adamw,bf16 adamw 24" picks the launches (dtype,
+  # optimizer and master-weight bits of tools/profile_fused.py,
+  # comma-separated).
   IFS=, read -ra runs <<<"${PROFILE_RUNS:-fp32 adamw,bf16 adamw,fp32 lion,fp32 ademamix}"
   for run in "${runs[@]}"; do
     set -- $run
@@ -77,9 +78,9 @@ if want profile; then
       --launch-skip 4 --launch-count 1 --section SpeedOfLight \
       --section InstructionStats --section LaunchStats --section Occupancy \
       --section MemoryWorkloadAnalysis --section WarpStateStats \
-      python3 tools/profile_fused.py "$1" "$2" >"$OUT/ncu_fused_$2_$1.txt" 2>&1
-    echo "ncu $2 $1: $(grep -E '^ +(Duration|DRAM Throughput|Executed Instructions|Registers Per Thread) ' \
-      "$OUT/ncu_fused_$2_$1.txt" | awk '{print $1" "$NF}' | paste -sd' ')"
+      python3 tools/profile_fused.py "$@" >"$OUT/ncu_fused_$2_$1${3:+_master$3}.txt" 2>&1
+    echo "ncu $*: $(grep -E '^ +(Duration|DRAM Throughput|Executed Instructions|Registers Per Thread|Achieved Occupancy) ' \
+      "$OUT/ncu_fused_$2_$1${3:+_master$3}.txt" | awk '{print $1" "$NF}' | paste -sd' ')"
   done
 fi
 if want tiers; then

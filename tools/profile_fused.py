@@ -2,9 +2,10 @@
 
   ncu --clock-control none --kernel-name regex:UpdateKernel --launch-skip 4 \\
       --launch-count 1 --section SpeedOfLight \\
-      python tools/profile_fused.py bf16 adamw
+      python tools/profile_fused.py bf16 adamw [24]
 
-The optimizer is one of adamw, adamw4bit, lion, lion4bit, ademamix.
+The optimizer is one of adamw, adamw4bit, lion, lion4bit, ademamix; a third
+argument (24 or 32, bf16 only) keeps master weights of that many bits.
 
 Builds benchmarks/gpu_step.py's model in the given dtype (fp32, bf16) and
 runs six fused steps of the optimizer, so that ncu can skip the warm-up
@@ -40,7 +41,9 @@ def main() -> None:
   grads = jax.tree.map(lambda x: x.astype(dtype),
                        cpu_step.random_tree(jax.random.fold_in(key, 1), 24,
                                             1e-3))
-  tx = OPTIMIZERS[sys.argv[2] if len(sys.argv) > 2 else 'adamw'](1e-4)
+  master = {'master_weight_bits': int(sys.argv[3])} if len(sys.argv) > 3 else {}
+  tx = OPTIMIZERS[sys.argv[2] if len(sys.argv) > 2 else 'adamw'](1e-4,
+                                                                 **master)
   state = tx.init(params)
   step = jax.jit(functools.partial(optax_paged.apply_gradients, tx),
                  donate_argnums=(1, 2))
