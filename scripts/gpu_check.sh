@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for the GPU machine (no package registry
 # there: it builds against the image's packages). Logs go to $OUT (or ./gpu_logs).
-#   bash scripts/gpu_check.sh [tests|master|sanitizer|bench|family|profile|tiers|probe|pressure|mesh|shardbench|capacity|all]...
+#   bash scripts/gpu_check.sh [tests|master|sanitizer|bench|family|profile|accuracy|tiers|probe|pressure|mesh|shardbench|capacity|all]...
 # `mesh` and `shardbench` need two or more GPUs (the multi-device suite on
 # every GPU, two processes with one GPU each, compute-sanitizer over the
 # suite's kernels; the FSDP and ZeRO-1 benchmark). `capacity` (the largest
@@ -11,7 +11,8 @@
 # budget, a guarded step and optax.adamw: tests/memory_pressure_test.py) run only
 # when named, as do `family` (gpu_step.py --family: Lion and AdEMAMix) and
 # `profile` (ncu over one fused launch of each kernel that issue 12 tracks:
-# tools/profile_fused.py). `all` runs what fits the
+# tools/profile_fused.py) and `accuracy` (benchmarks/bf16_accuracy.py, with
+# flashoptim-jax's rows where it is importable). `all` runs what fits the
 # machine's GPU count.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,7 +25,7 @@ gpus=$(nvidia-smi -L | wc -l)
 want() {
   if [[ " ${steps[*]} " == *" $1 "* ]]; then return 0; fi
   [[ " ${steps[*]} " == *" all "* ]] || return 1
-  case $1 in mesh|shardbench) (( gpus > 1 )) ;; master|capacity|probe|pressure|family|profile) false ;; *) true ;; esac
+  case $1 in mesh|shardbench) (( gpus > 1 )) ;; master|capacity|probe|pressure|family|profile|accuracy) false ;; *) true ;; esac
 }
 status=0
 
@@ -82,6 +83,13 @@ if want profile; then
     echo "ncu $*: $(grep -E '^ +(Duration|DRAM Throughput|Executed Instructions|Registers Per Thread|Achieved Occupancy) ' \
       "$OUT/ncu_fused_$2_$1${3:+_master$3}.txt" | awk '{print $1" "$NF}' | paste -sd' ')"
   done
+fi
+if want accuracy; then
+  # bf16_accuracy.py's table with flashoptim-jax's rows where it is
+  # importable (PYTHONPATH; it is not a dependency).
+  [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  timeout 240 python3 benchmarks/bf16_accuracy.py --write "$OUT/RESULTS.md" 2>&1 \
+    | tee "$OUT/accuracy.log" | tail -16
 fi
 if want tiers; then
   [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
