@@ -21,9 +21,9 @@ PARAMS = {
 }
 
 
-def _run(budget, master_weight_bits):
+def _run(budget, master_weight_bits, factory=optax_paged.paged_adamw8bit):
   with tpu_transform.force('interpret'):
-    tx = optax_paged.paged_adamw8bit(
+    tx = factory(
         1e-2, weight_decay=0.01, device_budget=budget, min_8bit_size=1000,
         master_weight_bits=master_weight_bits)
   state = tx.init(PARAMS)
@@ -47,14 +47,21 @@ def _equal(a, b):
       lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b))
 
 
-@pytest.mark.parametrize('master_weight_bits', [None, 24])
-def test_host_tier_steps_as_the_device_tier(master_weight_bits):
-  _, device_params, device_state = _run(None, master_weight_bits)
-  tx, host_params, host_state = _run(0, master_weight_bits)
+@pytest.mark.parametrize('master_weight_bits,factory', [
+    (None, optax_paged.paged_adamw8bit), (24, optax_paged.paged_adamw8bit),
+    (24, optax_paged.paged_adamw4bit)], ids=['8bit', '8bit-master24',
+                                             '4bit-master24'])
+def test_host_tier_steps_as_the_device_tier(master_weight_bits, factory):
+  _, device_params, device_state = _run(None, master_weight_bits, factory)
+  tx, host_params, host_state = _run(0, master_weight_bits, factory)
   assert {ls.tier for ls in host_state.leaves.values()} == {'host'}
   codes = host_state.leaves['native'].moments[0].codes
-  # Narrow arrays are kept one row (a shard) in host memory.
-  assert codes.shape == (16 * 512,)
+  # Narrow arrays are kept one row (a shard) in host memory (4-bit codes:
+  # two a byte; a master's correction one an element).
+  per_byte = 2 if factory is optax_paged.paged_adamw4bit else 1
+  assert codes.shape == (16 * 512 // per_byte,)
+  if master_weight_bits:
+    assert host_state.leaves['bf16'].master.correction.shape == (8 * 256,)
   assert codes.sharding.memory_kind == 'pinned_host'
   assert _equal(device_params, host_params)
   assert _equal(_saved(device_state), _saved(host_state))

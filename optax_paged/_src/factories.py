@@ -110,7 +110,7 @@ def _tpu_transformation(spec: transform.OptimizerSpec, variant: Variant,
       min_8bit_size=min_8bit_size, weight_decay_mask=values.get('mask'),
       paged=variant.paged, device_budget=values.get('device_budget'),
       keep_32bit=values.get('keep_32bit'),
-      master_weight_bits=values['master_weight_bits'])
+      master_weight_bits=values['master_weight_bits'], code_bits=code_bits)
 
 
 def _source(name: str, args: list[Hyperparameter]) -> str:

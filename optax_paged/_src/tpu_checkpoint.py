@@ -1,6 +1,7 @@
 """``state_dict`` / ``load_state_dict`` of TPU-path states, in the format of
 the GPU and CPU states (``state_io``), so that a checkpoint moves between
-the paths: the same header, leaves, flat codes and absmax in block order,
+the paths: the same header, leaves, flat codes (4-bit: packed two a byte,
+element ``2i`` in the low nibble) and absmax in block order,
 count and CRC32, and with master weights each 16-bit leaf's ``master``
 (flat correction, fingerprints in block order with the reset count last).
 A TPU-path state's own arrays are in its layout (``tpu_state``); they are
@@ -29,7 +30,8 @@ from optax_paged._src.tpu_state import TpuState
 
 def _record(state: TpuState, leaves: list[TpuLeafState]) -> Any:
   """What ``state_io``'s header checks read of a state."""
-  return types.SimpleNamespace(code_bits=8, optimizer=state.optimizer,
+  return types.SimpleNamespace(code_bits=state.code_bits,
+                               optimizer=state.optimizer,
                                leaves=leaves)
 
 
@@ -48,7 +50,8 @@ def export_state(state: TpuState) -> dict[str, Any]:
   for ls in _leaf_states(state):
     ls = tpu_host_tier.in_device_layout(ls)
     if ls.quantized:
-      moments = [dict(zip(('codes', 'absmax'), tpu_state.to_flat(m, ls.shape),
+      moments = [dict(zip(('codes', 'absmax'),
+                          tpu_state.to_flat(m, ls.shape, ls.code_bits),
                           strict=True)) for m in ls.moments]
     else:
       moments = [{'values': np.asarray(m).reshape(-1)} for m in ls.moments]
@@ -95,11 +98,13 @@ def plan_import(state: TpuState, saved: Any) -> state_io.Planned:
       if ls.quantized:
         codes = np.asarray(moment['codes'])
         absmax = np.asarray(moment['absmax'])
-        if (codes.shape != (n,) or codes.dtype != np.uint8
-            or absmax.shape != (-(-n // base.BLOCK_SIZE),)
+        bits = ls.code_bits
+        if (codes.shape != (base.code_bytes(n, bits),)
+            or codes.dtype != np.uint8
+            or absmax.shape != (-(-n // base.block_size(bits)),)
             or absmax.dtype != np.float32):
           raise refuse(f'a leaf of shape {shape}: wrong codes or absmax.')
-        new = tpu_state.from_flat(codes, absmax, shape, signed)
+        new = tpu_state.from_flat(codes, absmax, shape, signed, bits)
         moments.append(TpuMoment(*(
             jax.device_put(tpu_host_tier.as_stored(ls, a), f.sharding)
             for a, f in zip(new, fresh, strict=True))))

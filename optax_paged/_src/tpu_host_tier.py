@@ -59,10 +59,15 @@ def grid(ls: TpuLeafState) -> tuple[int, ...]:
       for e in spec)
 
 
-def _narrow_shape(ls: TpuLeafState) -> tuple[int, ...]:
-  """The device shape of the leaf's narrow arrays: its codes' (quantized)
-  or its own (a float32-moment leaf's correction)."""
-  return tpu_state.moment_shapes(ls.shape)[0] if ls.quantized else ls.shape
+def _narrow_shape(ls: TpuLeafState, part: str) -> tuple[int, ...]:
+  """The device shape of the leaf's narrow arrays in ``part`` (its
+  ``'moments'`` or its ``'master'``): the codes' (4-bit: packed) or the
+  correction's (a quantized leaf's element layout, else the leaf's own)."""
+  if not ls.quantized:
+    return ls.shape
+  if part == 'moments':
+    return tpu_state.moment_shapes(ls.shape, ls.code_bits)[0]
+  return tpu_state.element_shape(ls.shape)
 
 
 def _host_sharding(x: Any, ls: TpuLeafState) -> Any:
@@ -86,10 +91,10 @@ def _per_shard(ls: TpuLeafState, fn, x: jax.Array, to_host: bool
       out_specs=host if to_host else spec, check_vma=False)(x)
 
 
-def _rows(ls: TpuLeafState, x: Any) -> Any:
+def _rows(ls: TpuLeafState, x: Any, part: str) -> Any:
   """A narrow device-layout array as its host layout (still where it is)."""
   if isinstance(x, jax.ShapeDtypeStruct):
-    shape = _narrow_shape(ls)
+    shape = _narrow_shape(ls, part)
     g = grid(ls)
     host_shape = (g + (math.prod(shape) // math.prod(g),) if g
                   else (math.prod(shape),))
@@ -101,9 +106,9 @@ def _rows(ls: TpuLeafState, x: Any) -> Any:
                     to_host=True)
 
 
-def _unrows(ls: TpuLeafState, x: jax.Array) -> jax.Array:
+def _unrows(ls: TpuLeafState, x: jax.Array, part: str) -> jax.Array:
   """A narrow array in its host layout, on the device, as the kernel's."""
-  shape = _narrow_shape(ls)
+  shape = _narrow_shape(ls, part)
   g = grid(ls)
   if not g:
     return x.reshape(shape)
@@ -114,9 +119,9 @@ def _unrows(ls: TpuLeafState, x: jax.Array) -> jax.Array:
 def to_host(ls: TpuLeafState) -> TpuLeafState:
   """The leaf's state moved to host memory (``tier='host'``); abstract
   arrays (an ahead-of-time init) become their host shapes."""
-  def move(x):
+  def move(x, part):
     if is_narrow(x):
-      x = _rows(ls, x)
+      x = _rows(ls, x, part)
     if isinstance(x, jax.ShapeDtypeStruct):
       if not is_narrow(x):
         x = jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -124,19 +129,23 @@ def to_host(ls: TpuLeafState) -> TpuLeafState:
       return x
     return jax.device_put(x, jax.memory.Space.Host)
 
-  return ls.replace(moments=jax.tree.map(move, ls.moments),
-                    master=jax.tree.map(move, ls.master), tier='host')
+  return ls.replace(moments=jax.tree.map(lambda x: move(x, 'moments'),
+                                         ls.moments),
+                    master=jax.tree.map(lambda x: move(x, 'master'),
+                                        ls.master), tier='host')
 
 
 def to_device(ls: TpuLeafState) -> TpuLeafState:
   """A host leaf's state copied to the device in the kernel's layout
   (``tier='device'``), for one step."""
-  def move(x):
+  def move(x, part):
     x = jax.device_put(x, jax.memory.Space.Device)
-    return _unrows(ls, x) if is_narrow(x) else x
+    return _unrows(ls, x, part) if is_narrow(x) else x
 
-  return ls.replace(moments=jax.tree.map(move, ls.moments),
-                    master=jax.tree.map(move, ls.master), tier='device')
+  return ls.replace(moments=jax.tree.map(lambda x: move(x, 'moments'),
+                                         ls.moments),
+                    master=jax.tree.map(lambda x: move(x, 'master'),
+                                        ls.master), tier='device')
 
 
 def in_device_layout(ls: TpuLeafState) -> TpuLeafState:
@@ -144,10 +153,10 @@ def in_device_layout(ls: TpuLeafState) -> TpuLeafState:
   narrow arrays reassembled from their rows), for a checkpoint."""
   if ls.tier != 'host':
     return ls
-  shape = _narrow_shape(ls)
   g = grid(ls)
 
-  def assemble(x):
+  def assemble(x, part):
+    shape = _narrow_shape(ls, part)
     a = np.asarray(x)
     if not is_narrow(a):
       return a
@@ -158,8 +167,10 @@ def in_device_layout(ls: TpuLeafState) -> TpuLeafState:
     order = [i for d in range(len(g)) for i in (d, len(g) + d)]
     return a.transpose(order).reshape(shape)
 
-  return ls.replace(moments=jax.tree.map(assemble, ls.moments),
-                    master=jax.tree.map(assemble, ls.master))
+  return ls.replace(moments=jax.tree.map(lambda x: assemble(x, 'moments'),
+                                         ls.moments),
+                    master=jax.tree.map(lambda x: assemble(x, 'master'),
+                                        ls.master))
 
 
 def as_stored(ls: TpuLeafState, a: np.ndarray) -> np.ndarray:

@@ -50,8 +50,10 @@ from optax_paged._src import families
 from optax_paged._src import master_weights
 from optax_paged._src import optimizer_table
 from optax_paged._src import tpu_codec
+from optax_paged._src import tpu_codec4
 
 BLOCK = base.BLOCK_SIZE
+LANES = tpu_codec.LANES
 TILE_ROWS = 128
 TILE_LANES = 2048
 CHUNK_ROWS = 32
@@ -105,9 +107,53 @@ def _fingerprints(param: jax.Array, live: jax.Array | None) -> jax.Array:
                keepdims=True) for h in range(BLOCK // FINGERPRINT)], axis=1)
 
 
-def _kernel(h_ref, g_ref, p_ref, *refs, kernel, decay, num_moments, signed,
-            output_params, tile_rows, tile_lanes, correction_bits, size):
+def _load(codes_ref, columns, tables_ref, m, rows, k, code_bits, signed):
+  """Moment m's float32 values in group k (256 lanes) of a chunk of rows."""
+  if code_bits == 8:
+    codes = codes_ref[rows, pl.ds(k * BLOCK, BLOCK)].astype(jnp.int32)
+    return tpu_codec.decode(codes, tables_ref[m, 0:2, :]) * (
+        columns[m, rows, k:k + 1])
+  # 4-bit: the group's two blocks are the bytes' low and high nibbles.
+  halves = tpu_codec4.unpack(codes_ref[rows, pl.ds(k * LANES, LANES)])
+  values = tables_ref[m, 0:1, :]
+  return jnp.concatenate(
+      [tpu_codec4.decode(codes, values, signed)
+       * columns[m, rows, 2 * k + h:2 * k + h + 1]
+       for h, codes in enumerate(halves)], axis=1)
+
+
+def _store(new, codes_ref, columns, tables_ref, m, rows, k, code_bits,
+           signed, random):
+  """Encodes moment m's new values of group k with their blocks' maxima
+  (``random``: int32 bits rounding signed 4-bit codes, or None)."""
+  if code_bits == 8:
+    absmax = jnp.max(jnp.abs(new), axis=1, keepdims=True)
+    codes = tpu_codec.encode(new * tpu_codec.inverse_scale(absmax),
+                             tables_ref[m, 2:4, :], signed)
+    codes_ref[rows, pl.ds(k * BLOCK, BLOCK)] = codes.astype(jnp.uint8)
+    columns[m, rows, k:k + 1] = absmax
+    return
+  halves = []
+  for h in range(2):
+    part = new[:, h * LANES:(h + 1) * LANES]
+    absmax = jnp.max(jnp.abs(part), axis=1, keepdims=True)
+    scaled = part * tpu_codec.inverse_scale(absmax)
+    if random is None:
+      halves.append(tpu_codec4.encode(scaled, signed))
+    else:
+      halves.append(tpu_codec4.encode_stochastic(
+          scaled, random[:, h * LANES:(h + 1) * LANES], tables_ref[m, 0:1, :]))
+    columns[m, rows, 2 * k + h:2 * k + h + 1] = absmax
+  codes_ref[rows, pl.ds(k * LANES, LANES)] = tpu_codec4.pack(
+      *halves).astype(jnp.uint8)
+
+
+def _kernel(h_ref, *refs, kernel, decay, num_moments, signed, output_params,
+            tile_rows, tile_lanes, correction_bits, size, code_bits,
+            stochastic):
   refs = iter(refs)
+  rounding_ref = next(refs) if stochastic else None
+  g_ref, p_ref = next(refs), next(refs)
   moments_in = [(next(refs), next(refs)) for _ in range(num_moments)]
   if correction_bits:
     correction_in, fingerprints_in = next(refs), next(refs)
@@ -132,22 +178,26 @@ def _kernel(h_ref, g_ref, p_ref, *refs, kernel, decay, num_moments, signed,
   def body(c, carry):
     r0 = pl.multiple_of(c * chunk, chunk)
     rows = pl.ds(r0, chunk)
+    row = (pl.program_id(1) * tile_rows + r0
+           + jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 0))
+    lane = jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 1)
     if size is not None:
       # A flat leaf (rows one tile wide): the element's index in the leaf.
-      index = ((pl.program_id(1) * tile_rows + r0
-                + jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 0))
-               * tile_lanes
-               + jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 1))
+      index = row * tile_lanes + lane
+    if stochastic:
+      # The element's index in the whole leaf (int32 bits of the uint32
+      # index), for its random bits: rounding_ref holds the leaf's key, the
+      # leaf's row stride and each of the view's L the index of its first
+      # element.
+      start = (rounding_ref[2 + pl.program_id(0)]
+               + pl.program_id(2) * tile_lanes)
+      element = start + row * rounding_ref[1] + lane
     for k in range(groups):
       lanes = pl.ds(k * BLOCK, BLOCK)
       p_raw = p_ref[rows, lanes]
       g = g_ref[rows, lanes].astype(p_raw.dtype).astype(jnp.float32)
-      moments = []
-      for m in range(num_moments):
-        codes = moments_in[m][0][rows, lanes].astype(jnp.int32)
-        values = tables_ref[m, 0:2, :]
-        scale = columns_in[m, rows, k:k + 1]
-        moments.append(tpu_codec.decode(codes, values) * scale)
+      moments = [_load(moments_in[m][0], columns_in, tables_ref, m, rows, k,
+                       code_bits, signed[m]) for m in range(num_moments)]
       if correction_bits:
         # Padding has no share in its block's fingerprint.
         live = None if size is None else index + k * BLOCK < size
@@ -177,13 +227,17 @@ def _kernel(h_ref, g_ref, p_ref, *refs, kernel, decay, num_moments, signed,
         param = (p + update.astype(jnp.float32)).astype(
             p_raw.dtype) if output_params else None
       out_ref[rows, lanes] = param if output_params else update
+      random = None
+      if stochastic:
+        random = tpu_codec4.mix32((element + k * BLOCK) ^ rounding_ref[0])
       for m in range(num_moments):
-        absmax = jnp.max(jnp.abs(new[m]), axis=1, keepdims=True)
-        midpoints = tables_ref[m, 2:4, :]
-        codes = tpu_codec.encode(new[m] * tpu_codec.inverse_scale(absmax),
-                                 midpoints, signed[m])
-        moments_out[m][0][rows, lanes] = codes.astype(jnp.uint8)
-        columns_out[m, rows, k:k + 1] = absmax
+        value = new[m]
+        if code_bits == 4 and size is not None:
+          # A flat leaf's padding out of its block's maximum, as the
+          # registry's shorter last block: the unsigned map has no zero.
+          value = jnp.where(index + k * BLOCK < size, value, 0.0)
+        _store(value, moments_out[m][0], columns_out, tables_ref, m, rows, k,
+               code_bits, signed[m], random if signed[m] else None)
     return carry
 
   jax.lax.fori_loop(0, tile_rows // chunk, body, 0)
@@ -194,10 +248,14 @@ def _kernel(h_ref, g_ref, p_ref, *refs, kernel, decay, num_moments, signed,
 
 
 @functools.cache
-def code_tables(signed: tuple[bool, ...]) -> np.ndarray:
+def code_tables(signed: tuple[bool, ...], code_bits: int = 8) -> np.ndarray:
   """float32[moments, 4, 128]: each moment's map values (rows 0-1) and
-  encoder midpoints (rows 2-3, the signed map's second row unused)."""
+  encoder midpoints (rows 2-3, the signed map's second row unused); 4-bit:
+  the signed map's 16 values in row 0 (the rest unused)."""
   out = np.full((len(signed), 4, tpu_codec.LANES), np.inf, np.float32)
+  if code_bits == 4:
+    out[:, 0:1] = tpu_codec4.signed_values()
+    return out
   for m, is_signed in enumerate(signed):
     values, midpoints = tpu_codec.tables(is_signed)
     out[m, 0:2] = values
@@ -209,7 +267,8 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
               param: jax.Array, moments: list[tuple[jax.Array, jax.Array]],
               *, decay: bool, output_params: bool, interpret: bool,
               master: tuple[jax.Array, jax.Array] | None = None,
-              size: int | None = None,
+              size: int | None = None, code_bits: int = 8,
+              rounding: jax.Array | None = None,
               ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]],
                          tuple[jax.Array, jax.Array] | None]:
   """One step of one leaf in its (L, M, B) view.
@@ -218,7 +277,9 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
     kernel: the optimizer table's row (``'adamw'``, ``'lion'``).
     hyperparams: float32[16], the kernel's slots.
     grad, param: the leaf's (L, M, B) views.
-    moments: per moment, (codes uint8[L, M, B], absmax float32[L, K, M]).
+    moments: per moment, (codes uint8[L, M, B], absmax float32[L, K, M]),
+      ``K = B / 256``; 4-bit: (codes uint8[L, M, B / 2], absmax
+      float32[L, B / 128, M]), ``tpu_codec4``'s nibbles.
     decay: whether the leaf takes weight decay.
     output_params: return the new parameter instead of the update.
     interpret: run in Pallas' TPU interpreter (any backend).
@@ -226,6 +287,11 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
       fingerprints int32[L, B / 128, M]); the parameter is 16-bit.
     size: the elements of a flat leaf (its view is padded past them), None
       for a native one.
+    code_bits: the moments' codes, 8 or 4.
+    rounding: for stochastic 4-bit codes (Lion's), int32[2 + L]: the leaf's
+      ``StateRoundingKey`` bits, the leaf's row stride (its last dimension)
+      and per L the index in the leaf of the view's element (L, 0, 0);
+      None for codes rounded to nearest.
 
   Returns:
     (update or new parameter, new moments, new master or None).
@@ -235,38 +301,45 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
   tile_rows, tile_lanes = tile_shape(rows, lanes)
   if size is not None and tile_lanes != lanes:
     raise ValueError(f'a flat leaf is one tile wide, got {lanes} lanes.')
-  groups = tile_lanes // BLOCK
+  blocks = tile_lanes // base.block_size(code_bits)
   grid = (lead, pl.cdiv(rows, tile_rows), pl.cdiv(lanes, tile_lanes))
   data = pl.BlockSpec((None, tile_rows, tile_lanes), lambda b, i, j: (b, i, j))
-  scale = pl.BlockSpec((None, groups, tile_rows), lambda b, i, j: (b, j, i))
+  codes = pl.BlockSpec((None, tile_rows, tile_lanes * code_bits // 8),
+                       lambda b, i, j: (b, i, j))
+  scale = pl.BlockSpec((None, blocks, tile_rows), lambda b, i, j: (b, j, i))
   prints = pl.BlockSpec((None, tile_lanes // FINGERPRINT, tile_rows),
                         lambda b, i, j: (b, j, i))
   num = info.num_moments
-  tables = jnp.asarray(code_tables(info.signed))
+  tables = jnp.asarray(code_tables(info.signed, code_bits))
   state = [a for pair in moments for a in pair]
-  state_specs = [data, scale] * num
+  state_specs = [codes, scale] * num
   correction_bits = 0
   if master is not None:
     state += list(master)
     state_specs += [data, prints]
     correction_bits = 8 * master[0].dtype.itemsize
-  in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), data, data, *state_specs,
+  stochastic = rounding is not None
+  smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+  in_specs = [smem, *[smem] * stochastic, data, data, *state_specs,
               pl.BlockSpec(tables.shape, lambda b, i, j: (0, 0, 0))]
   out_shape = [jax.ShapeDtypeStruct(param.shape, param.dtype)] + [
       jax.ShapeDtypeStruct(a.shape, a.dtype) for a in state]
-  # Operand 0 is the hyperparameters, 1 the gradient, 2 the parameter.
-  aliases = {3 + i: 1 + i for i in range(len(state))}
+  # Operand 0 is the hyperparameters, then the rounding operand if any,
+  # the gradient and the parameter.
+  param_operand = 2 + stochastic
+  aliases = {param_operand + 1 + i: 1 + i for i in range(len(state))}
   if output_params:
-    aliases[2] = 0
-  scratch = [pltpu.VMEM((num, tile_rows, groups), jnp.float32),
-             pltpu.VMEM((num, tile_rows, groups), jnp.float32)]
+    aliases[param_operand] = 0
+  scratch = [pltpu.VMEM((num, tile_rows, blocks), jnp.float32),
+             pltpu.VMEM((num, tile_rows, blocks), jnp.float32)]
   if master is not None:
     scratch += [pltpu.VMEM((tile_rows, tile_lanes // FINGERPRINT), jnp.int32)
                 ] * 2
   body = functools.partial(
       _kernel, kernel=kernel, decay=decay, num_moments=num,
       signed=info.signed, output_params=output_params, tile_rows=tile_rows,
-      tile_lanes=tile_lanes, correction_bits=correction_bits, size=size)
+      tile_lanes=tile_lanes, correction_bits=correction_bits, size=size,
+      code_bits=code_bits, stochastic=stochastic)
   bytes_accessed = sum(x.size * x.dtype.itemsize
                        for x in (grad, param, param, *state, *state))
   call = pl.pallas_call(
@@ -295,7 +368,8 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
     # VMEM held that the rest of a training step could use.
     streamed = [pltpu.with_memory_space_constraint(x, pltpu.HBM)
                 for x in streamed]
-  out = call(hyperparams, *streamed, tables)
+  out = call(hyperparams, *([rounding] if stochastic else []), *streamed,
+             tables)
   new_moments = [(out[1 + 2 * m], out[2 + 2 * m]) for m in range(num)]
   new_master = (None if master is None
                 else (out[1 + 2 * num], out[2 + 2 * num]))

@@ -4,9 +4,10 @@ paths on the same mesh and Orbax saves it from every process.
 
 On a mesh the registry keeps, per device, the state of the device's shard
 of each leaf as a leaf of its own: codes (or float32 values) in the shard's
-row-major order and one absmax per block of 256 of that order. A TPU-path
-shard is the same leaf in the TPU layout (``tpu_state``): a native leaf's
-blocks are 256-lane segments of its rows, and a split last dimension leaves
+row-major order and one absmax per block of 256 (4-bit: 128) of that order.
+A TPU-path shard is the same leaf in the TPU layout (``tpu_state``): a
+native leaf's blocks are 256-lane segments of its rows (4-bit: pairs of
+128-lane ones, packed within their group), and a split last dimension leaves
 a multiple of 256 on each shard, so each device's shard of the codes, the
 absmax and a master's correction and fingerprints is the TPU layout of the
 shard's own shape, which ``tpu_state.to_flat`` turns into the registry's
@@ -84,7 +85,7 @@ def _record(state: TpuState) -> Any:
       None, (0,) * len(leaf_states))
   leaves = [types.SimpleNamespace(
       path=jax.tree_util.keystr(path), shape=ls.shape,
-      quantized=ls.quantized, code_bits=8,
+      quantized=ls.quantized, code_bits=ls.code_bits,
       correction_bits=(0 if ls.master is None
                        else 8 * np.dtype(ls.master.correction.dtype).itemsize))
             for path, ls in pairs]
@@ -105,11 +106,12 @@ def _arrays(ls: TpuLeafState, local: tuple[int, ...]
   if not tpu_state.is_native(ls.shape):
     spec = P()  # a flat leaf is replicated: its shard is the whole leaf
   absmax = tpu_state.absmax_spec(spec, len(ls.shape))
-  codes_shape, absmax_shape = tpu_state.moment_shapes(ls.shape)
-  local_codes, local_absmax = tpu_state.moment_shapes(local)
+  codes_shape, absmax_shape = tpu_state.moment_shapes(ls.shape, ls.code_bits)
+  local_codes, local_absmax = tpu_state.moment_shapes(local, ls.code_bits)
   return [(codes_shape, spec, local_codes),
           (absmax_shape, absmax, local_absmax),
-          (codes_shape, spec, local_codes),
+          (tpu_state.element_shape(ls.shape), spec,
+           tpu_state.element_shape(local)),
           (tpu_state.fingerprint_shape(ls.shape, True), absmax,
            tpu_state.fingerprint_shape(local, True))]
 
@@ -148,7 +150,8 @@ def export_state(state: TpuState) -> dict[str, Any]:
       if ls.quantized:
         moments.append([tpu_state.to_flat(TpuMoment(
             _shard(m.codes, device, layout.mesh, arrays[0]),
-            _shard(m.absmax, device, layout.mesh, arrays[1])), local)
+            _shard(m.absmax, device, layout.mesh, arrays[1])), local,
+                                          ls.code_bits)
                         for m in ls.moments])
       else:
         moments.append([
@@ -178,7 +181,8 @@ def export_state(state: TpuState) -> dict[str, Any]:
 
 def _header_record(state: TpuState) -> Any:
   """What ``state_io``'s header reads of a state."""
-  return types.SimpleNamespace(code_bits=8, optimizer=state.optimizer,
+  return types.SimpleNamespace(code_bits=state.code_bits,
+                               optimizer=state.optimizer,
                                leaves=_leaf_states(state))
 
 
@@ -282,8 +286,8 @@ def _restore_moment(record: Any, ls: TpuLeafState, i: int, m: int,
   if not ls.quantized:
     return _assemble(fresh, record, [p['values'] for p in parts])
   local = record.layout.local_shapes[i]
-  new = [tpu_state.from_flat(p['codes'], p['absmax'], local, signed)
-         for p in parts]
+  new = [tpu_state.from_flat(p['codes'], p['absmax'], local, signed,
+                            ls.code_bits) for p in parts]
   return TpuMoment(*(_assemble(f, record, list(shards))
                      for f, shards in zip(fresh, zip(*new, strict=True),
                                           strict=True)))

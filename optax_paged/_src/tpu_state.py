@@ -17,6 +17,15 @@ Layout of a quantized moment (``tpu_kernel`` says why):
 - flat, for any other leaf: the leaf flattened and padded with zeros to
   rows of 2048 (codes ``(rows, 2048)``, absmax ``(8, rows)``).
 
+4-bit moments (``code_bits=4``, blocks of 128) keep the same view with the
+codes packed two a byte (``tpu_codec4``): in each group of 256 elements of
+a row, element ``j`` in the low nibble and ``j + 128`` in the high nibble of
+byte ``j``, so the codes are ``shape[:-1] + (B // 2,)`` (or ``(rows,
+1024)``), and the absmax holds a row a block of 128: ``shape[:-2] + (B //
+128, M)`` (or ``(16, rows)``). ``to_flat`` and ``from_flat`` convert to and
+from the registry's flat bytes (element ``2i`` in the low nibble of byte
+``i``) exactly; a flat leaf's padding holds the code of zero.
+
 With master weights (``master_weights``) a bfloat16 or float16 leaf also
 keeps a ``TpuMaster``: its correction (int8 or int16) laid out as the codes,
 the fingerprints of its blocks of 128 parameters laid out as the absmax
@@ -41,17 +50,24 @@ import numpy as np
 from optax_paged._src import base
 from optax_paged._src import master_weights
 from optax_paged._src import quantization
+from optax_paged._src import tpu_codec4
 
 BLOCK = base.BLOCK_SIZE
 FLAT_LANES = 2048
 FINGERPRINT = master_weights.BLOCK_SIZE
+CODE_BITS = (8, 4)
+
+
+def block(code_bits: int) -> int:
+  """Elements a quantization block holds: 256 (8-bit) or 128 (4-bit)."""
+  return base.block_size(code_bits)
 
 
 class TpuMoment(NamedTuple):
-  """One blockwise 8-bit moment of one leaf, in the TPU layout."""
+  """One blockwise 8-bit or 4-bit moment of one leaf, in the TPU layout."""
 
-  codes: jax.Array  # uint8, the leaf's shape (native) or (rows, 2048)
-  absmax: jax.Array  # float32, (..., B // 256, M) or (8, rows)
+  codes: jax.Array  # uint8, the leaf's shape or (rows, 2048); 4-bit: B // 2
+  absmax: jax.Array  # float32, (..., B // block, M) or (2048 // block, rows)
 
 
 class TpuMaster(NamedTuple):
@@ -66,33 +82,35 @@ class TpuMaster(NamedTuple):
 class TpuLeafState:
   """The moments of one leaf and its master-weight correction (None
   without one), with static data: the leaf's shape, the tier of its state
-  (``'device'`` or ``'host'``: ``pinned_host`` memory) and the parameter's
+  (``'device'`` or ``'host'``: ``pinned_host`` memory), the parameter's
   ``NamedSharding`` on a mesh (None off a mesh), which the state's arrays
-  follow."""
+  follow, and the bits of its quantized moments' codes (8 or 4)."""
 
   def __init__(self, moments: tuple[Any, ...], shape: tuple[int, ...],
                tier: str = 'device',
                sharding: jax.sharding.NamedSharding | None = None,
-               master: TpuMaster | None = None):
+               master: TpuMaster | None = None, code_bits: int = 8):
     self.moments = tuple(moments)
     self.shape = tuple(shape)
     self.tier = tier
     self.sharding = sharding
     self.master = master
+    self.code_bits = code_bits
 
   def tree_flatten_with_keys(self):
     return ([(jax.tree_util.GetAttrKey('moments'), self.moments),
              (jax.tree_util.GetAttrKey('master'), self.master)],
-            (self.shape, self.tier, self.sharding))
+            (self.shape, self.tier, self.sharding, self.code_bits))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(children[0], *aux, master=children[1])
+    shape, tier, sharding, code_bits = aux
+    return cls(children[0], shape, tier, sharding, children[1], code_bits)
 
   def replace(self, **changes: Any) -> TpuLeafState:
     fields = {'moments': self.moments, 'shape': self.shape,
               'tier': self.tier, 'sharding': self.sharding,
-              'master': self.master, **changes}
+              'master': self.master, 'code_bits': self.code_bits, **changes}
     return TpuLeafState(**fields)
 
   def with_moments(self, moments: tuple[Any, ...]) -> TpuLeafState:
@@ -117,19 +135,21 @@ class TpuState:
     leaves: a tree like the parameters; each leaf a ``TpuLeafState``.
     optimizer: the optimizer its states belong to (``'adamw'``, ...).
     signed: per moment, whether it uses the signed map.
+    code_bits: bits of the quantized moments' codes, 8 or 4.
   """
 
   def __init__(self, count: Any, leaves: Any, optimizer: str,
-               signed: tuple[bool, ...]):
+               signed: tuple[bool, ...], code_bits: int = 8):
     self.count = count
     self.leaves = leaves
     self.optimizer = optimizer
     self.signed = tuple(signed)
+    self.code_bits = code_bits
 
   def tree_flatten_with_keys(self):
     return ([(jax.tree_util.GetAttrKey('count'), self.count),
              (jax.tree_util.GetAttrKey('leaves'), self.leaves)],
-            (self.optimizer, self.signed))
+            (self.optimizer, self.signed, self.code_bits))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -137,7 +157,8 @@ class TpuState:
 
   def replace(self, **changes: Any) -> TpuState:
     fields = {'count': self.count, 'leaves': self.leaves,
-              'optimizer': self.optimizer, 'signed': self.signed, **changes}
+              'optimizer': self.optimizer, 'signed': self.signed,
+              'code_bits': self.code_bits, **changes}
     return TpuState(**fields)
 
   def __repr__(self) -> str:
@@ -161,13 +182,29 @@ def view(shape: tuple[int, ...]) -> tuple[int, int, int]:
   return 1, -(-math.prod(shape) // FLAT_LANES), FLAT_LANES
 
 
-def moment_shapes(shape: tuple[int, ...]
+def moment_shapes(shape: tuple[int, ...], code_bits: int = 8
                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(codes shape, absmax shape) of a quantized moment of a leaf."""
+  per_byte = 8 // code_bits
+  size = block(code_bits)
   if is_native(shape):
-    return shape, shape[:-2] + (shape[-1] // BLOCK, shape[-2])
+    return (shape[:-1] + (shape[-1] // per_byte,),
+            shape[:-2] + (shape[-1] // size, shape[-2]))
   rows = view(shape)[1]
-  return (rows, FLAT_LANES), (FLAT_LANES // BLOCK, rows)
+  return (rows, FLAT_LANES // per_byte), (FLAT_LANES // size, rows)
+
+
+def element_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of a quantized leaf's per-element arrays (a master's
+  correction): the leaf's (native) or ``(rows, 2048)`` (flat)."""
+  return moment_shapes(shape)[0]
+
+
+def fill_code(signed: bool, code_bits: int) -> int:
+  """The code of zero, which a flat leaf's padding holds."""
+  if code_bits == 4:
+    return 7 if signed else 0
+  return quantization.tables(signed).zero_code
 
 
 def kernel_view(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -185,34 +222,49 @@ def from_kernel_view(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return x.reshape(-1)[:math.prod(shape)].reshape(shape)
 
 
-def moment_view(moment: TpuMoment, shape: tuple[int, ...]) -> TpuMoment:
+def moment_view(moment: TpuMoment, shape: tuple[int, ...],
+                code_bits: int = 8) -> TpuMoment:
   lead, rows, lanes = view(shape)
-  return TpuMoment(moment.codes.reshape(lead, rows, lanes),
-                   moment.absmax.reshape(lead, lanes // BLOCK, rows))
+  return TpuMoment(
+      moment.codes.reshape(lead, rows, lanes * code_bits // 8),
+      moment.absmax.reshape(lead, lanes // block(code_bits), rows))
 
 
-def moment_from_view(moment: TpuMoment, shape: tuple[int, ...]) -> TpuMoment:
-  codes_shape, absmax_shape = moment_shapes(shape)
+def moment_from_view(moment: TpuMoment, shape: tuple[int, ...],
+                     code_bits: int = 8) -> TpuMoment:
+  codes_shape, absmax_shape = moment_shapes(shape, code_bits)
   return TpuMoment(moment.codes.reshape(codes_shape),
                    moment.absmax.reshape(absmax_shape))
 
 
-def to_flat(moment: TpuMoment, shape: tuple[int, ...]
+def to_flat(moment: TpuMoment, shape: tuple[int, ...], code_bits: int = 8
             ) -> tuple[np.ndarray, np.ndarray]:
-  """The (codes, absmax) of the GPU/CPU format: flat, block order."""
+  """The (codes, absmax) of the GPU/CPU format: flat, block order (4-bit
+  codes packed two a byte, element ``2i`` in the low nibble)."""
   n = math.prod(shape)
-  codes = np.asarray(moment.codes).reshape(-1)[:n]
+  if code_bits == 4:
+    codes = quantization.pack_nibbles(
+        tpu_codec4.to_registry_order(np.asarray(moment.codes), n))
+  else:
+    codes = np.asarray(moment.codes).reshape(-1)[:n]
   absmax = np.swapaxes(np.asarray(moment.absmax), -1, -2).reshape(-1)
-  return codes, absmax[:-(-n // BLOCK)]
+  return codes, absmax[:-(-n // block(code_bits))]
 
 
 def from_flat(codes: np.ndarray, absmax: np.ndarray, shape: tuple[int, ...],
-              signed: bool) -> TpuMoment:
+              signed: bool, code_bits: int = 8) -> TpuMoment:
   """A TPU-layout moment from flat codes and absmax (NumPy)."""
-  codes_shape, absmax_shape = moment_shapes(shape)
-  padded = np.full(math.prod(codes_shape),
-                   quantization.tables(signed).zero_code, np.uint8)
-  padded[:codes.size] = codes
+  codes_shape, absmax_shape = moment_shapes(shape, code_bits)
+  fill = fill_code(signed, code_bits)
+  if code_bits == 4:
+    elements = quantization.unpack_nibbles(np.asarray(codes, np.uint8),
+                                           math.prod(shape))
+    padded = np.full(2 * math.prod(codes_shape), fill, np.uint8)
+    padded[:elements.size] = elements
+    padded = tpu_codec4.from_registry_order(padded, fill)
+  else:
+    padded = np.full(math.prod(codes_shape), fill, np.uint8)
+    padded[:codes.size] = codes
   blocks = np.zeros(math.prod(absmax_shape), np.float32)
   blocks[:absmax.size] = absmax
   swapped = absmax_shape[:-2] + (absmax_shape[-1], absmax_shape[-2])
@@ -252,7 +304,7 @@ def master_view(correction: jax.Array, fingerprints: jax.Array,
 
 def master_from_view(correction: jax.Array, fingerprints: jax.Array,
                      shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  return (correction.reshape(moment_shapes(shape)[0]),
+  return (correction.reshape(element_shape(shape)),
           fingerprints.reshape(fingerprint_shape(shape, True)))
 
 
@@ -276,7 +328,7 @@ def master_from_flat(correction: np.ndarray, fingerprints: np.ndarray,
     return TpuMaster(correction.reshape(shape),
                      fingerprints[:-1].view(np.int32).copy(),
                      np.asarray(fingerprints[-1], np.uint32))
-  codes_shape = moment_shapes(shape)[0]
+  codes_shape = element_shape(shape)
   padded = np.zeros(math.prod(codes_shape), correction.dtype)
   padded[:correction.size] = correction
   prints_shape = fingerprint_shape(shape, True)

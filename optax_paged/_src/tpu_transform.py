@@ -48,6 +48,7 @@ from optax_paged._src import optimizer_table
 from optax_paged._src import paging
 from optax_paged._src import quantization
 from optax_paged._src import reference
+from optax_paged._src import tpu_codec4
 from optax_paged._src import tpu_host_tier
 from optax_paged._src import tpu_state
 from optax_paged._src import transform
@@ -91,7 +92,8 @@ def force(mode: str) -> Iterator[None]:
 def supports(spec: transform.OptimizerSpec, code_bits: int) -> bool:
   """Whether the TPU kernels run this optimizer (with or without master
   weights)."""
-  return (code_bits == 8 and spec.trust_ratio is None
+  return (code_bits in tpu_state.CODE_BITS and spec.trust_ratio is None
+          and (code_bits == 8 or optimizer_table.info(spec.kernel).four_bit)
           and any(f.name == spec.kernel and f.reference_update is not None
                   for f in families.FAMILIES.values()))
 
@@ -107,16 +109,19 @@ def make_transformation(
     device_budget: Any = None,
     keep_32bit: Any = None,
     master_weight_bits: int | None = None,
+    code_bits: int = 8,
 ) -> optax.GradientTransformationExtraArgs:
   """The TPU path's transformation of ``spec`` (see the module docstring).
 
   ``mode`` is ``'tpu'`` or ``'interpret'``; ``master_weight_bits`` None, 24
-  or 32.
+  or 32; ``code_bits`` 8 or 4.
   """
   if paged:
     paging.check_budget(device_budget)
   interpret = mode == 'interpret'
   info = optimizer_table.info(spec.kernel)
+  # As the registry's kernels: Lion's 4-bit momentum rounds stochastically.
+  stochastic = code_bits == 4 and info.stochastic_four_bit
 
   def init_fn(params: base.Params) -> TpuState:
     leaves, treedef = jax.tree.flatten(params)
@@ -129,14 +134,15 @@ def make_transformation(
                                 [p.dtype for p in leaves])
     states = [_init_leaf(p, q, initial, info.signed,
                          master_weights.correction_bits(master_weight_bits,
-                                                        p.dtype))
+                                                        p.dtype), code_bits)
               for p, q in zip(leaves, quantized, strict=True)]
     if paged:
       states = _place(states, leaves, device_budget)
     count = (_abstract((), jnp.int32, leaves[0], jax.sharding.PartitionSpec())
              if leaves and _is_abstract(leaves[0])
              else jnp.zeros([], jnp.int32))
-    return TpuState(count, treedef.unflatten(states), spec.name, spec.signed)
+    return TpuState(count, treedef.unflatten(states), spec.name, spec.signed,
+                    code_bits)
 
   def step(grads, state, params, output_params):
     if params is None:
@@ -144,9 +150,10 @@ def make_transformation(
     if not isinstance(state, TpuState):
       raise TypeError(f'{spec.name}: expected the state made by this '
                       f"optimizer's init, got {type(state).__name__}.")
-    if state.optimizer != spec.name:
+    if state.optimizer != spec.name or state.code_bits != code_bits:
       raise ValueError(
-          f'{spec.name}: this state was made by {state.optimizer}.')
+          f'{spec.name} ({code_bits}-bit): this state was made by '
+          f'{state.optimizer} ({state.code_bits}-bit).')
     param_leaves, treedef = jax.tree.flatten(params)
     grad_leaves = treedef.flatten_up_to(grads)
     leaf_states = treedef.flatten_up_to(state.leaves)
@@ -154,8 +161,8 @@ def make_transformation(
     count_inc = optax.safe_increment(state.count)
     h = spec.hyperparams(state.count, count_inc)
     outs, new_states = [], []
-    for g, p, ls, d in zip(grad_leaves, param_leaves, leaf_states, decay,
-                           strict=True):
+    for i, (g, p, ls, d) in enumerate(zip(grad_leaves, param_leaves,
+                                          leaf_states, decay, strict=True)):
       if np.shape(g) != np.shape(p) or tuple(np.shape(p)) != ls.shape:
         raise ValueError(
             f'{spec.name}: a gradient of shape {np.shape(g)} for a parameter '
@@ -165,7 +172,17 @@ def make_transformation(
         raise ValueError(
             f'{spec.name}: a {np.dtype(p.dtype).name} parameter whose state '
             'keeps a master-weight correction, made for a 16-bit one.')
-      out, new = _leaf_step(spec, h, g, p, ls, d, output_params, interpret)
+      key = None
+      if stochastic and ls.quantized:
+        if math.prod(ls.shape) >= 2**32:
+          raise ValueError(
+              f'{spec.name} (TPU): a leaf of {math.prod(ls.shape)} elements; '
+              'the TPU kernel draws 4-bit rounding bits for leaves under '
+              '2^32 elements only.')
+        # The registry's random bits: leaf i of the state, the new count.
+        key = tpu_codec4.rounding_key(count_inc, i)
+      out, new = _leaf_step(spec, h, g, p, ls, d, output_params, interpret,
+                            key)
       outs.append(out)
       new_states.append(new)
     return (treedef.unflatten(outs),
@@ -215,10 +232,15 @@ def _check_shardable(shape: tuple[int, ...],
         'in float32 (keep_32bit).')
 
 
-def _constant_moment(shape, value, signed) -> tuple[int, float]:
+def _constant_moment(value, signed, code_bits) -> tuple[int, float]:
   """(code, absmax) of a moment whose every element is ``value``."""
+  if value == 0:
+    # 4-bit: the registry's zeroed buffers (absmax 0: every code decodes
+    # to zero), so that a fresh state's checkpoint is the registry's.
+    return (0 if code_bits == 4 else tpu_state.fill_code(signed, 8)), 0.0
   codes, absmax = quantization.quantize_blockwise(
-      jnp.full([tpu_state.BLOCK], value, jnp.float32), signed)
+      jnp.full([tpu_state.block(code_bits)], value, jnp.float32), signed,
+      code_bits)
   return int(codes[0]), float(absmax[0])
 
 
@@ -236,39 +258,42 @@ def _abstract(shape, dtype, param, spec) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def _init_leaf(param, quantized, initial, signed, correction_bits
-               ) -> TpuLeafState:
+def _init_leaf(param, quantized, initial, signed, correction_bits,
+               code_bits) -> TpuLeafState:
   shape = tuple(np.shape(param))
   sharding = _sharding_of(param)
   master = (_init_master(param, shape, quantized, correction_bits, sharding)
             if correction_bits else None)
   if _is_abstract(param):
     return _init_abstract(param, shape, quantized, len(initial),
-                          sharding).replace(master=master)
+                          sharding, code_bits).replace(master=master)
   moments = []
   for value, is_signed in zip(initial, signed, strict=True):
     if not quantized:
       moments.append(_full(shape, value, jnp.float32, sharding, None))
       continue
     _check_shardable(shape, sharding)
-    codes_shape, absmax_shape = tpu_state.moment_shapes(shape)
+    codes_shape, absmax_shape = tpu_state.moment_shapes(shape, code_bits)
+    code, absmax = _constant_moment(value, is_signed, code_bits)
     if value == 0 or tpu_state.is_native(shape):
-      code, absmax = (_constant_moment(shape, value, is_signed) if value
-                      else (quantization.tables(is_signed).zero_code, 0.0))
+      # 4-bit: the code in both nibbles.
+      byte = code * 17 if code_bits == 4 else code
       spec = sharding.spec if sharding is not None else None
       moments.append(TpuMoment(
-          _full(codes_shape, code, jnp.uint8, sharding, spec),
+          _full(codes_shape, byte, jnp.uint8, sharding, spec),
           _full(absmax_shape, absmax, jnp.float32, sharding,
                 None if spec is None else tpu_state.absmax_spec(
                     spec, len(shape)))))
     else:
-      code, absmax = _constant_moment(shape, value, is_signed)
       n = math.prod(shape)
+      codes = np.full(n, code, np.uint8)
+      if code_bits == 4:
+        codes = quantization.pack_nibbles(codes)
       moments.append(tpu_state.from_flat(
-          np.full(n, code, np.uint8),
-          np.full(-(-n // tpu_state.BLOCK), absmax, np.float32), shape,
-          is_signed))
-  return TpuLeafState(tuple(moments), shape, 'device', sharding, master)
+          codes, np.full(-(-n // tpu_state.block(code_bits)), absmax,
+                         np.float32), shape, is_signed, code_bits))
+  return TpuLeafState(tuple(moments), shape, 'device', sharding, master,
+                      code_bits)
 
 
 def _init_master(param, shape, quantized, bits, sharding) -> TpuMaster:
@@ -277,8 +302,7 @@ def _init_master(param, shape, quantized, bits, sharding) -> TpuMaster:
   if quantized:
     _check_shardable(shape, sharding)
   spec = None if sharding is None else sharding.spec
-  correction_shape = (tpu_state.moment_shapes(shape)[0] if quantized
-                      else shape)
+  correction_shape = tpu_state.element_shape(shape) if quantized else shape
   prints_shape = tpu_state.fingerprint_shape(shape, quantized)
   replicated = jax.sharding.PartitionSpec()
   prints_spec = replicated
@@ -292,20 +316,21 @@ def _init_master(param, shape, quantized, bits, sharding) -> TpuMaster:
   return TpuMaster(*(_full(s, 0, d, sharding, p) for s, d, p in arrays))
 
 
-def _init_abstract(param, shape, quantized, num_moments, sharding
+def _init_abstract(param, shape, quantized, num_moments, sharding, code_bits
                    ) -> TpuLeafState:
   if not quantized:
     moment = _abstract(shape, jnp.float32, param, None)
   else:
     _check_shardable(shape, sharding)
-    codes_shape, absmax_shape = tpu_state.moment_shapes(shape)
+    codes_shape, absmax_shape = tpu_state.moment_shapes(shape, code_bits)
     spec = None if sharding is None else sharding.spec
     moment = TpuMoment(
         _abstract(codes_shape, jnp.uint8, param, spec),
         _abstract(absmax_shape, jnp.float32, param,
                   None if spec is None else tpu_state.absmax_spec(
                       spec, len(shape))))
-  return TpuLeafState((moment,) * num_moments, shape, 'device', sharding)
+  return TpuLeafState((moment,) * num_moments, shape, 'device', sharding,
+                      code_bits=code_bits)
 
 
 def _full(shape, value, dtype, sharding, spec):
@@ -361,18 +386,20 @@ def _budget(device_budget: Any, params: list[Any], total: int) -> int:
 
 
 def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
-               interpret):
+               interpret, key=None):
+  """One leaf's step; ``key``: its 4-bit rounding key (int32), or None."""
   if ls.tier == 'host':
     out, new = _leaf_step(spec, h, grad, param, tpu_host_tier.to_device(ls),
-                          decay, output_params, interpret)
+                          decay, output_params, interpret, key)
     return out, tpu_host_tier.to_host(new)
   if not ls.quantized:
     return _xla_leaf_step(spec, h, grad, param, ls, decay, output_params)
   moments = ls.moments
   master = None if ls.master is None else ls.master[:2]
-  run = functools.partial(_run_kernel, spec.kernel, ls.shape, decay,
-                          output_params, interpret)
   sharding = ls.sharding
+  run = functools.partial(_run_kernel, spec.kernel, ls.shape, decay,
+                          output_params, interpret, ls.code_bits,
+                          None if sharding is None else sharding.mesh, key)
   # Replicated leaves too: on a mesh every kernel is one call over all its
   # devices, as Pallas' TPU interpreter needs (a call's devices meet at
   # barriers; a one-device call between them fails its shared memory).
@@ -383,10 +410,12 @@ def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
     # The fingerprints are laid out, and split, as the absmax.
     master_specs = None if master is None else (spec_p, spec_a)
     run = jax.shard_map(
-        run, mesh=sharding.mesh,
+        functools.partial(run, spec_p), mesh=sharding.mesh,
         in_specs=(jax.sharding.PartitionSpec(), spec_p, spec_p,
                   moment_specs, master_specs),
         out_specs=(spec_p, moment_specs, master_specs), check_vma=False)
+  else:
+    run = functools.partial(run, None)
   out, moments, master = run(h, grad, param, moments, master)
   if master is not None:
     master = TpuMaster(*master, ls.master.resets)
@@ -416,14 +445,16 @@ def _xla_leaf_step(spec, h, grad, param, ls: TpuLeafState, decay,
   return out, ls.replace(moments=moments, master=new)
 
 
-def _run_kernel(kernel, shape, decay, output_params, interpret, h, grad,
-                param, moments, master):
+def _run_kernel(kernel, shape, decay, output_params, interpret, code_bits,
+                mesh, key, spec, h, grad, param, moments, master):
   """The kernel on one leaf (or one shard of it: ``shape`` is then the
-  global shape, and the local arrays' own shapes are used)."""
+  global shape, and the local arrays' own shapes are used; ``spec`` the
+  leaf's PartitionSpec on ``mesh``, None off a mesh)."""
   from optax_paged._src import tpu_kernel  # noqa: PLC0415 - Pallas on use
 
   local = tuple(param.shape)
   native = tpu_state.is_native(shape)
+  rounding = None if key is None else _rounding(key, shape, local, spec, mesh)
   if native:
     del shape
     shape = local
@@ -432,11 +463,52 @@ def _run_kernel(kernel, shape, decay, output_params, interpret, h, grad,
   out, new, master = tpu_kernel.leaf_step(
       kernel, h, tpu_state.kernel_view(grad, shape),
       tpu_state.kernel_view(param, shape),
-      [tuple(tpu_state.moment_view(m, shape)) for m in moments],
+      [tuple(tpu_state.moment_view(m, shape, code_bits)) for m in moments],
       decay=decay, output_params=output_params, interpret=interpret,
-      master=master, size=None if native else math.prod(shape))
+      master=master, size=None if native else math.prod(shape),
+      code_bits=code_bits, rounding=rounding)
   if master is not None:
     master = tpu_state.master_from_view(*master, shape)
   return (tpu_state.from_kernel_view(out, shape),
-          tuple(tpu_state.moment_from_view(TpuMoment(*m), shape)
+          tuple(tpu_state.moment_from_view(TpuMoment(*m), shape, code_bits)
                 for m in new), master)
+
+
+def _bits(n: int) -> np.int32:
+  """An index's low 32 bits as int32 (the kernels' uint32 arithmetic)."""
+  return np.array(n % 2**32, np.uint32).view(np.int32)
+
+
+def _shard_offsets(spec, local, mesh) -> list[Any]:
+  """Inside ``shard_map``: this shard's first index along each dimension
+  (a dimension split over several mesh axes takes them major first)."""
+  entries = tuple(spec) + (None,) * (len(local) - len(tuple(spec)))
+  offsets = []
+  for entry, n in zip(entries, local, strict=True):
+    coordinate = jnp.int32(0)
+    for name in entry if isinstance(entry, tuple) else (entry,):
+      if name is not None:
+        coordinate = (coordinate * mesh.shape[name]
+                      + jax.lax.axis_index(name).astype(jnp.int32))
+    offsets.append(coordinate * n)
+  return offsets
+
+
+def _rounding(key, shape, local, spec, mesh) -> jax.Array:
+  """The kernel's ``rounding`` operand (``tpu_kernel.leaf_step``) of a
+  leaf or of this device's shard of it: the key, the row stride and the
+  leaf index of the first element of each of the view's L rows' blocks,
+  so that a shard draws the bits one device draws."""
+  if not tpu_state.is_native(shape):
+    # A flat leaf is whole on every device: its view's rows are the leaf's.
+    return jnp.stack([key, jnp.int32(tpu_state.FLAT_LANES), jnp.int32(0)])
+  offsets = ([jnp.int32(0)] * len(shape) if spec is None
+             else _shard_offsets(spec, local, mesh))
+  lead = math.prod(local[:-2])
+  coordinates = np.unravel_index(np.arange(lead), local[:-2]) if (
+      len(local) > 2) else ()
+  first = offsets[-2] * shape[-1] + offsets[-1] + jnp.zeros([lead], jnp.int32)
+  for d, c in enumerate(coordinates):
+    stride = _bits(math.prod(shape[d + 1:]))
+    first = first + (jnp.asarray(c, jnp.int32) + offsets[d]) * stride
+  return jnp.concatenate([jnp.stack([key, jnp.int32(shape[-1])]), first])

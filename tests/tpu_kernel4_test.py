@@ -1,0 +1,204 @@
+"""4-bit states on the TPU path: the Pallas kernel in Pallas' TPU
+interpreter against the CPU kernel, bit for bit; selection, layout, fused
+step and checkpoints (the host tier's 4-bit run is in tpu_host_tier_test).
+
+Bit for bit needs one rounding an operation on both sides. The interpreter
+runs the kernel's arithmetic as XLA:CPU compiles it, and on a CPU with FMA
+XLA contracts ``a * b + c`` into one (the C++ kernel does not: CMakeLists
+builds it without contraction), so the moments and updates would differ
+by ulps. With XLA's codegen limited to AVX (``--xla_cpu_max_isa=AVX``: no
+FMA instruction) the arithmetic is the same, and the updates, parameters,
+codes and absmax of 3 steps are the CPU kernel's bit for bit. The tests
+marked ``exact`` run in such a session, which ``test_bit_for_bit_session``
+starts beside the suite (``tests/background.py``); in the main session they
+skip.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_paged
+from optax_paged._src import tpu_state
+from optax_paged._src import tpu_transform
+from optax_paged._src.tpu_state import TpuState
+from tests import background
+from tests import helpers
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_FMA = '--xla_cpu_max_isa=AVX'
+exact = pytest.mark.skipif(
+    NO_FMA not in os.environ.get('XLA_FLAGS', ''),
+    reason='bit for bit without FMA: run by test_bit_for_bit_session')
+
+# Native layouts (a row tile with a partial second one; a lane tile with a
+# partial second one; three dimensions), a flat one with a partial block
+# and a partial row, a float32 small leaf.
+SHAPES = [(200, 256), (8, 2304), (2, 16, 512), (5000,), (100,)]
+SMALL_SHAPES = [(200, 256), (5000,), (100,)]
+
+
+def tpu_optimizer(factory, *args, **kwargs):
+  with tpu_transform.force('interpret'):
+    return factory(*args, **kwargs)
+
+
+def assert_states_equal(tpu, cpu):
+  """The registry-format moments (packed codes, absmax, values) and the
+  checksum over them and the count, bit for bit."""
+  a, b = optax_paged.state_dict(tpu), optax_paged.state_dict(cpu)
+  assert int(a['code_bits']) == int(b['code_bits']) == 4
+  for x, y in zip(a['leaves'], b['leaves'], strict=True):
+    helpers.assert_trees_equal(x['moments'], y['moments'])
+    helpers.assert_trees_equal(x.get('master'), y.get('master'))
+  assert int(a['checksum']) == int(b['checksum'])
+
+
+def run_both(factory, dtype, shapes, steps=3, **kwargs):
+  params = helpers.random_tree(shapes, dtype)
+  tpu = tpu_optimizer(factory, 1e-3, **kwargs)
+  cpu = factory(1e-3, **kwargs)
+  tpu_state_, cpu_state = tpu.init(params), cpu.init(params)
+  assert isinstance(tpu_state_, TpuState) and tpu_state_.code_bits == 4
+  assert_states_equal(tpu_state_, cpu_state)
+  tpu_step = jax.jit(helpers.update_and_apply(tpu))
+  cpu_step = jax.jit(helpers.update_and_apply(cpu))
+  tpu_params = cpu_params = params
+  for i in range(steps):
+    grads = helpers.random_grads(params, seed=i)
+    tpu_params, tpu_state_ = tpu_step(tpu_params, tpu_state_, grads)
+    cpu_params, cpu_state = cpu_step(cpu_params, cpu_state, grads)
+    helpers.assert_trees_equal(tpu_params, cpu_params)
+    assert_states_equal(tpu_state_, cpu_state)
+  return tpu_state_
+
+
+@exact
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
+                         ids=['float32', 'bfloat16'])
+def test_paged_adamw4bit_as_the_cpu_kernel(dtype):
+  run_both(optax_paged.paged_adamw4bit, dtype, SHAPES, weight_decay=0.01)
+
+
+@exact
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
+                         ids=['float32', 'bfloat16'])
+def test_lion4bit_as_the_cpu_kernel(dtype):
+  # Lion's 4-bit momentum rounds stochastically: the same hashed bits.
+  run_both(optax_paged.lion4bit, dtype, SHAPES, weight_decay=0.1)
+
+
+@exact
+def test_master_weights_as_the_cpu_kernel():
+  run_both(optax_paged.adamw4bit, jnp.bfloat16, SMALL_SHAPES,
+           master_weight_bits=24, weight_decay=0.01)
+
+
+def _run_session():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=NO_FMA)
+  return background.run(
+      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+       '-m', 'not slow', str(ROOT / 'tests' / 'tpu_kernel4_test.py'),
+       '-k', 'as_the_cpu_kernel'],
+      timeout=600, env=env, cwd=ROOT)
+
+
+BACKGROUND_JOBS = {
+    'tpu-4bit-bit-for-bit': (_run_session, ['test_bit_for_bit_session']),
+}
+
+
+def test_bit_for_bit_session():
+  if NO_FMA in os.environ.get('XLA_FLAGS', ''):
+    pytest.skip('this is the session')
+  result = background.result('tpu-4bit-bit-for-bit', _run_session)
+  tail = result.stdout[-6000:] + result.stderr[-3000:]
+  assert result.returncode == 0, tail
+  assert '5 passed' in result.stdout, tail
+
+
+def test_selection_and_layout():
+  with tpu_transform.force('interpret'):
+    txs = [optax_paged.adamw4bit(1e-3), optax_paged.paged_adamw4bit(1e-3),
+           optax_paged.lion4bit(1e-3), optax_paged.paged_lion4bit(1e-3)]
+  params = {'w': jnp.ones((3, 16, 512)), 'v': jnp.ones(5000),
+            'b': jnp.ones(10)}
+  for tx in txs:
+    state = tx.init(params)
+    assert isinstance(state, TpuState) and state.code_bits == 4
+  w, v, b = (txs[0].init(params).leaves[k] for k in ('w', 'v', 'b'))
+  # Two codes a byte, one absmax a block of 128 (transposed).
+  assert w.moments[0].codes.shape == (3, 16, 256)
+  assert w.moments[0].absmax.shape == (3, 4, 16)
+  assert v.moments[0].codes.shape == (3, 1024)
+  assert v.moments[1].absmax.shape == (16, 3)
+  assert b.moments[0].shape == (10,)
+  # Zero bytes and absmax, as the registry's fresh buffers.
+  assert not np.any(np.asarray(w.moments[0].codes))
+  assert not np.any(np.asarray(w.moments[1].absmax))
+  abstract = jax.eval_shape(txs[0].init, params)
+  assert jax.tree.structure(abstract) == jax.tree.structure(
+      txs[0].init(params))
+
+
+def test_fused_step_is_update_and_apply():
+  params = helpers.random_tree([(64, 512), (3000,)], jnp.bfloat16)
+  grads = helpers.random_grads(params, seed=1)
+  for factory in (optax_paged.paged_adamw4bit, optax_paged.lion4bit):
+    tx = tpu_optimizer(factory, 1e-3)
+    state = tx.init(params)
+    fused, fused_state = jax.jit(
+        lambda g, s, p, tx=tx: optax_paged.apply_gradients(tx, g, s, p))(
+            grads, state, params)
+    updates, plain_state = jax.jit(tx.update)(grads, state, params)
+    helpers.assert_trees_equal(fused, optax.apply_updates(params, updates))
+    helpers.assert_trees_equal(fused_state, plain_state)
+
+
+@pytest.mark.parametrize('direction', ['cpu_to_tpu', 'tpu_to_cpu'])
+def test_checkpoint_moves_between_paths(direction):
+  params = helpers.random_tree([(64, 512), (5000,), (100,)])
+  grads = helpers.random_grads(params, seed=3)
+  tpu = tpu_optimizer(optax_paged.paged_adamw4bit, 1e-3)
+  cpu = optax_paged.paged_adamw4bit(1e-3)
+  source, target = (cpu, tpu) if direction == 'cpu_to_tpu' else (tpu, cpu)
+  _, state = jax.jit(source.update)(grads, source.init(params), params)
+  saved = optax_paged.state_dict(state)
+  assert saved['leaves'][0]['moments'][0]['codes'].shape == (64 * 256,)
+  restored = optax_paged.load_state_dict(target.init(params), saved)
+  assert int(restored.count) == 1
+  again = optax_paged.state_dict(restored)
+  helpers.assert_trees_equal(
+      {k: v for k, v in again.items() if k != 'leaves'},
+      {k: v for k, v in saved.items() if k != 'leaves'})
+  for a, b in zip(again['leaves'], saved['leaves'], strict=True):
+    helpers.assert_trees_equal(a['moments'], b['moments'])
+  if direction == 'cpu_to_tpu':
+    # The registry's packed bytes, unpacked into the TPU layout and back.
+    leaf = restored.leaves['leaf1'].moments[1]
+    codes, _ = tpu_state.to_flat(leaf, (5000,), 4)
+    np.testing.assert_array_equal(codes,
+                                  saved['leaves'][1]['moments'][1]['codes'])
+    jax.jit(tpu.update)(grads, restored, params)
+
+
+def test_checkpoint_refusals():
+  params = helpers.random_tree([(64, 512)])
+  four = tpu_optimizer(optax_paged.adamw4bit, 1e-3)
+  eight = tpu_optimizer(optax_paged.adamw8bit, 1e-3)
+  with pytest.raises(ValueError, match='8-bit moments'):
+    optax_paged.load_state_dict(four.init(params),
+                                optax_paged.state_dict(eight.init(params)))
+  saved = optax_paged.state_dict(four.init(params))
+  saved['leaves'][0]['moments'][1]['codes'] = (
+      saved['leaves'][0]['moments'][1]['codes'] + 1)
+  with pytest.raises(ValueError, match='checksum'):
+    optax_paged.load_state_dict(four.init(params), saved)
+  with pytest.raises(ValueError, match='this state was made by'):
+    jax.jit(eight.update)(params, four.init(params), params)
