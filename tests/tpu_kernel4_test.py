@@ -9,9 +9,10 @@ builds it without contraction), so the moments and updates would differ
 by ulps. With XLA's codegen limited to AVX (``--xla_cpu_max_isa=AVX``: no
 FMA instruction) the arithmetic is the same, and the updates, parameters,
 codes and absmax of 3 steps are the CPU kernel's bit for bit. The tests
-marked ``exact`` run in such a session, which ``test_bit_for_bit_session``
+marked ``in_session`` run in such a session, which ``test_session``
 starts beside the suite (``tests/background.py``); in the main session they
-skip.
+skip. The 4-bit host tier's eager run (slow in the interpreter) runs there
+too, off the suite's main process.
 """
 
 import os
@@ -30,12 +31,13 @@ from optax_paged._src import tpu_transform
 from optax_paged._src.tpu_state import TpuState
 from tests import background
 from tests import helpers
+from tests import tpu_host_tier_test
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_FMA = '--xla_cpu_max_isa=AVX'
-exact = pytest.mark.skipif(
-    NO_FMA not in os.environ.get('XLA_FLAGS', ''),
-    reason='bit for bit without FMA: run by test_bit_for_bit_session')
+IN_SESSION = NO_FMA in os.environ.get('XLA_FLAGS', '')
+in_session = pytest.mark.skipif(
+    not IN_SESSION, reason='run without FMA by test_session')
 
 # Native layouts (a row tile with a partial second one; a lane tile with a
 # partial second one; three dimensions), a flat one with a partial block
@@ -79,14 +81,14 @@ def run_both(factory, dtype, shapes, steps=3, **kwargs):
   return tpu_state_
 
 
-@exact
+@in_session
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
                          ids=['float32', 'bfloat16'])
 def test_paged_adamw4bit_as_the_cpu_kernel(dtype):
   run_both(optax_paged.paged_adamw4bit, dtype, SHAPES, weight_decay=0.01)
 
 
-@exact
+@in_session
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
                          ids=['float32', 'bfloat16'])
 def test_lion4bit_as_the_cpu_kernel(dtype):
@@ -94,33 +96,39 @@ def test_lion4bit_as_the_cpu_kernel(dtype):
   run_both(optax_paged.lion4bit, dtype, SHAPES, weight_decay=0.1)
 
 
-@exact
+@in_session
 def test_master_weights_as_the_cpu_kernel():
   run_both(optax_paged.adamw4bit, jnp.bfloat16, SMALL_SHAPES,
            master_weight_bits=24, weight_decay=0.01)
+
+
+@in_session
+def test_host_tier_steps_as_the_device_tier():
+  tpu_host_tier_test.test_host_tier_steps_as_the_device_tier(
+      24, optax_paged.paged_adamw4bit)
 
 
 def _run_session():
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=NO_FMA)
   return background.run(
       [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-       '-m', 'not slow', str(ROOT / 'tests' / 'tpu_kernel4_test.py'),
-       '-k', 'as_the_cpu_kernel'],
+       str(ROOT / 'tests' / 'tpu_kernel4_test.py'),
+       '-k', 'as_the_cpu_kernel or host_tier'],
       timeout=600, env=env, cwd=ROOT)
 
 
 BACKGROUND_JOBS = {
-    'tpu-4bit-bit-for-bit': (_run_session, ['test_bit_for_bit_session']),
+    'tpu-4bit-session': (_run_session, ['test_session']),
 }
 
 
-def test_bit_for_bit_session():
-  if NO_FMA in os.environ.get('XLA_FLAGS', ''):
+def test_session():
+  if IN_SESSION:
     pytest.skip('this is the session')
-  result = background.result('tpu-4bit-bit-for-bit', _run_session)
+  result = background.result('tpu-4bit-session', _run_session)
   tail = result.stdout[-6000:] + result.stderr[-3000:]
   assert result.returncode == 0, tail
-  assert '5 passed' in result.stdout, tail
+  assert '6 passed' in result.stdout, tail
 
 
 def test_selection_and_layout():
@@ -150,42 +158,43 @@ def test_selection_and_layout():
 def test_fused_step_is_update_and_apply():
   params = helpers.random_tree([(64, 512), (3000,)], jnp.bfloat16)
   grads = helpers.random_grads(params, seed=1)
-  for factory in (optax_paged.paged_adamw4bit, optax_paged.lion4bit):
-    tx = tpu_optimizer(factory, 1e-3)
-    state = tx.init(params)
-    fused, fused_state = jax.jit(
-        lambda g, s, p, tx=tx: optax_paged.apply_gradients(tx, g, s, p))(
-            grads, state, params)
-    updates, plain_state = jax.jit(tx.update)(grads, state, params)
-    helpers.assert_trees_equal(fused, optax.apply_updates(params, updates))
-    helpers.assert_trees_equal(fused_state, plain_state)
+  tx = tpu_optimizer(optax_paged.paged_lion4bit, 1e-3)
+  state = tx.init(params)
+  fused, fused_state = jax.jit(
+      lambda g, s, p: optax_paged.apply_gradients(tx, g, s, p))(
+          grads, state, params)
+  updates, plain_state = jax.jit(tx.update)(grads, state, params)
+  helpers.assert_trees_equal(fused, optax.apply_updates(params, updates))
+  helpers.assert_trees_equal(fused_state, plain_state)
 
 
-@pytest.mark.parametrize('direction', ['cpu_to_tpu', 'tpu_to_cpu'])
-def test_checkpoint_moves_between_paths(direction):
+def test_checkpoint_moves_between_paths():
+  """A CPU registry checkpoint into a TPU-path state, a step there, and
+  its checkpoint into a registry state: each export the same dictionary."""
   params = helpers.random_tree([(64, 512), (5000,), (100,)])
-  grads = helpers.random_grads(params, seed=3)
   tpu = tpu_optimizer(optax_paged.paged_adamw4bit, 1e-3)
   cpu = optax_paged.paged_adamw4bit(1e-3)
-  source, target = (cpu, tpu) if direction == 'cpu_to_tpu' else (tpu, cpu)
-  _, state = jax.jit(source.update)(grads, source.init(params), params)
-  saved = optax_paged.state_dict(state)
-  assert saved['leaves'][0]['moments'][0]['codes'].shape == (64 * 256,)
-  restored = optax_paged.load_state_dict(target.init(params), saved)
-  assert int(restored.count) == 1
-  again = optax_paged.state_dict(restored)
-  helpers.assert_trees_equal(
-      {k: v for k, v in again.items() if k != 'leaves'},
-      {k: v for k, v in saved.items() if k != 'leaves'})
-  for a, b in zip(again['leaves'], saved['leaves'], strict=True):
-    helpers.assert_trees_equal(a['moments'], b['moments'])
-  if direction == 'cpu_to_tpu':
-    # The registry's packed bytes, unpacked into the TPU layout and back.
-    leaf = restored.leaves['leaf1'].moments[1]
-    codes, _ = tpu_state.to_flat(leaf, (5000,), 4)
-    np.testing.assert_array_equal(codes,
-                                  saved['leaves'][1]['moments'][1]['codes'])
-    jax.jit(tpu.update)(grads, restored, params)
+  state = cpu.init(params)
+  for step, (source, target) in enumerate([(cpu, tpu), (tpu, cpu)]):
+    grads = helpers.random_grads(params, seed=3 + step)
+    _, state = jax.jit(source.update)(grads, state, params)
+    saved = optax_paged.state_dict(state)
+    # The registry's packed bytes: two codes a byte.
+    assert saved['leaves'][0]['moments'][0]['codes'].shape == (64 * 256,)
+    state = optax_paged.load_state_dict(target.init(params), saved)
+    assert int(state.count) == step + 1
+    again = optax_paged.state_dict(state)
+    helpers.assert_trees_equal(
+        {k: v for k, v in again.items() if k != 'leaves'},
+        {k: v for k, v in saved.items() if k != 'leaves'})
+    for a, b in zip(again['leaves'], saved['leaves'], strict=True):
+      helpers.assert_trees_equal(a['moments'], b['moments'])
+    if step == 0:
+      # Unpacked into the TPU layout: the flat leaf's partial last group.
+      leaf = state.leaves['leaf1'].moments[1]
+      codes, _ = tpu_state.to_flat(leaf, (5000,), 4)
+      np.testing.assert_array_equal(
+          codes, saved['leaves'][1]['moments'][1]['codes'])
 
 
 def test_checkpoint_refusals():

@@ -1,4 +1,5 @@
-"""The Pallas TPU kernel of a blockwise 8-bit optimizer step, one leaf a call.
+"""The Pallas TPU kernel of a blockwise 8-bit or 4-bit optimizer step, one
+leaf a call.
 
 A leaf is seen as ``(L, M, B)``: its last dimension ``B`` (a multiple of
 256), its second-to-last ``M`` and the rest merged into ``L``, which is how
@@ -12,6 +13,13 @@ Leaves of another shape are flattened and padded to rows of 2048 first
 The codes have the leaf's view shape; the absmax of the blocks of rows
 ``M`` and lane groups ``K = B / 256`` is stored transposed, ``(L, K, M)``,
 so that it is lane-dense (a ``(M, K)`` array would pad ``K`` to 128 lanes).
+4-bit states (blocks of 128) keep the same view with the codes packed two a
+byte, ``(L, M, B / 2)``: in each 256-lane group, lane ``j``'s code in the
+low nibble and lane ``j + 128``'s in the high nibble of byte ``j``
+(``tpu_codec4``), so a group's two blocks unpack into two whole vector
+registers; their absmax is ``(L, B / 128, M)``. Lion's 4-bit codes are
+rounded stochastically from each element's index in the leaf (an SMEM
+operand gives the leaf's key and where each view row starts).
 
 The grid walks tiles of 128 rows by 2048 lanes (one (8, 128) tile of
 absmax). Inside a tile the absmax is transposed into a column scratch, and a

@@ -1,17 +1,22 @@
 """The optimizers on the TPU path: a functional state and Pallas TPU kernels.
 
-The factories (``paged_adamw8bit``, ``adamw8bit``, ``lion8bit``, ...) build
-this transformation instead of the registry's when ``selected()`` says so:
+The factories (``paged_adamw8bit``, ``adamw8bit``, ``lion8bit``, the 4-bit
+``adamw4bit``, ``paged_adamw4bit``, ``lion4bit``, ...) build this
+transformation instead of the registry's when ``selected()`` says so:
 on a TPU backend, or when a test forces it (``force('interpret')`` runs the
 kernels in Pallas' TPU interpreter on any backend; ``force('tpu')`` builds
 the compiled kernels, for an ahead-of-time compile on TPU topologies).
 
 The state is a ``tpu_state.TpuState``: per large leaf and moment, uint8
 codes and float32 absmax, updated by one Pallas kernel call per leaf
-(``tpu_kernel``); small leaves keep float32 moments updated in XLA with the
-same element maths. Paging is JAX's host memory: with a device budget
-(``paged_*`` factories) the leaves beyond it keep their state in
-``pinned_host`` memory, and the step copies each one to the device, runs
+(``tpu_kernel``). 4-bit states keep the registry's 4-bit codes (blocks of
+128, torchao's maps), two a byte in a TPU layout (``tpu_codec4``), and
+Lion's 4-bit momentum is rounded stochastically with the registry's random
+bits (the kernel takes the leaf's key and its elements' indices in the
+whole leaf, per shard on a mesh). Small leaves keep float32 moments updated
+in XLA with the same element maths. Paging is JAX's host memory: with a
+device budget (``paged_*`` factories) the leaves beyond it keep their state
+in ``pinned_host`` memory, and the step copies each one to the device, runs
 its kernel and copies it back. A state on a mesh shards like the
 parameters; the kernels run per shard under ``jax.shard_map``.
 
@@ -22,8 +27,8 @@ the moments (``tpu_kernel``) with ``master_weights``' arithmetic: the
 update is the step to the master's rounding, as on the registry's path.
 
 Not on this path (the factories then build the pure-JAX reference
-transformation, which runs anywhere): 4-bit states and the trust-ratio
-families (LAMB, LARS).
+transformation, which runs anywhere): the trust-ratio families (LAMB,
+LARS).
 """
 
 from __future__ import annotations
@@ -399,7 +404,7 @@ def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
   sharding = ls.sharding
   run = functools.partial(_run_kernel, spec.kernel, ls.shape, decay,
                           output_params, interpret, ls.code_bits,
-                          None if sharding is None else sharding.mesh, key)
+                          None if sharding is None else sharding.mesh)
   # Replicated leaves too: on a mesh every kernel is one call over all its
   # devices, as Pallas' TPU interpreter needs (a call's devices meet at
   # barriers; a one-device call between them fails its shared memory).
@@ -411,12 +416,13 @@ def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
     master_specs = None if master is None else (spec_p, spec_a)
     run = jax.shard_map(
         functools.partial(run, spec_p), mesh=sharding.mesh,
-        in_specs=(jax.sharding.PartitionSpec(), spec_p, spec_p,
-                  moment_specs, master_specs),
+        in_specs=(jax.sharding.PartitionSpec(),
+                  None if key is None else jax.sharding.PartitionSpec(),
+                  spec_p, spec_p, moment_specs, master_specs),
         out_specs=(spec_p, moment_specs, master_specs), check_vma=False)
   else:
     run = functools.partial(run, None)
-  out, moments, master = run(h, grad, param, moments, master)
+  out, moments, master = run(h, key, grad, param, moments, master)
   if master is not None:
     master = TpuMaster(*master, ls.master.resets)
   return out, ls.replace(moments=moments, master=master)
@@ -446,7 +452,7 @@ def _xla_leaf_step(spec, h, grad, param, ls: TpuLeafState, decay,
 
 
 def _run_kernel(kernel, shape, decay, output_params, interpret, code_bits,
-                mesh, key, spec, h, grad, param, moments, master):
+                mesh, spec, h, key, grad, param, moments, master):
   """The kernel on one leaf (or one shard of it: ``shape`` is then the
   global shape, and the local arrays' own shapes are used; ``spec`` the
   leaf's PartitionSpec on ``mesh``, None off a mesh)."""

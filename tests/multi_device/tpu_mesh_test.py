@@ -266,3 +266,68 @@ def test_flat_and_host_tier_leaves_take_the_registrys_checkpoint():
     assert_trees_equal(optax_paged.state_dict(state), saved)
   assert {ls.tier for ls in state.leaves.values()} == {'host'}
   assert state.leaves['rows'].moments[0].codes.ndim == 3  # one row a shard
+
+
+# 4-bit Lion (stochastic rounding: each shard draws the bits of its
+# elements' indices in the whole leaf): the last dimension split in 256s,
+# the first, the first of three (the view's L rows), a replicated leaf and
+# a float32-moment one.
+FOUR_BIT_SPECS = {
+    'cols': ((16, 1024), P(None, 'x')),
+    'rows': ((64, 256), P('x', None)),
+    'cube': ((8, 4, 256), P('x', None, None)),
+    'rep': ((8, 256), P()),
+    'bias': ((512,), P('x')),
+}
+
+
+@functools.cache
+def _tx4(path):
+  make = functools.partial(optax_paged.lion4bit, 1e-2, weight_decay=0.1,
+                           min_8bit_size=1024)
+  if path == 'tpu':
+    with tpu_transform.force('interpret'):
+      return make()
+  return make()
+
+
+def _tree4(seed, scale=1.0):
+  key = jax.random.PRNGKey(seed)
+  return {k: jax.random.normal(jax.random.fold_in(key, i), shape) * scale
+          for i, (k, (shape, _)) in enumerate(FOUR_BIT_SPECS.items())}
+
+
+@functools.cache
+def _runs4(path, mesh=True):
+  params = _tree4(0)
+  grads = [_tree4(10 + i, 0.1) for i in range(STEPS)]
+  if mesh:
+    specs = {k: spec for k, (_, spec) in FOUR_BIT_SPECS.items()}
+    params = _put(params, _mesh(), specs)
+    grads = [_put(g, _mesh(), specs) for g in grads]
+  return _run(_tx4(path), params, grads)
+
+
+def test_four_bit_sharded_run_and_checkpoints():
+  p_mesh, s_mesh = _runs4('tpu')
+  p_one, s_one = _runs4('tpu', mesh=False)
+  assert s_mesh.code_bits == 4
+  for k in FOUR_BIT_SPECS:
+    np.testing.assert_array_equal(np.asarray(p_mesh[k]), np.asarray(p_one[k]))
+  for a, b in zip(jax.tree.leaves(s_mesh.leaves),
+                  jax.tree.leaves(s_one.leaves), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  codes = s_mesh.leaves['cols'].moments[0].codes
+  assert {s.data.shape for s in codes.addressable_shards} == {(16, 128)}
+  # The registry's sharded 4-bit checkpoint, both ways, bit for bit.
+  _, s_reg = _runs4('registry')
+  tpu_saved = optax_paged.state_dict(s_mesh)
+  reg_saved = optax_paged.state_dict(s_reg)
+  assert _saved_arrays(tpu_saved) == _saved_arrays(reg_saved)
+  specs = {k: spec for k, (_, spec) in FOUR_BIT_SPECS.items()}
+  params = _put(_tree4(0), _mesh(), specs)
+  into_tpu = optax_paged.load_state_dict(_tx4('tpu').init(params), reg_saved)
+  assert_trees_equal(optax_paged.state_dict(into_tpu), reg_saved)
+  into_reg = optax_paged.load_state_dict(_tx4('registry').init(params),
+                                         tpu_saved)
+  assert_trees_equal(optax_paged.state_dict(into_reg), tpu_saved)
