@@ -165,13 +165,20 @@ def rows(steps):
   return out + _flash_rows(bf16, optimum, reference, moved, steps)
 
 
+def _machine() -> str:
+  """The GPU's name on a GPU backend, else the CPU's architecture."""
+  if jax.default_backend() == 'gpu':
+    return jax.devices()[0].device_kind
+  return platform.processor() or platform.machine()
+
+
 def table(results, steps):
   n = sum(int(np.prod(s)) for s in SHAPES)
   lines = [
       f'bf16 accuracy ({n / 1e6:.1f}M bf16 parameters in {len(SHAPES)} '
       f'leaves, {steps} noisy AdamW steps at lr {LEARNING_RATE}, steps about '
       'an eighth of a bf16 ulp; '
-      f'{platform.processor() or platform.machine()}, '
+      f'{_machine()}, '
       f'{datetime.date.today()}, jax {jax.__version__}). Error: distance of '
       "the parameters (a run's float32 masters where it keeps them) from an "
       'fp32-parameter run, as a fraction of the distance `optax.adamw` moved '
