@@ -81,19 +81,25 @@ def run_both(factory, dtype, shapes, steps=3, **kwargs):
   return tpu_state_
 
 
-@in_session
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
-                         ids=['float32', 'bfloat16'])
-def test_paged_adamw4bit_as_the_cpu_kernel(dtype):
-  run_both(optax_paged.paged_adamw4bit, dtype, SHAPES, weight_decay=0.01)
+# bfloat16 on fewer leaves: each leaf shape's kernel takes the interpreter
+# seconds to compile, and the session's time is the suite's (2 cores).
+DTYPES = [pytest.param(jnp.float32, SHAPES, id='float32'),
+          pytest.param(jnp.bfloat16, SMALL_SHAPES, id='bfloat16')]
 
 
 @in_session
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
-                         ids=['float32', 'bfloat16'])
-def test_lion4bit_as_the_cpu_kernel(dtype):
-  # Lion's 4-bit momentum rounds stochastically: the same hashed bits.
-  run_both(optax_paged.lion4bit, dtype, SHAPES, weight_decay=0.1)
+@pytest.mark.parametrize('dtype, shapes', DTYPES)
+def test_paged_adamw4bit_as_the_cpu_kernel(dtype, shapes):
+  run_both(optax_paged.paged_adamw4bit, dtype, shapes, weight_decay=0.01)
+
+
+@in_session
+@pytest.mark.parametrize('dtype, shapes', DTYPES)
+def test_lion4bit_as_the_cpu_kernel(dtype, shapes):
+  # Lion's 4-bit momentum rounds stochastically: the same hashed bits,
+  # keyed by the leaf's index among all leaves (a float32 one first).
+  run_both(optax_paged.lion4bit, dtype, shapes[-1:] + shapes[:-1],
+           weight_decay=0.1)
 
 
 @in_session
@@ -104,6 +110,32 @@ def test_master_weights_as_the_cpu_kernel():
 
 @in_session
 def test_host_tier_steps_as_the_device_tier():
+  # Eagerly (tests/tpu_host_tier_test.py says why): every leaf on the host
+  # against every leaf on the device, one step.
+  params = helpers.random_tree([(32, 512), (3000,)], jnp.bfloat16)
+  grads = helpers.random_grads(params, seed=2)
+  states = []
+  for budget in (None, 0):
+    tx = tpu_optimizer(optax_paged.paged_adamw4bit, 1e-3, device_budget=budget,
+                       min_8bit_size=1000, master_weight_bits=24)
+    new_params, state = optax_paged.apply_gradients(tx, grads, tx.init(params),
+                                                    params)
+    states.append((new_params, state))
+  (device_params, device_state), (host_params, host_state) = states
+  assert {ls.tier for ls in host_state.leaves.values()} == {'host'}
+  codes = host_state.leaves['leaf0'].moments[0].codes
+  assert codes.sharding.memory_kind == 'pinned_host'
+  assert codes.shape == (32 * 256,)  # packed, one row
+  assert host_state.leaves['leaf0'].master.correction.shape == (32 * 512,)
+  helpers.assert_trees_equal(device_params, host_params)
+  a, b = (optax_paged.state_dict(s) for s in (device_state, host_state))
+  for x, y in zip(a['leaves'], b['leaves'], strict=True):
+    helpers.assert_trees_equal(x['moments'], y['moments'])
+    helpers.assert_trees_equal(x['master'], y['master'])
+
+
+@pytest.mark.slow
+def test_host_tier_runs_the_host_tier_test_in_four_bits():
   tpu_host_tier_test.test_host_tier_steps_as_the_device_tier(
       24, optax_paged.paged_adamw4bit)
 

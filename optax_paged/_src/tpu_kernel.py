@@ -186,9 +186,10 @@ def _kernel(h_ref, *refs, kernel, decay, num_moments, signed, output_params,
   def body(c, carry):
     r0 = pl.multiple_of(c * chunk, chunk)
     rows = pl.ds(r0, chunk)
-    row = (pl.program_id(1) * tile_rows + r0
-           + jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 0))
-    lane = jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 1)
+    if size is not None or stochastic:
+      row = (pl.program_id(1) * tile_rows + r0
+             + jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 0))
+      lane = jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 1)
     if size is not None:
       # A flat leaf (rows one tile wide): the element's index in the leaf.
       index = row * tile_lanes + lane

@@ -24,10 +24,12 @@ byte ``j``, so the codes are ``shape[:-1] + (B // 2,)`` (or ``(rows,
 1024)``), and the absmax holds a row a block of 128: ``shape[:-2] + (B //
 128, M)`` (or ``(16, rows)``). ``to_flat`` and ``from_flat`` convert to and
 from the registry's flat bytes (element ``2i`` in the low nibble of byte
-``i``) exactly; a flat leaf's padding holds the code of zero.
+``i``) exactly. A flat leaf's padding is written as the code of zero by
+``from_flat`` and left out of its block's maximum by the kernel.
 
 With master weights (``master_weights``) a bfloat16 or float16 leaf also
-keeps a ``TpuMaster``: its correction (int8 or int16) laid out as the codes,
+keeps a ``TpuMaster``: its correction (int8 or int16) laid out as 8-bit
+codes (one an element, whatever the moments' bits),
 the fingerprints of its blocks of 128 parameters laid out as the absmax
 (``shape[:-2] + (B // 128, M)``, or ``(16, rows)`` flat), and the count of
 blocks whose correction was dropped, which the TPU path carries from a
