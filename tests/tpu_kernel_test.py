@@ -192,3 +192,16 @@ def test_checkpoint_refusals():
   with pytest.raises(ValueError, match='is for adamw'):
     optax_paged.load_state_dict(lion.init(params),
                                 optax_paged.state_dict(tpu.init(params)))
+
+
+def test_compiled_path_refuses_float16_at_init():
+  params = {'w': jnp.ones((64, 512), jnp.float16), 'b': jnp.ones(8)}
+  with tpu_transform.force('tpu'):
+    tx = optax_paged.adamw8bit(1e-3)
+  with pytest.raises(ValueError, match='float16'):
+    tx.init(params)
+  # The interpreter runs float16, and a small float16 leaf keeps float32
+  # moments in XLA on either path.
+  with tpu_transform.force('tpu'):
+    small = optax_paged.adamw8bit(1e-3).init({'b': jnp.ones(8, jnp.float16)})
+  assert isinstance(small, TpuState)

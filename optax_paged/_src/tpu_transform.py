@@ -137,6 +137,8 @@ def make_transformation(
         0.0,) * info.num_moments
     master_weights.check_leaves(spec.name, master_weight_bits,
                                 [p.dtype for p in leaves])
+    if not interpret:
+      _check_compilable(spec.name, leaves, quantized)
     states = [_init_leaf(p, q, initial, info.signed,
                          master_weights.correction_bits(master_weight_bits,
                                                         p.dtype), code_bits)
@@ -207,6 +209,19 @@ def make_transformation(
 
   transform.FUSED_STEPS[update_fn] = fused
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_compilable(name: str, leaves: list[Any],
+                      quantized: list[bool]) -> None:
+  """Refuses float16 leaves that a kernel would update: Mosaic (libtpu
+  0.0.42.1) has no float16 vectors, so their kernel would fail to compile
+  with a lowering error deep in the step."""
+  for index, (leaf, q) in enumerate(zip(leaves, quantized, strict=True)):
+    if q and jnp.dtype(leaf.dtype) == jnp.float16:
+      raise ValueError(
+          f'{name}: leaf {index} is float16 {tuple(np.shape(leaf))}; the TPU '
+          'kernels cannot take float16 (Mosaic has no float16 vectors). Use '
+          'bfloat16 or float32 parameters on a TPU.')
 
 
 def _sharding_of(x: Any) -> jax.sharding.NamedSharding | None:
