@@ -90,6 +90,18 @@ def jitted_step(tx):
   return jax.jit(update_and_apply(tx))
 
 
+def assert_fused_is_update_and_apply(tx, params, grads):
+  """One jitted fused step from a fresh state equals ``tx.update`` plus
+  ``optax.apply_updates`` from another, parameters and state bit for bit."""
+  state = tx.init(params)
+  fused, fused_state = jax.jit(
+      lambda g, s, p: optax_paged.apply_gradients(tx, g, s, p))(
+          grads, state, params)
+  updates, plain_state = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert_trees_equal(fused, optax.apply_updates(params, updates))
+  assert_trees_equal(fused_state, plain_state)
+
+
 def assert_trees_equal(a, b):
   """Every leaf of ``a`` equals the matching leaf of ``b`` exactly."""
   jax.tree.map(

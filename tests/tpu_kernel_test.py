@@ -92,15 +92,9 @@ def test_lion8bit_as_the_cpu_kernel():
 
 def test_fused_step_is_update_and_apply():
   params = helpers.random_tree([(64, 512), (100,)], jnp.bfloat16)
-  grads = helpers.random_grads(params, seed=1)
-  tx = tpu_optimizer(optax_paged.paged_adamw8bit, 1e-3)
-  state = tx.init(params)
-  fused, fused_state = jax.jit(
-      lambda g, s, p: optax_paged.apply_gradients(tx, g, s, p))(
-          grads, state, params)
-  updates, plain_state = jax.jit(tx.update)(grads, state, params)
-  helpers.assert_trees_equal(fused, optax.apply_updates(params, updates))
-  helpers.assert_trees_equal(fused_state, plain_state)
+  helpers.assert_fused_is_update_and_apply(
+      tpu_optimizer(optax_paged.paged_adamw8bit, 1e-3), params,
+      helpers.random_grads(params, seed=1))
 
 
 def test_selection():
