@@ -105,13 +105,13 @@ def test_selection():
     assert tpu_transform.selected() == 'interpret'
     chained = optax.chain(optax.clip_by_global_norm(1.0),
                           optax_paged.paged_adamw8bit(1e-3))
-    # 4-bit states are on the TPU path (tpu_kernel4_test); trust-ratio
-    # families are not: the reference transformation.
+    # 4-bit states (tpu_kernel4_test) and trust-ratio families
+    # (tpu_trust_ratio_test) are on the TPU path too.
     four_bit = optax_paged.adamw4bit(1e-3).init({'w': jnp.ones(8)})
     lamb = optax_paged.lamb8bit(1e-3).init({'w': jnp.ones(8)})
   assert isinstance(chained.init({'w': jnp.ones(8)})[1], TpuState)
   assert isinstance(four_bit, TpuState) and four_bit.code_bits == 4
-  assert isinstance(lamb, optax_paged.reference.ReferenceState)
+  assert isinstance(lamb, TpuState)
   with pytest.raises(ValueError, match='expected one of'):
     with tpu_transform.force('gpu'):
       pass

@@ -26,9 +26,13 @@ parameters (``tpu_state.TpuMaster``), updated in the same kernel pass as
 the moments (``tpu_kernel``) with ``master_weights``' arithmetic: the
 update is the step to the master's rounding, as on the registry's path.
 
-Not on this path (the factories then build the pure-JAX reference
-transformation, which runs anywhere): the trust-ratio families (LAMB,
-LARS).
+The trust-ratio families (LAMB, LARS) run as on the registry's path
+(``transform._trust_ratio_step``): the kernel runs the base optimizer with
+learning rate 1 and no decoupled decay on float32 copies of the gradients
+and parameters, optax's LARS scales the gradients before it and the others
+scale its float32 directions after it (``trust_ratio``), and the fused step
+adds the updates as ``optax.apply_updates``. The step works in the global
+view, so a sharded leaf's norms are of the whole leaf.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from optax_paged._src import tpu_codec4
 from optax_paged._src import tpu_host_tier
 from optax_paged._src import tpu_state
 from optax_paged._src import transform
+from optax_paged._src import trust_ratio as trust_ratio_lib
 from optax_paged._src.tpu_state import TpuLeafState
 from optax_paged._src.tpu_state import TpuMaster
 from optax_paged._src.tpu_state import TpuMoment
@@ -97,7 +102,7 @@ def force(mode: str) -> Iterator[None]:
 def supports(spec: transform.OptimizerSpec, code_bits: int) -> bool:
   """Whether the TPU kernels run this optimizer (with or without master
   weights)."""
-  return (code_bits in tpu_state.CODE_BITS and spec.trust_ratio is None
+  return (code_bits in tpu_state.CODE_BITS
           and (code_bits == 8 or optimizer_table.info(spec.kernel).four_bit)
           and any(f.name == spec.kernel and f.reference_update is not None
                   for f in families.FAMILIES.values()))
@@ -137,7 +142,8 @@ def make_transformation(
         0.0,) * info.num_moments
     master_weights.check_leaves(spec.name, master_weight_bits,
                                 [p.dtype for p in leaves])
-    if not interpret:
+    # With a trust ratio the kernels run on float32 copies of the leaves.
+    if not interpret and spec.trust_ratio is None:
       _check_compilable(spec.name, leaves, quantized)
     states = [_init_leaf(p, q, initial, info.signed,
                          master_weights.correction_bits(master_weight_bits,
@@ -165,15 +171,29 @@ def make_transformation(
     grad_leaves = treedef.flatten_up_to(grads)
     leaf_states = treedef.flatten_up_to(state.leaves)
     decay = transform.resolve_mask(weight_decay_mask, params)
-    count_inc = optax.safe_increment(state.count)
-    h = spec.hyperparams(state.count, count_inc)
-    outs, new_states = [], []
-    for i, (g, p, ls, d) in enumerate(zip(grad_leaves, param_leaves,
-                                          leaf_states, decay, strict=True)):
+    for g, p, ls in zip(grad_leaves, param_leaves, leaf_states, strict=True):
       if np.shape(g) != np.shape(p) or tuple(np.shape(p)) != ls.shape:
         raise ValueError(
             f'{spec.name}: a gradient of shape {np.shape(g)} for a parameter '
             f'of shape {np.shape(p)}, state for {ls.shape}.')
+    count_inc = optax.safe_increment(state.count)
+    h = spec.hyperparams(state.count, count_inc)
+    trust = spec.trust_ratio
+    kernel_params = param_leaves
+    if trust is not None:
+      scaled = transform.resolve_mask(trust.mask, params)
+      # As the registry's in_float32: the kernel's directions stay float32,
+      # so that a 16-bit parameter's update is rounded once, after the
+      # scaling.
+      grad_leaves = [jnp.asarray(g).astype(jnp.float32) for g in grad_leaves]
+      kernel_params = [jnp.asarray(p).astype(jnp.float32)
+                       for p in param_leaves]
+      if trust.before_kernel:
+        grad_leaves = trust_ratio_lib.scale_gradients(
+            trust, grad_leaves, param_leaves, decay, scaled, state.count)
+    outs, new_states = [], []
+    for i, (g, p, ls, d) in enumerate(zip(grad_leaves, kernel_params,
+                                          leaf_states, decay, strict=True)):
       if ls.master is not None and (
           master_weights.correction_bits(24, p.dtype) == 0):
         raise ValueError(
@@ -188,10 +208,13 @@ def make_transformation(
               '2^32 elements only.')
         # The registry's random bits: leaf i of the state, the new count.
         key = tpu_codec4.rounding_key(count_inc, i)
-      out, new = _leaf_step(spec, h, g, p, ls, d, output_params, interpret,
-                            key)
+      out, new = _leaf_step(spec, h, g, p, ls, d,
+                            output_params and trust is None, interpret, key)
       outs.append(out)
       new_states.append(new)
+    if trust is not None:
+      outs = _trust_ratio_outputs(trust, outs, param_leaves, decay, scaled,
+                                  state.count, output_params)
     return (treedef.unflatten(outs),
             state.replace(count=count_inc,
                           leaves=treedef.unflatten(new_states)))
@@ -209,6 +232,23 @@ def make_transformation(
 
   transform.FUSED_STEPS[update_fn] = fused
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _trust_ratio_outputs(trust, directions, params, decay, scaled, count,
+                         output_params) -> list[jax.Array]:
+  """The updates (or new parameters) from the kernel's float32 directions,
+  as the registry's ``transform._trust_ratio_step``."""
+  if trust.before_kernel:
+    updates = [d.astype(p.dtype)
+               for d, p in zip(directions, params, strict=True)]
+  else:
+    updates = trust_ratio_lib.apply(trust, directions, params, decay, scaled,
+                                    count)
+  if not output_params:
+    return updates
+  # As optax.apply_updates.
+  return [jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+          for p, u in zip(params, updates, strict=True)]
 
 
 def _check_compilable(name: str, leaves: list[Any],
