@@ -267,3 +267,21 @@ def test_sharded_step_compiles_per_shard(master_weight_bits):
     assert master.correction.sharding.spec == jax.sharding.PartitionSpec(
         None, 'x', None)
     assert master.fingerprints.sharding.spec == absmax.sharding.spec
+
+
+@pytest.mark.parametrize('name', ['paged_lamb8bit', 'paged_lars8bit'])
+def test_trust_ratio_step_compiles_without_gathers(name):
+  """LAMB and LARS: the kernels plus the trust ratio's norms in XLA. Their
+  traffic has no 8-bit floor of its own (the kernel runs on float32 copies
+  and writes float32 directions that the ratio then reads), so only the
+  program is checked. Measured (libtpu 0.0.42.1, v5e, bfloat16): 46.86
+  bytes accessed a parameter for LAMB, 43.23 for LARS, against 10.06 for
+  8-bit AdamW's fused step."""
+  compiled, _ = compile_step('v5e:2x2', jnp.bfloat16,
+                             factory=getattr(optax_paged, name))
+  hlo = compiled.as_text()
+  assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 4
+  assert not re.search(r'\bgather\(', hlo)
+  assert 'S(5)' not in hlo and 'MoveToHost' not in hlo
+  per_param = compiled.cost_analysis()['bytes accessed'] / parameters()
+  print(f'{name}: {per_param:.2f} bytes accessed a parameter')
