@@ -56,7 +56,8 @@ BOUND = 1.15
 
 
 def compile_step(topology: str, dtype, *, device_budget=None, mesh_spec=None,
-                 master_weight_bits=None, factory=optax_paged.paged_adamw8bit):
+                 master_weight_bits=None, factory=optax_paged.paged_adamw8bit,
+                 stochastic_rounding=False):
   devices = topologies.get_topology_desc(topology, 'tpu').devices
   if mesh_spec is None:
     sharding = jax.sharding.SingleDeviceSharding(devices[0])
@@ -71,7 +72,8 @@ def compile_step(topology: str, dtype, *, device_budget=None, mesh_spec=None,
     tx = factory(1e-3, weight_decay=0.01, device_budget=device_budget,
                  master_weight_bits=master_weight_bits)
   state = tx.init(params)  # abstract: laid out as the parameters
-  step = jax.jit(lambda g, s, p: optax_paged.apply_gradients(tx, g, s, p),
+  step = jax.jit(lambda g, s, p: optax_paged.apply_gradients(
+      tx, g, s, p, stochastic_rounding=stochastic_rounding),
                  donate_argnums=(1, 2))
   # Mosaic's lowering of sign (Lion) asks the default device for its TPU
   # generation: the topology's, not this machine's CPU.
@@ -285,3 +287,18 @@ def test_trust_ratio_step_compiles_without_gathers(name):
   assert 'S(5)' not in hlo and 'MoveToHost' not in hlo
   per_param = compiled.cost_analysis()['bytes accessed'] / parameters()
   print(f'{name}: {per_param:.2f} bytes accessed a parameter')
+
+
+def test_stochastic_rounding_step_is_near_the_floor():
+  """The fused step's stochastic rounding (bfloat16, v5e): the random bits'
+  int32 products and shifts lower in the kernel, with no gathers and the
+  traffic of the nearest step."""
+  compiled, _ = compile_step('v5e:2x2', jnp.bfloat16, stochastic_rounding=True)
+  per_param = compiled.cost_analysis()['bytes accessed'] / parameters()
+  assert FLOOR[jnp.bfloat16] <= per_param <= BOUND * FLOOR[jnp.bfloat16], (
+      per_param)
+  hlo = compiled.as_text()
+  assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 4
+  assert not re.search(r'\bgather\(', hlo)
+  assert 'S(5)' not in hlo and 'MoveToHost' not in hlo
+  print(f'stochastic rounding: {per_param:.2f} bytes accessed a parameter')

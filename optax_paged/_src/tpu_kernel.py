@@ -19,7 +19,10 @@ low nibble and lane ``j + 128``'s in the high nibble of byte ``j``
 (``tpu_codec4``), so a group's two blocks unpack into two whole vector
 registers; their absmax is ``(L, B / 128, M)``. Lion's 4-bit codes are
 rounded stochastically from each element's index in the leaf (an SMEM
-operand gives the leaf's key and where each view row starts).
+operand gives the leaf's key and where each view row starts). The fused
+step's ``stochastic_rounding`` rounds the new bfloat16 parameters with the
+registry's random bits (``tpu_rounding``) from the same indices and the
+leaf's parameter key in the same operand.
 
 The grid walks tiles of 128 rows by 2048 lanes (one (8, 128) tile of
 absmax). Inside a tile the absmax is transposed into a column scratch, and a
@@ -59,6 +62,7 @@ from optax_paged._src import master_weights
 from optax_paged._src import optimizer_table
 from optax_paged._src import tpu_codec
 from optax_paged._src import tpu_codec4
+from optax_paged._src import tpu_rounding
 
 BLOCK = base.BLOCK_SIZE
 LANES = tpu_codec.LANES
@@ -158,9 +162,9 @@ def _store(new, codes_ref, columns, tables_ref, m, rows, k, code_bits,
 
 def _kernel(h_ref, *refs, kernel, decay, num_moments, signed, output_params,
             tile_rows, tile_lanes, correction_bits, size, code_bits,
-            stochastic):
+            stochastic, round_params):
   refs = iter(refs)
-  rounding_ref = next(refs) if stochastic else None
+  rounding_ref = next(refs) if stochastic or round_params else None
   g_ref, p_ref = next(refs), next(refs)
   moments_in = [(next(refs), next(refs)) for _ in range(num_moments)]
   if correction_bits:
@@ -186,19 +190,19 @@ def _kernel(h_ref, *refs, kernel, decay, num_moments, signed, output_params,
   def body(c, carry):
     r0 = pl.multiple_of(c * chunk, chunk)
     rows = pl.ds(r0, chunk)
-    if size is not None or stochastic:
+    if size is not None or stochastic or round_params:
       row = (pl.program_id(1) * tile_rows + r0
              + jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 0))
       lane = jax.lax.broadcasted_iota(jnp.int32, (chunk, BLOCK), 1)
     if size is not None:
       # A flat leaf (rows one tile wide): the element's index in the leaf.
       index = row * tile_lanes + lane
-    if stochastic:
+    if stochastic or round_params:
       # The element's index in the whole leaf (int32 bits of the uint32
       # index), for its random bits: rounding_ref holds the leaf's key, the
-      # leaf's row stride and each of the view's L the index of its first
-      # element.
-      start = (rounding_ref[2 + pl.program_id(0)]
+      # leaf's row stride, its parameter key (two words) and each of the
+      # view's L the index of its first element.
+      start = (rounding_ref[4 + pl.program_id(0)]
                + pl.program_id(2) * tile_lanes)
       element = start + row * rounding_ref[1] + lane
     for k in range(groups):
@@ -231,6 +235,11 @@ def _kernel(h_ref, *refs, kernel, decay, num_moments, signed, output_params,
             master, param, correction_bits).astype(correction_out.dtype)
         prints_out[rows, halves * k:halves * (k + 1)] = _fingerprints(
             param, live)
+      elif round_params:
+        param = tpu_rounding.new_param(
+            p, update, p_raw.dtype,
+            tpu_rounding.bits(rounding_ref[2], rounding_ref[3],
+                              element + k * BLOCK))
       else:
         update = update.astype(p_raw.dtype)
         param = (p + update.astype(jnp.float32)).astype(
@@ -278,6 +287,7 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
               master: tuple[jax.Array, jax.Array] | None = None,
               size: int | None = None, code_bits: int = 8,
               rounding: jax.Array | None = None,
+              round_params: bool = False,
               ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]],
                          tuple[jax.Array, jax.Array] | None]:
   """One step of one leaf in its (L, M, B) view.
@@ -297,10 +307,13 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
     size: the elements of a flat leaf (its view is padded past them), None
       for a native one.
     code_bits: the moments' codes, 8 or 4.
-    rounding: for stochastic 4-bit codes (Lion's), int32[2 + L]: the leaf's
-      ``StateRoundingKey`` bits, the leaf's row stride (its last dimension)
-      and per L the index in the leaf of the view's element (L, 0, 0);
-      None for codes rounded to nearest.
+    rounding: for stochastic 4-bit codes (Lion's) or parameters, int32[4 +
+      L]: the leaf's ``StateRoundingKey`` bits, the leaf's row stride (its
+      last dimension), its parameter key (``tpu_rounding.leaf_key``) and
+      per L the index in the leaf of the view's element (L, 0, 0); None for
+      codes and parameters rounded to nearest.
+    round_params: write the new parameters rounded as the registry's
+      stochastic output mode (``output_params`` and ``rounding`` too).
 
   Returns:
     (update or new parameter, new moments, new master or None).
@@ -327,15 +340,21 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
     state += list(master)
     state_specs += [data, prints]
     correction_bits = 8 * master[0].dtype.itemsize
-  stochastic = rounding is not None
+  if round_params and (rounding is None or not output_params
+                       or master is not None):
+    raise ValueError('round_params: the new parameters (output_params) '
+                     'without master weights, with a rounding operand.')
+  has_rounding = rounding is not None
+  # As the registry's kernels: Lion's 4-bit momentum rounds stochastically.
+  stochastic = has_rounding and code_bits == 4 and info.stochastic_four_bit
   smem = pl.BlockSpec(memory_space=pltpu.SMEM)
-  in_specs = [smem, *[smem] * stochastic, data, data, *state_specs,
+  in_specs = [smem, *[smem] * has_rounding, data, data, *state_specs,
               pl.BlockSpec(tables.shape, lambda b, i, j: (0, 0, 0))]
   out_shape = [jax.ShapeDtypeStruct(param.shape, param.dtype)] + [
       jax.ShapeDtypeStruct(a.shape, a.dtype) for a in state]
   # Operand 0 is the hyperparameters, then the rounding operand if any,
   # the gradient and the parameter.
-  param_operand = 2 + stochastic
+  param_operand = 2 + has_rounding
   aliases = {param_operand + 1 + i: 1 + i for i in range(len(state))}
   if output_params:
     aliases[param_operand] = 0
@@ -348,7 +367,7 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
       _kernel, kernel=kernel, decay=decay, num_moments=num,
       signed=info.signed, output_params=output_params, tile_rows=tile_rows,
       tile_lanes=tile_lanes, correction_bits=correction_bits, size=size,
-      code_bits=code_bits, stochastic=stochastic)
+      code_bits=code_bits, stochastic=stochastic, round_params=round_params)
   bytes_accessed = sum(x.size * x.dtype.itemsize
                        for x in (grad, param, param, *state, *state))
   call = pl.pallas_call(
@@ -377,7 +396,7 @@ def leaf_step(kernel: str, hyperparams: jax.Array, grad: jax.Array,
     # VMEM held that the rest of a training step could use.
     streamed = [pltpu.with_memory_space_constraint(x, pltpu.HBM)
                 for x in streamed]
-  out = call(hyperparams, *([rounding] if stochastic else []), *streamed,
+  out = call(hyperparams, *([rounding] if has_rounding else []), *streamed,
              tables)
   new_moments = [(out[1 + 2 * m], out[2 + 2 * m]) for m in range(num)]
   new_master = (None if master is None

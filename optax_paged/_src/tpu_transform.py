@@ -13,8 +13,11 @@ codes and float32 absmax, updated by one Pallas kernel call per leaf
 128, torchao's maps), two a byte in a TPU layout (``tpu_codec4``), and
 Lion's 4-bit momentum is rounded stochastically with the registry's random
 bits (the kernel takes the leaf's key and its elements' indices in the
-whole leaf, per shard on a mesh). Small leaves keep float32 moments updated
-in XLA with the same element maths. Paging is JAX's host memory: with a
+whole leaf, per shard on a mesh). The fused step's ``stochastic_rounding``
+rounds the new bfloat16 parameters as the registry's stochastic output mode,
+with its random bits from the same element indices (``tpu_rounding``), in
+the kernel. Small leaves keep float32 moments updated in XLA with the same
+element maths and the same rounding. Paging is JAX's host memory: with a
 device budget (``paged_*`` factories) the leaves beyond it keep their state
 in ``pinned_host`` memory, and the step copies each one to the device, runs
 its kernel and copies it back. A state on a mesh shards like the
@@ -59,6 +62,7 @@ from optax_paged._src import quantization
 from optax_paged._src import reference
 from optax_paged._src import tpu_codec4
 from optax_paged._src import tpu_host_tier
+from optax_paged._src import tpu_rounding
 from optax_paged._src import tpu_state
 from optax_paged._src import transform
 from optax_paged._src import trust_ratio as trust_ratio_lib
@@ -157,7 +161,7 @@ def make_transformation(
     return TpuState(count, treedef.unflatten(states), spec.name, spec.signed,
                     code_bits)
 
-  def step(grads, state, params, output_params):
+  def step(grads, state, params, output_params, stochastic_rounding=False):
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     if not isinstance(state, TpuState):
@@ -199,17 +203,22 @@ def make_transformation(
         raise ValueError(
             f'{spec.name}: a {np.dtype(p.dtype).name} parameter whose state '
             'keeps a master-weight correction, made for a 16-bit one.')
-      key = None
-      if stochastic and ls.quantized:
+      key = param_key = None
+      codes_random = stochastic and ls.quantized
+      if codes_random or stochastic_rounding:
         if math.prod(ls.shape) >= 2**32:
           raise ValueError(
               f'{spec.name} (TPU): a leaf of {math.prod(ls.shape)} elements; '
-              'the TPU kernel draws 4-bit rounding bits for leaves under '
-              '2^32 elements only.')
+              'the TPU kernel draws rounding bits for leaves under 2^32 '
+              'elements only.')
+      if codes_random:
         # The registry's random bits: leaf i of the state, the new count.
         key = tpu_codec4.rounding_key(count_inc, i)
+      if stochastic_rounding:
+        param_key = tpu_rounding.leaf_key(count_inc, i)
       out, new = _leaf_step(spec, h, g, p, ls, d,
-                            output_params and trust is None, interpret, key)
+                            output_params and trust is None, interpret, key,
+                            param_key)
       outs.append(out)
       new_states.append(new)
     if trust is not None:
@@ -224,11 +233,12 @@ def make_transformation(
     return step(updates, state, params, output_params=False)
 
   def fused(grads, state, params, *, stochastic_rounding=False):
-    if stochastic_rounding:
-      raise ValueError(
-          f'{spec.name}: stochastic_rounding is not on the TPU path yet; '
-          'use apply_gradients without it.')
-    return step(grads, state, params, output_params=True)
+    if stochastic_rounding and spec.trust_ratio is not None:
+      raise ValueError(transform.TRUST_RATIO_STOCHASTIC_MSG.format(spec.name))
+    if stochastic_rounding and master_weight_bits is not None:
+      raise ValueError(transform.MASTER_STOCHASTIC_MSG.format(spec.name))
+    return step(grads, state, params, output_params=True,
+                stochastic_rounding=stochastic_rounding)
 
   transform.FUSED_STEPS[update_fn] = fused
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -446,20 +456,30 @@ def _budget(device_budget: Any, params: list[Any], total: int) -> int:
 
 
 def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
-               interpret, key=None):
-  """One leaf's step; ``key``: its 4-bit rounding key (int32), or None."""
+               interpret, key=None, param_key=None):
+  """One leaf's step; ``key``: its 4-bit rounding key (int32), or None;
+  ``param_key``: with the fused step's stochastic rounding, its parameter
+  key (``tpu_rounding.leaf_key``), or None."""
   if ls.tier == 'host':
     out, new = _leaf_step(spec, h, grad, param, tpu_host_tier.to_device(ls),
-                          decay, output_params, interpret, key)
+                          decay, output_params, interpret, key, param_key)
     return out, tpu_host_tier.to_host(new)
   if not ls.quantized:
-    return _xla_leaf_step(spec, h, grad, param, ls, decay, output_params)
+    return _xla_leaf_step(spec, h, grad, param, ls, decay, output_params,
+                          param_key)
   moments = ls.moments
   master = None if ls.master is None else ls.master[:2]
   sharding = ls.sharding
+  round_params = param_key is not None
+  if key is not None or round_params:
+    # One rounding operand: the codes' key (unused: 0) and the parameters'.
+    key = jnp.concatenate([
+        jnp.reshape(jnp.int32(0) if key is None else key, [1]),
+        jnp.zeros([2], jnp.int32) if param_key is None else param_key])
   run = functools.partial(_run_kernel, spec.kernel, ls.shape, decay,
                           output_params, interpret, ls.code_bits,
-                          None if sharding is None else sharding.mesh)
+                          None if sharding is None else sharding.mesh,
+                          round_params)
   # Replicated leaves too: on a mesh every kernel is one call over all its
   # devices, as Pallas' TPU interpreter needs (a call's devices meet at
   # barriers; a one-device call between them fails its shared memory).
@@ -484,9 +504,28 @@ def _leaf_step(spec, h, grad, param, ls: TpuLeafState, decay, output_params,
 
 
 def _xla_leaf_step(spec, h, grad, param, ls: TpuLeafState, decay,
-                   output_params):
-  """A leaf with float32 moments: the reference's step, in XLA."""
+                   output_params, param_key=None):
+  """A leaf with float32 moments: the reference's step, in XLA
+  (``param_key``: the fused step's stochastic rounding, see
+  ``_leaf_step``)."""
   slots = hyperparams_lib.unpack(spec.kernel, h)
+  if param_key is not None:
+    # The float32 update of a float32 copy (the gradient rounded to the
+    # parameter's dtype first, as the kernel reads it), rounded as the
+    # registry's stochastic output from p + update.
+    update, moments, _ = reference.leaf_step(
+        families.reference_update(spec.kernel), spec.signed, slots,
+        jnp.asarray(grad).astype(param.dtype).astype(jnp.float32),
+        jnp.asarray(param).astype(jnp.float32),
+        tuple(m.reshape(-1) for m in ls.moments), decay)
+    index = jax.lax.bitcast_convert_type(
+        jnp.arange(math.prod(ls.shape), dtype=jnp.uint32), jnp.int32)
+    random = tpu_rounding.bits(param_key[0], param_key[1],
+                               index.reshape(ls.shape))
+    out = tpu_rounding.new_param(jnp.asarray(param).astype(jnp.float32),
+                                 update, param.dtype, random)
+    return out, ls.replace(
+        moments=tuple(m.reshape(ls.shape) for m in moments))
   master = ls.master
   if master is not None:
     master = reference.MasterCorrection(
@@ -507,7 +546,8 @@ def _xla_leaf_step(spec, h, grad, param, ls: TpuLeafState, decay,
 
 
 def _run_kernel(kernel, shape, decay, output_params, interpret, code_bits,
-                mesh, spec, h, key, grad, param, moments, master):
+                mesh, round_params, spec, h, key, grad, param, moments,
+                master):
   """The kernel on one leaf (or one shard of it: ``shape`` is then the
   global shape, and the local arrays' own shapes are used; ``spec`` the
   leaf's PartitionSpec on ``mesh``, None off a mesh)."""
@@ -527,7 +567,7 @@ def _run_kernel(kernel, shape, decay, output_params, interpret, code_bits,
       [tuple(tpu_state.moment_view(m, shape, code_bits)) for m in moments],
       decay=decay, output_params=output_params, interpret=interpret,
       master=master, size=None if native else math.prod(shape),
-      code_bits=code_bits, rounding=rounding)
+      code_bits=code_bits, rounding=rounding, round_params=round_params)
   if master is not None:
     master = tpu_state.master_from_view(*master, shape)
   return (tpu_state.from_kernel_view(out, shape),
@@ -555,14 +595,17 @@ def _shard_offsets(spec, local, mesh) -> list[Any]:
   return offsets
 
 
-def _rounding(key, shape, local, spec, mesh) -> jax.Array:
+def _rounding(keys, shape, local, spec, mesh) -> jax.Array:
   """The kernel's ``rounding`` operand (``tpu_kernel.leaf_step``) of a
-  leaf or of this device's shard of it: the key, the row stride and the
-  leaf index of the first element of each of the view's L rows' blocks,
-  so that a shard draws the bits one device draws."""
+  leaf or of this device's shard of it from int32[3] ``keys`` (the codes'
+  key, the parameters' two words): the codes' key, the row stride, the
+  parameters' key and the leaf index of the first element of each of the
+  view's L rows' blocks, so that a shard draws the bits one device
+  draws."""
   if not tpu_state.is_native(shape):
     # A flat leaf is whole on every device: its view's rows are the leaf's.
-    return jnp.stack([key, jnp.int32(tpu_state.FLAT_LANES), jnp.int32(0)])
+    return jnp.stack([keys[0], jnp.int32(tpu_state.FLAT_LANES), keys[1],
+                      keys[2], jnp.int32(0)])
   offsets = ([jnp.int32(0)] * len(shape) if spec is None
              else _shard_offsets(spec, local, mesh))
   lead = math.prod(local[:-2])
@@ -572,4 +615,5 @@ def _rounding(key, shape, local, spec, mesh) -> jax.Array:
   for d, c in enumerate(coordinates):
     stride = _bits(math.prod(shape[d + 1:]))
     first = first + (jnp.asarray(c, jnp.int32) + offsets[d]) * stride
-  return jnp.concatenate([jnp.stack([key, jnp.int32(shape[-1])]), first])
+  return jnp.concatenate(
+      [jnp.stack([keys[0], jnp.int32(shape[-1]), keys[1], keys[2]]), first])

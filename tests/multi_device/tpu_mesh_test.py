@@ -122,6 +122,25 @@ def test_sharded_run_equals_one_device_run_bit_for_bit(names, dtype, bits):
   assert {s.data.shape for s in codes.addressable_shards} == {(16, 256)}
 
 
+def test_stochastic_rounding_on_a_mesh_draws_one_devices_bits():
+  # Each shard's element indices come from its offsets in the whole leaf
+  # (columns, rows, a float32-moment leaf in XLA).
+  names = MASTER_RUN
+  tx = _tx('tpu')
+  step = jax.jit(lambda g, s, p: optax_paged.apply_gradients(
+      tx, g, s, p, stochastic_rounding=True))
+  params = _tree(names, 0, jnp.bfloat16)
+  grads = _tree(names, 10, jnp.bfloat16, 0.1)
+  one, _ = step(grads, tx.init(params), params)
+  params, grads = _put(params, _mesh()), _put(grads, _mesh())
+  sharded, _ = jax.block_until_ready(step(grads, tx.init(params), params))
+  nearest, _ = jax.block_until_ready(
+      _step(tx)(grads, tx.init(params), params))
+  for k in names:
+    np.testing.assert_array_equal(_bits(sharded[k]), _bits(one[k]))
+    assert np.any(_bits(sharded[k]) != _bits(nearest[k]))
+
+
 def _saved_arrays(saved):
   """name path -> (shape, dtype, spec) of a sharded state dictionary."""
   return {jax.tree_util.keystr(path): (
