@@ -115,6 +115,35 @@ def python_job(code: str, timeout: float = 120):
   return functools.partial(run_python, code, timeout)
 
 
+# XLA:CPU contracts a * b + c into fused multiply-adds where the CPU has
+# them; capped at AVX it emits none, and Pallas' interpreted TPU kernels
+# then round as the C++ kernel does, so they can be compared bit for bit.
+NO_FMA = '--xla_cpu_max_isa=AVX'
+IN_NO_FMA_SESSION = NO_FMA in os.environ.get('XLA_FLAGS', '')
+
+
+def no_fma_pytest(test_file, selection: str, timeout: float = 600):
+  """A job: pytest of ``test_file``'s tests that ``-k selection`` picks, in
+  a process whose XLA:CPU emits no FMA (``IN_NO_FMA_SESSION`` there)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def job():
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=NO_FMA)
+    return run([sys.executable, '-m', 'pytest', '-q', '-p',
+                'no:cacheprovider', str(test_file), '-k', selection],
+               timeout=timeout, env=env, cwd=root)
+
+  return job
+
+
+def assert_session_passed(key, job, passed: int) -> None:
+  """``job``'s pytest (``no_fma_pytest``) exited 0 with ``passed`` passed."""
+  done = result(key, job)
+  tail = done.stdout[-6000:] + done.stderr[-3000:]
+  assert done.returncode == 0, tail
+  assert f'{passed} passed' in done.stdout, tail
+
+
 def stop() -> None:
   """Cancels queued jobs and kills the running job's processes."""
   with _lock:

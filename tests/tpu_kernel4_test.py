@@ -15,9 +15,6 @@ skip. The 4-bit host tier's eager run (slow in the interpreter) runs there
 too, off the suite's main process.
 """
 
-import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +29,7 @@ from tests import background
 from tests import helpers
 from tests import tpu_host_tier_test
 
-ROOT = Path(__file__).resolve().parent.parent
-NO_FMA = '--xla_cpu_max_isa=AVX'
-IN_SESSION = NO_FMA in os.environ.get('XLA_FLAGS', '')
+IN_SESSION = background.IN_NO_FMA_SESSION
 in_session = pytest.mark.skipif(
     not IN_SESSION, reason='run without FMA by test_session')
 
@@ -139,15 +134,8 @@ def test_host_tier_runs_the_host_tier_test_in_four_bits():
       24, optax_paged.paged_adamw4bit)
 
 
-def _run_session():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=NO_FMA)
-  return background.run(
-      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-       str(ROOT / 'tests' / 'tpu_kernel4_test.py'),
-       '-k', 'as_the_cpu_kernel or host_tier'],
-      timeout=600, env=env, cwd=ROOT)
-
-
+_run_session = background.no_fma_pytest(
+    __file__, 'as_the_cpu_kernel or host_tier')
 BACKGROUND_JOBS = {
     'tpu-4bit-session': (_run_session, ['test_session']),
 }
@@ -156,10 +144,7 @@ BACKGROUND_JOBS = {
 def test_session():
   if IN_SESSION:
     pytest.skip('this is the session')
-  result = background.result('tpu-4bit-session', _run_session)
-  tail = result.stdout[-6000:] + result.stderr[-3000:]
-  assert result.returncode == 0, tail
-  assert '6 passed' in result.stdout, tail
+  background.assert_session_passed('tpu-4bit-session', _run_session, 6)
 
 
 def test_selection_and_layout():

@@ -14,9 +14,6 @@ where the parameters and states of both steps are the CPU kernel's bit
 for bit.
 """
 
-import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +26,7 @@ from optax_paged._src import tpu_transform
 from tests import background
 from tests import helpers
 
-ROOT = Path(__file__).resolve().parent.parent
-NO_FMA = '--xla_cpu_max_isa=AVX'
-IN_SESSION = NO_FMA in os.environ.get('XLA_FLAGS', '')
+IN_SESSION = background.IN_NO_FMA_SESSION
 
 # A native leaf, a flat one with a partial row, a small (float32-moment)
 # one in XLA.
@@ -88,14 +83,7 @@ def test_fused_stochastic_step_as_the_cpu_kernel():
   run_both(check)
 
 
-def _run_session():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=NO_FMA)
-  return background.run(
-      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-       str(ROOT / 'tests' / 'tpu_stochastic_test.py'), '-k', 'bit_for_bit'],
-      timeout=600, env=env, cwd=ROOT)
-
-
+_run_session = background.no_fma_pytest(__file__, 'bit_for_bit')
 BACKGROUND_JOBS = {
     'tpu-stochastic-session': (_run_session, ['test_session']),
 }
@@ -104,10 +92,7 @@ BACKGROUND_JOBS = {
 def test_session():
   if IN_SESSION:
     pytest.skip('this is the session')
-  result = background.result('tpu-stochastic-session', _run_session)
-  tail = result.stdout[-6000:] + result.stderr[-3000:]
-  assert result.returncode == 0, tail
-  assert '1 passed' in result.stdout, tail
+  background.assert_session_passed('tpu-stochastic-session', _run_session, 1)
 
 
 def test_rounding_is_unbiased_and_not_nearest():
