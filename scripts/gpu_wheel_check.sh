@@ -73,6 +73,12 @@ trap 'rm -rf "$tmp"' EXIT
 # --without-pip: the image's pip (a system site package) installs into it,
 # and a Python without ensurepip (Debian's without python3-venv) makes one.
 "$PYTHON" -m venv --without-pip --system-site-packages "$tmp/venv" || exit 1
+# Where $PYTHON is itself a venv's (the GPU image's /opt/torch/.venv), the new
+# venv's system site is the base interpreter's, without jax: a .pth file adds
+# the parent venv's site-packages behind the new venv's own.
+"$PYTHON" -c 'import site, sys; print("\n".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")' \
+  >"$tmp/venv/lib/python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages/_parent_venv.pth" \
+  || exit 1
 "$tmp/venv/bin/python" -m pip install --no-deps --no-index --quiet "$wheel" \
   || exit 1
 # The tree without the package: tests, docs, examples, README...
