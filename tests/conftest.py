@@ -27,6 +27,18 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def python_subprocess():
   return run_python
 
+
+@pytest.fixture
+def on_cpu():
+  """JAX's default device is the CPU for the test.
+
+  The TPU interpreter's tests compare with the CPU kernel bit for bit (or to
+  stated ulps) as XLA:CPU rounds; on a GPU host the default backend would be
+  XLA:GPU, which contracts the interpreter's arithmetic differently.
+  """
+  with jax.default_device(jax.devices('cpu')[0]):
+    yield
+
 # The multi-device suite needs forced host devices (or several GPUs) from
 # the start: tests/multi_device_test.py runs it in a session of its own.
 collect_ignore = (

@@ -13,6 +13,9 @@ from optax_paged._src import quantization as quantization_lib
 from optax_paged._src import tpu_codec
 from optax_paged._src import tpu_codec4
 
+# On the CPU on any host: the comparisons hold as XLA:CPU rounds.
+pytestmark = pytest.mark.usefixtures('on_cpu')
+
 BLOCK = 128  # 4-bit blocks
 
 

@@ -11,6 +11,9 @@ from optax_paged import quantization
 from optax_paged._src import quantization as quantization_lib
 from optax_paged._src import tpu_codec
 
+# On the CPU on any host: the comparisons hold as XLA:CPU rounds.
+pytestmark = pytest.mark.usefixtures('on_cpu')
+
 BLOCK = quantization.BLOCK_SIZE
 
 

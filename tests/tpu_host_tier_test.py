@@ -13,6 +13,9 @@ import pytest
 import optax_paged
 from optax_paged._src import tpu_transform
 
+# On the CPU on any host: the comparisons hold as XLA:CPU rounds.
+pytestmark = pytest.mark.usefixtures('on_cpu')
+
 PARAMS = {
     'native': jnp.linspace(-1, 1, 16 * 512).reshape(16, 512),
     'flat': jnp.linspace(-1, 1, 3000).reshape(3, 1000),

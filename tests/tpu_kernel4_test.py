@@ -29,6 +29,9 @@ from tests import background
 from tests import helpers
 from tests import tpu_host_tier_test
 
+# On the CPU on any host: the comparisons hold as XLA:CPU rounds.
+pytestmark = pytest.mark.usefixtures('on_cpu')
+
 IN_SESSION = background.IN_NO_FMA_SESSION
 in_session = pytest.mark.skipif(
     not IN_SESSION, reason='run without FMA by test_session')

@@ -24,6 +24,9 @@ from optax_paged._src import tpu_transform
 from optax_paged._src.tpu_state import TpuState
 from tests import helpers
 
+# On the CPU on any host: the comparisons hold as XLA:CPU rounds.
+pytestmark = pytest.mark.usefixtures('on_cpu')
+
 # Native layouts (a row tile with a partial second one; a lane tile with a
 # partial second one; three dimensions), a flat one, a float32 small leaf.
 SHAPES = [(200, 256), (8, 2304), (2, 16, 512), (5000,), (100,)]

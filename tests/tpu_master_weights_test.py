@@ -29,6 +29,9 @@ from optax_paged._src.tpu_state import TpuState
 from tests import background
 from tests import helpers
 
+# On the CPU on any host: the comparisons hold as XLA:CPU rounds.
+pytestmark = pytest.mark.usefixtures('on_cpu')
+
 LR = 1e-2
 # A native leaf with a partial second row tile, a flat leaf whose last
 # fingerprint block is partial (5000 = 39 * 128 + 8), a float32-moment leaf.

@@ -26,6 +26,9 @@ from optax_paged._src import tpu_transform
 from tests import background
 from tests import helpers
 
+# On the CPU on any host: the comparisons hold as XLA:CPU rounds.
+pytestmark = pytest.mark.usefixtures('on_cpu')
+
 IN_SESSION = background.IN_NO_FMA_SESSION
 
 # A native leaf, a flat one with a partial row, a small (float32-moment)
