@@ -4,6 +4,7 @@
 #define OPTAX_PAGED_FFI_ELEMENT_TYPES_H_
 
 #include <cstdint>
+#include <type_traits>
 
 #include "quantization.h"
 
@@ -128,8 +129,8 @@ OPTAX_PAGED_HD uint32_t RandomBits(uint32_t seed, uint32_t leaf,
 }
 
 // x rounded to T up or down with probabilities that make the result equal
-// x on average. Only bf16 is rounded stochastically; float is exact and
-// float16 rounds to nearest.
+// x on average. Only bf16 is rounded stochastically (OutputValue gives the
+// other types update + apply's rounding).
 template <typename T>
 OPTAX_PAGED_HD T StochasticRound(float x, uint32_t random) {
   (void)random;
@@ -150,9 +151,13 @@ template <typename T, int kMode>
 OPTAX_PAGED_HD T OutputValue(float param, float update, uint32_t random) {
   if constexpr (kMode == kOutputUpdates) {
     return FromFloat<T>(update);
-  } else if constexpr (kMode == kOutputParamsStochastic) {
+  } else if constexpr (kMode == kOutputParamsStochastic &&
+                       std::is_same_v<T, BFloat16>) {
     return StochasticRound<T>(param + update, random);
   } else {
+    // float32 and float16 under the stochastic mode too: the fused step
+    // promises them update + apply_updates' bits (one rounding of p + u
+    // would differ from its two in float16's last bit).
     return FromFloat<T>(AddRounded(param, ToFloat(FromFloat<T>(update))));
   }
 }

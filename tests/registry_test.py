@@ -162,3 +162,15 @@ def test_memory_report_counts_dropped_states_until_free_orphans():
     assert optax_paged.memory_report(kept).orphaned == 0
   finally:
     gc.enable()
+
+
+def test_a_non_zero_start_is_refused_for_four_bit_codes():
+  # fill_moments' codec is the 8-bit one: written into 4-bit codes it would
+  # corrupt them silently (no 4-bit family starts from a non-zero moment).
+  state = optax_paged.paged_adamw4bit(1e-3).init({'w': jnp.ones((512, 512))})
+  record = state.buffers.record()
+  before = record.entries[0].read_moment(0, 0)
+  with pytest.raises(NotImplementedError, match='4-bit'):
+    registry.fill_moments(record, (0.5, 0.0), (True, False))
+  after = record.entries[0].read_moment(0, 0)
+  assert all((a == b).all() for a, b in zip(before, after, strict=True))

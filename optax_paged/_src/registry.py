@@ -809,6 +809,12 @@ def fill_moments(
         if value == 0:
           continue  # buffers start zeroed
         full = np.full(int(info['size']), value, np.float32)
+        if info['code_bits'] == 4:
+          # quantize_blockwise writes 8-bit codes: no family with a non-zero
+          # start offers 4-bit states today; one that does needs the 4-bit
+          # codec here.
+          raise NotImplementedError(
+              f'{record.optimizer}: a non-zero initial moment for 4-bit states')
         if info['quantized']:
           codes, absmax = extension.quantize_blockwise(
               full, signed=signed[moment]
