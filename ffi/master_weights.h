@@ -95,6 +95,23 @@ OPTAX_PAGED_MASTER T RoundTiesUp(float x) {
   return tie ? Neighbour(rounded, true) : rounded;
 }
 
+// x / gap for a finite gap (a power of two: 2^-133 to 2^120 for bf16,
+// float16's within), rounded as that division, by a product with the gap's
+// reciprocal: the division is an IEEE one on the GPU (-prec-div), a dozen
+// instructions and a slow path, and it showed in the master kernel's
+// profile. A normal power of two 2^(E-127) has the reciprocal 2^(127-E),
+// whose exponent field is 254 - E. Gaps below 2^-126 are float32 subnormals
+// whose reciprocals overflow: x and the gap are first scaled by 2^64, which
+// is exact (an overflow of x is a quotient far past any correction's limit,
+// where the division's result clamps the same way). The product then rounds
+// the exact quotient once, as the division does.
+OPTAX_PAGED_MASTER float DivideByGap(float x, float gap) {
+  const bool tiny = gap < 0x1p-60f;
+  const float scale = tiny ? 0x1p64f : 1.0f;
+  const float reciprocal = BitsToFloat(0x7f000000u - FloatBits(gap * scale));
+  return (x * scale) * reciprocal;
+}
+
 template <int kBits>
 OPTAX_PAGED_MASTER float CorrectionUnits() {
   return kBits == 16 ? 65536.0f : 256.0f;
@@ -108,8 +125,7 @@ OPTAX_PAGED_MASTER int32_t EncodeCorrection(float master, T param) {
   constexpr float kLimit = kBits == 16 ? 32767.0f : 127.0f;
   const float offset = master - ToFloat(param);
   const float gap = GapToward(param, offset > 0.0f);
-  // Powers of two: the scaling is exact.
-  const float units = (offset * CorrectionUnits<kBits>()) / gap;
+  const float units = DivideByGap(offset * CorrectionUnits<kBits>(), gap);
   const bool usable = IsFinite16(param) & (units == units) & (gap < INFINITY);
   // Comparisons, not fminf/fmaxf (library calls on the host); a NaN or
   // unusable value becomes 0 before the conversion, which is then defined.
