@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for the GPU machine (no package registry
 # there: it builds against the image's packages). Logs go to $OUT (or ./gpu_logs).
-#   bash scripts/gpu_check.sh [tests|master|sanitizer|bench|family|profile|accuracy|tiers|probe|pressure|mesh|shardbench|capacity|all]...
+#   bash scripts/gpu_check.sh [tests|master|sanitizer|bench|family|profile|accuracy|lm|tiers|probe|pressure|mesh|shardbench|capacity|all]...
 # `mesh` and `shardbench` need two or more GPUs (the multi-device suite on
 # every GPU, two processes with one GPU each, compute-sanitizer over the
 # suite's kernels; the FSDP and ZeRO-1 benchmark). `capacity` (the largest
@@ -12,7 +12,8 @@
 # when named, as do `family` (gpu_step.py --family: Lion and AdEMAMix) and
 # `profile` (ncu over one fused launch of each kernel that issue 12 tracks:
 # tools/profile_fused.py) and `accuracy` (benchmarks/bf16_accuracy.py, with
-# flashoptim-jax's rows where it is importable). `all` runs what fits the
+# flashoptim-jax's rows where it is importable) and `lm` (examples/train_lm.py
+# --precision bf16 at GPU size, its plot in $OUT). `all` runs what fits the
 # machine's GPU count.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,7 +26,7 @@ gpus=$(nvidia-smi -L | wc -l)
 want() {
   if [[ " ${steps[*]} " == *" $1 "* ]]; then return 0; fi
   [[ " ${steps[*]} " == *" all "* ]] || return 1
-  case $1 in mesh|shardbench) (( gpus > 1 )) ;; master|capacity|probe|pressure|family|profile|accuracy) false ;; *) true ;; esac
+  case $1 in mesh|shardbench) (( gpus > 1 )) ;; master|capacity|probe|pressure|family|profile|accuracy|lm) false ;; *) true ;; esac
 }
 status=0
 
@@ -93,6 +94,16 @@ if want accuracy; then
   [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   timeout 240 python3 benchmarks/bf16_accuracy.py --write "$OUT/RESULTS.md" 2>&1 \
     | tee "$OUT/accuracy.log" | tail -16
+fi
+if want lm; then
+  # The LM example at GPU size in every parameter precision (issue 25's
+  # guide: fp32, bf16, bf16 + stochastic rounding, 24- and 32-bit master
+  # weights, 4-bit + 24-bit master); LM_STEPS shortens it.
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 560 python3 examples/train_lm.py \
+    --precision bf16 --text stdlib-source --layers 8 --width 512 --heads 8 \
+    --context 256 --batch 64 --steps "${LM_STEPS:-3000}" \
+    --plot "$OUT/train_lm_bf16_gpu.png" 2>&1 | tee "$OUT/lm.log" | tail -16
+  status=$((status | ${PIPESTATUS[0]}))
 fi
 if want tiers; then
   [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
