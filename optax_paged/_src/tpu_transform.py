@@ -222,8 +222,8 @@ def make_transformation(
       outs.append(out)
       new_states.append(new)
     if trust is not None:
-      outs = _trust_ratio_outputs(trust, outs, param_leaves, decay, scaled,
-                                  state.count, output_params)
+      outs = trust_ratio_lib.finish(trust, outs, param_leaves, decay, scaled,
+                                    state.count, output_params)
     return (treedef.unflatten(outs),
             state.replace(count=count_inc,
                           leaves=treedef.unflatten(new_states)))
@@ -242,23 +242,6 @@ def make_transformation(
 
   transform.FUSED_STEPS[update_fn] = fused
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _trust_ratio_outputs(trust, directions, params, decay, scaled, count,
-                         output_params) -> list[jax.Array]:
-  """The updates (or new parameters) from the kernel's float32 directions,
-  as the registry's ``transform._trust_ratio_step``."""
-  if trust.before_kernel:
-    updates = [d.astype(p.dtype)
-               for d, p in zip(directions, params, strict=True)]
-  else:
-    updates = trust_ratio_lib.apply(trust, directions, params, decay, scaled,
-                                    count)
-  if not output_params:
-    return updates
-  # As optax.apply_updates.
-  return [jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
-          for p, u in zip(params, updates, strict=True)]
 
 
 def _check_compilable(name: str, leaves: list[Any],

@@ -15,7 +15,6 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -502,17 +501,9 @@ def _trust_ratio_step(record, spec, hyperparams, grads, params, count,
   directions, receipt = spmd.update(record, spec.target, hyperparams, grads,
                                     params, ffi.OUTPUT_UPDATES,
                                     in_float32=True)
-  if trust.before_kernel:
-    updates = [d.astype(p.dtype)
-               for d, p in zip(directions, param_leaves, strict=True)]
-  else:
-    updates = trust_ratio_lib.apply(trust, directions, param_leaves, decay,
-                                    scaled, count, spmd.norm_axes(record))
-  if output_mode == ffi.OUTPUT_UPDATES:
-    return updates, receipt
-  # As optax.apply_updates.
-  return [jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
-          for p, u in zip(param_leaves, updates, strict=True)], receipt
+  return trust_ratio_lib.finish(
+      trust, directions, param_leaves, decay, scaled, count,
+      output_mode != ffi.OUTPUT_UPDATES, spmd.norm_axes(record)), receipt
 
 
 def _check_structure(name: str, grads: Any, params: Any) -> None:

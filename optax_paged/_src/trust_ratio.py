@@ -210,6 +210,40 @@ def apply(
   return updates
 
 
+def finish(
+    trust: TrustRatio,
+    directions: Sequence[jax.Array],
+    params: Sequence[jax.Array],
+    decay: Sequence[bool],
+    scaled: Sequence[bool],
+    count: jax.Array,
+    output_params: bool,
+    sum_axes: Sequence[tuple[str, ...]] | None = None,
+) -> list[jax.Array]:
+  """The step's outputs from the kernel's float32 directions, one per leaf.
+
+  Args:
+    trust, directions, params, decay, scaled, count, sum_axes: as ``apply``.
+    output_params: the new parameters (as ``optax.apply_updates`` makes
+      them) rather than the updates.
+
+  Returns:
+    Per leaf, in the parameter's dtype: where the ratio scaled the gradients
+    before the kernel (``trust.before_kernel``), the directions themselves;
+    else ``apply``'s updates; or the parameters plus those.
+  """
+  if trust.before_kernel:
+    updates = [d.astype(p.dtype)
+               for d, p in zip(directions, params, strict=True)]
+  else:
+    updates = apply(trust, directions, params, decay, scaled, count, sum_axes)
+  if not output_params:
+    return updates
+  # As optax.apply_updates.
+  return [jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+          for p, u in zip(params, updates, strict=True)]
+
+
 def _bitsandbytes_clip(trust: TrustRatio, d: jax.Array, p: jax.Array,
                        axes: tuple[str, ...]) -> jax.Array:
   """``min(1, max_unorm |p| / |d|)``; 1 where ``|p|`` or max_unorm is 0."""
