@@ -76,7 +76,8 @@ if want profile; then
   # PROFILE_RUNS="bf16 adamw,bf16 adamw 24" picks the launches (dtype,
   # optimizer and master-weight bits of tools/profile_fused.py,
   # comma-separated).
-  IFS=, read -ra runs <<<"${PROFILE_RUNS:-fp32 adamw,bf16 adamw,fp32 lion,fp32 ademamix}"
+  # The default: every kernel issue 26 holds to a DRAM target.
+  IFS=, read -ra runs <<<"${PROFILE_RUNS:-fp32 adamw,bf16 adamw,fp32 adamw4bit,bf16 adamw4bit,fp32 lion,fp32 lion4bit,fp32 ademamix,bf16 adamw 24}"
   for run in "${runs[@]}"; do
     set -- $run
     timeout 120 ncu --clock-control none --kernel-name regex:UpdateKernel \
@@ -87,6 +88,8 @@ if want profile; then
     echo "ncu $*: $(grep -E '^ +(Duration|DRAM Throughput|Executed Instructions|Registers Per Thread|Achieved Occupancy) ' \
       "$OUT/ncu_fused_$2_$1${3:+_master$3}.txt" | awk '{print $1" "$NF}' | paste -sd' ')"
   done
+  # The regression guard: each kernel's DRAM throughput against its target.
+  python3 tools/ncu_targets.py "$OUT"/ncu_fused_*.txt | tee "$OUT/ncu_targets.md"
 fi
 if want accuracy; then
   # bf16_accuracy.py's table with flashoptim-jax's rows where it is

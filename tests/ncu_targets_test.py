@@ -1,0 +1,48 @@
+"""tools/ncu_targets.py on ncu reports stored from earlier GPU runs."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LOGS = ROOT / 'benchmarks' / 'logs'
+_SPEC = importlib.util.spec_from_file_location(
+    'ncu_targets', ROOT / 'tools' / 'ncu_targets.py')
+ncu_targets = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ncu_targets)
+
+
+@pytest.mark.parametrize('name, kernel, dram, duration, target', [
+    ('ncu_fused_adamw_bf16_master24_2026-12-06_h200.txt',
+     'AdamW 8-bit, BFloat16, 24-bit master', 22.56, 3.44, 80.0),
+    ('ncu_fused_adamw4bit_fp32_2026-11-26.txt', 'AdamW 4-bit, float', 70.16,
+     1.86, 85.0),
+])
+def test_reads_the_kernel_and_its_metrics(name, kernel, dram, duration,
+                                          target):
+  launch = ncu_targets.parse((LOGS / name).read_text())
+  assert launch.name == kernel
+  assert launch.dram_percent == pytest.approx(dram, abs=0.01)
+  assert launch.duration_ms == pytest.approx(duration, abs=0.005)
+  assert launch.target == target
+
+
+def test_a_failed_run_is_reported_not_read():
+  with pytest.raises(ValueError, match='no UpdateKernel'):
+    ncu_targets.parse('==PROF== Connected to process 1\nTraceback ...\n')
+
+
+def test_strict_fails_on_a_missed_target_and_the_default_reports():
+  report = LOGS / 'ncu_fused_adamw_bf16_master24_2026-12-06_h200.txt'
+  command = [sys.executable, str(ROOT / 'tools' / 'ncu_targets.py'),
+             str(report)]
+  plain = subprocess.run(command, capture_output=True, text=True, check=False)
+  assert plain.returncode == 0, plain.stderr
+  assert '| 22.6% | >= 80% | MISSED |' in plain.stdout
+  assert '1 target(s) missed' in plain.stdout
+  strict = subprocess.run(command + ['--strict'], capture_output=True,
+                          text=True, check=False)
+  assert strict.returncode == 1
