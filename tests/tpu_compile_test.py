@@ -34,12 +34,15 @@ from jax.experimental import topologies  # noqa: E402
 # one at libtpu's single-process lock file.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-# A transformer block's matrices (d_model 4096, MLP 16384) and an
-# embedding: 285M parameters, each leaf larger than a TPU's VMEM, as in the
-# models this is for (XLA stages arrays that fit into VMEM first, copies
-# that a real model's leaves do not get).
-SHAPES = {'attention': (4096, 12288), 'up': (4096, 16384),
-          'down': (16384, 4096), 'embedding': (2, 8192, 4096)}
+# A transformer block's MLP matrices (d_model 4096, MLP 16384: a wide one
+# and a tall one) and an embedding (three dimensions): 201M parameters,
+# each leaf larger than a TPU's VMEM, as in the models this is for (XLA
+# stages arrays that fit into VMEM first, copies that a real model's leaves
+# do not get). Each leaf's kernel compiles on its own (about a second
+# each); the attention matrix (4096, 12288), a wide matrix as 'up' is, is
+# left out to keep the suite's time.
+SHAPES = {'up': (4096, 16384), 'down': (16384, 4096),
+          'embedding': (2, 8192, 4096)}
 # The traffic floor of 8-bit AdamW's fused step: read the gradient and the
 # parameter, write the parameter, read and write two 1-byte codes.
 FLOOR = {jnp.float32: 16, jnp.bfloat16: 10}
@@ -92,7 +95,8 @@ def test_step_traffic_is_near_the_floor(topology, dtype):
   per_param = compiled.cost_analysis()['bytes accessed'] / parameters()
   assert FLOOR[dtype] <= per_param <= BOUND * FLOOR[dtype], per_param
   hlo = compiled.as_text()
-  assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 4
+  assert len(re.findall(r'custom_call_target="tpu_custom_call"',
+                        hlo)) == len(SHAPES)
   # No gathers and nothing through host memory.
   assert not re.search(r'\bgather\(', hlo)
   assert 'S(5)' not in hlo and 'MoveToHost' not in hlo
@@ -141,7 +145,8 @@ def test_four_bit_step_traffic_is_near_the_floor(name, dtype, topology):
   floor = FOUR_BIT_FLOOR[name, dtype]
   assert floor <= per_param <= BOUND * floor, per_param
   hlo = compiled.as_text()
-  assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 4
+  assert len(re.findall(r'custom_call_target="tpu_custom_call"',
+                        hlo)) == len(SHAPES)
   assert not re.search(r'\bgather\(', hlo)
   assert 'S(5)' not in hlo and 'MoveToHost' not in hlo
   # The state streams from HBM. XLA copies only small operands: the code
@@ -170,7 +175,7 @@ def test_four_bit_host_tier_compiles():
     assert (parameters() <= stored
             <= parameters() * 2 * (0.5 + 4 / 128) + 4096 * len(SHAPES)), stored
   hlo = compiled.as_text()
-  assert hlo.count('custom_call_target="tpu_custom_call"') == 4
+  assert hlo.count('custom_call_target="tpu_custom_call"') == len(SHAPES)
   assert not re.search(r'\bgather\(', hlo)
 
 
@@ -186,7 +191,8 @@ def test_master_weight_step_traffic_is_near_the_floor(topology, bits):
   assert (MASTER_FLOOR[bits] <= per_param
           <= BOUND * MASTER_FLOOR[bits]), per_param
   hlo = compiled.as_text()
-  assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 4
+  assert len(re.findall(r'custom_call_target="tpu_custom_call"',
+                        hlo)) == len(SHAPES)
   assert not re.search(r'\bgather\(', hlo)
   assert 'S(5)' not in hlo and 'MoveToHost' not in hlo
   # Corrections and fingerprints too are updated in place: no copies.
@@ -198,9 +204,10 @@ def _split(name):
           else jax.sharding.PartitionSpec('x', None))
 
 
-# The device keeps the attention matrix's moments (codes and absmax), the
-# rest goes to the host; sharded, everything goes to the host.
-_ATTENTION_STATE = 2 * (48 * 2**20 + 768 * 2**10)
+# The device keeps the down matrix's moments (codes and absmax), the first
+# leaf in the state's order, the rest goes to the host; sharded, everything
+# goes to the host.
+_DOWN_STATE = 2 * (64 * 2**20 + 1 * 2**20)
 
 
 # The sharded compile takes about 3 minutes on 2 cores (210 MB of generated
@@ -215,13 +222,13 @@ def test_host_tier_compiles_with_the_planned_copies(case):
   sharded = case == 'sharded'
   compiled, state = compile_step(
       'v5e:2x2', jnp.float32 if case == 'float32' else jnp.bfloat16,
-      device_budget=0 if sharded else _ATTENTION_STATE + (
+      device_budget=0 if sharded else _DOWN_STATE + (
           0 if case == 'float32'
-          else math.prod(SHAPES['attention']) * 33 // 32 + 2**20),
+          else math.prod(SHAPES['down']) * 33 // 32 + 2**20),
       mesh_spec=_split if sharded else None,
       master_weight_bits=None if case == 'float32' else 24)
   host = [k for k in SHAPES if state.leaves[k].tier == 'host']
-  assert host == (list(SHAPES) if sharded else ['up', 'down', 'embedding'])
+  assert host == (list(SHAPES) if sharded else ['up', 'embedding'])
   codes = state.leaves['embedding'].moments[0].codes
   assert codes.sharding.memory_kind == 'pinned_host'
   size = math.prod(SHAPES['embedding'])
@@ -241,7 +248,7 @@ def test_host_tier_compiles_with_the_planned_copies(case):
     assert (host_params * (2 + master) <= stored
             <= host_params * per_param + 4096 * len(host)), stored
   hlo = compiled.as_text()
-  assert hlo.count('custom_call_target="tpu_custom_call"') == 4
+  assert hlo.count('custom_call_target="tpu_custom_call"') == len(SHAPES)
   assert not re.search(r'\bgather\(', hlo)
   assert not re.search(
       r'all-gather|all-reduce|all-to-all|collective-permute', hlo)
@@ -258,7 +265,7 @@ def test_sharded_step_compiles_per_shard(master_weight_bits):
   # Every kernel runs on its shard: no collectives at all.
   assert not re.search(r'all-gather|all-reduce|all-to-all|collective-permute',
                        hlo)
-  assert hlo.count('custom_call_target="tpu_custom_call"') == 4
+  assert hlo.count('custom_call_target="tpu_custom_call"') == len(SHAPES)
   codes = state.leaves['up'].moments[0].codes
   assert codes.sharding.spec == jax.sharding.PartitionSpec('x', None)
   absmax = state.leaves['embedding'].moments[1].absmax
@@ -276,13 +283,15 @@ def test_trust_ratio_step_compiles_without_gathers(name):
   """LAMB and LARS: the kernels plus the trust ratio's norms in XLA. Their
   traffic has no 8-bit floor of its own (the kernel runs on float32 copies
   and writes float32 directions that the ratio then reads), so only the
-  program is checked. Measured (libtpu 0.0.42.1, v5e, bfloat16): 46.86
-  bytes accessed a parameter for LAMB, 43.23 for LARS, against 10.06 for
-  8-bit AdamW's fused step."""
+  program is checked. Measured (libtpu 0.0.42.1, v5e, bfloat16, these
+  leaves): 42.06 bytes accessed a parameter for LAMB, 40.03 for LARS,
+  against 10.06 for 8-bit AdamW's fused step (46.86 and 43.23 with the
+  attention matrix too)."""
   compiled, _ = compile_step('v5e:2x2', jnp.bfloat16,
                              factory=getattr(optax_paged, name))
   hlo = compiled.as_text()
-  assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 4
+  assert len(re.findall(r'custom_call_target="tpu_custom_call"',
+                        hlo)) == len(SHAPES)
   assert not re.search(r'\bgather\(', hlo)
   assert 'S(5)' not in hlo and 'MoveToHost' not in hlo
   per_param = compiled.cost_analysis()['bytes accessed'] / parameters()
@@ -298,7 +307,8 @@ def test_stochastic_rounding_step_is_near_the_floor():
   assert FLOOR[jnp.bfloat16] <= per_param <= BOUND * FLOOR[jnp.bfloat16], (
       per_param)
   hlo = compiled.as_text()
-  assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 4
+  assert len(re.findall(r'custom_call_target="tpu_custom_call"',
+                        hlo)) == len(SHAPES)
   assert not re.search(r'\bgather\(', hlo)
   assert 'S(5)' not in hlo and 'MoveToHost' not in hlo
   print(f'stochastic rounding: {per_param:.2f} bytes accessed a parameter')
