@@ -88,8 +88,23 @@ def parameters() -> int:
   return sum(jnp.size(jnp.zeros(s, jnp.int8)) for s in SHAPES.values())
 
 
-@pytest.mark.parametrize('topology', ['v5e:2x2', 'v6e:2x2'])
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def _diagonal(first, second, default):
+  """Parameters of every (first, second) pair, ids 'first-second'; those
+  not in ``default`` behind the slow marker."""
+  for a in first:
+    for b in second:
+      marks = [] if (a, b) in default else [pytest.mark.slow]
+      ids = [jnp.dtype(x).name if not isinstance(x, (str, int)) else str(x)
+             for x in (a, b)]
+      yield pytest.param(a, b, marks=marks, id='-'.join(ids))
+
+
+# The figures are v5e's and v6e's alike (BOUND's measurements): the default
+# run compiles each dtype on one topology, and both topologies; the other
+# two compiles are behind the slow marker, to keep the suite's time.
+@pytest.mark.parametrize('dtype, topology', list(_diagonal(
+    [jnp.float32, jnp.bfloat16], ['v5e:2x2', 'v6e:2x2'],
+    {(jnp.float32, 'v5e:2x2'), (jnp.bfloat16, 'v6e:2x2')})))
 def test_step_traffic_is_near_the_floor(topology, dtype):
   compiled, _ = compile_step(topology, dtype)
   per_param = compiled.cost_analysis()['bytes accessed'] / parameters()
@@ -179,8 +194,9 @@ def test_four_bit_host_tier_compiles():
   assert not re.search(r'\bgather\(', hlo)
 
 
-@pytest.mark.parametrize('bits', [24, 32])
-@pytest.mark.parametrize('topology', ['v5e:2x2', 'v6e:2x2'])
+# As the step's: each master width on one topology, and both topologies.
+@pytest.mark.parametrize('topology, bits', list(_diagonal(
+    ['v5e:2x2', 'v6e:2x2'], [24, 32], {('v5e:2x2', 24), ('v6e:2x2', 32)})))
 def test_master_weight_step_traffic_is_near_the_floor(topology, bits):
   compiled, state = compile_step(topology, jnp.bfloat16,
                                  master_weight_bits=bits)
