@@ -145,32 +145,59 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _run_worker(path, isa):
+_X86 = platform.machine() in ('x86_64', 'AMD64')
+
+
+def _start_worker(path, isa):
+  """The worker under ``isa``'s cap (None: the default path), started."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('OPTAX_PAGED_CPU_ISA', None)
   if isa is not None:
     env['OPTAX_PAGED_CPU_ISA'] = isa
-  done = subprocess.run([sys.executable, '-c', WORKER, str(path)],
-                        capture_output=True, text=True, timeout=600, env=env)
-  assert done.returncode == 0, done.stderr[-3000:]
+  stderr = open(path.with_suffix('.stderr'), 'w+')  # noqa: SIM115
+  process = subprocess.Popen([sys.executable, '-c', WORKER, str(path)],
+                             stdout=subprocess.DEVNULL, stderr=stderr,
+                             text=True, env=env)
+  return process, path, stderr
+
+
+@pytest.fixture(scope='module')
+def workers(tmp_path_factory):
+  """The default path's worker and (on x86-64) the capped ones, started at
+  once: each is its own process, and the tests wait for theirs."""
+  root = tmp_path_factory.mktemp('cpu_paths')
+  started = {isa: _start_worker(root / f'{isa or "default"}.npz', isa)
+             for isa in ((None, 'avx2', 'sse2') if _X86 else (None,))}
+  yield started
+  for process, _, stderr in started.values():
+    if process.poll() is None:
+      process.kill()
+    process.wait()
+    stderr.close()
+
+
+def _result(workers, isa):
+  process, path, stderr = workers[isa]
+  process.wait(timeout=600)
+  stderr.seek(0)
+  assert process.returncode == 0, stderr.read()[-3000:]
   with np.load(path) as results:
     return dict(results)
 
 
 @pytest.fixture(scope='module')
-def default_path(tmp_path_factory):
-  return _run_worker(tmp_path_factory.mktemp('cpu_paths') / 'default.npz',
-                     None)
+def default_path(workers):
+  return _result(workers, None)
 
 
-@pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64'),
-                    reason='the instruction-set paths are x86-64 paths')
+@pytest.mark.skipif(not _X86, reason='the instruction-set paths are x86-64 '
+                    'paths')
 @pytest.mark.parametrize('isa', ['avx2', 'sse2'])
 def test_capped_path_gives_the_default_paths_bits(isa, default_path,
-                                                  tmp_path):
+                                                  workers):
   if isa == 'avx2' and not ffi.extension().has_avx2():
     pytest.skip('this CPU has no AVX2')
-  capped = _run_worker(tmp_path / f'{isa}.npz', isa)
+  capped = _result(workers, isa)
   # The cap took effect: no AVX-512 under it, and no AVX2 under sse2.
   assert not capped['avx512']
   assert bool(capped['avx2']) == (isa == 'avx2')
