@@ -59,7 +59,7 @@ def _equal(a, b):
 
 
 # tests/tpu_kernel4_test.py runs it for paged_adamw4bit with a 24-bit master
-# (in its session beside the suite).
+# (behind the slow marker: pytest -m slow).
 @pytest.mark.parametrize('master_weight_bits', [None, 24])
 def test_host_tier_steps_as_the_device_tier(
     master_weight_bits, factory=optax_paged.paged_adamw8bit):

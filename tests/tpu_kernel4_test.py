@@ -11,8 +11,8 @@ FMA instruction) the arithmetic is the same, and the updates, parameters,
 codes and absmax of 3 steps are the CPU kernel's bit for bit. The tests
 marked ``in_session`` run in such a session, which ``test_session``
 starts beside the suite (``tests/background.py``); in the main session they
-skip. The 4-bit host tier's eager run (slow in the interpreter) runs there
-too, off the suite's main process.
+skip. The 4-bit host tier's eager run (slow in the interpreter) is behind
+the slow marker (pytest -m slow).
 """
 
 
