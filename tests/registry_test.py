@@ -5,6 +5,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -167,10 +168,15 @@ def test_memory_report_counts_dropped_states_until_free_orphans():
 def test_a_non_zero_start_is_refused_for_four_bit_codes():
   # fill_moments' codec is the 8-bit one: written into 4-bit codes it would
   # corrupt them silently (no 4-bit family starts from a non-zero moment).
-  state = optax_paged.paged_adamw4bit(1e-3).init({'w': jnp.ones((512, 512))})
+  # A small float32 leaf beside it: the refusal writes no leaf at all.
+  state = optax_paged.paged_adamw4bit(1e-3).init(
+      {'a': jnp.ones((8,)), 'w': jnp.ones((512, 512))})
   record = state.buffers.record()
-  before = record.entries[0].read_moment(0, 0)
+  entry = record.entries[0]
+  before = [entry.read_moment(leaf, 0) for leaf in range(2)]
   with pytest.raises(NotImplementedError, match='4-bit'):
     registry.fill_moments(record, (0.5, 0.0), (True, False))
-  after = record.entries[0].read_moment(0, 0)
-  assert all((a == b).all() for a, b in zip(before, after, strict=True))
+  for leaf, (b_codes, b_absmax) in enumerate(before):
+    a_codes, a_absmax = entry.read_moment(leaf, 0)
+    assert np.array_equal(a_codes, b_codes)
+    assert np.array_equal(a_absmax, b_absmax)

@@ -802,6 +802,14 @@ def fill_moments(
 ) -> None:
   """Sets every element of moment m of every leaf to ``values[m]``."""
   extension = ffi.extension()
+  # Checked before any write, so that a refusal leaves every leaf as it was:
+  # quantize_blockwise writes 8-bit codes, and no family with a non-zero
+  # start offers 4-bit states today (one that does needs the 4-bit codec).
+  if any(values) and any(entry.leaf_info(index)['code_bits'] == 4
+                         for entry in record.entries
+                         for index in range(len(record.leaves))):
+    raise NotImplementedError(
+        f'{record.optimizer}: a non-zero initial moment for 4-bit states')
   for entry in record.entries:
     for index in range(len(record.leaves)):
       info = entry.leaf_info(index)
@@ -809,12 +817,6 @@ def fill_moments(
         if value == 0:
           continue  # buffers start zeroed
         full = np.full(int(info['size']), value, np.float32)
-        if info['code_bits'] == 4:
-          # quantize_blockwise writes 8-bit codes: no family with a non-zero
-          # start offers 4-bit states today; one that does needs the 4-bit
-          # codec here.
-          raise NotImplementedError(
-              f'{record.optimizer}: a non-zero initial moment for 4-bit states')
         if info['quantized']:
           codes, absmax = extension.quantize_blockwise(
               full, signed=signed[moment]
