@@ -1,18 +1,26 @@
-"""Capacity: the largest fp32 model whose AdamW step runs on one GPU.
+"""Capacity: the largest model whose AdamW step runs on one GPU.
 
 The step is what a training step holds: the parameters, the gradients made
 in the step (``jax.grad`` of a loss), the optimizer state, with the
 parameters and state donated. For each optimizer (``optax.adamw``,
 ``paged_adamw8bit`` on the device tier, ``paged_adamw8bit`` on the host
-tier) a bisection over model sizes runs each probe in a fresh process (an
-out-of-memory step leaves nothing behind), at JAX's default memory settings
-(preallocation off) or with ``XLA_PYTHON_CLIENT_MEM_FRACTION`` raised (one
-run each). A probe initialises the state and runs three steps; it reports
-the median time of the last two, or the error that stopped it.
+tier; with ``--optimizers``, the bf16 rows: ``optax.adamw`` on bf16
+parameters, and ``paged_adamw8bit`` on bf16 parameters with 24-bit master
+weights on the host tier) a bisection over model sizes runs each probe in a
+fresh process (an out-of-memory step leaves nothing behind), at JAX's
+default memory settings (preallocation off) or with
+``XLA_PYTHON_CLIENT_MEM_FRACTION`` raised (one run each). A probe
+initialises the state and runs three steps; it reports the median time of
+the last two and the compiled step's temporary bytes (XLA's
+``memory_analysis``: the gradients live at once), or the error that stopped
+it. ``--max-call-bytes`` sets the bytes of gradients one update call takes
+(``spmd.MAX_CALL_BYTES``), to compare with one call over every gradient.
 
   python benchmarks/gpu_capacity.py --setting default --write RESULTS.md
   python benchmarks/gpu_capacity.py --setting raised --write RESULTS.md
   python benchmarks/gpu_capacity.py --smoke   # the machinery, tiny, on CPU
+  python benchmarks/gpu_capacity.py --probe \
+      'paged_adamw8bit, bf16, 24-bit master, host tier' 12e9   # one probe
 
 The host tier's state lives in managed memory preferring host RAM; the
 registry never places more state on the device than is free, so no probe
@@ -40,7 +48,11 @@ MARKS = {name: (f'<!-- gpu_capacity_{name}:begin -->',
 LEAF = 1 << 28
 COLS = 4096
 OPTIMIZERS = ('optax.adamw', 'paged_adamw8bit', 'paged_adamw8bit, host tier',
-              'paged_adamw8bit, automatic budget, memory_guarded')
+              'paged_adamw8bit, automatic budget, memory_guarded',
+              'optax.adamw, bf16',
+              'paged_adamw8bit, bf16, 24-bit master, host tier')
+# The probe's spmd.MAX_CALL_BYTES, where --max-call-bytes sets it.
+CALL_BYTES_ENV = 'OPTAX_PAGED_CAPACITY_MAX_CALL_BYTES'
 
 
 def probe(optimizer: str, num_params: int) -> dict:
@@ -50,7 +62,11 @@ def probe(optimizer: str, num_params: int) -> dict:
   import optax
 
   import optax_paged
+  from optax_paged._src import spmd
 
+  if CALL_BYTES_ENV in os.environ:
+    spmd.MAX_CALL_BYTES = int(float(os.environ[CALL_BYTES_ENV]))
+  dtype = jnp.bfloat16 if 'bf16' in optimizer else jnp.float32
   num_params -= num_params % COLS
   sizes = [LEAF] * (num_params // LEAF)
   if num_params % LEAF:
@@ -65,7 +81,8 @@ def probe(optimizer: str, num_params: int) -> dict:
     budget = 0 if 'host' in optimizer else 1.0
     if 'automatic' in optimizer:
       budget = 'auto'
-    tx = optax_paged.paged_adamw8bit(1e-4, device_budget=budget)
+    master = {'master_weight_bits': 24} if 'master' in optimizer else {}
+    tx = optax_paged.paged_adamw8bit(1e-4, device_budget=budget, **master)
 
     def update(grads, state, params):
       return optax_paged.apply_gradients(tx, grads, state, params)
@@ -79,17 +96,22 @@ def probe(optimizer: str, num_params: int) -> dict:
 
   @jax.jit
   def make_params():
-    return {f'w{i:03d}': jnp.full((n // COLS, COLS), 0.01, jnp.float32)
+    return {f'w{i:03d}': jnp.full((n // COLS, COLS), 0.01, dtype)
             for i, n in enumerate(sizes)}
 
   jit = (optax_paged.memory_guarded if 'guarded' in optimizer
          else jax.jit)
   step = jit(lambda p, s: update(jax.grad(loss)(p), s, p),
              donate_argnums=(0, 1))
-  facts = {'device': jax.devices()[0].device_kind, 'jax': jax.__version__}
+  facts = {'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
+           'max_call_bytes': spmd.MAX_CALL_BYTES}
   try:
     params = make_params()
     state = tx.init(params)
+    if jit is jax.jit:
+      step = step.lower(params, state).compile()
+      facts['temp_gib'] = round(
+          step.memory_analysis().temp_size_in_bytes / 2**30, 2)
     times = []
     for _ in range(3):
       start = time.perf_counter()
@@ -151,6 +173,9 @@ def main() -> None:
                       help='size resolution in parameters')
   parser.add_argument('--max', type=float, default=12e9,
                       help='largest size tried, in parameters')
+  parser.add_argument('--max-call-bytes', type=float, default=None,
+                      help="the probes' spmd.MAX_CALL_BYTES (default: the "
+                      "package's)")
   parser.add_argument('--smoke', action='store_true',
                       help='tiny sizes on the CPU, to check the machinery')
   parser.add_argument('--write', type=pathlib.Path, default=None,
@@ -162,6 +187,8 @@ def main() -> None:
 
   base_env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')
   base_env.pop('XLA_PYTHON_CLIENT_MEM_FRACTION', None)
+  if args.max_call_bytes is not None:
+    base_env[CALL_BYTES_ENV] = str(int(args.max_call_bytes))
   step, bottom, top = int(args.step), int(args.min), int(args.max)
   if args.smoke:
     base_env['JAX_PLATFORMS'] = 'cpu'
@@ -181,20 +208,25 @@ def main() -> None:
     fails = (f"{bad / 1e9:.2f}B: {bad_result.get('error', '')}" if bad
              else f'none up to {top / 1e9:.2f}B')
     rows.append(f'| {optimizer} | {good / 1e9:.2f}B | '
-                f"{good_result.get('step_ms', float('nan')):.1f} | {fails} |")
+                f"{good_result.get('step_ms', float('nan')):.1f} | "
+                f"{good_result.get('temp_gib', '-')} | {fails} |")
   lines = [
-      f'## GPU capacity, {label}: the largest fp32 AdamW step that runs', '',
+      f'## GPU capacity, {label}: the largest AdamW step that runs', '',
       f'- date (UTC): {now}',
       f"- device: {log[0][2].get('device', '?')}",
       f"- jax: {log[0][2].get('jax', '?')}",
       '- step: parameters, gradients made in the step (each leaf a matrix '
       'used in a matmul, so that the gradient is materialized), state; '
       'parameters '
-      'and state donated; fp32; leaves of 2^28 parameters; bisection in '
+      'and state donated; fp32 unless the row says bf16 (gradients in the '
+      "parameters' dtype); leaves of 2^28 parameters; bisection in "
       f'steps of {step / 1e9:.3g}B, each probe a fresh process (init, 3 steps, '
-      'median of the last 2)', '',
-      '| optimizer | largest that runs | its step (ms) | smallest that fails |',
-      '|---|---:|---:|---|', *rows]
+      'median of the last 2); update calls over at most '
+      f"{log[0][2].get('max_call_bytes', '?')} bytes of gradients; "
+      "temporaries: XLA's memory_analysis of the compiled step", '',
+      '| optimizer | largest that runs | its step (ms) | its temporaries '
+      '(GiB) | smallest that fails |',
+      '|---|---:|---:|---:|---|', *rows]
   section = '\n'.join(lines)
   print(section)
   if args.write:

@@ -64,28 +64,70 @@ def _traced_position(layout: sharding.MeshLayout) -> jax.Array:
   return position.astype(jnp.int32)
 
 
+# Every gradient of one call is live until the call runs: each is an
+# operand of it, behind one optimization barrier. One call over a whole
+# model therefore held every gradient in device memory at once (the host
+# tier's capacity on an H100 was parameters plus all gradients, 8 bytes a
+# float32 parameter). Calls over at most this many bytes of gradients let
+# XLA free each chunk's gradients once its call has run, where its schedule
+# computes them one chunk after another, as it does for optax's elementwise
+# updates. A leaf larger than this is a call of its own; a model smaller
+# than this keeps one call a dtype group (one kernel launch).
+MAX_CALL_BYTES = 1 << 30
+
+
+def call_chunks(indices: Sequence[int], nbytes: Sequence[int],
+                max_bytes: int) -> list[tuple[int, ...]]:
+  """``indices`` in order, cut into runs of at most ``max_bytes``.
+
+  Args:
+    indices: the leaves of one dtype group, in call order.
+    nbytes: each of those leaves' operand size in bytes.
+    max_bytes: the most bytes one run holds, unless one leaf alone holds
+      more (it is then a run of its own).
+
+  Returns:
+    The runs, each a tuple of indices; together ``indices`` in order.
+  """
+  chunks: list[tuple[int, ...]] = []
+  current: list[int] = []
+  held = 0
+  for index, size in zip(indices, nbytes, strict=True):
+    if current and held + size > max_bytes:
+      chunks.append(tuple(current))
+      current, held = [], 0
+    current.append(index)
+    held += size
+  if current:
+    chunks.append(tuple(current))
+  return chunks
+
+
 def _call_groups(
     record: registry.StateRecord, target: str, hyperparams: jax.Array,
     position: jax.Array, grads: Sequence[jax.Array],
     params: Sequence[jax.Array], output_mode: int,
 ) -> tuple[list[jax.Array], jax.Array]:
-  """One FFI call per dtype group over this device's operands."""
+  """FFI calls over this device's operands: a dtype group's leaves in runs
+  of at most ``MAX_CALL_BYTES`` of gradients."""
   outputs: list[Any] = [None] * len(grads)
   receipt = jnp.zeros([], jnp.int32)
   for group in record.groups:
-    results, group_receipt = ffi.update_call(
-        target,
-        hyperparams,
-        position,
-        [grads[i] for i in group.indices],
-        [params[i] for i in group.indices],
-        state_id=record.state_id,
-        leaf_indices=group.indices,
-        output_mode=output_mode,
-    )
-    receipt = receipt + group_receipt
-    for i, result in zip(group.indices, results, strict=True):
-      outputs[i] = result
+    sizes = [grads[i].size * grads[i].dtype.itemsize for i in group.indices]
+    for chunk in call_chunks(group.indices, sizes, MAX_CALL_BYTES):
+      results, chunk_receipt = ffi.update_call(
+          target,
+          hyperparams,
+          position,
+          [grads[i] for i in chunk],
+          [params[i] for i in chunk],
+          state_id=record.state_id,
+          leaf_indices=chunk,
+          output_mode=output_mode,
+      )
+      receipt = receipt + chunk_receipt
+      for i, result in zip(chunk, results, strict=True):
+        outputs[i] = result
   return outputs, receipt
 
 
