@@ -39,10 +39,11 @@ import time
 
 import cpu_step
 
-# One RESULTS.md section per memory setting (each run fits one device call).
+# One RESULTS.md section per memory setting and parameter dtype (each run
+# fits one device call): fp32 rows, or bf16 rows (issue 25).
 MARKS = {name: (f'<!-- gpu_capacity_{name}:begin -->',
                 f'<!-- gpu_capacity_{name}:end -->')
-         for name in ('default', 'raised')}
+         for name in ('default', 'raised', 'default_bf16', 'raised_bf16')}
 # One leaf holds at most this many parameters (1 GiB of fp32), as a matrix
 # of COLS columns.
 LEAF = 1 << 28
@@ -167,12 +168,14 @@ def main() -> None:
                       help='XLA_PYTHON_CLIENT_MEM_FRACTION when raised')
   parser.add_argument('--optimizers', nargs='+', choices=OPTIMIZERS,
                       default=OPTIMIZERS[:3])
-  parser.add_argument('--min', type=float, default=0.25e9,
-                      help='smallest size tried, in parameters')
+  parser.add_argument('--min', type=float, nargs='+', default=[0.25e9],
+                      help='smallest size tried, in parameters (one value, '
+                      'or one per optimizer)')
   parser.add_argument('--step', type=float, default=0.25e9,
                       help='size resolution in parameters')
-  parser.add_argument('--max', type=float, default=12e9,
-                      help='largest size tried, in parameters')
+  parser.add_argument('--max', type=float, nargs='+', default=[12e9],
+                      help='largest size tried, in parameters (one value, '
+                      'or one per optimizer)')
   parser.add_argument('--max-call-bytes', type=float, default=None,
                       help="the probes' spmd.MAX_CALL_BYTES (default: the "
                       "package's)")
@@ -189,10 +192,18 @@ def main() -> None:
   base_env.pop('XLA_PYTHON_CLIENT_MEM_FRACTION', None)
   if args.max_call_bytes is not None:
     base_env[CALL_BYTES_ENV] = str(int(args.max_call_bytes))
-  step, bottom, top = int(args.step), int(args.min), int(args.max)
+  step = int(args.step)
+  bottoms, tops = ([int(x) for x in bounds] for bounds in (args.min, args.max))
+  for name, bounds in (('--min', bottoms), ('--max', tops)):
+    if len(bounds) not in (1, len(args.optimizers)):
+      parser.error(f'{name}: one value, or one per optimizer')
+  bottoms *= len(args.optimizers) // len(bottoms)
+  tops *= len(args.optimizers) // len(tops)
   if args.smoke:
     base_env['JAX_PLATFORMS'] = 'cpu'
-    step, bottom, top = 1 << 20, 1 << 20, 8 << 20
+    step = 1 << 20
+    bottoms = [1 << 20] * len(args.optimizers)
+    tops = [8 << 20] * len(args.optimizers)
   if args.setting == 'default':
     label, env = 'default (preallocation off)', base_env
   else:
@@ -202,7 +213,8 @@ def main() -> None:
   # from the probes. The probes say which device and JAX they ran.
   now = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M')
   rows, log = [], []
-  for optimizer in args.optimizers:
+  for optimizer, bottom, top in zip(args.optimizers, bottoms, tops,
+                                    strict=True):
     good, good_result, bad, bad_result = largest(optimizer, bottom, top,
                                                  step, env, log)
     fails = (f"{bad / 1e9:.2f}B: {bad_result.get('error', '')}" if bad
@@ -230,7 +242,9 @@ def main() -> None:
   section = '\n'.join(lines)
   print(section)
   if args.write:
-    cpu_step.write_results(section, args.write, MARKS[args.setting])
+    bf16 = any('bf16' in name for name in args.optimizers)
+    mark = f"{args.setting}{'_bf16' if bf16 else ''}"
+    cpu_step.write_results(section, args.write, MARKS[mark])
 
 
 if __name__ == '__main__':

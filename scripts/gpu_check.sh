@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for the GPU machine (no package registry
 # there: it builds against the image's packages). Logs go to $OUT (or ./gpu_logs).
-#   bash scripts/gpu_check.sh [tests|master|sanitizer|bench|family|profile|accuracy|lm|tiers|probe|pressure|mesh|shardbench|capacity|all]...
+#   bash scripts/gpu_check.sh [tests|master|sanitizer|bench|family|profile|accuracy|lm|tiers|probe|pressure|mesh|shardbench|capacity|capacity16|all]...
+#   GPU_CHECK_WHEEL=1 bash scripts/gpu_check.sh lm capacity16   # on the built wheel
 # `mesh` and `shardbench` need two or more GPUs (the multi-device suite on
 # every GPU, two processes with one GPU each, compute-sanitizer over the
 # suite's kernels; the FSDP and ZeRO-1 benchmark). `capacity` (the largest
@@ -26,17 +27,35 @@ gpus=$(nvidia-smi -L | wc -l)
 want() {
   if [[ " ${steps[*]} " == *" $1 "* ]]; then return 0; fi
   [[ " ${steps[*]} " == *" all "* ]] || return 1
-  case $1 in mesh|shardbench) (( gpus > 1 )) ;; master|capacity|probe|pressure|family|profile|accuracy|lm) false ;; *) true ;; esac
+  case $1 in mesh|shardbench) (( gpus > 1 )) ;; master|capacity|capacity16|probe|pressure|family|profile|accuracy|lm) false ;; *) true ;; esac
 }
 status=0
 
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 # optax's unfused steps are many small kernels, so the host's CPU shows in them.
 lscpu | grep -E "^Model name" | tee -a "$OUT/gpu.txt"
-python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; exit 1; }
-grep -E "registers|spill" "$OUT/build.log" | head -6
-python3 -c "import optax_paged, jax; from optax_paged._src import ffi; print('cuda build:', ffi.extension().WITH_CUDA, 'backend:', jax.default_backend(), 'cuda:', ffi.has_cuda_backend())"
+if [[ "${GPU_CHECK_WHEEL:-0}" == 1 ]]; then
+  # The newest wheel in wheelhouse/ (carried, as for scripts/gpu_wheel_check.sh,
+  # which that script may have run before on this machine) instead of an
+  # editable build: seconds instead of minutes of device time. The steps
+  # that run Python from benchmarks/ or examples/ import it; the test steps
+  # would import the tree's package: `tests` refuses to run in this mode and
+  # `master` runs only its benchmark.
+  wheel=$(ls -t wheelhouse/optax_paged-*.whl 2>/dev/null | head -1)
+  [[ -n "$wheel" ]] || { echo "gpu_check.sh: GPU_CHECK_WHEEL=1 but no wheel in wheelhouse/" >&2; exit 1; }
+  if want tests; then
+    echo "gpu_check.sh: the tests step needs the editable build (unset GPU_CHECK_WHEEL)" >&2
+    exit 1
+  fi
+  python3 -m pip install --no-deps --force-reinstall "$wheel" >"$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "installed $(basename "$wheel")"
+else
+  python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+  grep -E "registers|spill" "$OUT/build.log" | head -6
+fi
+(cd /tmp && python3 -c "import optax_paged, jax; from optax_paged._src import ffi; print('optax_paged from', optax_paged.__file__, 'cuda build:', ffi.extension().WITH_CUDA, 'backend:', jax.default_backend(), 'cuda:', ffi.has_cuda_backend())")
 
 if want tests; then
   # The TPU path's tests/tpu_* run in CI on the CPU (no CUDA code in them);
@@ -48,7 +67,7 @@ fi
 if want master; then
   # The master-weight files on the GPU backend (their CPU tests then step the
   # CUDA kernel), and the bf16 table alone for the speed against the plain step.
-  timeout 300 python3 -m pytest -q -p no:cacheprovider --durations=5 \
+  [[ "${GPU_CHECK_WHEEL:-0}" == 1 ]] || timeout 300 python3 -m pytest -q -p no:cacheprovider --durations=5 \
     tests/master_weights_gpu_test.py tests/master_weights_test.py \
     tests/master_weights_integration_test.py tests/master_weights_checkpoint_test.py \
     2>&1 | tee "$OUT/master_tests.log" | tail -25
@@ -144,6 +163,24 @@ if want shardbench; then
   [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   (cd benchmarks && timeout 500 python3 gpu_sharded_step.py --write "$OUT/RESULTS.md") \
     2>&1 | tee "$OUT/shardbench.log" | tail -40
+fi
+if want capacity16; then
+  # Issue 25's bf16 rows: optax.adamw on bf16 parameters against
+  # paged_adamw8bit on bf16 parameters with 24-bit master weights on the
+  # host tier. First one probe of the latter at CAPACITY16_PROBE parameters
+  # (3.5x the H100's fp32 optax.adamw row) with one update call over every
+  # gradient, as before spmd.MAX_CALL_BYTES, for the compiled step's
+  # temporaries beside the bisection's (calls of at most 1 GiB).
+  master_row='paged_adamw8bit, bf16, 24-bit master, host tier'
+  (cd benchmarks && OPTAX_PAGED_CAPACITY_MAX_CALL_BYTES=1e18 timeout 150 python3 \
+    gpu_capacity.py --probe "$master_row" "${CAPACITY16_PROBE:-17500000000}") 2>&1 \
+    | grep '^{' | tee "$OUT/capacity16_one_call.log"
+  [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  (cd benchmarks && timeout 420 python3 gpu_capacity.py --setting default \
+    --optimizers 'optax.adamw, bf16' "$master_row" \
+    --min ${CAPACITY16_MIN:-6e9 14e9} --max ${CAPACITY16_MAX:-14e9 30e9} \
+    --step "${CAPACITY16_STEP:-1e9}" --write "$OUT/RESULTS.md") 2>&1 \
+    | tee "$OUT/capacity16.log" | tail -12
 fi
 if want capacity; then
   [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
