@@ -141,15 +141,38 @@ OPTAX_PAGED_MASTER float CorrectionUnits() {
   return kBits == 16 ? 65536.0f : 256.0f;
 }
 
+// float32 bits as a signed count of representable values from zero: +0
+// and -0 are 0, and each next float toward +infinity is one more (bits are
+// sign and magnitude, and within a sign consecutive floats are consecutive
+// patterns, across binades and subnormals too). Infinities are one past the
+// largest finite values; NaNs lie beyond and are never used as counts.
+OPTAX_PAGED_MASTER int32_t OrderedBits(uint32_t bits) {
+  const int32_t magnitude = static_cast<int32_t>(bits & 0x7fffffffu);
+  return (bits >> 31) != 0 ? -magnitude : magnitude;
+}
+
+OPTAX_PAGED_MASTER uint32_t BitsFromOrdered(int32_t ordered) {
+  return ordered < 0 ? 0x80000000u | static_cast<uint32_t>(-ordered)
+                     : static_cast<uint32_t>(ordered);
+}
+
+// Whether a correction of this sign points from `param` past the largest
+// finite value, where the gap is infinite.
+OPTAX_PAGED_MASTER bool OutwardAtMax(BFloat16 param, bool up) {
+  const bool negative = (param.bits & 0x8000u) != 0;
+  return (param.bits & 0x7fffu) == 0x7f7fu && up != negative;
+}
+
 // The correction of `master` against `param` (0 where either is not finite
 // or the gap is infinite: the correction cannot reach past the largest
-// finite parameter).
+// finite parameter), by the gap: any 16-bit type.
 template <int kBits, typename T>
-OPTAX_PAGED_MASTER int32_t EncodeCorrection(float master, T param) {
+OPTAX_PAGED_MASTER int32_t EncodeCorrectionByGap(float master, T param) {
   constexpr float kLimit = kBits == 16 ? 32767.0f : 127.0f;
   const float offset = master - ToFloat(param);
   const float gap = GapToward(param, offset > 0.0f);
-  const float units = DivideByGap(offset * CorrectionUnits<kBits>(), gap);
+  // Divided first: offset * 2^16 overflowed for parameters past 2^111.
+  const float units = DivideByGap(offset, gap) * CorrectionUnits<kBits>();
   const bool usable = IsFinite16(param) & (units == units) & (gap < INFINITY);
   // Comparisons, not fminf/fmaxf (library calls on the host); a NaN or
   // unusable value becomes 0 before the conversion, which is then defined.
@@ -158,13 +181,80 @@ OPTAX_PAGED_MASTER int32_t EncodeCorrection(float master, T param) {
   return static_cast<int32_t>(rintf(usable ? clamped : 0.0f));
 }
 
+// The same correction, for bf16 on the bits. bf16 is float32's top half, so
+// a unit of a 16-bit correction (gap / 2^16) is one float32 step at the
+// master, and master - param counted in float32 steps (OrderedBits' counts)
+// is the 16-bit correction; an 8-bit one is that count / 256 rounded to
+// nearest even. Integer instructions where the division by the gap and the
+// float-to-integer conversions issued at a quarter of the rate; the same
+// value for every master and parameter (tests/master_weights_header_test.py).
+// Past one gap from the parameter both clamp: the count is limited to
+// +-2^16 first so that no difference overflows.
+template <int kBits>
+OPTAX_PAGED_MASTER int32_t EncodeCorrectionOnBits(float master,
+                                                  BFloat16 param) {
+  constexpr int32_t kLimit = kBits == 16 ? 32767 : 127;
+  constexpr int32_t kReach = 1 << 16;
+  const int32_t from = OrderedBits(static_cast<uint32_t>(param.bits) << 16);
+  const int32_t to = OrderedBits(FloatBits(master));
+  const int32_t reached =
+      to < from - kReach ? from - kReach : (to > from + kReach ? from + kReach : to);
+  const int32_t steps = reached - from;
+  int32_t units = steps;
+  if constexpr (kBits == 8) {
+    // Round to nearest even: add just under half, plus one where the
+    // quotient's last bit is odd (arithmetic shifts floor negative counts).
+    units = (steps + 127 + ((steps >> 8) & 1)) >> 8;
+  }
+  const int32_t low = units < -kLimit - 1 ? -kLimit - 1 : units;
+  const int32_t clamped = low > kLimit ? kLimit : low;
+  const bool usable = IsFinite16(param) & (master == master) &
+                      !OutwardAtMax(param, steps > 0);
+  return usable ? clamped : 0;
+}
+
 template <int kBits, typename T>
-OPTAX_PAGED_MASTER float DecodeMaster(T param, int32_t correction) {
+OPTAX_PAGED_MASTER int32_t EncodeCorrection(float master, T param) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    return EncodeCorrectionOnBits<kBits>(master, param);
+  } else {
+    return EncodeCorrectionByGap<kBits>(master, param);
+  }
+}
+
+template <int kBits, typename T>
+OPTAX_PAGED_MASTER float DecodeMasterByGap(T param, int32_t correction) {
   const float p = ToFloat(param);
   const float gap = GapToward(param, correction > 0);
+  // The unit first (exact: gap / 2^16 is at least 2^-149), so that no
+  // product overflows (q * gap did for parameters past 2^111).
   const float master = AddRounded(
-      p, (static_cast<float>(correction) * gap) / CorrectionUnits<kBits>());
+      p, static_cast<float>(correction) * (gap / CorrectionUnits<kBits>()));
   return (correction == 0) | !IsFinite16(param) ? p : master;
+}
+
+// DecodeMasterByGap for bf16 on the bits: the parameter's count plus the
+// correction in float32 steps (see EncodeCorrectionOnBits); infinity where
+// the correction points past the largest finite parameter, as the infinite
+// gap gives.
+template <int kBits>
+OPTAX_PAGED_MASTER float DecodeMasterOnBits(BFloat16 param,
+                                            int32_t correction) {
+  const uint32_t p = static_cast<uint32_t>(param.bits) << 16;
+  const uint32_t master = BitsFromOrdered(
+      OrderedBits(p) + correction * (1 << (16 - kBits)));
+  const uint32_t infinity = (p & 0x80000000u) | 0x7f800000u;
+  const uint32_t bits = OutwardAtMax(param, correction > 0) ? infinity : master;
+  return BitsToFloat((correction == 0) | !IsFinite16(param) ? p : bits);
+}
+
+template <int kBits, typename T>
+OPTAX_PAGED_MASTER float DecodeMaster(T param, int32_t correction) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    return DecodeMasterOnBits<kBits>(param, correction);
+  } else {
+    return DecodeMasterByGap<kBits>(param, correction);
+  }
 }
 
 template <typename T>

@@ -5,8 +5,12 @@ Two shortcuts of the master-weight kernels, each against what it replaces:
 correction's gap, as a product) against IEEE division over every gap and
 millions of values, subnormal gaps included; ``RoundTiesUp<BFloat16>`` (on
 the bits) against round-to-nearest-even with the tie moved up, over every
-tie and its neighbours and every 97th float32. The GPU runs the same header
-functions (no sums in them to contract into an FMA).
+tie and its neighbours and every 97th float32; and bf16's correction on the
+bits (``DecodeMasterOnBits``, ``EncodeCorrectionOnBits``: integer counts of
+float32 steps) against the gap arithmetic float16 keeps
+(``DecodeMasterByGap``, ``EncodeCorrectionByGap``), over every parameter.
+The GPU runs the same header functions (no sums in them to contract into an
+FMA).
 """
 
 import pathlib
@@ -32,3 +36,5 @@ def test_shortcuts_give_the_same_bits(tmp_path):
   assert result.returncode == 0, result.stdout + result.stderr
   assert 'division checked: 5520000 mismatches: 0' in result.stdout
   assert 'rounding checked: 44671230 mismatches: 0' in result.stdout
+  assert 'correction decode checked: 348127232 mismatches: 0' in result.stdout
+  assert 'correction encode checked: 27529728 mismatches: 0' in result.stdout

@@ -135,7 +135,8 @@ def encode(master: jax.Array, param: jax.Array, bits: int) -> jax.Array:
   limit = 32767.0 if bits == 16 else 127.0
   offset = master - param.astype(jnp.float32)
   gap = gap_toward(param, offset > 0)
-  units = (offset * jnp.float32(_units(bits))) / gap
+  # Divided first, as the kernels: offset * 2^16 overflowed past 2^111.
+  units = (offset / gap) * jnp.float32(_units(bits))
   usable = _is_finite(param) & (units == units) & (gap < jnp.inf)
   clipped = jnp.clip(units, -limit - 1.0, limit)
   return jnp.where(usable, jnp.rint(clipped), 0.0).astype(jnp.int32)
@@ -146,8 +147,9 @@ def decode(param: jax.Array, correction: jax.Array, bits: int) -> jax.Array:
   correction = correction.astype(jnp.int32)
   here = param.astype(jnp.float32)
   gap = gap_toward(param, correction > 0)
-  master = here + (correction.astype(jnp.float32) * gap) / jnp.float32(
-      _units(bits))
+  # The unit first (exact), as the kernels: q * gap overflowed past 2^111.
+  master = here + correction.astype(jnp.float32) * (
+      gap / jnp.float32(_units(bits)))
   return jnp.where((correction == 0) | ~_is_finite(param), here, master)
 
 
