@@ -66,6 +66,26 @@ def test_exporting_a_state_behind_its_moments_is_refused():
       lambda: optax_paged.state_dict(restored))
 
 
+def test_an_export_waits_for_a_step_still_running_on_its_buffers():
+  # The step on the older copy is dispatched and its result dropped; the
+  # work before its update keeps it running while the export starts, which
+  # must read the moments after that step, not before it.
+  tx, _, older = _stepped(1)
+  big = jnp.ones((1000, 1000))
+
+  @jax.jit
+  def slow_step(params, state, grads, big):
+    for _ in range(4):
+      big = jnp.tanh(big @ big / 1000.0)
+    grads = jax.tree.map(lambda g: g + 0.0 * big[0, 0], grads)
+    return tx.update(grads, state, params)[1]
+
+  jax.block_until_ready(slow_step(PARAMS, tx.init(PARAMS), GRADS, big))
+  slow_step(PARAMS, older, GRADS, big)
+  with pytest.raises(ValueError, match=STALE):
+    optax_paged.state_dict(older)
+
+
 class _Model(nnx.Module):
 
   def __init__(self):

@@ -81,6 +81,10 @@ def export_state(state: Any) -> dict[str, Any]:
   """The state dictionary of ``state``: its moments and count, checked."""
   record = state.buffers.record()
   count = int(np.asarray(jax.device_get(state.count)))
+  # A step dispatched on these buffers from another copy of the state (its
+  # result possibly dropped) may not have run yet: the read must come after
+  # it, or the export would pass or refuse depending on timing.
+  registry.wait_for_devices(record)
   # Read at once, so that a step on another thread lands before the read of
   # every leaf or after it.
   step, moments, masters = record.read_state()
