@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# A/B of two builds of the kernels on one GPU, in one device call: the fused
+# step of benchmarks/gpu_step.py and ncu's view of chosen launches, each
+# build installed from its wheel in turn, the builds alternating round by
+# round so that a drift of the machine falls on both.
+#   AB_A=wheelhouse/a AB_B=wheelhouse/b bash scripts/gpu_kernel_ab.sh
+# AB_A and AB_B are folders holding one optax_paged wheel each, built on this
+# machine before the call (no device time) and carried, e.g. for a kernel
+# change kept as a patch (benchmarks/experiments/*.patch):
+#   export OPTAX_PAGED_WHEEL_ARCHITECTURES=90-real   # H100 and H200 only: ~2 min
+#   bash scripts/build_wheel.sh && mkdir -p wheelhouse/a && mv wheelhouse/*.whl wheelhouse/a/
+#   git apply benchmarks/experiments/l2_prefetch.patch
+#   bash scripts/build_wheel.sh && mkdir -p wheelhouse/b && mv wheelhouse/*.whl wheelhouse/b/
+#   git apply -R benchmarks/experiments/l2_prefetch.patch
+# then run with carry ["wheelhouse"]. flashoptim-jax's rows appear in the
+# bf16 table where it is installed (pip install --no-deps its wheel first).
+# AB_ROUNDS (default 2) alternations of the two builds, each running
+# gpu_step.py over AB_DTYPES (default float32,bfloat16) for AB_STEP_ROUNDS
+# (default 5) rounds; then AB_PROFILE (default "fp32 adamw,bf16 adamw"), the
+# launches for ncu as gpu_check.sh's PROFILE_RUNS, once a build. Logs and the
+# ncu reports go to $OUT (default /tmp/gpu_kernel_ab).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-/tmp/gpu_kernel_ab}"
+mkdir -p "$OUT"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+install() {
+  local wheel
+  wheel=$(ls "$1"/optax_paged-*.whl | head -1)
+  python3 -m pip install --no-deps --force-reinstall "$wheel" >"$OUT/install.log" 2>&1 \
+    || { tail -20 "$OUT/install.log"; exit 1; }
+}
+
+for round in $(seq "${AB_ROUNDS:-2}"); do
+  for build in A B; do
+    folder=$([[ $build == A ]] && echo "$AB_A" || echo "$AB_B")
+    install "$folder"
+    echo "== round $round, build $build ($folder)"
+    (cd benchmarks && timeout 240 python3 gpu_step.py --rounds "${AB_STEP_ROUNDS:-5}" \
+      --dtypes "${AB_DTYPES:-float32,bfloat16}") 2>&1 \
+      | tee "$OUT/step_${build}_${round}.log" | grep -E "^\|" | grep -iE "optax.adamw|fused"
+  done
+done
+
+IFS=, read -ra runs <<<"${AB_PROFILE:-fp32 adamw,bf16 adamw}"
+for build in A B; do
+  folder=$([[ $build == A ]] && echo "$AB_A" || echo "$AB_B")
+  install "$folder"
+  for run in "${runs[@]}"; do
+    set -- $run
+    report="$OUT/ncu_${build}_$2_$1${3:+_master$3}.txt"
+    timeout 120 ncu --clock-control none --kernel-name regex:UpdateKernel \
+      --launch-skip 4 --launch-count 1 --section SpeedOfLight \
+      --section InstructionStats --section LaunchStats --section Occupancy \
+      --section MemoryWorkloadAnalysis --section WarpStateStats \
+      python3 tools/profile_fused.py "$@" >"$report" 2>&1
+    echo "ncu $build $*: $(grep -E '^ +(Duration|DRAM Throughput|Executed Instructions|Registers Per Thread|Achieved Occupancy) ' \
+      "$report" | awk '{print $1" "$NF}' | paste -sd' ')"
+  done
+done
