@@ -66,24 +66,43 @@ def test_exporting_a_state_behind_its_moments_is_refused():
       lambda: optax_paged.state_dict(restored))
 
 
-def test_an_export_waits_for_a_step_still_running_on_its_buffers():
-  # The step on the older copy is dispatched and its result dropped; the
-  # work before its update keeps it running while the export starts, which
-  # must read the moments after that step, not before it.
-  tx, _, older = _stepped(1)
+def _slow_step(tx):
+  """A jitted update whose matmuls keep it running a while before the
+  update itself, compiled and warmed up: (params, state, grads) -> state."""
   big = jnp.ones((1000, 1000))
 
   @jax.jit
-  def slow_step(params, state, grads, big):
+  def step(params, state, grads, big):
     for _ in range(4):
       big = jnp.tanh(big @ big / 1000.0)
     grads = jax.tree.map(lambda g: g + 0.0 * big[0, 0], grads)
     return tx.update(grads, state, params)[1]
 
-  jax.block_until_ready(slow_step(PARAMS, tx.init(PARAMS), GRADS, big))
-  slow_step(PARAMS, older, GRADS, big)
+  warm = tx.init(PARAMS)
+  jax.block_until_ready(step(PARAMS, warm, GRADS, big))
+  optax_paged.release(warm)
+  return lambda params, state, grads: step(params, state, grads, big)
+
+
+def test_an_export_waits_for_a_step_still_running_on_its_buffers():
+  # The step on the older copy is dispatched and its result dropped; the
+  # export must read the moments after that step, not before it.
+  tx, _, older = _stepped(1)
+  _slow_step(tx)(PARAMS, older, GRADS)
   with pytest.raises(ValueError, match=STALE):
     optax_paged.state_dict(older)
+
+
+def test_a_load_waits_for_a_step_still_running_on_its_buffers():
+  # Written before that step ran, the loaded moments would be stepped on
+  # by it, and the restored state found stale at its next step.
+  tx, step, state = _stepped(1)
+  saved = optax_paged.state_dict(state)
+  _slow_step(tx)(PARAMS, state, GRADS)
+  restored = optax_paged.load_state_dict(state, saved)
+  assert_trees_equal(optax_paged.state_dict(restored), saved)
+  _, after = step(PARAMS, restored, GRADS)
+  assert int(optax_paged.state_dict(after)['count']) == 2
 
 
 class _Model(nnx.Module):

@@ -270,6 +270,7 @@ def plan_import(state: Any, saved: Any) -> Planned:
     writes = sharded_checkpoint.check(record, saved, count_bytes(count),
                                       refuse)
     def write_sharded() -> None:
+      registry.wait_for_devices(record)
       record.write_moments(sharded_checkpoint.moment_writes(writes), count)
 
     return Planned(
@@ -317,6 +318,9 @@ def plan_import(state: Any, saved: Any) -> Planned:
   tiers = [int(np.asarray(leaf.get('tier', -1))) for leaf in saved['leaves']]
 
   def write() -> None:
+    # A step dispatched on these buffers and not yet run (from another copy
+    # of the state, its result dropped) would step on the loaded moments.
+    registry.wait_for_devices(record)
     empty = np.zeros([0], np.uint8)
     record.write_moments([
         (0, index, m, np.ascontiguousarray(moment['codes']),
