@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# A/B of two builds of the kernels on one GPU, in one device call: the fused
+# A/B of builds of the kernels on one GPU, in one device call: the fused
 # step of benchmarks/gpu_step.py and ncu's view of chosen launches, each
 # build installed from its wheel in turn, the builds alternating round by
-# round so that a drift of the machine falls on both.
-#   AB_A=wheelhouse/a AB_B=wheelhouse/b bash scripts/gpu_kernel_ab.sh
-# AB_A and AB_B are folders holding one optax_paged wheel each, built on this
+# round so that a drift of the machine falls on all of them.
+#   AB_BUILDS="wheelhouse/a wheelhouse/b" bash scripts/gpu_kernel_ab.sh
+# AB_BUILDS names two or more folders holding one optax_paged wheel each (the
+# first is the baseline; the logs name each build by its folder), built on this
 # machine before the call (no device time) and carried, e.g. for a kernel
 # change kept as a patch (benchmarks/experiments/*.patch):
 #   export OPTAX_PAGED_WHEEL_ARCHITECTURES=90-real   # H100 and H200 only: ~2 min
@@ -14,7 +15,7 @@
 #   git apply -R benchmarks/experiments/l2_prefetch.patch
 # then run with carry ["wheelhouse"]. flashoptim-jax's rows appear in the
 # bf16 table where it is installed (pip install --no-deps its wheel first).
-# AB_ROUNDS (default 2) alternations of the two builds, each running
+# AB_ROUNDS (default 2) alternations of the builds, each running
 # gpu_step.py over AB_DTYPES (default float32,bfloat16) for AB_STEP_ROUNDS
 # (default 5) rounds; then AB_PROFILE (default "fp32 adamw,bf16 adamw"), the
 # launches for ncu as gpu_check.sh's PROFILE_RUNS, once a build. Logs and the
@@ -33,9 +34,11 @@ install() {
     || { tail -20 "$OUT/install.log"; exit 1; }
 }
 
+read -ra builds <<<"${AB_BUILDS:?name the wheel folders, baseline first}"
+(( ${#builds[@]} >= 2 )) || { echo "gpu_kernel_ab.sh: AB_BUILDS needs two folders or more" >&2; exit 1; }
 for round in $(seq "${AB_ROUNDS:-2}"); do
-  for build in A B; do
-    folder=$([[ $build == A ]] && echo "$AB_A" || echo "$AB_B")
+  for folder in "${builds[@]}"; do
+    build=$(basename "$folder")
     install "$folder"
     echo "== round $round, build $build ($folder)"
     (cd benchmarks && timeout 240 python3 gpu_step.py --rounds "${AB_STEP_ROUNDS:-5}" \
@@ -45,8 +48,8 @@ for round in $(seq "${AB_ROUNDS:-2}"); do
 done
 
 IFS=, read -ra runs <<<"${AB_PROFILE:-fp32 adamw,bf16 adamw}"
-for build in A B; do
-  folder=$([[ $build == A ]] && echo "$AB_A" || echo "$AB_B")
+for folder in "${builds[@]}"; do
+  build=$(basename "$folder")
   install "$folder"
   for run in "${runs[@]}"; do
     set -- $run
