@@ -18,8 +18,9 @@
 # AB_ROUNDS (default 2) alternations of the builds, each running
 # gpu_step.py over AB_DTYPES (default float32,bfloat16) for AB_STEP_ROUNDS
 # (default 5) rounds; then AB_PROFILE (default "fp32 adamw,bf16 adamw"), the
-# launches for ncu as gpu_check.sh's PROFILE_RUNS, once a build. Logs and the
-# ncu reports go to $OUT (default /tmp/gpu_kernel_ab).
+# launches for ncu as gpu_check.sh's PROFILE_RUNS, once a build (AB_PROFILE=""
+# for none; AB_ROUNDS=0 for ncu alone). Logs and the ncu reports go to $OUT
+# (default /tmp/gpu_kernel_ab).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/gpu_kernel_ab}"
@@ -47,7 +48,8 @@ for round in $(seq "${AB_ROUNDS:-2}"); do
   done
 done
 
-IFS=, read -ra runs <<<"${AB_PROFILE:-fp32 adamw,bf16 adamw}"
+IFS=, read -ra runs <<<"${AB_PROFILE-fp32 adamw,bf16 adamw}"
+(( ${#runs[@]} > 0 )) || exit 0
 for folder in "${builds[@]}"; do
   build=$(basename "$folder")
   install "$folder"
