@@ -59,10 +59,8 @@ def master_params(state: Any, params: base.Params) -> base.Params:
     return tpu_checkpoint.masters(tpu_found[0], params)
   record = found[0].record()
   record.check_paths('master_params', 'params', params)
-  # The step that wrote the corrections may still be running: read them
-  # after it (the parameters it made are among the arrays waited for).
-  jax.block_until_ready(params)
-  registry.wait_for_devices(record)
+  # The step that wrote the corrections may still be running: read_state
+  # reads them after it.
   _, _, masters = record.read_state()
   leaves, treedef = jax.tree.flatten(params)
   out = []

@@ -285,7 +285,13 @@ class StateRecord:
   def read_state(self) -> tuple[int | None, list[Any], list[Any]]:
     """``read_moments`` and, per entry, per leaf, the master weights'
     ``(correction, fingerprints with the reset count last)`` or None, read
-    in the same moment."""
+    in the same moment.
+
+    After the work dispatched to the record's devices: a step on these
+    buffers may not have run yet (one from another copy of the state, its
+    result dropped), and a read before it would depend on timing.
+    """
+    wait_for_devices(self)
     copies = ffi.extension().read_entries(list(self.entries))
     steps = {step for steps, _, _ in copies for step in steps}
     return (steps.pop() if len(steps) == 1 else None,
@@ -298,13 +304,15 @@ class StateRecord:
 
     Under every entry's lock, as ``read_moments``: a step on another thread
     lands before the whole write or after it. Every write is checked before
-    the first is made.
+    the first is made. After the work dispatched to the record's devices,
+    as ``read_state``: a step not yet run would step on what is written.
 
     Args:
       writes: ``(entry index, leaf, moment, data, absmax)``, the data and
         absmax as uint8 arrays (absmax empty for an fp32 moment).
       step: the step the written moments are at.
     """
+    wait_for_devices(self)
     self.touched = True
     ffi.extension().write_entries(list(self.entries), list(writes), step)
 

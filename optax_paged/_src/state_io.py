@@ -81,10 +81,6 @@ def export_state(state: Any) -> dict[str, Any]:
   """The state dictionary of ``state``: its moments and count, checked."""
   record = state.buffers.record()
   count = int(np.asarray(jax.device_get(state.count)))
-  # A step dispatched on these buffers from another copy of the state (its
-  # result possibly dropped) may not have run yet: the read must come after
-  # it, or the export would pass or refuse depending on timing.
-  registry.wait_for_devices(record)
   # Read at once, so that a step on another thread lands before the read of
   # every leaf or after it.
   step, moments, masters = record.read_state()
@@ -270,7 +266,6 @@ def plan_import(state: Any, saved: Any) -> Planned:
     writes = sharded_checkpoint.check(record, saved, count_bytes(count),
                                       refuse)
     def write_sharded() -> None:
-      registry.wait_for_devices(record)
       record.write_moments(sharded_checkpoint.moment_writes(writes), count)
 
     return Planned(
@@ -318,9 +313,6 @@ def plan_import(state: Any, saved: Any) -> Planned:
   tiers = [int(np.asarray(leaf.get('tier', -1))) for leaf in saved['leaves']]
 
   def write() -> None:
-    # A step dispatched on these buffers and not yet run (from another copy
-    # of the state, its result dropped) would step on the loaded moments.
-    registry.wait_for_devices(record)
     empty = np.zeros([0], np.uint8)
     record.write_moments([
         (0, index, m, np.ascontiguousarray(moment['codes']),
@@ -399,7 +391,6 @@ def export_buffers(buffers: registry.StateBuffers) -> dict[str, Any]:
   moments are at, which the state's own count must equal.
   """
   record = buffers.record()
-  registry.wait_for_devices(record)
   step, moments, masters = record.read_state()
   if not record.has_moments:
     step = 0  # any count fits a state without moments
