@@ -99,13 +99,7 @@ if want profile; then
   IFS=, read -ra runs <<<"${PROFILE_RUNS:-fp32 adamw,bf16 adamw,fp32 adamw4bit,bf16 adamw4bit,fp32 lion,fp32 lion4bit,fp32 ademamix,bf16 adamw 24}"
   for run in "${runs[@]}"; do
     set -- $run
-    timeout 120 ncu --clock-control none --kernel-name regex:UpdateKernel \
-      --launch-skip 4 --launch-count 1 --section SpeedOfLight \
-      --section InstructionStats --section LaunchStats --section Occupancy \
-      --section MemoryWorkloadAnalysis --section WarpStateStats \
-      python3 tools/profile_fused.py "$@" >"$OUT/ncu_fused_$2_$1${3:+_master$3}.txt" 2>&1
-    echo "ncu $*: $(grep -E '^ +(Duration|DRAM Throughput|Executed Instructions|Registers Per Thread|Achieved Occupancy) ' \
-      "$OUT/ncu_fused_$2_$1${3:+_master$3}.txt" | awk '{print $1" "$NF}' | paste -sd' ')"
+    bash scripts/ncu_fused.sh "$OUT/ncu_fused_$2_$1${3:+_master$3}.txt" "ncu $*" "$@"
   done
   # The regression guard: each kernel's DRAM throughput against its target.
   python3 tools/ncu_targets.py "$OUT"/ncu_fused_*.txt | tee "$OUT/ncu_targets.md"

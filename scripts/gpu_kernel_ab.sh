@@ -55,13 +55,6 @@ for folder in "${builds[@]}"; do
   install "$folder"
   for run in "${runs[@]}"; do
     set -- $run
-    report="$OUT/ncu_${build}_$2_$1${3:+_master$3}.txt"
-    timeout 120 ncu --clock-control none --kernel-name regex:UpdateKernel \
-      --launch-skip 4 --launch-count 1 --section SpeedOfLight \
-      --section InstructionStats --section LaunchStats --section Occupancy \
-      --section MemoryWorkloadAnalysis --section WarpStateStats \
-      python3 tools/profile_fused.py "$@" >"$report" 2>&1
-    echo "ncu $build $*: $(grep -E '^ +(Duration|DRAM Throughput|Executed Instructions|Registers Per Thread|Achieved Occupancy) ' \
-      "$report" | awk '{print $1" "$NF}' | paste -sd' ')"
+    bash scripts/ncu_fused.sh "$OUT/ncu_${build}_$2_$1${3:+_master$3}.txt" "ncu $build $*" "$@"
   done
 done
