@@ -285,16 +285,18 @@ def plot(runs: list[Run], num_params: int, path: str,
   top.plot(np.arange(1, len(runs[0].losses) + 1), runs[0].losses,
            color='0.6', linewidth=0.6, label=f'{runs[0].name}, per step')
   styles = ('-', '-.', '--', ':')
+  # One colour a run in both panels (matplotlib's cycle would restart below).
+  colors = [f'C{i % 10}' for i in range(len(runs))]
   for i, (run, curve) in enumerate(zip(runs, smooth, strict=True)):
-    top.plot(steps, curve, styles[i % len(styles)], linewidth=1.8,
-             label=f'{run.name}, {FINAL_WINDOW}-step mean')
+    top.plot(steps, curve, styles[i % len(styles)], color=colors[i],
+             linewidth=1.8, label=f'{run.name}, {FINAL_WINDOW}-step mean')
   top.set_ylabel('training loss (nats/char)')
   top.set_title(f'Character-level transformer, {num_params:,} parameters')
   top.legend(fontsize='small')
   base = runs[baseline]
-  for run, curve in zip(runs, smooth, strict=True):
+  for run, curve, color in zip(runs, smooth, colors, strict=True):
     if run is not base:
-      bottom.plot(steps, curve - smooth[baseline], label=run.name)
+      bottom.plot(steps, curve - smooth[baseline], color=color, label=run.name)
   bottom.axhline(0.0, color='black', linewidth=0.6)
   bottom.set_xlabel('step')
   bottom.set_ylabel(f'minus {base.name.split(".")[-1]}', fontsize='small')

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -105,6 +106,9 @@ static_assert(sizeof(LaunchArgs) <= 32000, "kernel parameters over 32 KB");
 // [0]: signed map, [1]: unsigned map, [2]: the 4-bit signed map, [3]: unused
 // (a kernel copies two tables: their size is a multiple of 16 bytes).
 __device__ QuantTables g_tables[4];
+// The 8-bit kernels' shared tables: [0] signed, [1] unsigned. Their encode
+// reads g_tables only for a block holding NaN or infinity.
+__device__ __align__(16) FiniteCodeTables g_finite_tables[2];
 
 // Eight elements of T, as one or two 16-byte vectors.
 template <typename T>
@@ -127,6 +131,40 @@ __device__ __forceinline__ void StoreVec(T* dst, const Vec8<T>& src) {
   const uint4* s = reinterpret_cast<const uint4*>(&src);
 #pragma unroll
   for (int i = 0; i < static_cast<int>(sizeof(Vec8<T>) / 16); ++i) d[i] = s[i];
+}
+
+// bf16 outputs of the non-stochastic modes are rounded two at a time by the
+// packed conversion (one F2FP for a pair where FromFloat<BFloat16> spends a
+// conversion and a NaN select on each). The select is not needed here: every
+// value rounded is the result of the kernel's own arithmetic, whose NaN is
+// the canonical 0x7fffffff on NVIDIA GPUs, and the conversion turns that into
+// 0x7fff, the select's result for it (benchmarks/experiments/
+// bf16x2_nan_probe.cu shows both on the card). The refused path's constant
+// NaN keeps FromFloat.
+template <typename T, int kMode>
+inline constexpr bool kPackedBf16Output =
+    std::is_same_v<T, BFloat16> && kMode != kOutputParamsStochastic;
+
+__device__ __forceinline__ uint32_t PackBf16Pair(float low, float high) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+  uint32_t bits;
+  memcpy(&bits, &pair, sizeof(bits));
+  return bits;
+}
+
+// OutputValue<BFloat16, kMode> of two neighbouring elements, the same bits.
+template <int kMode>
+__device__ __forceinline__ void OutputBf16Pair(float param0, float update0,
+                                               float param1, float update1,
+                                               BFloat16* out) {
+  uint32_t bits = PackBf16Pair(update0, update1);
+  if constexpr (kMode == kOutputParams) {
+    // update + apply: the update rounded to bf16, then p + u rounded.
+    bits = PackBf16Pair(AddRounded(param0, BitsToFloat(bits << 16)),
+                        AddRounded(param1, BitsToFloat(bits & 0xffff0000u)));
+  }
+  out[0] = BFloat16{static_cast<uint16_t>(bits)};
+  out[1] = BFloat16{static_cast<uint16_t>(bits >> 16)};
 }
 
 __device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t run) {
@@ -174,11 +212,15 @@ __global__ void __launch_bounds__(
     UpdateKernel(const __grid_constant__ LaunchArgs args,
                  const float* __restrict__ hyperparams) {
   constexpr int kMoments = Optimizer::kNumMoments;
-  __shared__ QuantTables tables[2];
+  using SharedTables =
+      std::conditional_t<kFourBit, QuantTables, FiniteCodeTables>;
+  __shared__ __align__(16) SharedTables tables[2];
   {
-    const int4* src = reinterpret_cast<const int4*>(g_tables + (kFourBit ? 2 : 0));
+    const int4* src =
+        kFourBit ? reinterpret_cast<const int4*>(g_tables + 2)
+                 : reinterpret_cast<const int4*>(g_finite_tables);
     int4* dst = reinterpret_cast<int4*>(tables);
-    constexpr int kTableBytes = sizeof(QuantTables) * 2;
+    constexpr int kTableBytes = sizeof(SharedTables) * 2;
     static_assert(kTableBytes % sizeof(int4) == 0, "table size");
     for (int i = threadIdx.x; i < static_cast<int>(kTableBytes / sizeof(int4));
          i += blockDim.x) {
@@ -245,307 +287,358 @@ __global__ void __launch_bounds__(
       return;
     }
 
-    Vec8<T> g{}, p{};
-    if (count == kElementsPerLane) {
-      LoadVec(grad, &g);
-      LoadVec(param, &p);
-    } else {
-      for (int i = 0; i < count; ++i) {
-        g.v[i] = grad[i];
-        p.v[i] = param[i];
+    // Whether the lane's eight elements all lie in the leaf: every lane of
+    // a block but the leaf's last. `full_lane` is std::true_type or
+    // std::false_type (two copies of the body: the full one tests nothing
+    // per load and store, and keeps the shared tables' base in a uniform
+    // register; benchmarks/NOTES.md, issue 26) or, in tiered launches, a
+    // bool (one copy: there the second one cost spills, and the link sets
+    // the pace).
+    auto update_lane = [&](auto full_lane) {
+      Vec8<T> g{}, p{};
+      if (full_lane) {
+        LoadVec(grad, &g);
+        LoadVec(param, &p);
+      } else {
+        for (int i = 0; i < count; ++i) {
+          g.v[i] = grad[i];
+          p.v[i] = param[i];
+        }
       }
-    }
 
-    // The master weights' corrections, zeroed where the half-warp's
-    // parameters are not those they were written for (master_weights.h).
-    using Correction =
-        std::conditional_t<kCorrectionBits == 16, int16_t, int8_t>;
-    int32_t offset[kElementsPerLane] = {};
-    const int64_t master_block = 2 * local_block + lane / 16;
-    const bool master_live = master_block * kMasterBlockSize < leaf.size;
-    if constexpr (kCorrectionBits != 0) {
-      const Correction* source =
-          static_cast<const Correction*>(leaf.correction) + first;
-      Correction c[kElementsPerLane] = {};
-      if (count == kElementsPerLane) {
-        if constexpr (sizeof(Correction) == 2) {
-          *reinterpret_cast<uint4*>(c) = *reinterpret_cast<const uint4*>(source);
+      // The master weights' corrections, zeroed where the half-warp's
+      // parameters are not those they were written for (master_weights.h).
+      using Correction =
+          std::conditional_t<kCorrectionBits == 16, int16_t, int8_t>;
+      int32_t offset[kElementsPerLane] = {};
+      const int64_t master_block = 2 * local_block + lane / 16;
+      const bool master_live = master_block * kMasterBlockSize < leaf.size;
+      if constexpr (kCorrectionBits != 0) {
+        const Correction* source =
+            static_cast<const Correction*>(leaf.correction) + first;
+        Correction c[kElementsPerLane] = {};
+        if (full_lane) {
+          if constexpr (sizeof(Correction) == 2) {
+            *reinterpret_cast<uint4*>(c) = *reinterpret_cast<const uint4*>(source);
+          } else {
+            *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(source);
+          }
         } else {
-          *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(source);
+          for (int i = 0; i < count; ++i) c[i] = source[i];
+        }
+        uint32_t fingerprint = 0;
+        bool corrected = false;
+#pragma unroll
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          offset[i] = c[i];
+          if (i < count) {
+            fingerprint += FingerprintTerm(Bits16(p.v[i]),
+                                           (lane % 16) * kElementsPerLane + i);
+            corrected = corrected || c[i] != 0;
+          }
+        }
+        fingerprint = HalfWarpSum(fingerprint);
+        corrected = HalfWarpAny(corrected);
+        const uint32_t saved = master_live ? leaf.fingerprints[master_block] : 0u;
+        if (fingerprint != saved && corrected) {
+#pragma unroll
+          for (int i = 0; i < kElementsPerLane; ++i) offset[i] = 0;
+          if (lane % 16 == 0) {
+            atomicAdd(leaf.fingerprints +
+                          (leaf.size + kMasterBlockSize - 1) / kMasterBlockSize,
+                      1u);
+          }
+        }
+      }
+
+      float moments[kMoments][kElementsPerLane];
+      float old_absmax[kMoments];
+      // 4 bits: lanes 0-15 hold quantization block 2 * local_block, lanes
+      // 16-31 the next one, which may lie past the leaf's end.
+      const int64_t half_block = 2 * local_block + lane / 16;
+      [[maybe_unused]] const bool half_live =
+          half_block * kFourBitBlockSize < leaf.size;
+      if (kFourBit && leaf.quantized) {
+        if constexpr (kFourBit) {  // `tables`: the 4-bit map's
+#pragma unroll
+          for (int m = 0; m < kMoments; ++m) {
+            old_absmax[m] = half_live ? leaf.absmax[m][half_block] : 0.0f;
+            const uint8_t* codes =
+                static_cast<const uint8_t*>(leaf.state[m]) + first / 2;
+            uint32_t packed = 0;
+            if (full_lane) {
+              packed = *reinterpret_cast<const uint32_t*>(codes);
+            } else {
+              for (int i = 0; i < (count + 1) / 2; ++i) {
+                packed |= static_cast<uint32_t>(codes[i]) << (8 * i);
+              }
+            }
+#pragma unroll
+            for (int i = 0; i < kElementsPerLane; ++i) {
+              moments[m][i] = DecodeFourBit(tables[0], Optimizer::IsSigned(m),
+                                            (packed >> (4 * i)) & 0xfu,
+                                            old_absmax[m]);
+            }
+          }
+        }
+      } else if (!kFourBit && leaf.quantized) {
+#pragma unroll
+        for (int m = 0; m < kMoments; ++m) {
+          const auto& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
+          if constexpr (decltype(in_run)::value) {
+            old_absmax[m] = __shfl_sync(0xffffffffu, run_absmax[m], slot);
+          } else {
+            old_absmax[m] = leaf.absmax[m][local_block];
+          }
+          const uint8_t* codes = static_cast<const uint8_t*>(leaf.state[m]) + first;
+          uint8_t c[kElementsPerLane] = {};
+          if (full_lane) {
+            *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(codes);
+          } else {
+            for (int i = 0; i < count; ++i) c[i] = codes[i];
+          }
+#pragma unroll
+          for (int i = 0; i < kElementsPerLane; ++i) {
+            moments[m][i] = Decode(t.values, c[i], old_absmax[m]);
+          }
         }
       } else {
-        for (int i = 0; i < count; ++i) c[i] = source[i];
-      }
-      uint32_t fingerprint = 0;
-      bool corrected = false;
 #pragma unroll
-      for (int i = 0; i < kElementsPerLane; ++i) {
-        offset[i] = c[i];
-        if (i < count) {
-          fingerprint += FingerprintTerm(Bits16(p.v[i]),
-                                         (lane % 16) * kElementsPerLane + i);
-          corrected = corrected || c[i] != 0;
-        }
-      }
-      fingerprint = HalfWarpSum(fingerprint);
-      corrected = HalfWarpAny(corrected);
-      const uint32_t saved = master_live ? leaf.fingerprints[master_block] : 0u;
-      if (fingerprint != saved && corrected) {
-#pragma unroll
-        for (int i = 0; i < kElementsPerLane; ++i) offset[i] = 0;
-        if (lane % 16 == 0) {
-          atomicAdd(leaf.fingerprints +
-                        (leaf.size + kMasterBlockSize - 1) / kMasterBlockSize,
-                    1u);
-        }
-      }
-    }
-
-    float moments[kMoments][kElementsPerLane];
-    float old_absmax[kMoments];
-    // 4 bits: lanes 0-15 hold quantization block 2 * local_block, lanes
-    // 16-31 the next one, which may lie past the leaf's end.
-    const int64_t half_block = 2 * local_block + lane / 16;
-    const bool half_live = half_block * kFourBitBlockSize < leaf.size;
-    if (kFourBit && leaf.quantized) {
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) {
-        old_absmax[m] = half_live ? leaf.absmax[m][half_block] : 0.0f;
-        const uint8_t* codes =
-            static_cast<const uint8_t*>(leaf.state[m]) + first / 2;
-        uint32_t packed = 0;
-        if (count == kElementsPerLane) {
-          packed = *reinterpret_cast<const uint32_t*>(codes);
-        } else {
-          for (int i = 0; i < (count + 1) / 2; ++i) {
-            packed |= static_cast<uint32_t>(codes[i]) << (8 * i);
+        for (int m = 0; m < kMoments; ++m) {
+          const float* values = static_cast<const float*>(leaf.state[m]) + first;
+          if (full_lane) {
+            LoadVec(values, reinterpret_cast<Vec8<float>*>(moments[m]));
+          } else {
+            for (int i = 0; i < count; ++i) moments[m][i] = values[i];
           }
         }
-#pragma unroll
-        for (int i = 0; i < kElementsPerLane; ++i) {
-          moments[m][i] = DecodeFourBit(tables[0], Optimizer::IsSigned(m),
-                                        (packed >> (4 * i)) & 0xfu,
-                                        old_absmax[m]);
-        }
       }
-    } else if (!kFourBit && leaf.quantized) {
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) {
-        const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
-        if constexpr (decltype(in_run)::value) {
-          old_absmax[m] = __shfl_sync(0xffffffffu, run_absmax[m], slot);
-        } else {
-          old_absmax[m] = leaf.absmax[m][local_block];
-        }
-        const uint8_t* codes = static_cast<const uint8_t*>(leaf.state[m]) + first;
-        uint8_t c[kElementsPerLane] = {};
-        if (count == kElementsPerLane) {
-          *reinterpret_cast<uint2*>(c) = *reinterpret_cast<const uint2*>(codes);
-        } else {
-          for (int i = 0; i < count; ++i) c[i] = codes[i];
-        }
-#pragma unroll
-        for (int i = 0; i < kElementsPerLane; ++i) {
-          moments[m][i] = Decode(t.values, c[i], old_absmax[m]);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) {
-        const float* values = static_cast<const float*>(leaf.state[m]) + first;
-        if (count == kElementsPerLane) {
-          LoadVec(values, reinterpret_cast<Vec8<float>*>(moments[m]));
-        } else {
-          for (int i = 0; i < count; ++i) moments[m][i] = values[i];
-        }
-      }
-    }
 
-    Vec8<T> result;
-    const bool decay = leaf.decay != 0;
-    // The output mode is uniform over the launch: one copy of the element
-    // loop per mode keeps its test and the random bits' setup out of the
-    // loop, where they cost a bf16 element several instructions.
-    auto update_elements = [&](auto mode) {
-      constexpr int kMode = decltype(mode)::value;
+      Vec8<T> result;
+      const bool decay = leaf.decay != 0;
+      // The output mode is uniform over the launch: one copy of the element
+      // loop per mode keeps its test and the random bits' setup out of the
+      // loop, where they cost a bf16 element several instructions.
+      auto update_elements = [&](auto mode) {
+        constexpr int kMode = decltype(mode)::value;
+        // Each even element's operands wait here for its odd neighbour.
+        [[maybe_unused]] float params_f[kElementsPerLane];
+        [[maybe_unused]] float updates[kElementsPerLane];
 #pragma unroll
-      for (int i = 0; i < kElementsPerLane; ++i) {
-        float element[kMoments];
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          float element[kMoments];
 #pragma unroll
-        for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-        if constexpr (kCorrectionBits != 0) {
-          // The step is the master's; p then holds the parameter written.
-          const float master = DecodeMaster<kCorrectionBits>(p.v[i], offset[i]);
-          const float update = Optimizer::Update(scalars, ToFloat(g.v[i]),
-                                                 master, decay, element);
-          const float new_master = AddRounded(master, update);
-          const MasterStep<T> step = StepToMaster(p.v[i], new_master);
-          result.v[i] = kMode == kOutputUpdates ? step.update : step.param;
-          p.v[i] = step.param;
-          offset[i] = EncodeCorrection<kCorrectionBits>(new_master, step.param);
-        } else {
-          const float param_f = ToFloat(p.v[i]);
-          const float update = Optimizer::Update(scalars, ToFloat(g.v[i]),
-                                                 param_f, decay, element);
-          uint32_t random = 0u;
-          if constexpr (kMode == kOutputParamsStochastic) {
-            random = RandomBits(
-                seed, leaf.id,
-                static_cast<uint64_t>(leaf.index_offset + first + i));
+          for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
+          if constexpr (kCorrectionBits != 0) {
+            // The step is the master's; p then holds the parameter written.
+            const float master = DecodeMaster<kCorrectionBits>(p.v[i], offset[i]);
+            const float update = Optimizer::Update(scalars, ToFloat(g.v[i]),
+                                                   master, decay, element);
+            const float new_master = AddRounded(master, update);
+            const MasterStep<T> step = StepToMaster(p.v[i], new_master);
+            result.v[i] = kMode == kOutputUpdates ? step.update : step.param;
+            p.v[i] = step.param;
+            offset[i] = EncodeCorrection<kCorrectionBits>(new_master, step.param);
+          } else {
+            const float param_f = ToFloat(p.v[i]);
+            const float update = Optimizer::Update(scalars, ToFloat(g.v[i]),
+                                                   param_f, decay, element);
+            uint32_t random = 0u;
+            if constexpr (kMode == kOutputParamsStochastic) {
+              random = RandomBits(
+                  seed, leaf.id,
+                  static_cast<uint64_t>(leaf.index_offset + first + i));
+            }
+            if constexpr (kPackedBf16Output<T, kMode>) {
+              params_f[i] = param_f;
+              updates[i] = update;
+              if (i % 2 == 1) {
+                OutputBf16Pair<kMode>(params_f[i - 1], updates[i - 1], param_f,
+                                      update, &result.v[i - 1]);
+              }
+            } else {
+              result.v[i] = OutputValue<T, kMode>(param_f, update, random);
+            }
           }
-          result.v[i] = OutputValue<T, kMode>(param_f, update, random);
-        }
 #pragma unroll
-        for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+          for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
+        }
+      };
+      if (args.output_mode == kOutputParams) {
+        update_elements(std::integral_constant<int, kOutputParams>{});
+      } else if (args.output_mode == kOutputUpdates) {
+        update_elements(std::integral_constant<int, kOutputUpdates>{});
+      } else {
+        update_elements(std::integral_constant<int, kOutputParamsStochastic>{});
+      }
+      if (full_lane) {
+        StoreVec(out, result);
+      } else {
+        for (int i = 0; i < count; ++i) out[i] = result.v[i];
+      }
+      if constexpr (kCorrectionBits != 0) {
+        uint32_t fingerprint = 0;
+        Correction c[kElementsPerLane];
+#pragma unroll
+        for (int i = 0; i < kElementsPerLane; ++i) {
+          c[i] = static_cast<Correction>(offset[i]);
+          if (i < count) {
+            fingerprint += FingerprintTerm(Bits16(p.v[i]),
+                                           (lane % 16) * kElementsPerLane + i);
+          }
+        }
+        fingerprint = HalfWarpSum(fingerprint);
+        if (lane % 16 == 0 && master_live) {
+          leaf.fingerprints[master_block] = fingerprint;
+        }
+        Correction* target = static_cast<Correction*>(leaf.correction) + first;
+        if (full_lane) {
+          if constexpr (sizeof(Correction) == 2) {
+            *reinterpret_cast<uint4*>(target) = *reinterpret_cast<const uint4*>(c);
+          } else {
+            *reinterpret_cast<uint2*>(target) = *reinterpret_cast<const uint2*>(c);
+          }
+        } else {
+          for (int i = 0; i < count; ++i) target[i] = c[i];
+        }
+      }
+
+      if (kFourBit && leaf.quantized) {
+        if constexpr (kFourBit) {  // `tables`: the 4-bit map's
+#pragma unroll
+          for (int m = 0; m < kMoments; ++m) {
+            // A full lane takes unrolled loops; a partial one leaves its codes
+            // past the leaf's end zero (the CPU's padding nibble).
+            const bool full = full_lane;
+            unsigned largest = 0;
+            if (full) {
+#pragma unroll
+              for (int i = 0; i < kElementsPerLane; ++i) {
+                largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+              }
+            } else {
+              for (int i = 0; i < count; ++i) {
+                largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+              }
+            }
+            // The maximum over the half-warp (xor offsets below 16 stay in it).
+#pragma unroll
+            for (int offset = 8; offset > 0; offset /= 2) {
+              largest = max(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+            }
+            const float absmax = BitsToFloat(largest);
+            const float inverse = InverseScale(absmax);
+            // Constant for an unrolled moment: one of the two encodes is compiled.
+            const bool stochastic =
+                kStochasticFourBitOf<Optimizer> && Optimizer::IsSigned(m);
+            const uint32_t key = stochastic ? StateRoundingKey(seed, leaf.id) : 0u;
+            const uint64_t index = static_cast<uint64_t>(leaf.index_offset + first);
+            uint32_t packed = 0;
+#pragma unroll
+            for (int i = 0; i < kElementsPerLane; ++i) {
+              const float scaled = moments[m][i] * inverse;
+              const uint8_t code =
+                  stochastic ? EncodeFourBitStochastic(
+                                   tables[0], scaled,
+                                   StateRoundingBits(key, index + i))
+                             : EncodeFourBit(tables[0], Optimizer::IsSigned(m),
+                                             scaled);
+              packed |= static_cast<uint32_t>(code) << (4 * i);
+            }
+            if (!full) packed &= (1u << (4 * count)) - 1u;
+            uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first / 2;
+            if (full_lane) {
+              *reinterpret_cast<uint32_t*>(codes) = packed;
+            } else {
+              for (int i = 0; i < (count + 1) / 2; ++i) {
+                codes[i] = static_cast<uint8_t>(packed >> (8 * i));
+              }
+            }
+            if (lane % 16 == 0 && half_live) leaf.absmax[m][half_block] = absmax;
+          }
+        }
+      } else if (!kFourBit && leaf.quantized) {
+#pragma unroll
+        for (int m = 0; m < kMoments; ++m) {
+          // Bit patterns of non-negative floats order as their values and NaN
+          // patterns sit above infinity: an integer max is the absmax, NaN if
+          // the block holds one, as on the CPU.
+          unsigned largest = 0;
+          if (full_lane) {
+#pragma unroll
+            for (int i = 0; i < kElementsPerLane; ++i) {
+              largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+            }
+          } else {
+            for (int i = 0; i < count; ++i) {
+              largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
+            }
+          }
+          largest = __reduce_max_sync(0xffffffffu, largest);
+          const float absmax = BitsToFloat(largest);
+          const float inverse = InverseScale(absmax);
+          uint8_t c[kElementsPerLane] = {};
+          if constexpr (!kFourBit) {  // `tables`: FiniteCodeTables
+            if (largest < 0x7f800000u) {  // a finite absmax: |x| <= 1 + 2^-23
+              const FiniteCodeTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
+#pragma unroll
+              for (int i = 0; i < kElementsPerLane; ++i) {
+                c[i] = EncodeFinite(t, moments[m][i] * inverse);
+              }
+            } else {
+              const QuantTables& t = g_tables[Optimizer::IsSigned(m) ? 0 : 1];
+#pragma unroll
+              for (int i = 0; i < kElementsPerLane; ++i) {
+                c[i] = Encode(t, moments[m][i] * inverse);
+              }
+            }
+          }
+          uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first;
+          if (full_lane) {
+            *reinterpret_cast<uint2*>(codes) = *reinterpret_cast<const uint2*>(c);
+          } else {
+            for (int i = 0; i < count; ++i) codes[i] = c[i];
+          }
+          if constexpr (decltype(in_run)::value) {
+            if (lane == slot) run_absmax[m] = absmax;
+          } else if (lane == 0) {
+            leaf.absmax[m][local_block] = absmax;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int m = 0; m < kMoments; ++m) {
+          float* values = static_cast<float*>(leaf.state[m]) + first;
+          if (full_lane) {
+            StoreVec(values, *reinterpret_cast<const Vec8<float>*>(moments[m]));
+          } else {
+            for (int i = 0; i < count; ++i) values[i] = moments[m][i];
+          }
+        }
       }
     };
-    if (args.output_mode == kOutputParams) {
-      update_elements(std::integral_constant<int, kOutputParams>{});
-    } else if (args.output_mode == kOutputUpdates) {
-      update_elements(std::integral_constant<int, kOutputUpdates>{});
+    if constexpr (kTiered) {
+      update_lane(count == kElementsPerLane);
+    } else if (count == kElementsPerLane) {
+      update_lane(std::true_type{});
     } else {
-      update_elements(std::integral_constant<int, kOutputParamsStochastic>{});
-    }
-    if (count == kElementsPerLane) {
-      StoreVec(out, result);
-    } else {
-      for (int i = 0; i < count; ++i) out[i] = result.v[i];
-    }
-    if constexpr (kCorrectionBits != 0) {
-      uint32_t fingerprint = 0;
-      Correction c[kElementsPerLane];
-#pragma unroll
-      for (int i = 0; i < kElementsPerLane; ++i) {
-        c[i] = static_cast<Correction>(offset[i]);
-        if (i < count) {
-          fingerprint += FingerprintTerm(Bits16(p.v[i]),
-                                         (lane % 16) * kElementsPerLane + i);
-        }
-      }
-      fingerprint = HalfWarpSum(fingerprint);
-      if (lane % 16 == 0 && master_live) {
-        leaf.fingerprints[master_block] = fingerprint;
-      }
-      Correction* target = static_cast<Correction*>(leaf.correction) + first;
-      if (count == kElementsPerLane) {
-        if constexpr (sizeof(Correction) == 2) {
-          *reinterpret_cast<uint4*>(target) = *reinterpret_cast<const uint4*>(c);
-        } else {
-          *reinterpret_cast<uint2*>(target) = *reinterpret_cast<const uint2*>(c);
-        }
-      } else {
-        for (int i = 0; i < count; ++i) target[i] = c[i];
-      }
-    }
-
-    if (kFourBit && leaf.quantized) {
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) {
-        // A full lane takes unrolled loops; a partial one leaves its codes
-        // past the leaf's end zero (the CPU's padding nibble).
-        const bool full = count == kElementsPerLane;
-        unsigned largest = 0;
-        if (full) {
-#pragma unroll
-          for (int i = 0; i < kElementsPerLane; ++i) {
-            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
-          }
-        } else {
-          for (int i = 0; i < count; ++i) {
-            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
-          }
-        }
-        // The maximum over the half-warp (xor offsets below 16 stay in it).
-#pragma unroll
-        for (int offset = 8; offset > 0; offset /= 2) {
-          largest = max(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
-        }
-        const float absmax = BitsToFloat(largest);
-        const float inverse = InverseScale(absmax);
-        // Constant for an unrolled moment: one of the two encodes is compiled.
-        const bool stochastic =
-            kStochasticFourBitOf<Optimizer> && Optimizer::IsSigned(m);
-        const uint32_t key = stochastic ? StateRoundingKey(seed, leaf.id) : 0u;
-        const uint64_t index = static_cast<uint64_t>(leaf.index_offset + first);
-        uint32_t packed = 0;
-#pragma unroll
-        for (int i = 0; i < kElementsPerLane; ++i) {
-          const float scaled = moments[m][i] * inverse;
-          const uint8_t code =
-              stochastic ? EncodeFourBitStochastic(
-                               tables[0], scaled,
-                               StateRoundingBits(key, index + i))
-                         : EncodeFourBit(tables[0], Optimizer::IsSigned(m),
-                                         scaled);
-          packed |= static_cast<uint32_t>(code) << (4 * i);
-        }
-        if (!full) packed &= (1u << (4 * count)) - 1u;
-        uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first / 2;
-        if (count == kElementsPerLane) {
-          *reinterpret_cast<uint32_t*>(codes) = packed;
-        } else {
-          for (int i = 0; i < (count + 1) / 2; ++i) {
-            codes[i] = static_cast<uint8_t>(packed >> (8 * i));
-          }
-        }
-        if (lane % 16 == 0 && half_live) leaf.absmax[m][half_block] = absmax;
-      }
-    } else if (!kFourBit && leaf.quantized) {
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) {
-        // Bit patterns of non-negative floats order as their values and NaN
-        // patterns sit above infinity: an integer max is the absmax, NaN if
-        // the block holds one, as on the CPU.
-        unsigned largest = 0;
-        if (count == kElementsPerLane) {
-#pragma unroll
-          for (int i = 0; i < kElementsPerLane; ++i) {
-            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
-          }
-        } else {
-          for (int i = 0; i < count; ++i) {
-            largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
-          }
-        }
-        largest = __reduce_max_sync(0xffffffffu, largest);
-        const float absmax = BitsToFloat(largest);
-        const float inverse = InverseScale(absmax);
-        const QuantTables& t = tables[Optimizer::IsSigned(m) ? 0 : 1];
-        uint8_t c[kElementsPerLane];
-#pragma unroll
-        for (int i = 0; i < kElementsPerLane; ++i) {
-          c[i] = Encode(t, moments[m][i] * inverse);
-        }
-        uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first;
-        if (count == kElementsPerLane) {
-          *reinterpret_cast<uint2*>(codes) = *reinterpret_cast<const uint2*>(c);
-        } else {
-          for (int i = 0; i < count; ++i) codes[i] = c[i];
-        }
-        if constexpr (decltype(in_run)::value) {
-          if (lane == slot) run_absmax[m] = absmax;
-        } else if (lane == 0) {
-          leaf.absmax[m][local_block] = absmax;
-        }
-      }
-    } else {
-#pragma unroll
-      for (int m = 0; m < kMoments; ++m) {
-        float* values = static_cast<float*>(leaf.state[m]) + first;
-        if (count == kElementsPerLane) {
-          StoreVec(values, *reinterpret_cast<const Vec8<float>*>(moments[m]));
-        } else {
-          for (int i = 0; i < count; ++i) values[i] = moments[m][i];
-        }
-      }
+      update_lane(std::false_type{});
     }
   };
 
   if constexpr (!kTiered) {
     // Every leaf on the device: a run is a block, in a plain grid stride
     // (its own kernel, so that its registers hold none of the runs').
+    // A warp's runs increase, so its leaf only moves forward: a cursor
+    // instead of a binary search over the leaves per block (~10 thread
+    // instructions a parameter at 168 leaves).
+    int leaf_index = warp < args.total_runs ? FindLeaf(args, warp) : 0;
     for (int64_t run = warp; run < args.total_runs; run += warps) {
-      const LeafArgs& leaf = args.leaves[FindLeaf(args, run)];
+      while (leaf_index + 1 < args.num_leaves &&
+             args.leaves[leaf_index + 1].first_run <= run) {
+        ++leaf_index;
+      }
+      const LeafArgs& leaf = args.leaves[leaf_index];
       update_block(std::false_type{}, leaf, run - leaf.first_run, 0);
     }
   } else {
@@ -620,7 +713,12 @@ cudaError_t EnsureDeviceTables(int device) {
   if (copied[device]) return cudaSuccess;
   const QuantTables host[4] = {SignedTables(), UnsignedTables(),
                                SignedFourBitTables(), UnsignedTables()};
-  const cudaError_t status = cudaMemcpyToSymbol(g_tables, host, sizeof(host));
+  cudaError_t status = cudaMemcpyToSymbol(g_tables, host, sizeof(host));
+  if (status == cudaSuccess) {
+    const FiniteCodeTables finite[2] = {SignedFiniteCodeTables(),
+                                        UnsignedFiniteCodeTables()};
+    status = cudaMemcpyToSymbol(g_finite_tables, finite, sizeof(finite));
+  }
   copied[device] = status == cudaSuccess;
   return status;
 }

@@ -258,6 +258,76 @@ inline const QuantTables& UnsignedTables() {
   return *tables;
 }
 
+// The GPU's encode of a block whose absmax is finite (every |scaled| <= 1 +
+// 2^-23, never NaN): tables indexed by code, so that the nearest code is
+// one lookup of the lower candidate, one of the threshold above it and the
+// sign of their difference, about half of Encode's instructions (the
+// kernels are bound by instructions; benchmarks/NOTES.md, issue 26). The
+// same code as Encode for every such value: the exhaustive check is
+// benchmarks/experiments/encode_fast_path_check.cc. A block holding NaN or
+// infinity takes Encode. Needs subnormals kept (no flush to zero).
+struct FiniteCodeTables {
+  float values[256];  // the map, for decoding
+  // Between code c and c + 1: the midpoint, ties to the smaller magnitude
+  // (below zero the midpoint's magnitude one step larger); infinity past
+  // the last code.
+  float threshold[256];
+  // Per side (0: x >= 0) and bucket of |x| (Encode's key): the code just
+  // below every threshold the bucket's values can exceed.
+  uint8_t lower_code[2][kLutSize];
+};
+
+// 2^-40: every smaller magnitude shares the first bucket (kLutMinExponent).
+inline constexpr float kLutFloor = 9.094947017729282e-13f;
+
+OPTAX_PAGED_HD uint8_t EncodeFinite(const FiniteCodeTables& tables,
+                                    float scaled) {
+  const uint32_t side = FloatBits(scaled) >> 31;
+  const float magnitude = fmaxf(fabsf(scaled), kLutFloor);
+  const int key = static_cast<int>(FloatBits(magnitude) >>
+                                   (23 - kLutMantissaBits)) -
+                  (kLutMinExponent << kLutMantissaBits);
+  const uint32_t lower = tables.lower_code[side][key];
+  return static_cast<uint8_t>(
+      lower + (FloatBits(tables.threshold[lower] - scaled) >> 31));
+}
+
+inline void BuildFiniteCodeTables(const QuantTables& quant,
+                                  FiniteCodeTables* tables) {
+  const int zero = quant.zero_code;
+  for (int code = 0; code < 256; ++code) {
+    tables->values[code] = quant.values[code];
+    tables->threshold[code] =
+        code >= zero ? quant.midpoints[0][code - zero]
+                     : std::nextafterf(-quant.midpoints[1][zero - 1 - code],
+                                       -BitsToFloat(0x7f800000u));
+  }
+  for (int key = 0; key < kLutSize; ++key) {
+    tables->lower_code[0][key] =
+        static_cast<uint8_t>(zero + quant.bucket_start[0][key]);
+    const int below = zero - quant.bucket_start[1][key] - 1;
+    tables->lower_code[1][key] = static_cast<uint8_t>(below < 0 ? 0 : below);
+  }
+}
+
+inline const FiniteCodeTables& SignedFiniteCodeTables() {
+  static const FiniteCodeTables* tables = [] {
+    auto* t = new FiniteCodeTables;
+    BuildFiniteCodeTables(SignedTables(), t);
+    return t;
+  }();
+  return *tables;
+}
+
+inline const FiniteCodeTables& UnsignedFiniteCodeTables() {
+  static const FiniteCodeTables* tables = [] {
+    auto* t = new FiniteCodeTables;
+    BuildFiniteCodeTables(UnsignedTables(), t);
+    return t;
+  }();
+  return *tables;
+}
+
 // The 4-bit signed map's tables (Encode works on them unchanged); the
 // unsigned 4-bit map needs none (EncodeLinear16), only its values.
 inline const QuantTables& SignedFourBitTables() {
