@@ -194,8 +194,8 @@ def master_runners(params):
   ]
   try:
     import flashoptim_jax  # noqa: PLC0415
-  except ImportError:
-    print('flashoptim-jax is not installed: its rows are left out')
+  except ImportError as error:
+    print(f'flashoptim-jax is not importable ({error}): its rows are left out')
     return runners
   for bits, label in ((24, '24-bit master'), (None, 'no master')):
     runners.append(Runner(
