@@ -264,7 +264,7 @@ inline const QuantTables& UnsignedTables() {
 // sign of their difference, about half of Encode's instructions (the
 // kernels are bound by instructions; benchmarks/NOTES.md, issue 26). The
 // same code as Encode for every such value: the exhaustive check is
-// benchmarks/experiments/encode_fast_path_check.cc. A block holding NaN or
+// tests/data/finite_encode_check.cc --all. A block holding NaN or
 // infinity takes Encode. Needs subnormals kept (no flush to zero).
 struct FiniteCodeTables {
   float values[256];  // the map, for decoding

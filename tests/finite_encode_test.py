@@ -3,10 +3,9 @@
 The CUDA kernels encode a block whose absmax is finite with code-indexed
 tables (``EncodeFinite``) and keep ``Encode`` for a block holding NaN or
 infinity; the two must give the same code for every value such a block can
-hold (|x| <= 1 + 2^-23), or the GPU's states would leave the CPU's. The
-exhaustive check over every float32 is
-benchmarks/experiments/encode_fast_path_check.cc (about a minute); this one
-samples every 16th pattern and every threshold's neighbourhood.
+hold (|x| <= 1 + 2^-23), or the GPU's states would leave the CPU's. This
+samples every 16th pattern and every threshold's neighbourhood; the same
+program with ``--all`` checks every float32 (about a minute).
 """
 
 from tests.header_programs import run_header_program

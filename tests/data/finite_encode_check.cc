@@ -1,16 +1,19 @@
 // EncodeFinite (the GPU's encode of a block with a finite absmax) against
 // Encode, for both 8-bit maps: every 16th float32 with |x| < 2 (a finite
 // absmax gives |x| <= 1 + 2^-23), and every threshold with its 64
-// neighbours on each side, where ties and the negative side's nudge live.
+// neighbours on each side, where ties and the negative side's nudge live
+// (`--all`: every float32, about a minute).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 
 #include "quantization.h"
 
 using namespace optax_paged;
 
-int main() {
+int main(int argc, char** argv) {
+  const uint64_t stride = argc > 1 && std::strcmp(argv[1], "--all") == 0 ? 1 : 16;
   const QuantTables* maps[2] = {&SignedTables(), &UnsignedTables()};
   const FiniteCodeTables* finite[2] = {&SignedFiniteCodeTables(),
                                        &UnsignedFiniteCodeTables()};
@@ -23,7 +26,7 @@ int main() {
     }
   };
   for (int map = 0; map < 2; ++map) {
-    for (uint64_t bits = 0; bits < (1ull << 32); bits += 16) {
+    for (uint64_t bits = 0; bits < (1ull << 32); bits += stride) {
       check(map, BitsToFloat(static_cast<uint32_t>(bits)));
     }
     for (int code = 0; code < 256; ++code) {
