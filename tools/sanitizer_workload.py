@@ -2,9 +2,10 @@
 
 Covers fp32/bf16/fp16, 8-bit and fp32 leaves, partial blocks and vectors,
 the fused step (with and without stochastic rounding), the host tier,
-updates written over gradients made in the step, and the optimizers with
-one and three moments, and master-weight corrections (24 and 32 bits, both
-tiers, with a parameter changed outside the optimizer so the reset path runs).
+updates written over gradients made in the step, the optimizers with one
+and three moments, 4-bit states, and master-weight corrections (24 and 32
+bits, both tiers, with a parameter changed outside the optimizer so the
+reset path runs).
 """
 
 import functools
@@ -42,7 +43,8 @@ for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
     jax.block_until_ready(updates)
     optax_paged.release(state)
   for tx in (optax_paged.lion8bit(1e-4, min_8bit_size=256),
-             optax_paged.ademamix8bit(1e-4, min_8bit_size=256)):
+             optax_paged.ademamix8bit(1e-4, min_8bit_size=256),
+             optax_paged.paged_adamw4bit(1e-4, min_8bit_size=256)):
     state = tx.init(params)
     jax.block_until_ready(
         jax.jit(functools.partial(optax_paged.apply_gradients, tx))(
