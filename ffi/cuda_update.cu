@@ -167,6 +167,133 @@ __device__ __forceinline__ void OutputBf16Pair(float param0, float update0,
   out[1] = BFloat16{static_cast<uint16_t>(bits >> 16)};
 }
 
+// The master-weight lanes that take master_weights.h's shortcuts: bf16 with
+// 8-bit corrections (the 24-bit master), writing parameters.
+template <typename T, int kCorrectionBits, int kMode>
+inline constexpr bool kMasterShortcut = std::is_same_v<T, BFloat16> &&
+                                        kCorrectionBits == 8 &&
+                                        kMode == kOutputParams;
+
+// Whether the launch's AdamW takes neither nesterov nor eps_root, whose
+// branches then leave the master kernels' element loop (PlainScalars).
+template <typename Optimizer>
+__device__ __forceinline__ bool IsPlain(const typename Optimizer::Scalars& s) {
+  if constexpr (std::is_same_v<Optimizer, AdamW>) {
+    return !s.nesterov && !(s.eps_root != 0.0f);
+  } else {
+    return false;
+  }
+}
+
+// The scalars of a launch for which IsPlain holds, with those two as
+// constants: the same values, known to the compiler.
+template <typename Optimizer>
+__device__ __forceinline__ typename Optimizer::Scalars PlainScalars(
+    typename Optimizer::Scalars s) {
+  if constexpr (std::is_same_v<Optimizer, AdamW>) {
+    s.nesterov = false;
+    s.eps_root = 0.0f;
+  }
+  return s;
+}
+
+// A lane's share of its half-warp's fingerprint: FingerprintTerm summed over
+// its parameters, a full lane's over its four 32-bit words at once.
+template <typename T, typename Full>
+__device__ __forceinline__ uint32_t LaneFingerprintOf(const Vec8<T>& p,
+                                                      Full full_lane, int count,
+                                                      int lane) {
+  static_assert(sizeof(T) == 2, "master weights are kept for 16-bit parameters");
+  if (full_lane) {
+    uint32_t words[4];
+    memcpy(words, &p, sizeof(words));
+    return LaneFingerprint(words, lane % 16);
+  }
+  uint32_t sum = 0;
+  for (int i = 0; i < count; ++i) {
+    sum += FingerprintTerm(Bits16(p.v[i]), (lane % 16) * kElementsPerLane + i);
+  }
+  return sum;
+}
+
+// DecodeMaster<8> of a lane of bf16 parameters, by the shortcut where all
+// eight lie inside bf16's range. (Templates on the lambda's mode, and the
+// parameter type, so that update_elements' discarded branches of other
+// instantiations are never checked against float parameters.)
+template <int kMode, typename T>
+__device__ __forceinline__ void DecodeLaneMasters(
+    const Vec8<T>& p, const int32_t offset[kElementsPerLane],
+    float masters[kElementsPerLane]) {
+  static_assert(std::is_same_v<T, BFloat16>, "the shortcuts are bf16's");
+  bool inside = true;
+#pragma unroll
+  for (int i = 0; i < kElementsPerLane; ++i) {
+    inside &= InsideBf16Range(ToFloat(p.v[i]));
+  }
+  // A branch, not a select per element: the general decode is not computed
+  // for the lanes (nearly all) that do not need it.
+  if (inside) {
+#pragma unroll
+    for (int i = 0; i < kElementsPerLane; ++i) {
+      masters[i] = BitsToFloat(DecodeMaster8Inside(p.v[i].bits, offset[i]));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kElementsPerLane; ++i) {
+      masters[i] = DecodeMaster<8>(p.v[i], offset[i]);
+    }
+  }
+}
+
+// StepToMaster and EncodeCorrection<8> for a lane of bf16 parameters, by
+// the shortcuts where every new master lies inside bf16's range and every
+// parameter reaches its master's rounding (the usual step); else element by
+// element by the general functions. The update and the parameter are
+// rounded two at a time (PackBf16Pair: finite values only here).
+template <int kMode, typename T>
+__device__ __forceinline__ void StepLaneToMasters(
+    const float new_masters[kElementsPerLane], Vec8<T>* p,
+    int32_t offset[kElementsPerLane]) {
+  static_assert(std::is_same_v<T, BFloat16>, "the shortcuts are bf16's");
+  uint32_t words[kElementsPerLane / 2];
+  int32_t corrections[kElementsPerLane];
+  bool shortcut = true;
+#pragma unroll
+  for (int j = 0; j < kElementsPerLane / 2; ++j) {
+    const uint32_t master0 = FloatBits(new_masters[2 * j]);
+    const uint32_t master1 = FloatBits(new_masters[2 * j + 1]);
+    shortcut &= InsideBf16Range(new_masters[2 * j]) &
+                InsideBf16Range(new_masters[2 * j + 1]);
+    const uint32_t target0 = RoundTiesUpInside(master0);
+    const uint32_t target1 = RoundTiesUpInside(master1);
+    const float param0 = ToFloat(p->v[2 * j]);
+    const float param1 = ToFloat(p->v[2 * j + 1]);
+    const uint32_t update = PackBf16Pair(AddRounded(BitsToFloat(target0), -param0),
+                                         AddRounded(BitsToFloat(target1), -param1));
+    words[j] = PackBf16Pair(AddRounded(param0, BitsToFloat(update << 16)),
+                            AddRounded(param1, BitsToFloat(update & 0xffff0000u)));
+    shortcut &= words[j] == ((target0 >> 16) | (target1 & 0xffff0000u));
+    corrections[2 * j] = EncodeCorrection8Inside(master0);
+    corrections[2 * j + 1] = EncodeCorrection8Inside(master1);
+  }
+  if (shortcut) {
+#pragma unroll
+    for (int j = 0; j < kElementsPerLane / 2; ++j) {
+      p->v[2 * j] = BFloat16{static_cast<uint16_t>(words[j])};
+      p->v[2 * j + 1] = BFloat16{static_cast<uint16_t>(words[j] >> 16)};
+    }
+#pragma unroll
+    for (int i = 0; i < kElementsPerLane; ++i) offset[i] = corrections[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kElementsPerLane; ++i) {
+      const MasterStep<BFloat16> step = StepToMaster(p->v[i], new_masters[i]);
+      p->v[i] = step.param;
+      offset[i] = EncodeCorrection<8>(new_masters[i], step.param);
+    }
+  }
+}
+
 __device__ __forceinline__ int FindLeaf(const LaunchArgs& args, int64_t run) {
   int lo = 0;
   int hi = args.num_leaves - 1;
@@ -227,7 +354,7 @@ __global__ void __launch_bounds__(
       dst[i] = src[i];
     }
   }
-  const typename Optimizer::Scalars scalars = Optimizer::Load(hyperparams);
+  const typename Optimizer::Scalars launch_scalars = Optimizer::Load(hyperparams);
   const uint32_t seed = FloatBits(hyperparams[kSeedIndex]);
   const bool misrouted = *args.position != args.expected_position;
   if (misrouted && blockIdx.x == 0 && threadIdx.x == 0) {
@@ -326,18 +453,14 @@ __global__ void __launch_bounds__(
         } else {
           for (int i = 0; i < count; ++i) c[i] = source[i];
         }
-        uint32_t fingerprint = 0;
         bool corrected = false;
 #pragma unroll
         for (int i = 0; i < kElementsPerLane; ++i) {
           offset[i] = c[i];
-          if (i < count) {
-            fingerprint += FingerprintTerm(Bits16(p.v[i]),
-                                           (lane % 16) * kElementsPerLane + i);
-            corrected = corrected || c[i] != 0;
-          }
+          if (i < count) corrected = corrected || c[i] != 0;
         }
-        fingerprint = HalfWarpSum(fingerprint);
+        const uint32_t fingerprint =
+            HalfWarpSum(LaneFingerprintOf(p, full_lane, count, lane));
         corrected = HalfWarpAny(corrected);
         const uint32_t saved = master_live ? leaf.fingerprints[master_block] : 0u;
         if (fingerprint != saved && corrected) {
@@ -419,17 +542,33 @@ __global__ void __launch_bounds__(
       // The output mode is uniform over the launch: one copy of the element
       // loop per mode keeps its test and the random bits' setup out of the
       // loop, where they cost a bf16 element several instructions.
-      auto update_elements = [&](auto mode) {
+      auto update_elements = [&](auto mode, auto plain) {
         constexpr int kMode = decltype(mode)::value;
+        // `plain` (std::true_type): AdamW without nesterov and eps_root, as
+        // constants, so that their branches leave the element loop.
+        const typename Optimizer::Scalars scalars =
+            decltype(plain)::value ? PlainScalars<Optimizer>(launch_scalars)
+                                   : launch_scalars;
         // Each even element's operands wait here for its odd neighbour.
         [[maybe_unused]] float params_f[kElementsPerLane];
         [[maybe_unused]] float updates[kElementsPerLane];
+        constexpr bool kShortcut = kMasterShortcut<T, kCorrectionBits, kMode>;
+        // The 24-bit master's shortcuts (master_weights.h) for a lane whose
+        // parameters lie inside bf16's range; any other lane decodes, and
+        // every lane may step, by the general functions.
+        [[maybe_unused]] float masters[kElementsPerLane];
+        [[maybe_unused]] float new_masters[kElementsPerLane];
+        if constexpr (kShortcut) DecodeLaneMasters<kMode>(p, offset, masters);
 #pragma unroll
         for (int i = 0; i < kElementsPerLane; ++i) {
           float element[kMoments];
 #pragma unroll
           for (int m = 0; m < kMoments; ++m) element[m] = moments[m][i];
-          if constexpr (kCorrectionBits != 0) {
+          if constexpr (kShortcut) {
+            const float update = Optimizer::Update(
+                scalars, ToFloat(g.v[i]), masters[i], decay, element);
+            new_masters[i] = AddRounded(masters[i], update);
+          } else if constexpr (kCorrectionBits != 0) {
             // The step is the master's; p then holds the parameter written.
             const float master = DecodeMaster<kCorrectionBits>(p.v[i], offset[i]);
             const float update = Optimizer::Update(scalars, ToFloat(g.v[i]),
@@ -463,13 +602,22 @@ __global__ void __launch_bounds__(
 #pragma unroll
           for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
         }
+        if constexpr (kShortcut) StepLaneToMasters<kMode>(new_masters, &p, offset);
+        if constexpr (kShortcut) result = p;
       };
+      constexpr std::false_type kGeneral{};
       if (args.output_mode == kOutputParams) {
-        update_elements(std::integral_constant<int, kOutputParams>{});
+        constexpr std::integral_constant<int, kOutputParams> kParams{};
+        if (kCorrectionBits != 0 && IsPlain<Optimizer>(launch_scalars)) {
+          update_elements(kParams, std::true_type{});
+        } else {
+          update_elements(kParams, kGeneral);
+        }
       } else if (args.output_mode == kOutputUpdates) {
-        update_elements(std::integral_constant<int, kOutputUpdates>{});
+        update_elements(std::integral_constant<int, kOutputUpdates>{}, kGeneral);
       } else {
-        update_elements(std::integral_constant<int, kOutputParamsStochastic>{});
+        update_elements(std::integral_constant<int, kOutputParamsStochastic>{},
+                        kGeneral);
       }
       if (full_lane) {
         StoreVec(out, result);
@@ -477,17 +625,13 @@ __global__ void __launch_bounds__(
         for (int i = 0; i < count; ++i) out[i] = result.v[i];
       }
       if constexpr (kCorrectionBits != 0) {
-        uint32_t fingerprint = 0;
         Correction c[kElementsPerLane];
 #pragma unroll
         for (int i = 0; i < kElementsPerLane; ++i) {
           c[i] = static_cast<Correction>(offset[i]);
-          if (i < count) {
-            fingerprint += FingerprintTerm(Bits16(p.v[i]),
-                                           (lane % 16) * kElementsPerLane + i);
-          }
         }
-        fingerprint = HalfWarpSum(fingerprint);
+        const uint32_t fingerprint =
+            HalfWarpSum(LaneFingerprintOf(p, full_lane, count, lane));
         if (lane % 16 == 0 && master_live) {
           leaf.fingerprints[master_block] = fingerprint;
         }

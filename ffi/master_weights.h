@@ -282,6 +282,83 @@ OPTAX_PAGED_MASTER uint32_t FingerprintTerm(uint32_t bits, int position) {
   return (bits + 1u) * (0x9e3779b1u * (2u * static_cast<uint32_t>(position) + 1u));
 }
 
+// Shortcuts for the GPU's lanes of bf16 parameters with 8-bit corrections
+// (the 24-bit master), each equal to the general function above only where
+// its values lie strictly inside bf16's finite range (|x| below 0x7f7f0000,
+// bf16's largest value): there no guard of the general form (infinite gap,
+// NaN, the reach clamp, the tie at -max) can apply. The kernel takes them
+// for a lane whose parameters and masters are all inside and the general
+// functions for any other lane. tests/master_shortcuts_test.py checks each
+// against its general form.
+inline constexpr uint32_t kBf16LargestBits = 0x7f7f0000u;
+
+OPTAX_PAGED_MASTER bool InsideBf16Range(uint32_t float_bits) {
+  return (float_bits & 0x7fffffffu) < kBf16LargestBits;
+}
+
+// The same test on the value (false for NaN and infinities too): one
+// compare with the absolute-value modifier on the GPU where the bits take
+// a mask and a compare.
+OPTAX_PAGED_MASTER bool InsideBf16Range(float x) {
+  return fabsf(x) < 0x1.fep127f;
+}
+
+// OrderedBits as a 32-bit pattern; its own inverse for non-NaN patterns but
+// -0 (which it takes to +0).
+OPTAX_PAGED_MASTER uint32_t FlipOrdered(uint32_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
+  return (bits ^ (sign & 0x7fffffffu)) - sign;
+}
+
+// DecodeMasterOnBits<8> of a parameter inside the range, as float bits.
+OPTAX_PAGED_MASTER uint32_t DecodeMaster8Inside(uint16_t param_bits,
+                                                int32_t correction) {
+  const uint32_t p = static_cast<uint32_t>(param_bits) << 16;
+  const uint32_t moved =
+      FlipOrdered(FlipOrdered(p) + static_cast<uint32_t>(correction) * 256u);
+  return correction == 0 ? p : moved;
+}
+
+// RoundTiesUp<BFloat16> of a master inside the range, as float bits.
+OPTAX_PAGED_MASTER uint32_t RoundTiesUpInside(uint32_t master_bits) {
+  return (master_bits - (master_bits >> 31) + 0x8000u) & 0xffff0000u;
+}
+
+// EncodeCorrectionOnBits<8>(master, RoundTiesUp<BFloat16>(master)) for a
+// master inside the range: the rounding clears the low half of the master's
+// ordered count (negation keeps a multiple of 2^16 one), so the master's
+// steps past it are that low half, sign-extended, in [-2^15, 2^15).
+OPTAX_PAGED_MASTER int32_t EncodeCorrection8Inside(uint32_t master_bits) {
+  const int32_t steps =
+      static_cast<int32_t>(FlipOrdered(master_bits) << 16) >> 16;
+  const int32_t units = (steps + 127 + ((steps >> 8) & 1)) >> 8;
+  return units > 127 ? 127 : units;
+}
+
+// The sum of FingerprintTerm over a lane's eight 16-bit parameters (element
+// 2j in the low half of words[j], 2j + 1 in the high half) at positions
+// 8 * lane_in_block + i, regrouped (mod 2^32) over the 32-bit words: with
+// b the 16-bit values and h_j the high halves, sum_i (b_i + 1)(2 pos_i + 1)
+// = sum_j [w_j (4j + 1) + h_j ((4j + 3) - 2^16 (4j + 1))] + 64
+//   + 16 lane_in_block (sum_j w_j - (2^16 - 1) sum_j h_j + 8).
+OPTAX_PAGED_MASTER uint32_t LaneFingerprint(const uint32_t words[4],
+                                            int lane_in_block) {
+  constexpr uint32_t kOdd = 0x9e3779b1u;  // FingerprintTerm's multiplier
+  uint32_t by_position = 64u * kOdd;
+  uint32_t word_sum = 0;
+  uint32_t high_sum = 0;
+  for (uint32_t j = 0; j < 4; ++j) {
+    const uint32_t high = words[j] >> 16;
+    by_position += kOdd * (4u * j + 1u) * words[j] +
+                   kOdd * ((4u * j + 3u) - 65536u * (4u * j + 1u)) * high;
+    word_sum += words[j];
+    high_sum += high;
+  }
+  const uint32_t lane_weight =
+      16u * kOdd * static_cast<uint32_t>(lane_in_block);
+  return by_position + lane_weight * (8u + word_sum - 65535u * high_sum);
+}
+
 }  // namespace optax_paged
 
 #endif  // OPTAX_PAGED_FFI_MASTER_WEIGHTS_H_

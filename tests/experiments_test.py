@@ -6,6 +6,7 @@ broken by the session that comes to measure it.
 """
 
 import pathlib
+import re
 import subprocess
 
 import pytest
@@ -14,8 +15,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PATCHES = sorted((ROOT / 'benchmarks' / 'experiments').glob('*.patch'))
 
 
-def test_the_experiments_folder_holds_patches():
-  assert PATCHES, 'benchmarks/experiments/ has no patch: remove this test'
+def test_the_readme_lists_exactly_the_patches_here():
+  readme = (ROOT / 'benchmarks' / 'experiments' / 'README.md').read_text()
+  listed = set(re.findall(r'^\| `([\w.-]+\.patch)` \|', readme, re.MULTILINE))
+  assert listed == {patch.name for patch in PATCHES}, (
+      'benchmarks/experiments/README.md\'s table and the patches there differ')
 
 
 @pytest.mark.parametrize('patch', PATCHES, ids=lambda p: p.name)
