@@ -1,0 +1,199 @@
+// How fast can the fused 8-bit AdamW step's memory traffic go on this GPU,
+// with no arithmetic worth the name? Issue 26 holds the kernels to 85% of
+// DRAM peak; this measures what the same streams reach when nothing but the
+// memory system is in the way, in our launch shape and in others.
+//
+//   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/traffic_floor \
+//       benchmarks/experiments/traffic_floor.cu && /tmp/traffic_floor
+//
+// The streams, per parameter, as tools/profile_fused.py's step has them
+// (parameters donated, so the output is written over them): read the
+// gradient and the parameter (4 B each in fp32, 2 in bf16), write the
+// parameter, read and write two 1-byte codes; per 256 parameters read and
+// write two absmax floats. Each kernel does a token update (p += g / 1024,
+// codes + 1) so that nothing is optimized away. Timing: CUDA events, the
+// median of 15 launches after 3 warm-ups; bandwidth counts each byte moved
+// once. "copy" is a plain device-to-device copy of 2 GiB, the card's
+// practical ceiling for a read + write stream.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 256;     // parameters a warp updates at a time
+constexpr int kPerLane = 8;
+
+#define CHECK(call)                                                     \
+  do {                                                                  \
+    cudaError_t e = (call);                                             \
+    if (e != cudaSuccess) {                                             \
+      std::printf("%s failed: %s\n", #call, cudaGetErrorString(e));     \
+      std::exit(1);                                                     \
+    }                                                                   \
+  } while (0)
+
+template <typename T>
+struct alignas(16) Lane {
+  T v[kPerLane];
+};
+
+template <typename T>
+__device__ __forceinline__ float ToF(T x) { return static_cast<float>(x); }
+template <>
+__device__ __forceinline__ float ToF(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T FromF(float x) { return static_cast<T>(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromF(float x) { return __float2bfloat16(x); }
+
+// One 256-parameter block by one warp, its streams as the fused kernel's.
+template <typename T>
+__device__ __forceinline__ void UpdateBlock(const T* __restrict__ g, T* p,
+                                            uint8_t* c0, uint8_t* c1,
+                                            float* a0, float* a1,
+                                            int64_t block, int lane) {
+  const int64_t first = block * kBlock + lane * kPerLane;
+  Lane<T> gv = *reinterpret_cast<const Lane<T>*>(g + first);
+  Lane<T> pv = *reinterpret_cast<const Lane<T>*>(p + first);
+  uint2 k0 = *reinterpret_cast<const uint2*>(c0 + first);
+  uint2 k1 = *reinterpret_cast<const uint2*>(c1 + first);
+  const float s0 = a0[block];
+  const float s1 = a1[block];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    pv.v[i] = FromF<T>(ToF(pv.v[i]) + ToF(gv.v[i]) * (1.0f / 1024));
+  }
+  k0.x += 0x01010101u; k0.y += 0x01010101u;
+  k1.x += 0x01010101u; k1.y += 0x01010101u;
+  *reinterpret_cast<Lane<T>*>(p + first) = pv;
+  *reinterpret_cast<uint2*>(c0 + first) = k0;
+  *reinterpret_cast<uint2*>(c1 + first) = k1;
+  if (lane == 0) {
+    a0[block] = s0 * 1.0f;
+    a1[block] = s1 + 0.0f;
+  }
+}
+
+// Our launch shape: a fixed grid of warps striding over the blocks.
+template <typename T>
+__global__ void __launch_bounds__(512) StrideKernel(
+    const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
+    float* a1, int64_t blocks) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t b = warp; b < blocks; b += warps) {
+    UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
+  }
+}
+
+// One block a warp, as many CTAs as that takes: the hardware keeps every SM
+// full and each warp's loads are its only work.
+template <typename T>
+__global__ void __launch_bounds__(512) OneShotKernel(
+    const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
+    float* a1, int64_t blocks) {
+  const int64_t b = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  if (b < blocks) UpdateBlock(g, p, c0, c1, a0, a1, b, threadIdx.x % 32);
+}
+
+template <typename Launch>
+float MedianMs(Launch launch) {
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < 3; ++i) launch();
+  std::vector<float> times;
+  for (int i = 0; i < 15; ++i) {
+    CHECK(cudaEventRecord(start));
+    launch();
+    CHECK(cudaEventRecord(stop));
+    CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  CHECK(cudaGetLastError());
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+template <typename T>
+void Run(const char* name, int64_t n, int sms, double copy_gbs) {
+  const int64_t blocks = n / kBlock;
+  T *g, *p;
+  uint8_t *c0, *c1;
+  float *a0, *a1;
+  CHECK(cudaMalloc(&g, n * sizeof(T)));
+  CHECK(cudaMalloc(&p, n * sizeof(T)));
+  CHECK(cudaMalloc(&c0, n));
+  CHECK(cudaMalloc(&c1, n));
+  CHECK(cudaMalloc(&a0, blocks * sizeof(float)));
+  CHECK(cudaMalloc(&a1, blocks * sizeof(float)));
+  CHECK(cudaMemset(g, 0, n * sizeof(T)));
+  CHECK(cudaMemset(p, 0, n * sizeof(T)));
+  CHECK(cudaMemset(c0, 0, n));
+  CHECK(cudaMemset(c1, 0, n));
+  CHECK(cudaMemset(a0, 0, blocks * sizeof(float)));
+  CHECK(cudaMemset(a1, 0, blocks * sizeof(float)));
+  const double bytes = static_cast<double>(n) * (3 * sizeof(T) + 4) +
+                       static_cast<double>(blocks) * 16;
+  auto report = [&](const char* shape, float ms) {
+    const double gbs = bytes / (ms * 1e-3) / 1e9;
+    std::printf("| %s | %s | %.3f | %.0f | %.1f%% |\n", name, shape, ms, gbs,
+                100.0 * gbs / copy_gbs);
+  };
+  for (int per_sm : {2, 4}) {
+    const int grid = sms * per_sm;
+    report(per_sm == 2 ? "stride, 2 x 512 threads an SM (ours)"
+                       : "stride, 4 x 512 threads an SM",
+           MedianMs([&] {
+             StrideKernel<T><<<grid, 512>>>(g, p, c0, c1, a0, a1, blocks);
+           }));
+  }
+  const int64_t ctas = (blocks * 32 + 511) / 512;
+  report("one block a warp, full occupancy", MedianMs([&] {
+           OneShotKernel<T><<<ctas, 512>>>(g, p, c0, c1, a0, a1, blocks);
+         }));
+  CHECK(cudaFree(g));
+  CHECK(cudaFree(p));
+  CHECK(cudaFree(c0));
+  CHECK(cudaFree(c1));
+  CHECK(cudaFree(a0));
+  CHECK(cudaFree(a1));
+}
+
+}  // namespace
+
+int main() {
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const int sms = prop.multiProcessorCount;
+  // The copy: 2 GiB each way.
+  const size_t copy_bytes = size_t{2} << 30;
+  void *src, *dst;
+  CHECK(cudaMalloc(&src, copy_bytes));
+  CHECK(cudaMalloc(&dst, copy_bytes));
+  CHECK(cudaMemset(src, 1, copy_bytes));
+  const float copy_ms = MedianMs([&] {
+    CHECK(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice));
+  });
+  const double copy_gbs = 2.0 * copy_bytes / (copy_ms * 1e-3) / 1e9;
+  CHECK(cudaFree(src));
+  CHECK(cudaFree(dst));
+  std::printf("%s, %d SMs; device-to-device copy of 2 GiB: %.3f ms, %.0f GB/s "
+              "(read + write)\n\n",
+              prop.name, sms, copy_ms, copy_gbs);
+  std::printf("| parameters | launch | ms | GB/s | of the copy's rate |\n");
+  std::printf("|---|---|---:|---:|---:|\n");
+  const int64_t n = int64_t{308000000} / kBlock * kBlock;
+  Run<float>("fp32, 308M", n, sms, copy_gbs);
+  Run<__nv_bfloat16>("bf16, 308M", n, sms, copy_gbs);
+  return 0;
+}
