@@ -20,7 +20,11 @@
 # (default 5) rounds; then AB_PROFILE (default "fp32 adamw,bf16 adamw"), the
 # launches for ncu as gpu_check.sh's PROFILE_RUNS, once a build (AB_PROFILE=""
 # for none; AB_ROUNDS=0 for ncu alone). Logs and the ncu reports go to $OUT
-# (default /tmp/gpu_kernel_ab).
+# (default /tmp/gpu_kernel_ab). AB_SUITE=1: then the GPU suite
+# (scripts/gpu_wheel_check.sh, about 5.5 minutes on an H100) on the wheel of
+# the build that tools/ab_winner.py finds faster than the first by ncu, if
+# one is, in the same call: the device machine goes back 30 s after a call,
+# so a second call would pay for a new start.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/gpu_kernel_ab}"
@@ -58,3 +62,23 @@ for folder in "${builds[@]}"; do
     bash scripts/ncu_fused.sh "$OUT/ncu_${build}_$2_$1${3:+_master$3}.txt" "ncu $build $*" "$@"
   done
 done
+
+if [[ "${AB_SUITE:-0}" == 1 ]]; then
+  names=()
+  for folder in "${builds[@]}"; do names+=("$(basename "$folder")"); done
+  win=$(python3 tools/ab_winner.py "$OUT" "${names[@]}")
+  if [[ -z "$win" ]]; then
+    echo "gpu_kernel_ab.sh: no build beat ${names[0]} by ncu; the suite does not run"
+    exit 0
+  fi
+  echo "gpu_kernel_ab.sh: $win beat ${names[0]} by ncu; the GPU suite on its wheel"
+  # gpu_wheel_check.sh refuses to run beside an install in python3's own site.
+  python3 -m pip uninstall -y optax_paged >/dev/null 2>&1
+  for folder in "${builds[@]}"; do
+    if [[ "$(basename "$folder")" == "$win" ]]; then
+      cp "$folder"/optax_paged-*.whl wheelhouse/
+    fi
+  done
+  touch wheelhouse/optax_paged-*.whl
+  bash scripts/gpu_wheel_check.sh
+fi
