@@ -602,8 +602,10 @@ __global__ void __launch_bounds__(
 #pragma unroll
           for (int m = 0; m < kMoments; ++m) moments[m][i] = element[m];
         }
-        if constexpr (kShortcut) StepLaneToMasters<kMode>(new_masters, &p, offset);
-        if constexpr (kShortcut) result = p;
+        if constexpr (kShortcut) {
+          StepLaneToMasters<kMode>(new_masters, &p, offset);
+          result = p;
+        }
       };
       constexpr std::false_type kGeneral{};
       if (args.output_mode == kOutputParams) {
@@ -653,9 +655,8 @@ __global__ void __launch_bounds__(
           for (int m = 0; m < kMoments; ++m) {
             // A full lane takes unrolled loops; a partial one leaves its codes
             // past the leaf's end zero (the CPU's padding nibble).
-            const bool full = full_lane;
             unsigned largest = 0;
-            if (full) {
+            if (full_lane) {
 #pragma unroll
               for (int i = 0; i < kElementsPerLane; ++i) {
                 largest = max(largest, FloatBits(moments[m][i]) & 0x7fffffffu);
@@ -689,7 +690,7 @@ __global__ void __launch_bounds__(
                                              scaled);
               packed |= static_cast<uint32_t>(code) << (4 * i);
             }
-            if (!full) packed &= (1u << (4 * count)) - 1u;
+            if (!full_lane) packed &= (1u << (4 * count)) - 1u;
             uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first / 2;
             if (full_lane) {
               *reinterpret_cast<uint32_t*>(codes) = packed;
