@@ -27,6 +27,13 @@
 # so a second call would pay for a new start.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+read -ra builds <<<"${AB_BUILDS:?name the wheel folders, baseline first}"
+(( ${#builds[@]} >= 2 )) || { echo "gpu_kernel_ab.sh: AB_BUILDS needs two folders or more" >&2; exit 1; }
+IFS=, read -ra runs <<<"${AB_PROFILE-fp32 adamw,bf16 adamw}"
+if [[ "${AB_SUITE:-0}" == 1 ]] && (( ${#runs[@]} == 0 )); then
+  echo "gpu_kernel_ab.sh: AB_SUITE=1 picks its build by ncu: give AB_PROFILE" >&2
+  exit 1
+fi
 OUT="${OUT:-/tmp/gpu_kernel_ab}"
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -39,8 +46,6 @@ install() {
     || { tail -20 "$OUT/install.log"; exit 1; }
 }
 
-read -ra builds <<<"${AB_BUILDS:?name the wheel folders, baseline first}"
-(( ${#builds[@]} >= 2 )) || { echo "gpu_kernel_ab.sh: AB_BUILDS needs two folders or more" >&2; exit 1; }
 for round in $(seq "${AB_ROUNDS:-2}"); do
   for folder in "${builds[@]}"; do
     build=$(basename "$folder")
@@ -52,7 +57,6 @@ for round in $(seq "${AB_ROUNDS:-2}"); do
   done
 done
 
-IFS=, read -ra runs <<<"${AB_PROFILE-fp32 adamw,bf16 adamw}"
 (( ${#runs[@]} > 0 )) || exit 0
 for folder in "${builds[@]}"; do
   build=$(basename "$folder")
