@@ -80,3 +80,14 @@ def test_the_command_prints_only_the_winner(tmp_path):
        'base', 'shortcuts'], capture_output=True, text=True, check=True)
   assert done.stdout == 'shortcuts\n'
   assert '(wins)' in done.stderr
+
+
+def test_a_folder_without_the_baseline_is_refused(tmp_path):
+  _lay_out(tmp_path, 'shortcuts', {'adamw_bf16_master24':
+                                   AFTER['adamw_bf16_master24']})
+  done = subprocess.run(
+      [sys.executable, str(ROOT / 'tools' / 'ab_winner.py'), str(tmp_path),
+       'base', 'shortcuts'], capture_output=True, text=True, check=False)
+  assert done.returncode == 2
+  assert done.stdout == ''
+  assert 'no ncu report of base' in done.stderr

@@ -75,6 +75,9 @@ def main() -> None:
   parser.add_argument('builds', nargs='+')
   parser.add_argument('--margin', type=float, default=0.02)
   args = parser.parse_args()
+  if not durations(args.folder, args.baseline):
+    parser.error(f'no ncu report of {args.baseline} in {args.folder} '
+                 f'(ncu_{args.baseline}_*.txt)')
   best, lines = winner(args.folder, args.baseline, args.builds, args.margin)
   print('\n'.join(lines), file=sys.stderr)
   if best is not None:
