@@ -103,6 +103,28 @@ __global__ void __launch_bounds__(512) OneShotKernel(
   if (b < blocks) UpdateBlock(g, p, c0, c1, a0, a1, b, threadIdx.x % 32);
 }
 
+// kRuns blocks a warp, the warps of a CTA interleaved (block, block + 16,
+// ...), in as many CTAs as that takes: the chunked grid of change 7.
+template <typename T, int kRuns>
+__global__ void __launch_bounds__(512) ChunkKernel(
+    const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
+    float* a1, int64_t blocks) {
+  constexpr int kWarps = 512 / 32;
+  const int64_t first =
+      static_cast<int64_t>(blockIdx.x) * kWarps * kRuns + threadIdx.x / 32;
+#pragma unroll 1
+  for (int j = 0; j < kRuns; ++j) {
+    const int64_t b = first + static_cast<int64_t>(j) * kWarps;
+    if (b >= blocks) break;
+    UpdateBlock(g, p, c0, c1, a0, a1, b, threadIdx.x % 32);
+  }
+}
+
+// Dynamic shared memory a CTA asks for (and never touches) so that only two
+// CTAs of 512 threads fit an SM: the fused kernels' occupancy (64 registers
+// a thread), where these kernels alone would fill the SM.
+constexpr int kTwoPerSmSharedBytes = 80 * 1024;
+
 template <typename Launch>
 float MedianMs(Launch launch) {
   cudaEvent_t start, stop;
@@ -161,6 +183,22 @@ void Run(const char* name, int64_t n, int sms, double copy_gbs) {
   report("one block a warp, full occupancy", MedianMs([&] {
            OneShotKernel<T><<<ctas, 512>>>(g, p, c0, c1, a0, a1, blocks);
          }));
+  const int capped = kTwoPerSmSharedBytes;
+  report("one block a warp, 2 x 512 threads an SM", MedianMs([&] {
+           OneShotKernel<T><<<ctas, 512, capped>>>(g, p, c0, c1, a0, a1, blocks);
+         }));
+  auto chunked = [&](auto kernel, int runs, int shared) {
+    const int64_t chunk_ctas = (blocks + 16 * runs - 1) / (16 * runs);
+    return MedianMs([&] {
+      kernel<<<chunk_ctas, 512, shared>>>(g, p, c0, c1, a0, a1, blocks);
+    });
+  };
+  report("4 blocks a warp, 2 x 512 threads an SM",
+         chunked(ChunkKernel<T, 4>, 4, capped));
+  report("16 blocks a warp, 2 x 512 threads an SM",
+         chunked(ChunkKernel<T, 16>, 16, capped));
+  report("16 blocks a warp, full occupancy",
+         chunked(ChunkKernel<T, 16>, 16, 0));
   CHECK(cudaFree(g));
   CHECK(cudaFree(p));
   CHECK(cudaFree(c0));
@@ -175,6 +213,19 @@ int main() {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   const int sms = prop.multiProcessorCount;
+  for (auto kernel : {OneShotKernel<float>, ChunkKernel<float, 4>,
+                      ChunkKernel<float, 16>}) {
+    CHECK(cudaFuncSetAttribute(kernel,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kTwoPerSmSharedBytes));
+  }
+  for (auto kernel : {OneShotKernel<__nv_bfloat16>,
+                      ChunkKernel<__nv_bfloat16, 4>,
+                      ChunkKernel<__nv_bfloat16, 16>}) {
+    CHECK(cudaFuncSetAttribute(kernel,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kTwoPerSmSharedBytes));
+  }
   // The copy: 2 GiB each way.
   const size_t copy_bytes = size_t{2} << 30;
   void *src, *dst;
