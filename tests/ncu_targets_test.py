@@ -30,6 +30,27 @@ def test_reads_the_kernel_and_its_metrics(name, kernel, dram, duration,
   assert launch.target == target
 
 
+def test_issue_slots_busy_is_issued_over_active_cycles():
+  text = (LOGS / 'ab_2026-12-07_h100' / 'ncu_base_bf16_adamw.txt').read_text()
+  # Avg. Issued Instructions Per Scheduler 1,754,117.21 over SM Active
+  # Cycles 2,523,102.87.
+  assert ncu_targets.parse(text).issue_percent == pytest.approx(69.52,
+                                                                abs=0.01)
+  report, _ = ncu_targets.table([('r.txt', ncu_targets.parse(text))])
+  assert '| 1.29 | 69.5% | 71.2% | >= 85% | MISSED |' in report
+
+
+def test_a_report_without_instruction_stats_leaves_issue_blank():
+  text = (LOGS / 'ab_2026-12-07_h100' / 'ncu_base_fp32_adamw.txt').read_text()
+  stripped = '\n'.join(line for line in text.splitlines()
+                       if 'Issued Instructions Per Scheduler' not in line)
+  launch = ncu_targets.parse(stripped)
+  assert launch.issue_percent is None
+  assert launch.dram_percent == pytest.approx(76.70, abs=0.01)
+  report, _ = ncu_targets.table([('r.txt', launch)])
+  assert '| 1.67 |  | 76.7% | >= 85% | MISSED |' in report
+
+
 def test_a_failed_run_is_reported_not_read():
   with pytest.raises(ValueError, match='no UpdateKernel'):
     ncu_targets.parse('==PROF== Connected to process 1\nTraceback ...\n')

@@ -5,7 +5,18 @@
 Reads the text that ``ncu --section SpeedOfLight`` printed for one
 ``UpdateKernel`` launch a file (``scripts/gpu_check.sh profile`` writes them
 as ``$OUT/ncu_fused_*.txt``) and prints a table: the kernel, its duration,
-its DRAM throughput and the target it is held to. The targets (percent of
+how busy its schedulers' issue slots were, its DRAM throughput and the
+target it is held to.
+
+The issue column says which limit a kernel short of its target meets: the
+instructions issued per scheduler over the SM's active cycles (from the
+InstructionStats section, which ``scripts/ncu_fused.sh`` collects; blank
+without it). A kernel whose issue slots are busy most cycles (the bf16
+kernels: 65-76% on the H100, December 2026, with 8 warps or fewer a
+scheduler) is bound by its instruction count, and a card with more bandwidth
+per SM (the H200) asks proportionally fewer instructions a byte of it; one
+with idle issue slots and DRAM short of its target (fp32: 45%) waits on
+memory latency (too few bytes in flight). The targets (percent of
 the card's DRAM bandwidth, the same on every card): 85 for 8- and 4-bit
 AdamW on float32 and bfloat16 parameters; 80 for Lion (8- and 4-bit),
 AdEMAMix and any kernel that keeps master weights; other kernels are listed
@@ -21,7 +32,9 @@ import re
 import sys
 
 KERNEL = re.compile(r'UpdateKernel<([^>]*)>')
-METRIC = re.compile(r'^\s+(DRAM Throughput|Duration)\s+(\S+)\s+([\d.,]+)\s*$')
+METRIC = re.compile(r'^\s+(DRAM Throughput|Duration|SM Active Cycles|'
+                    r'Avg\. Issued Instructions Per Scheduler)\s+(\S+)\s+'
+                    r'([\d.,]+)\s*$')
 ADAMW_TARGET = 85.0
 OTHER_TARGET = 80.0
 
@@ -36,6 +49,9 @@ class Launch:
   correction_bits: int
   dram_percent: float
   duration_ms: float
+  # Percent of the SM's active cycles in which a scheduler issued; None
+  # where the report lacks the InstructionStats section.
+  issue_percent: float | None = None
 
   @property
   def name(self) -> str:
@@ -77,23 +93,28 @@ def parse(text: str) -> Launch:
   missing = {'DRAM Throughput', 'Duration'} - metrics.keys()
   if missing:
     raise ValueError(f'the ncu output lacks {sorted(missing)}')
+  issued = metrics.get('Avg. Issued Instructions Per Scheduler')
+  active = metrics.get('SM Active Cycles')
   return Launch(
       optimizer=arguments[0],
       dtype=arguments[1],
       four_bit=len(arguments) > 3 and arguments[3] == '1',
       correction_bits=int(arguments[4]) if len(arguments) > 4 else 0,
       dram_percent=metrics['DRAM Throughput'],
-      duration_ms=metrics['Duration'])
+      duration_ms=metrics['Duration'],
+      issue_percent=(100.0 * issued / active if issued is not None and active
+                     else None))
 
 
 def table(launches: list[tuple[str, Launch | str]]) -> tuple[str, int]:
   """The report's lines and the number of targets missed."""
-  lines = ['| file | kernel | duration (ms) | DRAM throughput | target | |',
-           '|---|---|---:|---:|---:|---|']
+  lines = ['| file | kernel | duration (ms) | issue slots busy | '
+           'DRAM throughput | target | |',
+           '|---|---|---:|---:|---:|---:|---|']
   missed = 0
   for path, launch in launches:
     if isinstance(launch, str):
-      lines.append(f'| {path} | | | | | not read: {launch} |')
+      lines.append(f'| {path} | | | | | | not read: {launch} |')
       continue
     target = launch.target
     if target is None:
@@ -103,8 +124,11 @@ def table(launches: list[tuple[str, Launch | str]]) -> tuple[str, int]:
     else:
       verdict, target_text = 'MISSED', f'>= {target:.0f}%'
       missed += 1
+    issue = ('' if launch.issue_percent is None
+             else f'{launch.issue_percent:.1f}%')
     lines.append(f'| {path} | {launch.name} | {launch.duration_ms:.2f} | '
-                 f'{launch.dram_percent:.1f}% | {target_text} | {verdict} |')
+                 f'{issue} | {launch.dram_percent:.1f}% | {target_text} | '
+                 f'{verdict} |')
   return '\n'.join(lines), missed
 
 
