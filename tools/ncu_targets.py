@@ -16,7 +16,10 @@ kernels: 65-76% on the H100, December 2026, with 8 warps or fewer a
 scheduler) is bound by its instruction count, and a card with more bandwidth
 per SM (the H200) asks proportionally fewer instructions a byte of it; one
 with idle issue slots and DRAM short of its target (fp32: 45%) waits on
-memory latency (too few bytes in flight). The targets (percent of
+memory latency (too few bytes in flight). "issue at target" scales the
+issue column to the target's throughput (the same instructions a byte, the
+same clock): above 100% the target cannot be met without fewer
+instructions, whatever the launch shape. The targets (percent of
 the card's DRAM bandwidth, the same on every card): 85 for 8- and 4-bit
 AdamW on float32 and bfloat16 parameters; 80 for Lion (8- and 4-bit),
 AdEMAMix and any kernel that keeps master weights; other kernels are listed
@@ -59,6 +62,21 @@ class Launch:
     master = (f', {24 if self.correction_bits == 8 else 32}-bit master'
               if self.correction_bits else '')
     return f'{self.optimizer} {bits}, {self.dtype}{master}'
+
+  def issue_at(self, dram_percent: float | None) -> float | None:
+    """The issue slots busy at ``dram_percent``, the instructions a byte kept.
+
+    Args:
+      dram_percent: a DRAM throughput in percent of the card's peak, or None.
+
+    Returns:
+      The percent, or None where either input or the measured DRAM
+      throughput is missing or zero.
+    """
+    if (dram_percent is None or self.issue_percent is None or
+        self.dram_percent <= 0):
+      return None
+    return self.issue_percent * dram_percent / self.dram_percent
 
   @property
   def target(self) -> float | None:
@@ -109,12 +127,12 @@ def parse(text: str) -> Launch:
 def table(launches: list[tuple[str, Launch | str]]) -> tuple[str, int]:
   """The report's lines and the number of targets missed."""
   lines = ['| file | kernel | duration (ms) | issue slots busy | '
-           'DRAM throughput | target | |',
-           '|---|---|---:|---:|---:|---:|---|']
+           'DRAM throughput | target | issue at target | |',
+           '|---|---|---:|---:|---:|---:|---:|---|']
   missed = 0
   for path, launch in launches:
     if isinstance(launch, str):
-      lines.append(f'| {path} | | | | | | not read: {launch} |')
+      lines.append(f'| {path} | | | | | | | not read: {launch} |')
       continue
     target = launch.target
     if target is None:
@@ -126,9 +144,11 @@ def table(launches: list[tuple[str, Launch | str]]) -> tuple[str, int]:
       missed += 1
     issue = ('' if launch.issue_percent is None
              else f'{launch.issue_percent:.1f}%')
+    needed = launch.issue_at(target)
+    needed_text = '' if needed is None else f'{needed:.0f}%'
     lines.append(f'| {path} | {launch.name} | {launch.duration_ms:.2f} | '
                  f'{issue} | {launch.dram_percent:.1f}% | {target_text} | '
-                 f'{verdict} |')
+                 f'{needed_text} | {verdict} |')
   return '\n'.join(lines), missed
 
 
