@@ -23,8 +23,10 @@ Every step is jitted with parameters and state donated and warmed up. A round
 dispatches ``--steps`` steps back to back, as a training loop does, and waits
 once (``jax.block_until_ready``); its time over the step count is one sample.
 Configurations alternate over ``--rounds`` rounds; the table gives the median
-per-step time, the bandwidth the step's minimum traffic implies and the state
-memory on the device.
+per-step time, the bandwidth the step's minimum traffic implies, that time
+against the traffic floor (the minimum traffic at 90% of the card's DRAM peak,
+issue 26's yardstick; blank on a card not in ``PEAK_BYTES_PER_S``) and the
+state memory on the device.
 
   python benchmarks/gpu_step.py                     # print the tables
   python benchmarks/gpu_step.py --write RESULTS.md  # also write this section
@@ -56,6 +58,28 @@ HYPER = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
 
 
 MOMENTS = {'adamw': 2, 'lion': 1, 'ademamix': 3}
+# DRAM peak of the cards the benchmarks run on, by jax's device_kind (the
+# vendors' data sheets: H100 SXM5 80 GB HBM3, H200 SXM 141 GB HBM3e).
+PEAK_BYTES_PER_S = {'NVIDIA H100 80GB HBM3': 3.35e12, 'NVIDIA H200': 4.8e12}
+# The share of the peak that a streaming kernel can reach (a device-to-device
+# copy: 90% on the H100, benchmarks/experiments/traffic_floor.cu).
+FLOOR_SHARE_OF_PEAK = 0.9
+
+
+def floor_seconds(nbytes: int, num_params: int,
+                  device_kind: str) -> float | None:
+  """The step's minimum traffic at 90% of the card's DRAM peak, or None.
+
+  Args:
+    nbytes: bytes a parameter the step must move (``traffic_bytes``).
+    num_params: parameters in the step.
+    device_kind: jax's name of the card; None for a card without a known
+      peak.
+  """
+  peak = PEAK_BYTES_PER_S.get(device_kind)
+  if peak is None:
+    return None
+  return nbytes * num_params / (FLOOR_SHARE_OF_PEAK * peak)
 
 
 def traffic_bytes(name: str, itemsize: int) -> int:
@@ -253,21 +277,25 @@ def run_dtype(dtype, layers: int, rounds: int, steps: int, make_runners):
   return runners, num_params, num_leaves
 
 
-def table(runners: Sequence[Runner], num_params: int, itemsize: int) -> str:
+def table(runners: Sequence[Runner], num_params: int, itemsize: int,
+          device_kind: str) -> str:
   rows = [
       '| step | median (ms) | vs optax | min traffic (B/param) '
-      '| achieved (GB/s) | state on device (MiB) | host dispatch (ms) |',
-      '|---|---:|---:|---:|---:|---:|---:|',
+      '| achieved (GB/s) | vs floor | state on device (MiB) '
+      '| host dispatch (ms) |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for r in runners:
     median = statistics.median(r.times)
     if r.name.startswith('optax'):
       baseline = median  # later rows compare with this counterpart
     nbytes = traffic_bytes(r.name, itemsize)
+    floor = floor_seconds(nbytes, num_params, device_kind)
+    vs_floor = '' if floor is None else f'{median / floor:.2f}x'
     rows.append(
         f'| {r.name} | {1e3 * median:.2f} | {median / baseline:.2f}x '
         f'| {nbytes} | {nbytes * num_params / median / 1e9:.0f} '
-        f'| {r.device_state_bytes() / 2**20:.0f} '
+        f'| {vs_floor} | {r.device_state_bytes() / 2**20:.0f} '
         f'| {1e3 * statistics.median(r.dispatch_times):.2f} |'
     )
   return '\n'.join(rows)
@@ -313,7 +341,8 @@ def main() -> None:
         dtype, args.layers, args.rounds, args.steps, make_runners)
     lines += ['', f'### {jnp.dtype(dtype).name} parameters and gradients '
               f'({num_params:,} in {num_leaves} leaves)', '',
-              table(runners, num_params, jnp.dtype(dtype).itemsize)]
+              table(runners, num_params, jnp.dtype(dtype).itemsize,
+                    device.device_kind)]
     del runners
   section = '\n'.join(lines)
   print(section)
