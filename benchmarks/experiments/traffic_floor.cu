@@ -184,6 +184,10 @@ void Run(const char* name, int64_t n, int sms, double copy_gbs) {
            OneShotKernel<T><<<ctas, 512>>>(g, p, c0, c1, a0, a1, blocks);
          }));
   const int capped = kTwoPerSmSharedBytes;
+  for (auto kernel : {OneShotKernel<T>, ChunkKernel<T, 4>, ChunkKernel<T, 16>}) {
+    CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, capped));
+  }
   report("one block a warp, 2 x 512 threads an SM", MedianMs([&] {
            OneShotKernel<T><<<ctas, 512, capped>>>(g, p, c0, c1, a0, a1, blocks);
          }));
@@ -213,19 +217,6 @@ int main() {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   const int sms = prop.multiProcessorCount;
-  for (auto kernel : {OneShotKernel<float>, ChunkKernel<float, 4>,
-                      ChunkKernel<float, 16>}) {
-    CHECK(cudaFuncSetAttribute(kernel,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kTwoPerSmSharedBytes));
-  }
-  for (auto kernel : {OneShotKernel<__nv_bfloat16>,
-                      ChunkKernel<__nv_bfloat16, 4>,
-                      ChunkKernel<__nv_bfloat16, 16>}) {
-    CHECK(cudaFuncSetAttribute(kernel,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kTwoPerSmSharedBytes));
-  }
   // The copy: 2 GiB each way.
   const size_t copy_bytes = size_t{2} << 30;
   void *src, *dst;
