@@ -106,9 +106,10 @@ static_assert(sizeof(LaunchArgs) <= 32000, "kernel parameters over 32 KB");
 // [0]: signed map, [1]: unsigned map, [2]: the 4-bit signed map, [3]: unused
 // (a kernel copies two tables: their size is a multiple of 16 bytes).
 __device__ QuantTables g_tables[4];
-// The 8-bit kernels' shared tables: [0] signed, [1] unsigned. Their encode
-// reads g_tables only for a block holding NaN or infinity.
-__device__ __align__(16) FiniteCodeTables g_finite_tables[2];
+// The kernels' shared tables: [0] signed, [1] unsigned (8-bit kernels),
+// [2] the 4-bit signed map, [3] unused (4-bit kernels: a kernel copies two).
+// Their encode reads g_tables only for a block holding NaN or infinity.
+__device__ __align__(16) FiniteCodeTables g_finite_tables[4];
 
 // Eight elements of T, as one or two 16-byte vectors.
 template <typename T>
@@ -339,15 +340,12 @@ __global__ void __launch_bounds__(
     UpdateKernel(const __grid_constant__ LaunchArgs args,
                  const float* __restrict__ hyperparams) {
   constexpr int kMoments = Optimizer::kNumMoments;
-  using SharedTables =
-      std::conditional_t<kFourBit, QuantTables, FiniteCodeTables>;
-  __shared__ __align__(16) SharedTables tables[2];
+  __shared__ __align__(16) FiniteCodeTables tables[2];
   {
     const int4* src =
-        kFourBit ? reinterpret_cast<const int4*>(g_tables + 2)
-                 : reinterpret_cast<const int4*>(g_finite_tables);
+        reinterpret_cast<const int4*>(g_finite_tables + (kFourBit ? 2 : 0));
     int4* dst = reinterpret_cast<int4*>(tables);
-    constexpr int kTableBytes = sizeof(SharedTables) * 2;
+    constexpr int kTableBytes = sizeof(FiniteCodeTables) * 2;
     static_assert(kTableBytes % sizeof(int4) == 0, "table size");
     for (int i = threadIdx.x; i < static_cast<int>(kTableBytes / sizeof(int4));
          i += blockDim.x) {
@@ -678,18 +676,29 @@ __global__ void __launch_bounds__(
                 kStochasticFourBitOf<Optimizer> && Optimizer::IsSigned(m);
             const uint32_t key = stochastic ? StateRoundingKey(seed, leaf.id) : 0u;
             const uint64_t index = static_cast<uint64_t>(leaf.index_offset + first);
-            uint32_t packed = 0;
+            // The signed map's nearest code: from the shared FiniteCodeTables
+            // where the half-block's absmax is finite, else by Encode on the
+            // global QuantTables (a block holding NaN or infinity).
+            auto encode = [&](const auto& signed_tables) {
+              uint32_t packed = 0;
 #pragma unroll
-            for (int i = 0; i < kElementsPerLane; ++i) {
-              const float scaled = moments[m][i] * inverse;
-              const uint8_t code =
-                  stochastic ? EncodeFourBitStochastic(
-                                   tables[0], scaled,
-                                   StateRoundingBits(key, index + i))
-                             : EncodeFourBit(tables[0], Optimizer::IsSigned(m),
-                                             scaled);
-              packed |= static_cast<uint32_t>(code) << (4 * i);
-            }
+              for (int i = 0; i < kElementsPerLane; ++i) {
+                const float scaled = moments[m][i] * inverse;
+                uint8_t code;
+                if (stochastic) {
+                  code = EncodeFourBitStochastic(
+                      signed_tables, scaled, StateRoundingBits(key, index + i));
+                } else if (Optimizer::IsSigned(m)) {
+                  code = NearestCode(signed_tables, scaled);
+                } else {
+                  code = EncodeLinear16(scaled);
+                }
+                packed |= static_cast<uint32_t>(code) << (4 * i);
+              }
+              return packed;
+            };
+            uint32_t packed = largest < 0x7f800000u ? encode(tables[0])
+                                                     : encode(g_tables[2]);
             if (!full_lane) packed &= (1u << (4 * count)) - 1u;
             uint8_t* codes = static_cast<uint8_t*>(leaf.state[m]) + first / 2;
             if (full_lane) {
@@ -860,8 +869,9 @@ cudaError_t EnsureDeviceTables(int device) {
                                SignedFourBitTables(), UnsignedTables()};
   cudaError_t status = cudaMemcpyToSymbol(g_tables, host, sizeof(host));
   if (status == cudaSuccess) {
-    const FiniteCodeTables finite[2] = {SignedFiniteCodeTables(),
-                                        UnsignedFiniteCodeTables()};
+    const FiniteCodeTables finite[4] = {
+        SignedFiniteCodeTables(), UnsignedFiniteCodeTables(),
+        SignedFourBitFiniteCodeTables(), UnsignedFiniteCodeTables()};
     status = cudaMemcpyToSymbol(g_finite_tables, finite, sizeof(finite));
   }
   copied[device] = status == cudaSuccess;

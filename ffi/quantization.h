@@ -91,6 +91,10 @@ OPTAX_PAGED_HD uint8_t Encode(const QuantTables& tables, float scaled) {
   return static_cast<uint8_t>(scaled != scaled ? tables.zero_code : code);
 }
 
+OPTAX_PAGED_HD uint8_t NearestCode(const QuantTables& tables, float scaled) {
+  return Encode(tables, scaled);
+}
+
 OPTAX_PAGED_HD float Decode(const float* values, uint8_t code, float absmax) {
   return values[code] * absmax;
 }
@@ -134,9 +138,10 @@ OPTAX_PAGED_HD uint8_t EncodeFourBit(const QuantTables& signed_tables,
 
 // The value of a 4-bit code: the unsigned map's entry (code + 1) / 16 is
 // computed, exactly, instead of looked up.
-OPTAX_PAGED_HD float DecodeFourBit(const QuantTables& signed_tables,
-                                   bool is_signed, uint8_t code,
-                                   float absmax) {
+// `Tables`: QuantTables or FiniteCodeTables (both hold the map's values).
+template <typename Tables>
+OPTAX_PAGED_HD float DecodeFourBit(const Tables& signed_tables, bool is_signed,
+                                   uint8_t code, float absmax) {
   // (2^23 + code) / 16 - (2^19 - 1/16) = (code + 1) / 16, every step exact
   // (so contraction changes nothing); an integer conversion would issue at a
   // quarter of the rate.
@@ -185,9 +190,12 @@ OPTAX_PAGED_HD uint32_t StateRoundingBits(uint32_t key, uint64_t index) {
 // is one correctly rounded operation (u is exact, built from bits), so the
 // CPU, the GPU and XLA agree. Outside [values[0], values[15]] (|x| = 1 of a
 // negative absmax element) the end entry is kept; NaN gives the zero code.
-OPTAX_PAGED_HD uint8_t EncodeFourBitStochastic(const QuantTables& tables,
+// `Tables`: QuantTables, or FiniteCodeTables for a block with a finite absmax
+// (NearestCode: the same nearest code either way).
+template <typename Tables>
+OPTAX_PAGED_HD uint8_t EncodeFourBitStochastic(const Tables& tables,
                                                float scaled, uint32_t random) {
-  const int nearest = Encode(tables, scaled);
+  const int nearest = NearestCode(tables, scaled);
   int low = tables.values[nearest] > scaled ? nearest - 1 : nearest;
   low = low < 0 ? 0 : (low > 14 ? 14 : low);
   const float gap = tables.values[low + 1] - tables.values[low];
@@ -263,7 +271,8 @@ inline const QuantTables& UnsignedTables() {
 // one lookup of the lower candidate, one of the threshold above it and the
 // sign of their difference, about half of Encode's instructions (the
 // kernels are bound by instructions; benchmarks/NOTES.md, issue 26). The
-// same code as Encode for every such value: the exhaustive check is
+// same code as Encode for every such value, for both 8-bit maps and the
+// 4-bit signed one: the exhaustive check is
 // tests/data/finite_encode_check.cc --all. A block holding NaN or
 // infinity takes Encode. Needs subnormals kept (no flush to zero).
 struct FiniteCodeTables {
@@ -292,6 +301,12 @@ OPTAX_PAGED_HD uint8_t EncodeFinite(const FiniteCodeTables& tables,
       lower + (FloatBits(tables.threshold[lower] - scaled) >> 31));
 }
 
+// Encode's code for a value of a block with a finite absmax.
+OPTAX_PAGED_HD uint8_t NearestCode(const FiniteCodeTables& tables,
+                                   float scaled) {
+  return EncodeFinite(tables, scaled);
+}
+
 inline void BuildFiniteCodeTables(const QuantTables& quant,
                                   FiniteCodeTables* tables) {
   const int zero = quant.zero_code;
@@ -310,24 +325,6 @@ inline void BuildFiniteCodeTables(const QuantTables& quant,
   }
 }
 
-inline const FiniteCodeTables& SignedFiniteCodeTables() {
-  static const FiniteCodeTables* tables = [] {
-    auto* t = new FiniteCodeTables;
-    BuildFiniteCodeTables(SignedTables(), t);
-    return t;
-  }();
-  return *tables;
-}
-
-inline const FiniteCodeTables& UnsignedFiniteCodeTables() {
-  static const FiniteCodeTables* tables = [] {
-    auto* t = new FiniteCodeTables;
-    BuildFiniteCodeTables(UnsignedTables(), t);
-    return t;
-  }();
-  return *tables;
-}
-
 // The 4-bit signed map's tables (Encode works on them unchanged); the
 // unsigned 4-bit map needs none (EncodeLinear16), only its values.
 inline const QuantTables& SignedFourBitTables() {
@@ -337,6 +334,30 @@ inline const QuantTables& SignedFourBitTables() {
     return t;
   }();
   return *tables;
+}
+
+// The FiniteCodeTables of the map whose QuantTables `kQuant` returns, built
+// once on first use.
+template <const QuantTables& (*kQuant)()>
+inline const FiniteCodeTables& FiniteCodeTablesOf() {
+  static const FiniteCodeTables* tables = [] {
+    auto* t = new FiniteCodeTables;
+    BuildFiniteCodeTables(kQuant(), t);
+    return t;
+  }();
+  return *tables;
+}
+
+inline const FiniteCodeTables& SignedFiniteCodeTables() {
+  return FiniteCodeTablesOf<SignedTables>();
+}
+
+inline const FiniteCodeTables& UnsignedFiniteCodeTables() {
+  return FiniteCodeTablesOf<UnsignedTables>();
+}
+
+inline const FiniteCodeTables& SignedFourBitFiniteCodeTables() {
+  return FiniteCodeTablesOf<SignedFourBitTables>();
 }
 
 }  // namespace optax_paged
