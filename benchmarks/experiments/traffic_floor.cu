@@ -1,7 +1,9 @@
 // How fast can the fused 8-bit AdamW step's memory traffic go on this GPU,
 // with no arithmetic worth the name? Issue 26 holds the kernels to 85% of
 // DRAM peak; this measures what the same streams reach when nothing but the
-// memory system is in the way, in our launch shape and in others.
+// memory system is in the way, in our launch shape and in others: a grid
+// stride, one block a warp, chunks of blocks a warp, and a persistent grid
+// whose warps take their blocks from a counter.
 //
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/traffic_floor \
 //       benchmarks/experiments/traffic_floor.cu && /tmp/traffic_floor
@@ -120,6 +122,83 @@ __global__ void __launch_bounds__(512) ChunkKernel(
   }
 }
 
+// A persistent grid (two CTAs of 512 an SM) whose warps take the next block
+// from a counter zeroed before each launch: one block a warp's narrow sweep
+// of memory in the block scheduler's order, without a CTA's setup per block.
+// With kAhead the warp asks for its next block before updating the current
+// one, so the atomic's round trip overlaps the block's loads.
+template <typename T, bool kAhead>
+__global__ void __launch_bounds__(512) CounterKernel(
+    const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
+    float* a1, int64_t blocks, unsigned long long* next) {
+  const int lane = threadIdx.x % 32;
+  auto take = [&] {
+    unsigned long long b = 0;
+    if (lane == 0) b = atomicAdd(next, 1ull);
+    return static_cast<int64_t>(__shfl_sync(0xffffffffu, b, 0));
+  };
+  int64_t b = take();
+  while (b < blocks) {
+    if (kAhead) {
+      const int64_t after = take();
+      UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
+      b = after;
+    } else {
+      UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
+      b = take();
+    }
+  }
+}
+
+// The stride with each warp's start and finish on the global timer: how
+// unevenly the warps of a static split finish (the tail a dynamic order
+// such as one block a warp does not have).
+template <typename T>
+__global__ void __launch_bounds__(512) TimedStrideKernel(
+    const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
+    float* a1, int64_t blocks, unsigned long long* times) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  unsigned long long start;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  for (int64_t b = warp; b < blocks; b += warps) {
+    UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
+  }
+  unsigned long long stop;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(stop));
+  if (lane == 0) {
+    times[2 * warp] = start;
+    times[2 * warp + 1] = stop;
+  }
+}
+
+// The stride for the first kStaticEighths eighths of each warp's share, then
+// the rest from a counter, kGrab consecutive blocks a take: the static
+// split's narrow front with a dynamic tail.
+template <typename T, int kStaticEighths, int kGrab>
+__global__ void __launch_bounds__(512) StrideThenCounterKernel(
+    const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
+    float* a1, int64_t blocks, unsigned long long* next) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  const int64_t fixed = blocks / warps * kStaticEighths / 8 * warps;
+  for (int64_t b = warp; b < fixed; b += warps) {
+    UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
+  }
+  auto take = [&] {
+    unsigned long long b = 0;
+    if (lane == 0) b = atomicAdd(next, static_cast<unsigned long long>(kGrab));
+    return fixed + static_cast<int64_t>(__shfl_sync(0xffffffffu, b, 0));
+  };
+  for (int64_t b = take(); b < blocks; b = take()) {
+    for (int j = 0; j < kGrab && b + j < blocks; ++j) {
+      UpdateBlock(g, p, c0, c1, a0, a1, b + j, lane);
+    }
+  }
+}
+
 // Dynamic shared memory a CTA asks for (and never touches) so that only two
 // CTAs of 512 threads fit an SM: the fused kernels' occupancy (64 registers
 // a thread), where these kernels alone would fill the SM.
@@ -179,6 +258,29 @@ void Run(const char* name, int64_t n, int sms, double copy_gbs) {
              StrideKernel<T><<<grid, 512>>>(g, p, c0, c1, a0, a1, blocks);
            }));
   }
+  {
+    const int grid = sms * 2;
+    const int64_t warps = static_cast<int64_t>(grid) * 512 / 32;
+    unsigned long long* times;
+    CHECK(cudaMalloc(&times, warps * 2 * sizeof(*times)));
+    MedianMs([&] {
+      TimedStrideKernel<T><<<grid, 512>>>(g, p, c0, c1, a0, a1, blocks, times);
+    });
+    std::vector<unsigned long long> host(warps * 2);
+    CHECK(cudaMemcpy(host.data(), times, host.size() * sizeof(*times),
+                     cudaMemcpyDeviceToHost));
+    CHECK(cudaFree(times));
+    unsigned long long first = host[0];
+    std::vector<double> finish;
+    for (int64_t w = 0; w < warps; ++w) first = std::min(first, host[2 * w]);
+    for (int64_t w = 0; w < warps; ++w) finish.push_back((host[2 * w + 1] - first) * 1e-6);
+    std::sort(finish.begin(), finish.end());
+    std::printf("| %s | stride's warps finish (last launch), ms after the first start: "
+                "first %.3f, 10%% %.3f, median %.3f, 90%% %.3f, last %.3f | | | |\n",
+                name, finish.front(), finish[finish.size() / 10],
+                finish[finish.size() / 2], finish[finish.size() * 9 / 10],
+                finish.back());
+  }
   const int64_t ctas = (blocks * 32 + 511) / 512;
   report("one block a warp, full occupancy", MedianMs([&] {
            OneShotKernel<T><<<ctas, 512>>>(g, p, c0, c1, a0, a1, blocks);
@@ -197,6 +299,29 @@ void Run(const char* name, int64_t n, int sms, double copy_gbs) {
       kernel<<<chunk_ctas, 512, shared>>>(g, p, c0, c1, a0, a1, blocks);
     });
   };
+  unsigned long long* next;
+  CHECK(cudaMalloc(&next, sizeof(*next)));
+  auto counted = [&](auto kernel) {
+    CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, capped));
+    return MedianMs([&] {
+      CHECK(cudaMemsetAsync(next, 0, sizeof(*next)));
+      kernel<<<sms * 2, 512, capped>>>(g, p, c0, c1, a0, a1, blocks, next);
+    });
+  };
+  report("persistent, a counter, 2 x 512 threads an SM",
+         counted(CounterKernel<T, false>));
+  report("persistent, a counter one block ahead, 2 x 512 threads an SM",
+         counted(CounterKernel<T, true>));
+  report("stride 7/8, then a counter, 2 x 512 threads an SM",
+         counted(StrideThenCounterKernel<T, 7, 1>));
+  report("stride 7/8, then a counter by 4 blocks, 2 x 512 threads an SM",
+         counted(StrideThenCounterKernel<T, 7, 4>));
+  report("stride 1/2, then a counter by 4 blocks, 2 x 512 threads an SM",
+         counted(StrideThenCounterKernel<T, 4, 4>));
+  report("a counter by 4 blocks, 2 x 512 threads an SM",
+         counted(StrideThenCounterKernel<T, 0, 4>));
+  CHECK(cudaFree(next));
   report("4 blocks a warp, 2 x 512 threads an SM",
          chunked(ChunkKernel<T, 4>, 4, capped));
   report("16 blocks a warp, 2 x 512 threads an SM",
