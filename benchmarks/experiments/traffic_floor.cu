@@ -82,16 +82,44 @@ __device__ __forceinline__ void UpdateBlock(const T* __restrict__ g, T* p,
   }
 }
 
-// Our launch shape: a fixed grid of warps striding over the blocks.
+// This warp's index in the grid, and the grid's warps.
+__device__ __forceinline__ int64_t GridWarp() {
+  return (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+}
+__device__ __forceinline__ int64_t GridWarps() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+}
+
+// The first of `count` blocks taken from the counter by lane 0, for the warp.
+__device__ __forceinline__ int64_t TakeBlocks(unsigned long long* next,
+                                              unsigned long long count,
+                                              int lane) {
+  unsigned long long b = 0;
+  if (lane == 0) b = atomicAdd(next, count);
+  return static_cast<int64_t>(__shfl_sync(0xffffffffu, b, 0));
+}
+
+// Our launch shape: a fixed grid of warps striding over the blocks. With
+// `times`, each warp's start and finish on the global timer: how unevenly
+// the warps of a static split finish (the tail that a dynamic order, such
+// as one block a warp, does not have).
 template <typename T>
 __global__ void __launch_bounds__(512) StrideKernel(
     const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
-    float* a1, int64_t blocks) {
+    float* a1, int64_t blocks, unsigned long long* times = nullptr) {
   const int lane = threadIdx.x % 32;
-  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  const int64_t warp = GridWarp();
+  const int64_t warps = GridWarps();
+  unsigned long long start;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   for (int64_t b = warp; b < blocks; b += warps) {
     UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
+  }
+  unsigned long long stop;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(stop));
+  if (times != nullptr && lane == 0) {
+    times[2 * warp] = start;
+    times[2 * warp + 1] = stop;
   }
 }
 
@@ -101,7 +129,7 @@ template <typename T>
 __global__ void __launch_bounds__(512) OneShotKernel(
     const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
     float* a1, int64_t blocks) {
-  const int64_t b = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int64_t b = GridWarp();
   if (b < blocks) UpdateBlock(g, p, c0, c1, a0, a1, b, threadIdx.x % 32);
 }
 
@@ -132,11 +160,7 @@ __global__ void __launch_bounds__(512) CounterKernel(
     const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
     float* a1, int64_t blocks, unsigned long long* next) {
   const int lane = threadIdx.x % 32;
-  auto take = [&] {
-    unsigned long long b = 0;
-    if (lane == 0) b = atomicAdd(next, 1ull);
-    return static_cast<int64_t>(__shfl_sync(0xffffffffu, b, 0));
-  };
+  auto take = [&] { return TakeBlocks(next, 1, lane); };
   int64_t b = take();
   while (b < blocks) {
     if (kAhead) {
@@ -150,29 +174,6 @@ __global__ void __launch_bounds__(512) CounterKernel(
   }
 }
 
-// The stride with each warp's start and finish on the global timer: how
-// unevenly the warps of a static split finish (the tail a dynamic order
-// such as one block a warp does not have).
-template <typename T>
-__global__ void __launch_bounds__(512) TimedStrideKernel(
-    const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
-    float* a1, int64_t blocks, unsigned long long* times) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
-  unsigned long long start;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  for (int64_t b = warp; b < blocks; b += warps) {
-    UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
-  }
-  unsigned long long stop;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(stop));
-  if (lane == 0) {
-    times[2 * warp] = start;
-    times[2 * warp + 1] = stop;
-  }
-}
-
 // The stride for the first kStaticEighths eighths of each warp's share, then
 // the rest from a counter, kGrab consecutive blocks a take: the static
 // split's narrow front with a dynamic tail.
@@ -181,17 +182,13 @@ __global__ void __launch_bounds__(512) StrideThenCounterKernel(
     const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
     float* a1, int64_t blocks, unsigned long long* next) {
   const int lane = threadIdx.x % 32;
-  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  const int64_t warp = GridWarp();
+  const int64_t warps = GridWarps();
   const int64_t fixed = blocks / warps * kStaticEighths / 8 * warps;
   for (int64_t b = warp; b < fixed; b += warps) {
     UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
   }
-  auto take = [&] {
-    unsigned long long b = 0;
-    if (lane == 0) b = atomicAdd(next, static_cast<unsigned long long>(kGrab));
-    return fixed + static_cast<int64_t>(__shfl_sync(0xffffffffu, b, 0));
-  };
+  auto take = [&] { return fixed + TakeBlocks(next, kGrab, lane); };
   for (int64_t b = take(); b < blocks; b = take()) {
     for (int j = 0; j < kGrab && b + j < blocks; ++j) {
       UpdateBlock(g, p, c0, c1, a0, a1, b + j, lane);
@@ -264,7 +261,7 @@ void Run(const char* name, int64_t n, int sms, double copy_gbs) {
     unsigned long long* times;
     CHECK(cudaMalloc(&times, warps * 2 * sizeof(*times)));
     MedianMs([&] {
-      TimedStrideKernel<T><<<grid, 512>>>(g, p, c0, c1, a0, a1, blocks, times);
+      StrideKernel<T><<<grid, 512>>>(g, p, c0, c1, a0, a1, blocks, times);
     });
     std::vector<unsigned long long> host(warps * 2);
     CHECK(cudaMemcpy(host.data(), times, host.size() * sizeof(*times),
