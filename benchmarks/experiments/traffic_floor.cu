@@ -150,27 +150,21 @@ __global__ void __launch_bounds__(512) ChunkKernel(
   }
 }
 
-// A persistent grid (two CTAs of 512 an SM) whose warps take the next block
-// from a counter zeroed before each launch: one block a warp's narrow sweep
-// of memory in the block scheduler's order, without a CTA's setup per block.
-// With kAhead the warp asks for its next block before updating the current
-// one, so the atomic's round trip overlaps the block's loads.
-template <typename T, bool kAhead>
-__global__ void __launch_bounds__(512) CounterKernel(
+// A persistent grid (two CTAs of 512 an SM) whose warps ask the counter for
+// their next block before updating the current one, so that the atomic's
+// round trip overlaps the block's loads. (Asking after the update is
+// StrideThenCounterKernel<T, 0, 1>.) A counter throughout would give one
+// block a warp's narrow sweep of memory in the block scheduler's order,
+// without a CTA's setup per block.
+template <typename T>
+__global__ void __launch_bounds__(512) CounterAheadKernel(
     const T* __restrict__ g, T* p, uint8_t* c0, uint8_t* c1, float* a0,
     float* a1, int64_t blocks, unsigned long long* next) {
   const int lane = threadIdx.x % 32;
-  auto take = [&] { return TakeBlocks(next, 1, lane); };
-  int64_t b = take();
-  while (b < blocks) {
-    if (kAhead) {
-      const int64_t after = take();
-      UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
-      b = after;
-    } else {
-      UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
-      b = take();
-    }
+  for (int64_t b = TakeBlocks(next, 1, lane); b < blocks;) {
+    const int64_t after = TakeBlocks(next, 1, lane);
+    UpdateBlock(g, p, c0, c1, a0, a1, b, lane);
+    b = after;
   }
 }
 
@@ -307,9 +301,9 @@ void Run(const char* name, int64_t n, int sms, double copy_gbs) {
     });
   };
   report("persistent, a counter, 2 x 512 threads an SM",
-         counted(CounterKernel<T, false>));
+         counted(StrideThenCounterKernel<T, 0, 1>));
   report("persistent, a counter one block ahead, 2 x 512 threads an SM",
-         counted(CounterKernel<T, true>));
+         counted(CounterAheadKernel<T>));
   report("stride 7/8, then a counter, 2 x 512 threads an SM",
          counted(StrideThenCounterKernel<T, 7, 1>));
   report("stride 7/8, then a counter by 4 blocks, 2 x 512 threads an SM",
