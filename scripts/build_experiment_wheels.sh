@@ -33,6 +33,7 @@ build() {
 
 folders=(wheelhouse/base)
 build base
+shopt -s nullglob  # no patch waiting: the base wheel alone
 for patch in benchmarks/experiments/*.patch; do
   name=$(basename "$patch" .patch)
   git apply "$patch"
