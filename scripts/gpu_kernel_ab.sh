@@ -24,7 +24,9 @@
 # (scripts/gpu_wheel_check.sh, about 5.5 minutes on an H100) on the wheel of
 # the build that tools/ab_winner.py finds faster than the first by ncu, if
 # one is, in the same call: the device machine goes back 30 s after a call,
-# so a second call would pay for a new start.
+# so a second call would pay for a new start. With jax 0.11.2 the suite and
+# an A/B no longer fit one call: SUITE_PART=1/2 runs half of it here
+# (gpu_wheel_check.sh), the other half goes in the next call.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 read -ra builds <<<"${AB_BUILDS:?name the wheel folders, baseline first}"
