@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <type_traits>
@@ -100,6 +101,18 @@ struct LaunchArgs {
   int32_t* status;
   uint64_t* stamps;
   uint32_t launch;
+  // Device-only launches: the next run of the launch's tail, zeroed on the
+  // launch's stream before it; each warp takes its last runs from it, so
+  // that the warps of faster SMs take more of them. XLA scratch memory of
+  // the call, so that no two launches share one, whatever their streams.
+  // XLA frees it when the handler returns, before the kernel has run: its
+  // GPU allocator is ordered by the compute stream the handler is given
+  // (jaxlib's own cuSOLVER handlers leave their scratch workspaces to
+  // pending kernels the same way), and the handler is not marked for
+  // command buffers, so no graph keeps the address. 32 bits: it reaches
+  // total_runs / 8 + kTailGrab x warps, under 2^32 for any launch whose
+  // leaves fit a GPU (2^35 runs would be 8.8T parameters).
+  unsigned int* next_run;
 };
 static_assert(sizeof(LaunchArgs) <= 32000, "kernel parameters over 32 KB");
 
@@ -110,6 +123,9 @@ __device__ QuantTables g_tables[4];
 // [2] the 4-bit signed map, [3] unused (4-bit kernels: a kernel copies two).
 // Their encode reads g_tables only for a block holding NaN or infinity.
 __device__ __align__(16) FiniteCodeTables g_finite_tables[4];
+// Runs a warp takes from the launch's tail counter at a time (1 gained less:
+// benchmarks/NOTES.md, issue 26).
+constexpr int kTailGrab = 4;
 
 // Eight elements of T, as one or two 16-byte vectors.
 template <typename T>
@@ -781,19 +797,52 @@ __global__ void __launch_bounds__(
   };
 
   if constexpr (!kTiered) {
-    // Every leaf on the device: a run is a block, in a plain grid stride
-    // (its own kernel, so that its registers hold none of the runs').
+    // Every leaf on the device: a run is a block (its own kernel, so that
+    // its registers hold none of the host runs' bookkeeping).
     // A warp's runs increase, so its leaf only moves forward: a cursor
     // instead of a binary search over the leaves per block (~10 thread
     // instructions a parameter at 168 leaves).
-    int leaf_index = warp < args.total_runs ? FindLeaf(args, warp) : 0;
-    for (int64_t run = warp; run < args.total_runs; run += warps) {
+    //
+    // The first seven eighths of each warp's share in a grid stride, the
+    // rest from the counter, kTailGrab runs a take: a static split leaves
+    // the warps of slower SMs finishing last (a tail), while a counter for
+    // every run is held up by its own atomics.
+    const int64_t fixed = args.total_runs / warps * 7 / 8 * warps;
+    int leaf_index = 0;
+    auto update_run = [&](int64_t run) {
       while (leaf_index + 1 < args.num_leaves &&
              args.leaves[leaf_index + 1].first_run <= run) {
         ++leaf_index;
       }
       const LeafArgs& leaf = args.leaves[leaf_index];
       update_block(std::false_type{}, leaf, run - leaf.first_run, 0);
+    };
+    auto take = [&] {
+      unsigned int next = 0;
+      if (lane == 0) next = atomicAdd(args.next_run, static_cast<unsigned int>(kTailGrab));
+      return fixed + static_cast<int64_t>(__shfl_sync(0xffffffffu, next, 0));
+    };
+    // One loop over both phases, so that the update's body is compiled once.
+    int left = 0;  // runs of the last take after `run`
+    int64_t run = warp;
+    if (run >= fixed) {
+      run = take();
+      left = kTailGrab - 1;
+    }
+    // A warp's runs increase from its first one (the counter's too, and
+    // they all come after the stride's).
+    if (run < args.total_runs) leaf_index = FindLeaf(args, run);
+    while (run < args.total_runs) {
+      update_run(run);
+      if (left > 0) {
+        --left;
+        ++run;
+      } else if (run + warps < fixed) {
+        run += warps;
+      } else {
+        run = take();
+        left = kTailGrab - 1;
+      }
     }
   } else {
     // Each warp takes every warps-th device run and every warps-th host run,
@@ -903,6 +952,11 @@ void Launch(bool tiered, bool four_bit, int64_t runs, int device,
       (runs + kWarpsPerBlock - 1) / kWarpsPerBlock,
       static_cast<int64_t>(MultiprocessorCount(device)) *
           Shape::kBlocksPerMultiprocessor));
+  if (!tiered &&
+      cudaMemsetAsync(launch.next_run, 0, sizeof(unsigned int), stream) !=
+          cudaSuccess) {
+    return;  // the caller's cudaGetLastError reports it
+  }
   if constexpr (kFourBitStatesOf<Optimizer>) {
     if (four_bit) {
       if (tiered) {
@@ -930,7 +984,7 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
                        ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                        StateEntry& entry,
                        ffi::Span<const int64_t> leaf_indices,
-                       int output_mode) {
+                       int output_mode, ffi::ScratchAllocator& scratch) {
   const size_t count = leaf_indices.size();
   for (size_t start = 0; start < count; start += kMaxLeavesPerLaunch) {
     const size_t stop = std::min(count, start + kMaxLeavesPerLaunch);
@@ -941,6 +995,14 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     launch->status = entry.status();
     launch->stamps = entry.stamps();
     launch->launch = entry.NextLaunch();
+    std::optional<void*> next_run =
+        scratch.Allocate(sizeof(unsigned int), alignof(unsigned int));
+    if (!next_run.has_value()) {
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        std::string(Optimizer::kName) +
+                            ": no scratch memory for the launch's run counter");
+    }
+    launch->next_run = static_cast<unsigned int*>(*next_run);
     int64_t runs = 0;
     int64_t device_runs = 0;
     int num_leaves = 0;
@@ -1026,7 +1088,8 @@ ffi::Error UpdateImpl(cudaStream_t stream, int32_t ordinal,
                       ffi::Buffer<ffi::S32> position,
                       ffi::RemainingArgs args, ffi::RemainingRets rets,
                       int64_t state_id, ffi::Span<const int64_t> leaf_indices,
-                      int64_t output_mode, std::string_view name) {
+                      int64_t output_mode, std::string_view name,
+                      ffi::ScratchAllocator& scratch) {
   if (position.element_count() != 1) {
     return ffi::Error::InvalidArgument(std::string(name) +
                                        ": position must be one int32");
@@ -1043,7 +1106,8 @@ ffi::Error UpdateImpl(cudaStream_t stream, int32_t ordinal,
         }
         return LaunchGroup<Optimizer, T>(
             stream, ordinal, hyperparams.typed_data(), position.typed_data(),
-            args, rets, entry, leaf_indices, static_cast<int>(output_mode));
+            args, rets, entry, leaf_indices, static_cast<int>(output_mode),
+            scratch);
       });
 }
 
@@ -1059,6 +1123,7 @@ __global__ void WriteOrdinalKernel(int32_t* out, int32_t ordinal) {
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                           \
       k##Optimizer##UpdateCuda,                                            \
       ([](cudaStream_t stream, int32_t ordinal,                            \
+          ffi::ScratchAllocator scratch,                                   \
           ffi::Buffer<ffi::F32> hyperparams, ffi::Buffer<ffi::S32> position, \
           ffi::RemainingArgs args, ffi::RemainingRets rets,                \
           int64_t state_id, ffi::Span<const int64_t> leaf_indices,         \
@@ -1066,11 +1131,12 @@ __global__ void WriteOrdinalKernel(int32_t* out, int32_t ordinal) {
         return UpdateImpl<Optimizer>(stream, ordinal, hyperparams,         \
                                      position, args, rets, state_id,       \
                                      leaf_indices, output_mode,            \
-                                     TargetName<Optimizer>());             \
+                                     TargetName<Optimizer>(), scratch);    \
       }),                                                                  \
       ffi::Ffi::Bind()                                                     \
           .Ctx<ffi::PlatformStream<cudaStream_t>>()  /* XLA's stream */    \
           .Ctx<ffi::DeviceOrdinal>()                 /* this GPU */        \
+          .Ctx<ffi::ScratchAllocator>()              /* run counters */    \
           .Arg<ffi::Buffer<ffi::F32>>()              /* hyperparams */     \
           .Arg<ffi::Buffer<ffi::S32>>()              /* mesh position */   \
           .RemainingArgs()                           /* grads, params */   \
