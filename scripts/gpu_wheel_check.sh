@@ -32,6 +32,12 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-python3}"
 start=$SECONDS
+# The suite's files, without the TPU path's (SUITE_PART=K/N: a share of
+# them; scripts/gpu_suite_files.sh), chosen first so that a bad SUITE_PART
+# costs no setup.
+if (( $# == 0 )); then
+  suite_files=$(bash scripts/gpu_suite_files.sh) || exit 1
+fi
 
 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv \
   | tee "$OUT/gpu.txt"
@@ -119,21 +125,11 @@ assert info['cuda_usable'], info['gpu_missing']
 EOF
 (( PIPESTATUS[0] == 0 )) || exit 1
 
-# The TPU path's files run in CI (on the CPU: they exercise no CUDA code) and
-# would take the suite past the device call's 600 s.
-# SUITE_PART=K/N runs the K-th of N shares of those files (every N-th in name
-# order): on jax 0.11.2 the whole suite takes about 8 minutes on an H100, past
-# one call with this setup, so it runs in two calls on the warm machine.
 if (( $# )); then
   tests=("$@")
-elif [[ -n "${SUITE_PART:-}" ]]; then
-  [[ "$SUITE_PART" =~ ^([0-9]+)/([0-9]+)$ ]] && (( BASH_REMATCH[1] >= 1 && BASH_REMATCH[1] <= BASH_REMATCH[2] )) \
-    || { echo "gpu_wheel_check.sh: SUITE_PART is K/N with 1 <= K <= N, not '$SUITE_PART'" >&2; exit 1; }
-  mapfile -t tests < <(ls tests/*_test.py | grep -v '^tests/tpu_' \
-    | awk -v k="${BASH_REMATCH[1]}" -v n="${BASH_REMATCH[2]}" '(NR - 1) % n == k - 1')
-  echo "gpu_wheel_check.sh: part $SUITE_PART, ${#tests[@]} test files" | tee -a "$OUT/gpu.txt"
 else
-  tests=(tests "--ignore-glob=tests/tpu_*")
+  mapfile -t tests <<<"$suite_files"
+  echo "gpu_wheel_check.sh: ${SUITE_PART:-1/1} of the suite, ${#tests[@]} test files" | tee -a "$OUT/gpu.txt"
 fi
 # As scripts/gpu_check.sh: inside the device call's 600 s with the setup.
 run_clean timeout 480 python -m pytest -q -p no:cacheprovider --durations=8 \
