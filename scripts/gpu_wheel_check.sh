@@ -37,6 +37,11 @@ start=$SECONDS
 # costs no setup.
 if (( $# == 0 )); then
   suite_files=$(bash scripts/gpu_suite_files.sh) || exit 1
+elif [[ -n "${SUITE_PART:-}" ]]; then
+  # Both would run the arguments' tests alone, not the part asked for.
+  echo "gpu_wheel_check.sh: SUITE_PART picks the suite's files; pytest" \
+    "arguments name their own: give one or the other" >&2
+  exit 1
 fi
 
 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv \
