@@ -24,6 +24,7 @@
 #include <shared_mutex>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "cuda_update.h"
 #include "element_types.h"
@@ -985,6 +986,15 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
                        StateEntry& entry,
                        ffi::Span<const int64_t> leaf_indices,
                        int output_mode, ffi::ScratchAllocator& scratch) {
+  // Every launch is planned, checked and given its run counter before the
+  // first one starts, so that a refused call leaves the state as it was
+  // (a step with more than kMaxLeavesPerLaunch leaves takes several).
+  struct PlannedLaunch {
+    std::unique_ptr<LaunchArgs> args;
+    bool four_bit;
+    int correction_bits;
+  };
+  std::vector<PlannedLaunch> planned;
   const size_t count = leaf_indices.size();
   for (size_t start = 0; start < count; start += kMaxLeavesPerLaunch) {
     const size_t stop = std::min(count, start + kMaxLeavesPerLaunch);
@@ -994,15 +1004,6 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
     launch->expected_position = entry.placement().position;
     launch->status = entry.status();
     launch->stamps = entry.stamps();
-    launch->launch = entry.NextLaunch();
-    std::optional<void*> next_run =
-        scratch.Allocate(sizeof(unsigned int), alignof(unsigned int));
-    if (!next_run.has_value()) {
-      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                        std::string(Optimizer::kName) +
-                            ": no scratch memory for the launch's run counter");
-    }
-    launch->next_run = static_cast<unsigned int*>(*next_run);
     int64_t runs = 0;
     int64_t device_runs = 0;
     int num_leaves = 0;
@@ -1060,19 +1061,37 @@ ffi::Error LaunchGroup(cudaStream_t stream, int device,
       return ffi::Error::InvalidArgument(
           std::string(Optimizer::kName) + " has no 4-bit kernels");
     }
-    const bool tiered = launch->host_runs != 0;
+    planned.push_back({std::move(launch), four_bit, correction_bits});
+  }
+  if (planned.empty()) return ffi::Error::Success();
+  std::optional<void*> counters =
+      scratch.Allocate(planned.size() * sizeof(unsigned int),
+                       alignof(unsigned int));
+  if (!counters.has_value()) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      std::string(Optimizer::kName) +
+                          ": no scratch memory for the launches' run counters");
+  }
+  for (size_t k = 0; k < planned.size(); ++k) {
+    LaunchArgs& launch = *planned[k].args;
+    const bool four_bit = planned[k].four_bit;
+    const int correction_bits = planned[k].correction_bits;
+    const int64_t runs = launch.total_runs;
+    launch.launch = entry.NextLaunch();
+    launch.next_run = static_cast<unsigned int*>(*counters) + k;
+    const bool tiered = launch.host_runs != 0;
     if constexpr (std::is_same_v<T, float>) {
       Launch<Optimizer, T, 0>(tiered, four_bit, runs, device, stream,
-                              *launch, hyperparams);
+                              launch, hyperparams);
     } else if (correction_bits == 8) {
       Launch<Optimizer, T, 8>(tiered, four_bit, runs, device, stream,
-                              *launch, hyperparams);
+                              launch, hyperparams);
     } else if (correction_bits == 16) {
       Launch<Optimizer, T, 16>(tiered, four_bit, runs, device, stream,
-                               *launch, hyperparams);
+                               launch, hyperparams);
     } else {
       Launch<Optimizer, T, 0>(tiered, four_bit, runs, device, stream,
-                              *launch, hyperparams);
+                              launch, hyperparams);
     }
     if (cudaError_t status = cudaGetLastError(); status != cudaSuccess) {
       return ffi::Error::Internal(std::string("optax_paged kernel launch: ") +

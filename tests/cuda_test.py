@@ -370,15 +370,20 @@ def test_a_stale_count_leaves_the_state_alone(fused):
   jax.block_until_ready(step(params, state, _grads(params, 6)))  # then runs
 
 
-def test_states_of_many_leaves_take_several_launches_per_step():
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_states_of_many_leaves_take_several_launches_per_step(dtype):
   # Over 224 leaves a dtype group takes several launches, each with its own
-  # launch number and its own leaves' stamps: every step must pass.
-  params = {f'leaf{i}': jnp.full((300,), 0.5) for i in range(230)}
+  # launch number, leaves' stamps and run counter: every leaf must come out
+  # as it does from a state small enough for one launch.
+  params = random_tree([(300 + 37 * i,) for i in range(230)], dtype=dtype,
+                       seed=9)
   tx = optax_paged.adamw8bit(1e-3, min_8bit_size=256)
-  params, state = _run(tx, params, 3)
+  whole, state = _run(tx, params, 3)
   assert int(optax_paged.state_dict(state)['count']) == 3
-  for leaf in jax.tree.leaves(params):
-    assert np.isfinite(np.asarray(leaf)).all()
+  names = sorted(params)
+  for part in (names[:115], names[115:]):
+    alone, _ = _run(tx, {name: params[name] for name in part}, 3)
+    assert_trees_equal(alone, {name: whole[name] for name in part})
 
 
 def test_four_bit_codec_on_the_device_matches_its_definition(tmp_path):
