@@ -5,7 +5,8 @@ the fused step (with and without stochastic rounding), the host tier,
 updates written over gradients made in the step, the optimizers with one
 and three moments, 4-bit states, and master-weight corrections (24 and 32
 bits, both tiers, with a parameter changed outside the optimizer so the
-reset path runs).
+reset path runs), and a step of more leaves than one launch takes (each
+launch with its own run counter).
 """
 
 import functools
@@ -74,4 +75,12 @@ for dtype, factory, bits, budget in MASTER_RUNS:
   params4, state = fused(grads, state, changed)
   jax.block_until_ready(optax_paged.master_params(state, params4))
   optax_paged.release(state)
+# Over 224 leaves: two launches in one step, each with its own run counter.
+params = {f'p{i}': jnp.full((300 + i,), 0.5) for i in range(230)}
+tx = optax_paged.adamw8bit(1e-3, min_8bit_size=256)
+state = tx.init(params)
+fused = jax.jit(functools.partial(optax_paged.apply_gradients, tx))
+jax.block_until_ready(fused(jax.tree.map(lambda p: p * 0.01, params), state,
+                            params))
+optax_paged.release(state)
 print('workload done')
