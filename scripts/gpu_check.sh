@@ -31,8 +31,8 @@ want() {
 }
 status=0
 # The suite's files (scripts/gpu_suite_files.sh), before the build: on jax
-# 0.11.2 the suite no longer fits one call with it, so SUITE_PART=1/2, then
-# 2/2 on the warm machine, and a bad SUITE_PART costs no device time.
+# 0.11.2 the suite no longer fits one call with it, so SUITE_PART=1/3, 2/3,
+# then 3/3 on the warm machine, and a bad SUITE_PART costs no device time.
 if want tests; then
   suite_files=$(bash scripts/gpu_suite_files.sh) || exit 1
 fi

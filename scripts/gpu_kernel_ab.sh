@@ -25,8 +25,8 @@
 # the build that tools/ab_winner.py finds faster than the first by ncu, if
 # one is, in the same call: the device machine goes back 30 s after a call,
 # so a second call would pay for a new start. With jax 0.11.2 the suite and
-# an A/B no longer fit one call: SUITE_PART=1/2 runs half of it here
-# (gpu_wheel_check.sh), the other half goes in the next call.
+# an A/B no longer fit one call: SUITE_PART=1/3 runs a third of it here
+# (gpu_wheel_check.sh), 2/3 and 3/3 go in the next calls.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 read -ra builds <<<"${AB_BUILDS:?name the wheel folders, baseline first}"

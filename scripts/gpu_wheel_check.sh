@@ -4,7 +4,7 @@
 # in the image). Logs go to $OUT (or ./gpu_logs).
 #   bash scripts/gpu_wheel_check.sh [pytest arguments]
 #   # default: tests, without the TPU path's tests/tpu_*
-#   SUITE_PART=1/2 bash scripts/gpu_wheel_check.sh   # half the test files
+#   SUITE_PART=1/3 bash scripts/gpu_wheel_check.sh   # a third of the files
 #
 # 1. The wheel: the newest wheelhouse/optax_paged-*.whl that this Python
 #    and glibc accept (carried with the tree: the device call's carry names
