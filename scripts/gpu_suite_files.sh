@@ -9,7 +9,7 @@
 # 346 s), but later that day the first half no longer fitted a call with the
 # wheel's setup (cut at 79% by a 300 s limit), so use thirds (1/3, 2/3, 3/3).
 # Exits 2 on a malformed SUITE_PART, printing nothing.
-#   SUITE_PART=1/2 bash scripts/gpu_suite_files.sh
+#   SUITE_PART=1/3 bash scripts/gpu_suite_files.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 part="${SUITE_PART:-1/1}"
